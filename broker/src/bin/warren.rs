@@ -1,0 +1,112 @@
+//! The Warren daemon.
+
+use clap::Parser;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use warren_broker::{Config, Server};
+
+/// Warren: an AMQP 0-9-1 message broker.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// AMQP port.
+    #[arg(long, default_value_t = 5672)]
+    port: u16,
+    /// Directory for durable state.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Largest accepted message body in bytes.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    max_message_size: u64,
+    /// Most concurrent client connections.
+    #[arg(long, default_value_t = 65536)]
+    max_connections: usize,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|e| {
+        eprintln!(
+            "warren: bad --log-level '{}': {e}; using info",
+            args.log_level
+        );
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+
+    if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
+        eprintln!(
+            "warren: cannot create data directory {}: {e}",
+            args.data_dir.display()
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    if args.max_message_size == 0 || args.max_message_size > 512 * 1024 * 1024 {
+        eprintln!("warren: --max-message-size must be between 1 and 536870912 bytes");
+        return std::process::ExitCode::FAILURE;
+    }
+    let config = Config {
+        listen: SocketAddr::new(args.bind, args.port),
+        data_dir: args.data_dir,
+        max_message_size: args.max_message_size,
+        max_connections: args.max_connections.max(1),
+        ..Config::default()
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(4 << 20)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warren: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let server = match Server::bind(config.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("warren: cannot listen on {}: {e}", config.listen);
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        let addr = server.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "Warren {} listening", env!("CARGO_PKG_VERSION"));
+        server.run(shutdown_signal()).await;
+        tracing::info!("stopped");
+        std::process::ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

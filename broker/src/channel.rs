@@ -1,0 +1,155 @@
+//! Per-channel state, owned by its connection task (plain structs, no locks):
+//! the publish being assembled, publisher-confirm sequence tracking, the
+//! transaction buffer, consumers and unacked deliveries.
+
+use crate::message::MessageRef;
+use crate::queue::{ChannelCredit, QueueHandle};
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+use warren_protocol::content::ContentHeader;
+use warren_protocol::method::Publish;
+
+/// A `basic.publish` waiting for its header and body frames.
+pub struct Content {
+    pub publish: Publish,
+    pub header: Option<ContentHeader>,
+    /// Single-frame bodies are kept as the frame's own bytes (no copy);
+    /// multi-frame bodies are gathered here.
+    pub body: Option<Bytes>,
+    pub gathered: BytesMut,
+    pub received: u64,
+}
+
+/// A consumer as its channel sees it.
+pub struct ChanConsumer {
+    pub queue: QueueHandle,
+    pub no_ack: bool,
+    /// `basic.cancel` sent to the queue; the reply is still to come.
+    pub cancelling: bool,
+    /// Whether the client asked for no cancel-ok.
+    pub cancel_nowait: bool,
+    pub in_flight: Arc<AtomicU32>,
+}
+
+/// A delivery awaiting the client's ack.
+#[derive(Clone)]
+pub struct Delivery {
+    pub queue: QueueHandle,
+    /// The message's sequence in its queue.
+    pub seq: u64,
+    /// Counted against the channel's global prefetch (consumer deliveries
+    /// are; `basic.get` ones are not).
+    pub counted: bool,
+}
+
+/// Publisher-confirm bookkeeping. Sequence numbers are assigned in order, so
+/// outstanding ones form a window: a deque indexed by `seq - base`.
+#[derive(Default)]
+pub struct Confirms {
+    /// Sequence number of `done[0]`.
+    pub base: u64,
+    /// Per outstanding sequence: confirmed yet?
+    pub done: VecDeque<bool>,
+    /// Confirms arrived since the last flush.
+    pub dirty: bool,
+}
+
+impl Confirms {
+    pub fn new() -> Self {
+        Confirms {
+            base: 1,
+            done: VecDeque::new(),
+            dirty: false,
+        }
+    }
+    /// Assign the next sequence number.
+    pub fn next(&mut self) -> u64 {
+        self.done.push_back(false);
+        self.base + self.done.len() as u64 - 1
+    }
+    pub fn confirm(&mut self, seq: u64) {
+        if let Some(d) = seq
+            .checked_sub(self.base)
+            .and_then(|i| self.done.get_mut(i as usize))
+        {
+            *d = true;
+            self.dirty = true;
+        }
+    }
+    /// Pop the confirmed prefix; returns the last sequence popped.
+    pub fn take_ready(&mut self) -> Option<(u64, usize)> {
+        self.dirty = false;
+        let mut n = 0;
+        while self.done.front() == Some(&true) {
+            self.done.pop_front();
+            n += 1;
+        }
+        if n == 0 {
+            return None;
+        }
+        self.base += n as u64;
+        Some((self.base - 1, n))
+    }
+}
+
+/// Settlements buffered by an open transaction.
+pub enum Settle {
+    Ack(Vec<(u64, Delivery)>),
+    Reject(Vec<(u64, Delivery)>, bool),
+}
+
+#[derive(Default)]
+pub struct Tx {
+    pub publishes: Vec<(bool, MessageRef)>,
+    pub settles: Vec<Settle>,
+}
+
+pub struct Channel {
+    pub id: u16,
+    /// Unique per channel incarnation; queues know the channel by it.
+    pub key: u64,
+    /// We sent channel.close and wait for close-ok; other frames are dropped.
+    pub closing: bool,
+    pub content: Option<Content>,
+    pub confirms: Option<Confirms>,
+    pub tx: Option<Tx>,
+    pub consumers: HashMap<Arc<str>, ChanConsumer>,
+    pub unacked: BTreeMap<u64, Delivery>,
+    pub next_tag: u64,
+    /// Per-consumer prefetch for consumers created from now on.
+    pub prefetch: u16,
+    /// The channel-wide prefetch (`global=true`).
+    pub credit: Arc<ChannelCredit>,
+    /// The last queue declared on this channel (for empty queue names).
+    pub last_queue: Option<String>,
+    /// Queues holding consumers or unacked messages of this channel.
+    pub touched: Vec<QueueHandle>,
+}
+
+impl Channel {
+    pub fn new(id: u16, key: u64) -> Self {
+        Channel {
+            id,
+            key,
+            closing: false,
+            content: None,
+            confirms: None,
+            tx: None,
+            consumers: HashMap::new(),
+            unacked: BTreeMap::new(),
+            next_tag: 1,
+            prefetch: 0,
+            credit: Arc::new(ChannelCredit::default()),
+            last_queue: None,
+            touched: Vec::new(),
+        }
+    }
+
+    pub fn touch(&mut self, q: &QueueHandle) {
+        if !self.touched.iter().any(|t| t == q) {
+            self.touched.push(q.clone());
+        }
+    }
+}

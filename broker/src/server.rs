@@ -1,0 +1,170 @@
+//! The listener and the broker-wide shared state. Accepts connections (capped
+//! by a semaphore), spawns one task per connection, and on shutdown tells every
+//! connection to close (320 CONNECTION_FORCED) and waits for them briefly.
+
+use crate::config::Config;
+use crate::connection::Connection;
+use crate::vhost::VHost;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tracing::Instrument;
+use warren_storage::mem::MemStore;
+
+/// Broker-wide state shared by every connection (cheap to clone via `Arc`).
+pub struct Broker {
+    pub config: Config,
+    /// Virtual hosts by name. Fixed at start-up for now (only "/").
+    vhosts: HashMap<String, Arc<VHost>>,
+    /// Source of connection ids.
+    next_conn: AtomicU64,
+    /// Source of channel keys (unique per channel incarnation).
+    next_chan: AtomicU64,
+    /// Flips to true once, at shutdown.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Broker {
+    pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
+        self.vhosts.get(name).cloned()
+    }
+    pub fn next_chan_key(&self) -> u64 {
+        self.next_chan.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A bound, not yet running, broker.
+pub struct Server {
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl Server {
+    /// Bind the listener and build the broker state.
+    pub async fn bind(config: Config) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let store = Arc::new(MemStore::new());
+        let queue_ids = Arc::new(AtomicU64::new(1));
+        let mut vhosts = HashMap::new();
+        vhosts.insert("/".to_owned(), VHost::new("/", store, queue_ids));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let broker = Arc::new(Broker {
+            config,
+            vhosts,
+            next_conn: AtomicU64::new(1),
+            next_chan: AtomicU64::new(1),
+            shutdown,
+        });
+        Ok(Server {
+            listener,
+            broker,
+            shutdown_tx,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serve until `stop` completes, then close every connection.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let Server {
+            listener,
+            broker,
+            shutdown_tx,
+        } = self;
+        let limit = Arc::new(Semaphore::new(broker.config.max_connections));
+        let mut tasks = tokio::task::JoinSet::new();
+        tokio::pin!(stop);
+        loop {
+            let permit = tokio::select! {
+                _ = &mut stop => break,
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (stream, peer) = tokio::select! {
+                _ = &mut stop => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
+            let span = tracing::info_span!("conn", id, %peer, name = tracing::field::Empty);
+            let c = Connection::new(id, stream, peer, broker.clone());
+            tasks.spawn(
+                async move {
+                    c.run().await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+            while tasks.try_join_next().is_some() {}
+        }
+        tracing::info!("shutting down: closing {} connection(s)", tasks.len());
+        drop(listener);
+        let _ = shutdown_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+}
+
+/// A broker running in the background of the current runtime (tests, tools).
+pub struct RunningBroker {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningBroker {
+    /// Bind `config.listen` (use port 0 for a free port) and serve.
+    pub async fn start(config: Config) -> std::io::Result<RunningBroker> {
+        let server = Server::bind(config).await?;
+        let addr = server.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let done = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Ok(RunningBroker {
+            addr,
+            stop: Some(tx),
+            done: Some(done),
+        })
+    }
+
+    /// `amqp://guest:guest@ADDR/%2f`
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    /// Close every connection and stop listening.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(d) = self.done.take() {
+            let _ = d.await;
+        }
+    }
+}
+
+impl Drop for RunningBroker {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The content header, kept as the publisher's raw bytes so consumers receive
+//! it byte for byte, with the few properties the broker needs located once.
+
+use crate::table::{self, TableError};
+use amq_protocol::protocol::basic::{parse_properties, AMQPProperties};
+use amq_protocol::types::FieldTable;
+use bytes::Bytes;
+
+/// Property flag bits of the basic class, most significant first.
+const CONTENT_TYPE: u16 = 1 << 15;
+const CONTENT_ENCODING: u16 = 1 << 14;
+const HEADERS: u16 = 1 << 13;
+const DELIVERY_MODE: u16 = 1 << 12;
+const PRIORITY: u16 = 1 << 11;
+const TIMESTAMP: u16 = 1 << 6;
+const USER_ID: u16 = 1 << 4;
+const EXPIRATION: u16 = 1 << 8;
+
+/// Offsets into the raw header: 2 class + 2 weight + 8 size + 2 flags.
+const PROPS_AT: usize = 14;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ContentError {
+    Truncated,
+    /// Only the basic class (60) carries content.
+    WrongClass(u16),
+    /// A continuation flag word: basic has 14 properties, so never needed.
+    Continuation,
+    BadProperty(TableError),
+}
+
+impl std::fmt::Display for ContentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ContentError::Truncated => f.write_str("truncated content header"),
+            ContentError::WrongClass(c) => write!(f, "content header for class {c}"),
+            ContentError::Continuation => f.write_str("unsupported property flag continuation"),
+            ContentError::BadProperty(e) => write!(f, "bad content header property: {e}"),
+        }
+    }
+}
+
+/// A validated content header payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentHeader {
+    /// The payload exactly as the publisher sent it.
+    raw: Bytes,
+    body_size: u64,
+    flags: u16,
+    /// Location of the delivery-mode octet, if present.
+    delivery_mode: Option<u8>,
+    priority: Option<u8>,
+    /// Byte range of the headers table (with its length prefix), if present.
+    headers: Option<(u32, u32)>,
+    /// Byte range of the expiration string's text, if present.
+    expiration: Option<(u32, u32)>,
+    /// Byte range of the user-id string's text, if present.
+    user_id: Option<(u32, u32)>,
+}
+
+impl ContentHeader {
+    /// Validate a content header payload, locating the properties of interest.
+    pub fn parse(raw: Bytes) -> Result<Self, ContentError> {
+        if raw.len() < PROPS_AT {
+            return Err(ContentError::Truncated);
+        }
+        let class = u16::from_be_bytes([raw[0], raw[1]]);
+        if class != 60 {
+            return Err(ContentError::WrongClass(class));
+        }
+        let mut size = [0u8; 8];
+        size.copy_from_slice(&raw[4..12]);
+        let body_size = u64::from_be_bytes(size);
+        let flags = u16::from_be_bytes([raw[12], raw[13]]);
+        if flags & 1 != 0 {
+            return Err(ContentError::Continuation);
+        }
+        let mut h = ContentHeader {
+            raw,
+            body_size,
+            flags,
+            delivery_mode: None,
+            priority: None,
+            headers: None,
+            expiration: None,
+            user_id: None,
+        };
+        let mut pos = PROPS_AT;
+        let p = &h.raw[..];
+        // Walk the 14 properties in order; bit 15 first.
+        for bit in (2..16).rev() {
+            let flag = 1u16 << bit;
+            if flags & flag == 0 {
+                continue;
+            }
+            let rest = &p[pos..];
+            let n = match flag {
+                HEADERS => {
+                    let n = table::skip_table(rest).map_err(ContentError::BadProperty)?;
+                    h.headers = Some((pos as u32, (pos + n) as u32));
+                    n
+                }
+                DELIVERY_MODE | PRIORITY => {
+                    let v = *rest.first().ok_or(ContentError::Truncated)?;
+                    if flag == DELIVERY_MODE {
+                        h.delivery_mode = Some(v);
+                    } else {
+                        h.priority = Some(v);
+                    }
+                    1
+                }
+                TIMESTAMP => {
+                    if rest.len() < 8 {
+                        return Err(ContentError::Truncated);
+                    }
+                    8
+                }
+                _ => {
+                    let n = table::skip_short_str(rest).map_err(|e| match e {
+                        TableError::Truncated => ContentError::Truncated,
+                        e => ContentError::BadProperty(e),
+                    })?;
+                    let range = Some(((pos + 1) as u32, (pos + n) as u32));
+                    if flag == EXPIRATION {
+                        h.expiration = range;
+                    } else if flag == USER_ID {
+                        h.user_id = range;
+                    }
+                    n
+                }
+            };
+            pos += n;
+        }
+        let _ = (CONTENT_TYPE, CONTENT_ENCODING);
+        Ok(h)
+    }
+
+    /// The payload as received, for sending on verbatim.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+    pub fn body_size(&self) -> u64 {
+        self.body_size
+    }
+    pub fn delivery_mode(&self) -> Option<u8> {
+        self.delivery_mode
+    }
+    /// delivery-mode 2.
+    pub fn is_persistent(&self) -> bool {
+        self.delivery_mode == Some(2)
+    }
+    pub fn priority(&self) -> Option<u8> {
+        self.priority
+    }
+    fn text(&self, r: Option<(u32, u32)>) -> Option<&str> {
+        r.and_then(|(a, b)| std::str::from_utf8(&self.raw[a as usize..b as usize]).ok())
+    }
+    pub fn expiration(&self) -> Option<&str> {
+        self.text(self.expiration)
+    }
+    pub fn user_id(&self) -> Option<&str> {
+        self.text(self.user_id)
+    }
+    pub fn has_headers(&self) -> bool {
+        self.flags & HEADERS != 0
+    }
+    /// The headers table, decoded (validated already, so safe to parse).
+    pub fn headers(&self) -> Option<FieldTable> {
+        let (a, b) = self.headers?;
+        amq_protocol::types::parsing::parse_field_table(&self.raw[a as usize..b as usize])
+            .ok()
+            .map(|(_, t)| t)
+    }
+    /// All properties decoded (for tests and diagnostics, not the hot path).
+    pub fn properties(&self) -> Option<AMQPProperties> {
+        parse_properties(&self.raw[12..]).ok().map(|(_, p)| p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame};
+    use amq_protocol::types::AMQPValue;
+
+    fn encode(props: AMQPProperties, size: u64) -> Bytes {
+        let f = cookie_factory::gen_simple(
+            gen_frame(&AMQPFrame::Header(
+                1,
+                AMQPContentHeader {
+                    class_id: 60,
+                    body_size: size,
+                    properties: props,
+                },
+            )),
+            Vec::new(),
+        )
+        .unwrap();
+        Bytes::copy_from_slice(&f[7..f.len() - 1])
+    }
+
+    #[test]
+    fn locates_properties() {
+        let mut headers = FieldTable::default();
+        headers.insert("k".into(), AMQPValue::LongString("v".into()));
+        let props = AMQPProperties::default()
+            .with_content_type("text/plain".into())
+            .with_headers(headers.clone())
+            .with_delivery_mode(2)
+            .with_priority(4)
+            .with_expiration("6000".into())
+            .with_timestamp(12)
+            .with_user_id("guest".into())
+            .with_app_id("app".into());
+        let raw = encode(props.clone(), 1234);
+        let h = ContentHeader::parse(raw.clone()).unwrap();
+        assert_eq!(h.body_size(), 1234);
+        assert!(h.is_persistent());
+        assert_eq!(h.priority(), Some(4));
+        assert_eq!(h.expiration(), Some("6000"));
+        assert_eq!(h.user_id(), Some("guest"));
+        assert_eq!(h.headers(), Some(headers));
+        assert_eq!(h.properties(), Some(props));
+        assert_eq!(h.raw(), &raw);
+        for cut in 0..raw.len() {
+            assert!(ContentHeader::parse(raw.slice(..cut)).is_err(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn empty_properties() {
+        let h = ContentHeader::parse(encode(AMQPProperties::default(), 0)).unwrap();
+        assert_eq!(h.delivery_mode(), None);
+        assert!(!h.is_persistent());
+        assert_eq!(h.headers(), None);
+    }
+
+    #[test]
+    fn deep_headers_are_refused() {
+        let mut raw = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x20, 0];
+        raw.extend_from_slice(&crate::table::tests::nested(3000));
+        assert_eq!(
+            ContentHeader::parse(Bytes::from(raw)),
+            Err(ContentError::BadProperty(TableError::TooDeep))
+        );
+    }
+}

@@ -1,0 +1,234 @@
+//! The in-memory engine: the same contracts as the durable one, kept in
+//! process memory (nothing survives a restart). Locks are std mutexes held
+//! only for the duration of a map operation.
+
+use crate::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct MemStore {
+    meta: Mutex<Definitions>,
+    messages: Mutex<Messages>,
+}
+
+#[derive(Default)]
+struct Messages {
+    bodies: HashMap<MessageId, (StoredMessage, usize)>,
+    index: BTreeMap<(QueueId, u64), MessageId>,
+}
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere never leaves these maps half-updated (each operation
+    // is a single map call), so a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MetaStore for MemStore {
+    fn put_exchange(&self, def: &ExchangeDef) -> Result<()> {
+        let mut m = lock(&self.meta);
+        m.exchanges
+            .retain(|e| !(e.vhost == def.vhost && e.name == def.name));
+        m.exchanges.push(def.clone());
+        Ok(())
+    }
+    fn delete_exchange(&self, vhost: &str, name: &str) -> Result<()> {
+        let mut m = lock(&self.meta);
+        m.exchanges
+            .retain(|e| !(e.vhost == vhost && e.name == name));
+        m.bindings.retain(|b| {
+            !(b.vhost == vhost && (b.source == name || (!b.to_queue && b.destination == name)))
+        });
+        Ok(())
+    }
+    fn put_queue(&self, def: &QueueDef) -> Result<()> {
+        let mut m = lock(&self.meta);
+        m.queues
+            .retain(|q| !(q.vhost == def.vhost && q.name == def.name));
+        m.queues.push(def.clone());
+        Ok(())
+    }
+    fn delete_queue(&self, vhost: &str, name: &str) -> Result<()> {
+        let mut m = lock(&self.meta);
+        m.queues.retain(|q| !(q.vhost == vhost && q.name == name));
+        m.bindings
+            .retain(|b| !(b.vhost == vhost && b.to_queue && b.destination == name));
+        Ok(())
+    }
+    fn put_binding(&self, def: &BindingDef) -> Result<()> {
+        let mut m = lock(&self.meta);
+        if !m.bindings.contains(def) {
+            m.bindings.push(def.clone());
+        }
+        Ok(())
+    }
+    fn delete_binding(&self, def: &BindingDef) -> Result<()> {
+        lock(&self.meta).bindings.retain(|b| b != def);
+        Ok(())
+    }
+    fn load(&self) -> Result<Definitions> {
+        Ok(lock(&self.meta).clone())
+    }
+}
+
+impl MessageStore for MemStore {
+    fn apply(&self, ops: &[MessageOp]) -> Result<()> {
+        let mut m = lock(&self.messages);
+        let release = |m: &mut Messages, id: MessageId| {
+            if let Some(entry) = m.bodies.get_mut(&id) {
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    m.bodies.remove(&id);
+                }
+            }
+        };
+        for op in ops {
+            match op {
+                MessageOp::PutMessage { id, message } => {
+                    m.bodies.entry(*id).or_insert_with(|| (message.clone(), 0));
+                }
+                MessageOp::Enqueue { queue, seq, id } => {
+                    if let Some(entry) = m.bodies.get_mut(id) {
+                        entry.1 += 1;
+                        m.index.insert((*queue, *seq), *id);
+                    } else {
+                        return Err(StoreError::Corrupt(format!(
+                            "enqueue of unknown message {id}"
+                        )));
+                    }
+                }
+                MessageOp::Remove { queue, seq } => {
+                    if let Some(id) = m.index.remove(&(*queue, *seq)) {
+                        release(&mut m, id);
+                    }
+                }
+                MessageOp::DropQueue { queue } => {
+                    let keys: BTreeSet<_> = m
+                        .index
+                        .range((*queue, 0)..=(*queue, u64::MAX))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in keys {
+                        if let Some(id) = m.index.remove(&k) {
+                            release(&mut m, id);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read(
+        &self,
+        queue: QueueId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, MessageId, StoredMessage)>> {
+        let m = lock(&self.messages);
+        Ok(m.index
+            .range((queue, from)..=(queue, u64::MAX))
+            .take(limit)
+            .filter_map(|(&(_, seq), id)| m.bodies.get(id).map(|(msg, _)| (seq, *id, msg.clone())))
+            .collect())
+    }
+
+    fn count(&self, queue: QueueId) -> Result<u64> {
+        Ok(lock(&self.messages)
+            .index
+            .range((queue, 0)..=(queue, u64::MAX))
+            .count() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(b: &'static str) -> StoredMessage {
+        StoredMessage {
+            exchange: Bytes::new(),
+            routing_key: Bytes::from_static(b"k"),
+            header: Bytes::new(),
+            body: Bytes::from_static(b.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn a_message_in_two_queues_is_stored_once_and_freed_with_its_last_entry() {
+        let s = MemStore::new();
+        s.apply(&[
+            MessageOp::PutMessage {
+                id: 1,
+                message: msg("a"),
+            },
+            MessageOp::Enqueue {
+                queue: 1,
+                seq: 1,
+                id: 1,
+            },
+            MessageOp::Enqueue {
+                queue: 2,
+                seq: 7,
+                id: 1,
+            },
+            MessageOp::PutMessage {
+                id: 2,
+                message: msg("b"),
+            },
+            MessageOp::Enqueue {
+                queue: 1,
+                seq: 2,
+                id: 2,
+            },
+        ])
+        .unwrap();
+        assert_eq!(s.count(1).unwrap(), 2);
+        let r = s.read(1, 0, 10).unwrap();
+        assert_eq!(r.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2]);
+        s.apply(&[MessageOp::Remove { queue: 1, seq: 1 }]).unwrap();
+        assert_eq!(lock(&s.messages).bodies.len(), 2);
+        s.apply(&[MessageOp::DropQueue { queue: 2 }]).unwrap();
+        assert_eq!(lock(&s.messages).bodies.len(), 1);
+        assert!(s
+            .apply(&[MessageOp::Enqueue {
+                queue: 1,
+                seq: 3,
+                id: 99
+            }])
+            .is_err());
+    }
+
+    #[test]
+    fn definitions_round_trip() {
+        let s = MemStore::new();
+        let q = QueueDef {
+            vhost: "/".into(),
+            name: "q".into(),
+            id: 1,
+            auto_delete: false,
+            arguments: Bytes::new(),
+        };
+        s.put_queue(&q).unwrap();
+        let b = BindingDef {
+            vhost: "/".into(),
+            source: "amq.direct".into(),
+            destination: "q".into(),
+            to_queue: true,
+            routing_key: "k".into(),
+            arguments: Bytes::new(),
+        };
+        s.put_binding(&b).unwrap();
+        s.put_binding(&b).unwrap();
+        assert_eq!(s.load().unwrap().bindings.len(), 1);
+        s.delete_queue("/", "q").unwrap();
+        let d = s.load().unwrap();
+        assert!(d.queues.is_empty() && d.bindings.is_empty());
+    }
+}
