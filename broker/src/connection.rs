@@ -24,7 +24,7 @@ use warren_protocol::amqp::{
     access, basic, channel as chan, confirm, connection as conn, exchange, queue as q, tx,
     AMQPClass,
 };
-use warren_protocol::content::ContentHeader;
+use warren_protocol::content::{ContentError, ContentHeader};
 use warren_protocol::frame::{self, FrameHeader};
 use warren_protocol::method::{self, short, Method, Publish};
 use warren_protocol::reply;
@@ -610,10 +610,11 @@ impl Connection {
                     );
                     Ok(false)
                 }
-                _ => Err(
-                    hard(reply::COMMAND_INVALID, "connection method not expected now")
-                        .into_at(c, mid),
-                ),
+                _ => Err(hard(
+                    reply::CHANNEL_ERROR,
+                    "unexpected method in connection state running",
+                )
+                .into_at(c, mid)),
             },
             _ => Err(hard(
                 reply::CHANNEL_ERROR,
@@ -698,7 +699,8 @@ impl Connection {
         // Channel lifecycle first: open, and the closing handshake.
         match (&m, self.channels.get(&ch)) {
             (Method::Other(AMQPClass::Channel(chan::AMQPMethod::Open(_))), None) => {
-                if self.channels.len() >= self.channel_max as usize || ch > self.channel_max {
+                // RabbitMQ counts open channels; the channel number itself may exceed channel_max.
+                if self.channels.len() >= self.channel_max as usize {
                     return Err(AmqpError::new(
                         reply::NOT_ALLOWED,
                         format!("number of channels opened ({}) has reached the negotiated channel_max ({})", self.channels.len(), self.channel_max),
@@ -1416,10 +1418,17 @@ impl Connection {
                 return Err(hard(
                     reply::UNEXPECTED_FRAME,
                     "expected content body, got content header instead",
-                ));
+                )
+                .into_at(60, 40));
             }
-            let h = ContentHeader::parse(payload)
-                .map_err(|e| hard(reply::FRAME_ERROR, e.to_string()))?;
+            let h = ContentHeader::parse(payload).map_err(|e| match e {
+                ContentError::WrongClass(c) => hard(
+                    reply::UNEXPECTED_FRAME,
+                    format!("expected content header for class 60, got one for class {c} instead"),
+                ),
+                e => hard(reply::FRAME_ERROR, e.to_string()),
+            });
+            let h = h.map_err(|f| f.into_at(60, 40))?;
             if h.body_size() > max {
                 c.content = None;
                 return Err(Fault::Channel(
@@ -1436,8 +1445,9 @@ impl Connection {
             let Some(h) = content.header.as_ref() else {
                 return Err(hard(
                     reply::UNEXPECTED_FRAME,
-                    "expected content header, got content body instead",
-                ));
+                    "expected content header for class 60, got non content header frame instead",
+                )
+                .into_at(60, 40));
             };
             let size = h.body_size();
             content.received += payload.len() as u64;

@@ -328,6 +328,22 @@ pub fn values_equal(a: &AMQPValue, b: &AMQPValue) -> bool {
     }
 }
 
+/// A headers binding's `x-match` must be one RabbitMQ knows (406 otherwise).
+pub fn check_x_match(args: &FieldTable) -> crate::error::AmqpResult<()> {
+    let v = match args.inner().get("x-match") {
+        None => return Ok(()),
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
+        Some(other) => format!("{other:?}"),
+    };
+    match v.as_str() {
+        "all" | "any" | "all-with-x" | "any-with-x" => Ok(()),
+        _ => Err(crate::error::precondition(format!(
+            "Invalid x-match field value {v:?}; expected all, any, all-with-x, or any-with-x"
+        ))),
+    }
+}
+
 /// Headers-exchange matching of a binding's arguments against message headers.
 pub fn headers_match(args: &FieldTable, headers: &FieldTable) -> bool {
     let mode = match args.inner().get("x-match") {

@@ -2,12 +2,14 @@
 //! one actor task per queue that owns all queue state (ready messages,
 //! unacked messages, consumers and their credit). No lock on queue state.
 //!
-//! Two mailboxes: publishes arrive on a *bounded* channel, so a publisher that
-//! outruns the queue is slowed (its connection task waits, its socket stops
-//! being read, TCP pushes back); everything else arrives on an unbounded
-//! control channel whose traffic is bounded by other means (acks by prefetch,
-//! requests by their replies). The actor itself never waits on anyone, so
-//! connections and queues cannot deadlock.
+//! One FIFO mailbox, so a channel's publish and its next `basic.get` (or
+//! declare, purge, ...) reach the queue in the order they were sent. Publishes
+//! need a permit from a per-queue semaphore first, and give it back when the
+//! actor takes them: a publisher that outruns the queue is slowed (its
+//! connection task waits, its socket stops being read, TCP pushes back).
+//! Other messages need no permit; their volume is bounded by other means
+//! (acks by prefetch, requests by their replies). The actor itself never
+//! waits on anyone, so connections and queues cannot deadlock.
 //!
 //! Deliveries go to the consuming connection's event channel; each consumer
 //! has an in-flight credit ([`FLOW_WINDOW`]) that the connection returns as it
@@ -20,13 +22,13 @@ use crate::message::MessageRef;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use warren_protocol::types::FieldTable;
 
 /// Deliveries a consumer may have in its connection's mailbox, not yet written.
 pub const FLOW_WINDOW: u32 = 512;
-/// Capacity of a queue's publish mailbox.
-pub const PUBLISH_MAILBOX: usize = 1024;
+/// Publishes that may wait in a queue's mailbox.
+pub const PUBLISH_PERMITS: usize = 1024;
 
 /// Shared facts about a queue, immutable after declaration.
 #[derive(Debug)]
@@ -45,7 +47,7 @@ pub struct QueueInfo {
 #[derive(Clone, Debug)]
 pub struct QueueHandle {
     pub info: Arc<QueueInfo>,
-    publish: mpsc::Sender<Publish>,
+    permits: Arc<Semaphore>,
     control: mpsc::UnboundedSender<Control>,
 }
 
@@ -65,13 +67,14 @@ impl QueueHandle {
     /// Enqueue; waits while the queue's mailbox is full (back-pressure).
     /// A queue deleted meanwhile drops the message (and releases its confirm).
     pub async fn publish(&self, msg: MessageRef, confirm: Option<Arc<ConfirmTicket>>) {
-        let _ = self
-            .publish
-            .send(Publish {
-                msg,
-                _confirm: confirm,
-            })
-            .await;
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return; // the queue is gone
+        };
+        let _ = self.control.send(Control::Publish(Publish {
+            msg,
+            _confirm: confirm,
+            _permit: permit,
+        }));
     }
     /// Send a control message; false if the queue is gone.
     pub fn control(&self, c: Control) -> bool {
@@ -92,6 +95,7 @@ impl QueueHandle {
 pub struct Publish {
     msg: MessageRef,
     _confirm: Option<Arc<ConfirmTicket>>,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// A publisher confirm outstanding on one or more queues: when the last
@@ -204,8 +208,9 @@ pub struct Got {
     pub remaining: u32,
 }
 
-/// Everything but publishes.
+/// What a queue's mailbox carries.
 pub enum Control {
+    Publish(Publish),
     Consume {
         consumer: Consumer,
         reply: oneshot::Sender<Result<(), AmqpError>>,
@@ -289,7 +294,7 @@ struct Actor {
 
 /// Start a queue actor; returns its handle.
 pub fn spawn(info: QueueInfo, on_auto_delete: OnAutoDelete) -> QueueHandle {
-    let (ptx, prx) = mpsc::channel(PUBLISH_MAILBOX);
+    let permits = Arc::new(Semaphore::new(PUBLISH_PERMITS));
     let (ctx, crx) = mpsc::unbounded_channel();
     let info = Arc::new(info);
     let actor = Actor {
@@ -303,45 +308,41 @@ pub fn spawn(info: QueueInfo, on_auto_delete: OnAutoDelete) -> QueueHandle {
         on_auto_delete: Some(on_auto_delete),
     };
     let span = tracing::debug_span!("queue", name = %info.name);
-    tokio::spawn(tracing::Instrument::instrument(actor.run(prx, crx), span));
+    tokio::spawn(tracing::Instrument::instrument(
+        actor.run(crx, permits.clone()),
+        span,
+    ));
     QueueHandle {
         info,
-        publish: ptx,
+        permits,
         control: ctx,
     }
 }
 
-/// How many queued publishes one wake-up takes before dispatching.
-const PUBLISH_BATCH: usize = 256;
+/// How many mailbox messages one wake-up takes before dispatching.
+const BATCH: usize = 256;
 
 impl Actor {
-    async fn run(
-        mut self,
-        mut publish: mpsc::Receiver<Publish>,
-        mut control: mpsc::UnboundedReceiver<Control>,
-    ) {
-        loop {
-            tokio::select! {
-                biased;
-                c = control.recv() => match c {
-                    Some(c) => if self.on_control(c) { break },
-                    None => break,
-                },
-                p = publish.recv() => match p {
-                    Some(p) => {
-                        self.enqueue(p);
-                        for _ in 1..PUBLISH_BATCH {
-                            match publish.try_recv() {
-                                Ok(p) => self.enqueue(p),
-                                Err(_) => break,
-                            }
+    async fn run(mut self, mut mailbox: mpsc::UnboundedReceiver<Control>, permits: Arc<Semaphore>) {
+        'life: while let Some(c) = mailbox.recv().await {
+            if self.on_control(c) {
+                break;
+            }
+            for _ in 1..BATCH {
+                match mailbox.try_recv() {
+                    Ok(c) => {
+                        if self.on_control(c) {
+                            break 'life;
                         }
                     }
-                    None => break,
-                },
+                    Err(_) => break,
+                }
             }
             self.dispatch();
         }
+        // Publishers waiting for a permit give up; later sends fail.
+        permits.close();
+        mailbox.close();
         tracing::debug!("queue stopped");
     }
 
@@ -452,6 +453,7 @@ impl Actor {
     /// Returns true when the actor should stop.
     fn on_control(&mut self, c: Control) -> bool {
         match c {
+            Control::Publish(p) => self.enqueue(p),
             Control::Consume { consumer, reply } => {
                 let name = &self.info.name;
                 let vhost = &self.info.vhost;

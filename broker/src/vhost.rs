@@ -170,17 +170,17 @@ impl VHost {
         arguments: &FieldTable,
     ) -> AmqpResult<()> {
         let vh = &self.name;
+        if name.is_empty() {
+            return Err(access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
         if passive {
             return if self.read().exchanges.contains_key(name) {
                 Ok(())
             } else {
                 Err(not_found("exchange", name, vh))
             };
-        }
-        if name.is_empty() {
-            return Err(access_refused(
-                "operation not permitted on the default exchange",
-            ));
         }
         let Some(k) = Kind::parse(kind) else {
             return Err(AmqpError::new(
@@ -334,11 +334,8 @@ impl VHost {
                 ));
             }
             if i.exclusive_owner.is_some() != s.exclusive {
-                return Err(ineq(
-                    "exclusive",
-                    s.exclusive.to_string(),
-                    i.exclusive_owner.is_some().to_string(),
-                ));
+                // RabbitMQ answers an exclusive mismatch, even from the owner, with 405.
+                return Err(locked(q, vh));
             }
             if i.auto_delete != s.auto_delete {
                 return Err(ineq(
@@ -485,6 +482,9 @@ impl VHost {
             .exchanges
             .get_mut(source)
             .ok_or_else(|| not_found("exchange", source, vh))?;
+        if bind && src.kind == Kind::Headers {
+            crate::exchange::check_x_match(args)?;
+        }
         let b = Binding {
             dest: dest.clone(),
             key: key.to_owned(),
@@ -655,15 +655,19 @@ fn resolve<'t>(
     routed
 }
 
+fn locked(q: &QueueHandle, vhost: &str) -> AmqpError {
+    AmqpError::new(
+        reply::RESOURCE_LOCKED,
+        format!(
+            "cannot obtain exclusive access to locked queue '{}' in vhost '{vhost}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+            q.name()
+        ),
+    )
+}
+
 fn check_owner(q: &QueueHandle, conn: u64, vhost: &str) -> AmqpResult<()> {
     match q.info.exclusive_owner {
-        Some(owner) if owner != conn => Err(AmqpError::new(
-            reply::RESOURCE_LOCKED,
-            format!(
-                "cannot obtain exclusive access to locked queue '{}' in vhost '{vhost}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-                q.name()
-            ),
-        )),
+        Some(owner) if owner != conn => Err(locked(q, vhost)),
         _ => Ok(()),
     }
 }
