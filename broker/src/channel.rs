@@ -65,7 +65,7 @@ impl Confirms {
         }
     }
     /// Assign the next sequence number.
-    pub fn next(&mut self) -> u64 {
+    pub fn assign(&mut self) -> u64 {
         self.done.push_back(false);
         self.base + self.done.len() as u64 - 1
     }
@@ -126,6 +126,8 @@ pub struct Channel {
     pub last_queue: Option<String>,
     /// Queues holding consumers or unacked messages of this channel.
     pub touched: Vec<QueueHandle>,
+    /// The direct reply-to consumer: its tag and its `amq.rabbitmq.reply-to.*` name.
+    pub reply: Option<(Arc<str>, String)>,
 }
 
 impl Channel {
@@ -144,6 +146,7 @@ impl Channel {
             credit: Arc::new(ChannelCredit::default()),
             last_queue: None,
             touched: Vec::new(),
+            reply: None,
         }
     }
 

@@ -48,7 +48,19 @@ pub enum ConnEvent {
     CancelOk { chan_key: u64, tag: Arc<str> },
     /// The queue went away under a consumer.
     Cancelled { chan_key: u64, tag: Arc<str> },
+    /// A direct reply-to message for this connection's reply consumer.
+    Reply {
+        chan_key: u64,
+        channel: u16,
+        tag: Arc<str>,
+        msg: MessageRef,
+    },
 }
+
+/// The pseudo-queue of direct reply-to.
+const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// Prefix of the per-channel reply addresses.
+const REPLY_TO_PREFIX: &str = "amq.rabbitmq.reply-to.";
 
 /// What the client said it supports.
 #[derive(Default, Debug)]
@@ -492,6 +504,7 @@ impl Connection {
                         self.flush().await?;
                         return Ok(());
                     }
+                    self.flush_confirms();
                 }
                 _ = timer.tick() => {
                     if self.heartbeat > 0 {
@@ -663,6 +676,9 @@ impl Connection {
         }) else {
             return;
         };
+        if let Some((_, name)) = &c.reply {
+            self.broker.replies().remove(name);
+        }
         let mut queues = c.touched;
         for cons in c.consumers.values() {
             if !queues.iter().any(|q| q == &cons.queue) {
@@ -1090,26 +1106,44 @@ impl Connection {
                 } else {
                     cm.consumer_tag.as_str().into()
                 };
-                if self.chan(ch)?.consumers.contains_key(&tag) {
+                let c = self.chan(ch)?;
+                if c.consumers.contains_key(&tag) || c.reply.as_ref().is_some_and(|r| r.0 == tag) {
                     return Err(AmqpError::new(
                         reply::NOT_ALLOWED,
                         format!("attempt to reuse consumer tag '{tag}'"),
                     ));
                 }
+                if name == REPLY_TO {
+                    return self.consume_replies(ch, tag, cm.no_ack, cm.nowait);
+                }
                 let handle = v.queue(&name, self.id)?;
                 let c = self.chan(ch)?;
                 let in_flight = Arc::new(AtomicU32::new(0));
-                let consumer = Consumer::new(
-                    tag.clone(),
-                    c.key,
-                    ch,
-                    cm.no_ack,
-                    cm.exclusive,
-                    c.prefetch as u32,
-                    c.credit.clone(),
-                    in_flight.clone(),
-                    self.events_tx.clone(),
-                );
+                let priority = match cm.arguments.inner().get("x-priority") {
+                    None => 0,
+                    Some(v) => match crate::exchange::as_int(v).and_then(|p| i32::try_from(p).ok())
+                    {
+                        Some(p) => p,
+                        None => {
+                            return Err(precondition(format!(
+                                "invalid arg 'x-priority' for consumer: {v:?}"
+                            )))
+                        }
+                    },
+                };
+                let consumer = Consumer {
+                    tag: tag.clone(),
+                    chan_key: c.key,
+                    channel: ch,
+                    no_ack: cm.no_ack,
+                    exclusive: cm.exclusive,
+                    prefetch: c.prefetch as u32,
+                    channel_credit: c.credit.clone(),
+                    in_flight: in_flight.clone(),
+                    conn: self.events_tx.clone(),
+                    priority,
+                    unacked: 0,
+                };
                 match handle
                     .ask(|reply| Control::Consume { consumer, reply })
                     .await
@@ -1142,6 +1176,20 @@ impl Connection {
                 let tag: Arc<str> = cm.consumer_tag.as_str().into();
                 let c = self.chan(ch)?;
                 let key = c.key;
+                if c.reply.as_ref().is_some_and(|r| r.0 == tag) {
+                    if let Some((_, name)) = c.reply.take() {
+                        self.broker.replies().remove(&name);
+                    }
+                    if !cm.nowait {
+                        self.send_method(
+                            ch,
+                            AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                                consumer_tag: short(&tag),
+                            })),
+                        );
+                    }
+                    return Ok(());
+                }
                 match c.consumers.get_mut(&tag) {
                     Some(cons) if !cons.cancelling => {
                         cons.cancelling = true;
@@ -1240,6 +1288,43 @@ impl Connection {
                     "method not expected from a client",
                 ))
             }
+        }
+        Ok(())
+    }
+
+    /// `basic.consume` on `amq.rabbitmq.reply-to`: register this channel as
+    /// the destination of replies to its requests.
+    fn consume_replies(
+        &mut self,
+        ch: u16,
+        tag: Arc<str>,
+        no_ack: bool,
+        nowait: bool,
+    ) -> AmqpResult<()> {
+        if !no_ack {
+            return Err(precondition("reply consumer cannot acknowledge"));
+        }
+        let events = self.events_tx.clone();
+        let c = self.chan(ch)?;
+        if c.reply.is_some() {
+            return Err(precondition("reply consumer already set"));
+        }
+        let name = generated_name(REPLY_TO_PREFIX);
+        let target = crate::server::ReplyTarget {
+            events,
+            chan_key: c.key,
+            channel: ch,
+            tag: tag.clone(),
+        };
+        c.reply = Some((tag.clone(), name.clone()));
+        self.broker.replies().insert(name, target);
+        if !nowait {
+            self.send_method(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: short(&tag),
+                })),
+            );
         }
         Ok(())
     }
@@ -1504,6 +1589,16 @@ impl Connection {
                 )));
             }
         }
+        let header = if header.reply_to() == Some(REPLY_TO) {
+            let Some((_, name)) = self.chan(ch)?.reply.as_ref() else {
+                return Err(precondition("fast reply consumer does not exist"));
+            };
+            header
+                .with_reply_to(name)
+                .ok_or_else(|| AmqpError::new(reply::INTERNAL_ERROR, "cannot rewrite reply_to"))?
+        } else {
+            header
+        };
         let msg = Arc::new(Message {
             exchange: p.exchange,
             routing_key: p.routing_key,
@@ -1524,6 +1619,28 @@ impl Connection {
 
     /// Route a message and hand it to its queues.
     async fn enqueue(&mut self, ch: u16, mandatory: bool, msg: MessageRef) -> AmqpResult<()> {
+        if msg.exchange.is_empty() && msg.routing_key.as_str().starts_with(REPLY_TO_PREFIX) {
+            let delivered = match self.broker.replies().get(msg.routing_key.as_str()) {
+                Some(t) => t
+                    .events
+                    .send(ConnEvent::Reply {
+                        chan_key: t.chan_key,
+                        channel: t.channel,
+                        tag: t.tag.clone(),
+                        msg: msg.clone(),
+                    })
+                    .is_ok(),
+                None => false,
+            };
+            if let Some(cf) = self.chan(ch)?.confirms.as_mut() {
+                let seq = cf.assign();
+                cf.confirm(seq);
+            }
+            if !delivered && mandatory {
+                self.send_return(ch, &msg);
+            }
+            return Ok(());
+        }
         let routed = self
             .vhost()
             .route(&msg.exchange, &msg.routing_key, &msg.header)?;
@@ -1539,23 +1656,13 @@ impl Connection {
             Arc::new(ConfirmTicket {
                 conn: events.clone(),
                 chan_key: key,
-                seq: cf.next(),
+                seq: cf.assign(),
             })
         });
         let queues = routed.queues();
         if queues.is_empty() {
             if mandatory {
-                self.send_method(
-                    ch,
-                    AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                        reply_code: reply::NO_ROUTE,
-                        reply_text: short("NO_ROUTE"),
-                        exchange: short(msg.exchange.as_str()),
-                        routing_key: short(msg.routing_key.as_str()),
-                    })),
-                );
-                let fm = self.frame_max;
-                method::put_content(&mut self.out, ch, msg.header.raw(), &msg.body, fm);
+                self.send_return(ch, &msg);
             }
             return Ok(());
         }
@@ -1563,6 +1670,21 @@ impl Connection {
             q.publish(msg.clone(), ticket.clone()).await;
         }
         Ok(())
+    }
+
+    /// `basic.return` 312 NO_ROUTE with the message.
+    fn send_return(&mut self, ch: u16, msg: &Message) {
+        self.send_method(
+            ch,
+            AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: reply::NO_ROUTE,
+                reply_text: short("NO_ROUTE"),
+                exchange: short(msg.exchange.as_str()),
+                routing_key: short(msg.routing_key.as_str()),
+            })),
+        );
+        let fm = self.frame_max;
+        method::put_content(&mut self.out, ch, msg.header.raw(), &msg.body, fm);
     }
 
     // -------------------------------------------------------------- events
@@ -1610,6 +1732,37 @@ impl Connection {
                     tag.as_bytes(),
                     dtag,
                     redelivered,
+                    msg.exchange.as_bytes(),
+                    msg.routing_key.as_bytes(),
+                );
+                method::put_content(
+                    &mut self.out,
+                    channel,
+                    msg.header.raw(),
+                    &msg.body,
+                    self.frame_max,
+                );
+            }
+            ConnEvent::Reply {
+                chan_key,
+                channel,
+                tag,
+                msg,
+            } => {
+                let Some(c) = self.channels.get_mut(&channel) else {
+                    return;
+                };
+                if c.key != chan_key || c.closing || c.reply.is_none() {
+                    return;
+                }
+                let dtag = c.next_tag;
+                c.next_tag += 1;
+                method::put_deliver(
+                    &mut self.out,
+                    channel,
+                    tag.as_bytes(),
+                    dtag,
+                    false,
                     msg.exchange.as_bytes(),
                     msg.routing_key.as_bytes(),
                 );

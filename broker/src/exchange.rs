@@ -320,6 +320,14 @@ fn norm(v: &AMQPValue) -> Norm<'_> {
     }
 }
 
+/// An integer field value, whatever its wire width.
+pub fn as_int(v: &AMQPValue) -> Option<i128> {
+    match norm(v) {
+        Norm::Int(i) => Some(i),
+        _ => None,
+    }
+}
+
 /// Whether two field values are equal in RabbitMQ's sense.
 pub fn values_equal(a: &AMQPValue, b: &AMQPValue) -> bool {
     match (norm(a), norm(b)) {

@@ -1,17 +1,17 @@
 //! Warren, an AMQP 0-9-1 broker.
 //!
 //! Layout (one file per concern):
-//! - [`server`]: listener, connection limit, shutdown, broker-wide state.
-//! - [`connection`]: one task per connection: handshake, frame loop, channel
+//! - [`server`] — listener, connection limit, shutdown, broker-wide state.
+//! - [`connection`] — one task per connection: handshake, frame loop, channel
 //!   methods, publish assembly, deliveries, confirms, heartbeats.
-//! - [`channel`]: per-channel state owned by the connection task.
-//! - [`vhost`]: exchanges, queues and bindings; routing with a moka cache.
-//! - [`exchange`]: binding indexes and matching (direct, fanout, topic trie,
+//! - [`channel`] — per-channel state owned by the connection task.
+//! - [`vhost`] — exchanges, queues and bindings; routing with a moka cache.
+//! - [`exchange`] — binding indexes and matching (direct, fanout, topic trie,
 //!   headers).
-//! - [`queue`]: queue handles and the per-queue actor that owns queue state.
-//! - [`message`]: the shared message.
-//! - [`error`]: errors shaped as channel.close / connection.close.
-//! - [`config`]: settings.
+//! - [`queue`] — queue handles and the per-queue actor that owns queue state.
+//! - [`message`] — the shared message.
+//! - [`error`] — errors shaped as channel.close / connection.close.
+//! - [`config`] — settings.
 //!
 //! A `basic.publish`: socket -> frame check -> method decode -> the channel
 //! gathers header and body -> the vhost routes (cache, then trie/index) ->

@@ -167,36 +167,10 @@ pub struct Consumer {
     /// Deliveries sent to the connection and not yet written to its socket.
     pub in_flight: Arc<AtomicU32>,
     pub conn: mpsc::UnboundedSender<ConnEvent>,
-    /// Unacked deliveries of this consumer (queue-side count).
-    unacked: u32,
-}
-
-impl Consumer {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        tag: Arc<str>,
-        chan_key: u64,
-        channel: u16,
-        no_ack: bool,
-        exclusive: bool,
-        prefetch: u32,
-        channel_credit: Arc<ChannelCredit>,
-        in_flight: Arc<AtomicU32>,
-        conn: mpsc::UnboundedSender<ConnEvent>,
-    ) -> Self {
-        Consumer {
-            tag,
-            chan_key,
-            channel,
-            no_ack,
-            exclusive,
-            prefetch,
-            channel_credit,
-            in_flight,
-            conn,
-            unacked: 0,
-        }
-    }
+    /// `x-priority`: higher-priority consumers get messages first.
+    pub priority: i32,
+    /// Unacked deliveries of this consumer (queue-side count); starts at 0.
+    pub unacked: u32,
 }
 
 /// A message fetched by `basic.get`.
@@ -359,25 +333,12 @@ impl Actor {
 
     /// Hand ready messages to consumers with credit, round robin.
     fn dispatch(&mut self) {
-        let n = self.consumers.len();
-        if n == 0 {
-            return;
-        }
-        let mut idle = 0;
-        while !self.ready.is_empty() && idle < n {
-            let i = self.next_consumer % n;
-            self.next_consumer = (i + 1) % n;
-            let c = &mut self.consumers[i];
-            let window_ok = c.in_flight.load(Ordering::Acquire) < FLOW_WINDOW;
-            let prefetch_ok = c.no_ack || c.prefetch == 0 || c.unacked < c.prefetch;
-            if !(window_ok && prefetch_ok) || (!c.no_ack && !c.channel_credit.try_acquire()) {
-                idle += 1;
-                continue;
-            }
-            idle = 0;
+        while !self.ready.is_empty() {
+            let Some(i) = self.pick() else { break };
             let Some(entry) = self.ready.pop_front() else {
                 break;
             };
+            let c = &mut self.consumers[i];
             c.in_flight.fetch_add(1, Ordering::AcqRel);
             let ev = ConnEvent::Deliver {
                 chan_key: c.chan_key,
@@ -391,23 +352,46 @@ impl Actor {
             };
             if c.conn.send(ev).is_err() {
                 // The connection is gone; its ChannelClosed is on the way.
-                c.in_flight.fetch_sub(1, Ordering::AcqRel);
                 self.ready.push_front(entry);
-                idle += 1;
-                continue;
+                break;
             }
             if !c.no_ack {
                 c.unacked += 1;
-                self.unacked.insert(
-                    entry.seq,
-                    Unacked {
-                        entry,
-                        chan_key: c.chan_key,
-                        tag: Some(c.tag.clone()),
-                    },
-                );
+                let u = Unacked {
+                    entry,
+                    chan_key: c.chan_key,
+                    tag: Some(c.tag.clone()),
+                };
+                self.unacked.insert(u.entry.seq, u);
             }
         }
+    }
+
+    /// The consumer to deliver to next: the highest priority level that has
+    /// a consumer with credit, round robin within it. Takes the channel
+    /// prefetch unit for the chosen consumer.
+    fn pick(&mut self) -> Option<usize> {
+        let n = self.consumers.len();
+        let mut start = 0;
+        while start < n {
+            let p = self.consumers[start].priority;
+            let len = self.consumers[start..]
+                .iter()
+                .take_while(|c| c.priority == p)
+                .count();
+            for k in 0..len {
+                let i = start + (self.next_consumer + k) % len;
+                let c = &self.consumers[i];
+                let window_ok = c.in_flight.load(Ordering::Acquire) < FLOW_WINDOW;
+                let prefetch_ok = c.no_ack || c.prefetch == 0 || c.unacked < c.prefetch;
+                if window_ok && prefetch_ok && (c.no_ack || c.channel_credit.try_acquire()) {
+                    self.next_consumer = self.next_consumer.wrapping_add(k + 1);
+                    return Some(i);
+                }
+            }
+            start += len;
+        }
+        None
     }
 
     /// Put messages back in sequence order, marked redelivered.
@@ -465,7 +449,11 @@ impl Actor {
                     ))));
                     return false;
                 }
-                self.consumers.push(consumer);
+                // Keep consumers ordered by priority, highest first.
+                let pos = self
+                    .consumers
+                    .partition_point(|c| c.priority >= consumer.priority);
+                self.consumers.insert(pos, consumer);
                 self.had_consumer = true;
                 let _ = reply.send(Ok(()));
             }
@@ -522,7 +510,7 @@ impl Actor {
                     }
                     g
                 });
-                if let Err(Some(g)) = reply.send(got).map_err(|g| g) {
+                if let Err(Some(g)) = reply.send(got) {
                     // The asker went away: put the message back untouched.
                     if let Some(u) = self.unacked.remove(&g.seq) {
                         self.ready.push_front(u.entry);

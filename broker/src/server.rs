@@ -3,15 +3,15 @@
 //! connection to close (320 CONNECTION_FORCED) and waits for them briefly.
 
 use crate::config::Config;
-use crate::connection::Connection;
+use crate::connection::{ConnEvent, Connection};
 use crate::vhost::VHost;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::Instrument;
 use warren_storage::mem::MemStore;
 
@@ -26,6 +26,17 @@ pub struct Broker {
     next_chan: AtomicU64,
     /// Flips to true once, at shutdown.
     pub shutdown: watch::Receiver<bool>,
+    /// Direct reply-to consumers by their `amq.rabbitmq.reply-to.*` name.
+    /// A std mutex held only for a map operation, never across `.await`.
+    pub reply_to: Mutex<HashMap<String, ReplyTarget>>,
+}
+
+/// Where a direct reply goes: a consumer on some connection's channel.
+pub struct ReplyTarget {
+    pub events: mpsc::UnboundedSender<ConnEvent>,
+    pub chan_key: u64,
+    pub channel: u16,
+    pub tag: Arc<str>,
 }
 
 impl Broker {
@@ -34,6 +45,10 @@ impl Broker {
     }
     pub fn next_chan_key(&self) -> u64 {
         self.next_chan.fetch_add(1, Ordering::Relaxed)
+    }
+    pub fn replies(&self) -> std::sync::MutexGuard<'_, HashMap<String, ReplyTarget>> {
+        // Map operations never panic half-way: a poisoned lock is consistent.
+        self.reply_to.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -59,6 +74,7 @@ impl Server {
             next_conn: AtomicU64::new(1),
             next_chan: AtomicU64::new(1),
             shutdown,
+            reply_to: Mutex::new(HashMap::new()),
         });
         Ok(Server {
             listener,

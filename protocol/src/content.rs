@@ -15,6 +15,7 @@ const PRIORITY: u16 = 1 << 11;
 const TIMESTAMP: u16 = 1 << 6;
 const USER_ID: u16 = 1 << 4;
 const EXPIRATION: u16 = 1 << 8;
+const REPLY_TO: u16 = 1 << 9;
 
 /// Offsets into the raw header: 2 class + 2 weight + 8 size + 2 flags.
 const PROPS_AT: usize = 14;
@@ -54,6 +55,8 @@ pub struct ContentHeader {
     headers: Option<(u32, u32)>,
     /// Byte range of the expiration string's text, if present.
     expiration: Option<(u32, u32)>,
+    /// Byte range of the reply-to string's text, if present.
+    reply_to: Option<(u32, u32)>,
     /// Byte range of the user-id string's text, if present.
     user_id: Option<(u32, u32)>,
 }
@@ -83,6 +86,7 @@ impl ContentHeader {
             priority: None,
             headers: None,
             expiration: None,
+            reply_to: None,
             user_id: None,
         };
         let mut pos = PROPS_AT;
@@ -123,6 +127,8 @@ impl ContentHeader {
                     let range = Some(((pos + 1) as u32, (pos + n) as u32));
                     if flag == EXPIRATION {
                         h.expiration = range;
+                    } else if flag == REPLY_TO {
+                        h.reply_to = range;
                     } else if flag == USER_ID {
                         h.user_id = range;
                     }
@@ -157,6 +163,22 @@ impl ContentHeader {
     }
     pub fn expiration(&self) -> Option<&str> {
         self.text(self.expiration)
+    }
+    pub fn reply_to(&self) -> Option<&str> {
+        self.text(self.reply_to)
+    }
+    /// The same header with the reply-to property replaced (it must be
+    /// present); every other byte stays as the publisher sent it.
+    pub fn with_reply_to(&self, value: &str) -> Option<ContentHeader> {
+        let (a, b) = self.reply_to?;
+        let value = crate::method::truncate(value);
+        let (a, b) = (a as usize, b as usize);
+        let mut raw = Vec::with_capacity(self.raw.len() + value.len());
+        raw.extend_from_slice(&self.raw[..a - 1]);
+        raw.push(value.len() as u8);
+        raw.extend_from_slice(value.as_bytes());
+        raw.extend_from_slice(&self.raw[b..]);
+        ContentHeader::parse(Bytes::from(raw)).ok()
     }
     pub fn user_id(&self) -> Option<&str> {
         self.text(self.user_id)
@@ -218,6 +240,7 @@ mod tests {
         assert!(h.is_persistent());
         assert_eq!(h.priority(), Some(4));
         assert_eq!(h.expiration(), Some("6000"));
+        assert_eq!(h.reply_to(), None);
         assert_eq!(h.user_id(), Some("guest"));
         assert_eq!(h.headers(), Some(headers));
         assert_eq!(h.properties(), Some(props));
@@ -225,6 +248,24 @@ mod tests {
         for cut in 0..raw.len() {
             assert!(ContentHeader::parse(raw.slice(..cut)).is_err(), "cut {cut}");
         }
+    }
+
+    #[test]
+    fn reply_to_is_replaced_in_place() {
+        let props = AMQPProperties::default()
+            .with_content_type("a".into())
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_correlation_id("c".into())
+            .with_app_id("z".into());
+        let h = ContentHeader::parse(encode(props.clone(), 5)).unwrap();
+        assert_eq!(h.reply_to(), Some("amq.rabbitmq.reply-to"));
+        let r = h.with_reply_to("amq.rabbitmq.reply-to.XYZ").unwrap();
+        assert_eq!(r.reply_to(), Some("amq.rabbitmq.reply-to.XYZ"));
+        assert_eq!(
+            r.properties(),
+            Some(props.with_reply_to("amq.rabbitmq.reply-to.XYZ".into()))
+        );
+        assert_eq!(r.body_size(), 5);
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! Warren's AMQP 0-9-1 wire format. No tokio, no storage: bytes in, values out.
 //!
 //! Layout:
-//! - [`frame`]: the 7-byte frame header, parsed with nom and checked against
+//! - [`frame`] — the 7-byte frame header, parsed with nom and checked against
 //!   `frame_max` *before* a frame is buffered; frame encoding helpers.
-//! - [`table`]: a structural validator for field tables (depth and size limits)
+//! - [`table`] — a structural validator for field tables (depth and size limits)
 //!   run before any table reaches amq-protocol's recursive parser.
-//! - [`method`]: inbound method decoding (hand-written for the per-message
+//! - [`method`] — inbound method decoding (hand-written for the per-message
 //!   methods, guarded amq-protocol for the rest) and outbound encoding.
-//! - [`content`]: the content header kept as raw bytes with lazy getters.
-//! - [`reply`]: reply codes.
+//! - [`content`] — the content header kept as raw bytes with lazy getters.
+//! - [`reply`] — reply codes.
 //!
 //! The broker talks to this crate only; amq-protocol types appear in the API
 //! solely as the decoded form of rare (non hot-path) methods.
