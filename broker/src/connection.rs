@@ -404,7 +404,16 @@ impl Connection {
             )
             .into_at(10, 31));
         }
-        if tune_ok.channel_max == 0 || tune_ok.channel_max > channel_max {
+        // channel_max 0 means "no limit of the client's own": ours applies (as RabbitMQ).
+        let tune_ok = conn::TuneOk {
+            channel_max: if tune_ok.channel_max == 0 {
+                channel_max
+            } else {
+                tune_ok.channel_max
+            },
+            ..tune_ok
+        };
+        if tune_ok.channel_max > channel_max {
             return Err(hard(
                 reply::NOT_ALLOWED,
                 format!(
@@ -468,6 +477,12 @@ impl Connection {
 
     async fn serve(&mut self) -> Result<(), Fault> {
         let mut shutdown = self.broker.shutdown.clone();
+        if *shutdown.borrow_and_update() {
+            return Err(hard(
+                reply::CONNECTION_FORCED,
+                "broker forced connection closure with reason 'shutdown'",
+            ));
+        }
         let hb = Duration::from_secs(self.heartbeat as u64);
         let tick = if self.heartbeat > 0 {
             hb / 2
