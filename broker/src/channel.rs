@@ -54,6 +54,8 @@ pub struct Confirms {
     pub done: VecDeque<bool>,
     /// Confirms arrived since the last flush.
     pub dirty: bool,
+    /// Outstanding sequences refused by a queue (basic.nack), ascending.
+    pub nacked: VecDeque<u64>,
 }
 
 impl Confirms {
@@ -62,6 +64,7 @@ impl Confirms {
             base: 1,
             done: VecDeque::new(),
             dirty: false,
+            nacked: VecDeque::new(),
         }
     }
     /// Assign the next sequence number.
@@ -78,19 +81,43 @@ impl Confirms {
             self.dirty = true;
         }
     }
-    /// Pop the confirmed prefix; returns the last sequence popped.
-    pub fn take_ready(&mut self) -> Option<(u64, usize)> {
+    /// Settle `seq` as refused: it will be nacked.
+    pub fn nack(&mut self, seq: u64) {
+        if seq >= self.base && seq < self.base + self.done.len() as u64 {
+            let i = self.nacked.partition_point(|&s| s < seq);
+            if self.nacked.get(i) != Some(&seq) {
+                self.nacked.insert(i, seq);
+            }
+        }
+        self.confirm(seq);
+    }
+    /// Pop the confirmed prefix as runs of acks and nacks, calling
+    /// `emit(last_seq, multiple, nack)` once per run (everything before a run
+    /// is settled, so `multiple` covers exactly the run).
+    pub fn take_ready(&mut self, mut emit: impl FnMut(u64, bool, bool)) {
         self.dirty = false;
-        let mut n = 0;
+        let mut run: Option<(u64, bool)> = None; // (first seq, nack)
         while self.done.front() == Some(&true) {
             self.done.pop_front();
-            n += 1;
+            let seq = self.base;
+            self.base += 1;
+            let nack = self.nacked.front() == Some(&seq);
+            if nack {
+                self.nacked.pop_front();
+            }
+            match run {
+                Some((first, kind)) if kind != nack => {
+                    emit(seq - 1, seq - 1 > first, kind);
+                    run = Some((seq, nack));
+                }
+                Some(_) => {}
+                None => run = Some((seq, nack)),
+            }
         }
-        if n == 0 {
-            return None;
+        if let Some((first, kind)) = run {
+            let last = self.base - 1;
+            emit(last, last > first, kind);
         }
-        self.base += n as u64;
-        Some((self.base - 1, n))
     }
 }
 

@@ -42,8 +42,9 @@ pub enum ConnEvent {
         queue: u64,
         in_flight: Arc<AtomicU32>,
     },
-    /// A publish is enqueued on every queue it was routed to.
-    Confirm { chan_key: u64, seq: u64 },
+    /// A publish is enqueued on every queue it was routed to (`nack`: a
+    /// queue refused it, e.g. `x-overflow: reject-publish`).
+    Confirm { chan_key: u64, seq: u64, nack: bool },
     /// The queue removed a consumer at the client's request.
     CancelOk { chan_key: u64, tag: Arc<str> },
     /// The queue went away under a consumer.
@@ -1672,6 +1673,7 @@ impl Connection {
                 conn: events.clone(),
                 chan_key: key,
                 seq: cf.assign(),
+                nacked: Default::default(),
             })
         });
         let queues = routed.queues();
@@ -1789,10 +1791,18 @@ impl Connection {
                     self.frame_max,
                 );
             }
-            ConnEvent::Confirm { chan_key, seq } => {
+            ConnEvent::Confirm {
+                chan_key,
+                seq,
+                nack,
+            } => {
                 if let Some(c) = self.channels.values_mut().find(|c| c.key == chan_key) {
                     if let Some(cf) = c.confirms.as_mut() {
-                        cf.confirm(seq);
+                        if nack {
+                            cf.nack(seq);
+                        } else {
+                            cf.confirm(seq);
+                        }
                     }
                 }
             }
@@ -1842,7 +1852,7 @@ impl Connection {
     }
 
     /// Send publisher confirms for every channel whose confirmed prefix grew:
-    /// one `basic.ack multiple=true` per channel per batch.
+    /// one `basic.ack` (or `basic.nack`) with `multiple` per run per batch.
     fn flush_confirms(&mut self) {
         for c in self.channels.values_mut() {
             let Some(cf) = c.confirms.as_mut() else {
@@ -1851,9 +1861,14 @@ impl Connection {
             if !cf.dirty {
                 continue;
             }
-            if let Some((last, n)) = cf.take_ready() {
-                method::put_ack(&mut self.out, c.id, last, n > 1);
-            }
+            let (out, id) = (&mut self.out, c.id);
+            cf.take_ready(|last, multiple, nack| {
+                if nack {
+                    method::put_nack(out, id, last, multiple);
+                } else {
+                    method::put_ack(out, id, last, multiple);
+                }
+            });
         }
     }
 }

@@ -9,6 +9,9 @@
 //! - [`exchange`] — binding indexes and matching (direct, fanout, topic trie,
 //!   headers).
 //! - [`queue`] — queue handles and the per-queue actor that owns queue state.
+//! - [`queue_args`] — queue arguments (TTL, expiry, limits, priorities):
+//!   validation at declare, decoding for the actor.
+//! - [`dead_letter`] — dead-lettered messages (`x-death`) and cycle checks.
 //! - [`message`] — the shared message.
 //! - [`error`] — errors shaped as channel.close / connection.close.
 //! - [`config`] — settings.
@@ -22,10 +25,12 @@
 pub mod channel;
 pub mod config;
 pub mod connection;
+pub mod dead_letter;
 pub mod error;
 pub mod exchange;
 pub mod message;
 pub mod queue;
+pub mod queue_args;
 pub mod server;
 pub mod vhost;
 

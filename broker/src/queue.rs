@@ -15,14 +15,28 @@
 //! has an in-flight credit ([`FLOW_WINDOW`]) that the connection returns as it
 //! writes deliveries to its socket, so a slow consumer's connection never
 //! accumulates more than a window of deliveries.
+//!
+//! Queue arguments ([`crate::queue_args`]) are the actor's too: message TTL
+//! and per-message expiration (expired heads are dropped when they reach the
+//! head, and proactively by one timer armed for the earliest head), `x-expires`
+//! (the same timer deletes an unused queue), length limits with their overflow
+//! behaviour, priority levels (`x-max-priority`), and dead-lettering
+//! ([`crate::dead_letter`]): the actor routes the dead message through its
+//! vhost and hands it to the target queues without a permit and without
+//! waiting (their volume is bounded by this queue's own).
 
 use crate::connection::ConnEvent;
+use crate::dead_letter::{self, Reason};
 use crate::error::{access_refused, precondition, AmqpError};
 use crate::message::MessageRef;
+use crate::queue_args::{Overflow, QueueArgs};
+use crate::vhost::VHost;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use warren_protocol::types::FieldTable;
 
 /// Deliveries a consumer may have in its connection's mailbox, not yet written.
@@ -72,8 +86,17 @@ impl QueueHandle {
         };
         let _ = self.control.send(Control::Publish(Publish {
             msg,
-            _confirm: confirm,
-            _permit: permit,
+            confirm,
+            _permit: Some(permit),
+        }));
+    }
+    /// Enqueue a dead-lettered message: no permit, no waiting (the volume is
+    /// bounded by the dead-lettering queue's own). Used by queue actors.
+    pub fn publish_dead(&self, msg: MessageRef) {
+        let _ = self.control.send(Control::Publish(Publish {
+            msg,
+            confirm: None,
+            _permit: None,
         }));
     }
     /// Send a control message; false if the queue is gone.
@@ -94,8 +117,10 @@ impl QueueHandle {
 /// message is stored is what makes the confirm mean "enqueued".
 pub struct Publish {
     msg: MessageRef,
-    _confirm: Option<Arc<ConfirmTicket>>,
-    _permit: OwnedSemaphorePermit,
+    /// Dropped once the message is enqueued (or refused: then nacked first).
+    confirm: Option<Arc<ConfirmTicket>>,
+    /// The mailbox slot; None for dead-lettered messages.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// A publisher confirm outstanding on one or more queues: when the last
@@ -104,6 +129,16 @@ pub struct ConfirmTicket {
     pub conn: mpsc::UnboundedSender<ConnEvent>,
     pub chan_key: u64,
     pub seq: u64,
+    /// Set by a queue that refused the message (`x-overflow` reject-publish):
+    /// the publisher then gets `basic.nack` instead of `basic.ack`.
+    pub nacked: AtomicBool,
+}
+
+impl ConfirmTicket {
+    /// Mark the publish refused: the confirm becomes a `basic.nack`.
+    pub fn nack(&self) {
+        self.nacked.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Drop for ConfirmTicket {
@@ -111,6 +146,7 @@ impl Drop for ConfirmTicket {
         let _ = self.conn.send(ConnEvent::Confirm {
             chan_key: self.chan_key,
             seq: self.seq,
+            nack: *self.nacked.get_mut(),
         });
     }
 }
@@ -219,6 +255,9 @@ pub enum Control {
     },
     /// Credit came back (in-flight window or channel prefetch): try again.
     Wake,
+    /// The queue was redeclared (or passively declared): it counts as used
+    /// for `x-expires`.
+    Touch,
     Stats {
         reply: oneshot::Sender<(u32, u32)>,
     },
@@ -233,13 +272,19 @@ pub enum Control {
     },
 }
 
-/// Called by the actor when it deletes itself (auto-delete).
+/// Called by the actor when it deletes itself (auto-delete, `x-expires`).
 pub type OnAutoDelete = Box<dyn FnOnce(&QueueInfo) + Send>;
+
+/// "Never" on the actor's millisecond clock.
+const NEVER: u64 = u64::MAX;
 
 struct Entry {
     seq: u64,
     msg: MessageRef,
     redelivered: bool,
+    /// Actor-clock millisecond after which the message is expired ([`NEVER`]
+    /// without a TTL). Kept across requeues.
+    expires: u64,
 }
 
 struct Unacked {
@@ -249,11 +294,111 @@ struct Unacked {
     tag: Option<Arc<str>>,
 }
 
+/// Ready messages: one FIFO per priority level (a single level without
+/// `x-max-priority`), each in sequence order; the highest level goes first.
+struct Ready {
+    /// Indexed by priority level.
+    levels: Vec<VecDeque<Entry>>,
+    /// Messages in all levels.
+    len: usize,
+    /// Body bytes in all levels (`x-max-length-bytes`).
+    bytes: u64,
+}
+
+impl Ready {
+    fn new(max_priority: Option<u8>) -> Ready {
+        let n = max_priority.map_or(1, |p| p as usize + 1);
+        Ready {
+            levels: (0..n).map(|_| VecDeque::new()).collect(),
+            len: 0,
+            bytes: 0,
+        }
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The level a message belongs to: its priority, capped; 0 without one.
+    fn level_of(&self, e: &Entry) -> usize {
+        let top = self.levels.len() - 1;
+        if top == 0 {
+            return 0;
+        }
+        e.msg.header.priority().map_or(0, |p| (p as usize).min(top))
+    }
+    /// The highest non-empty level.
+    fn top(&self) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        self.levels.iter().rposition(|l| !l.is_empty())
+    }
+    fn front_of(&self, level: usize) -> Option<&Entry> {
+        self.levels.get(level)?.front()
+    }
+    fn pop_level(&mut self, level: usize) -> Option<Entry> {
+        let e = self.levels.get_mut(level)?.pop_front()?;
+        self.len -= 1;
+        self.bytes -= e.msg.body.len() as u64;
+        Some(e)
+    }
+    fn pop_front(&mut self) -> Option<Entry> {
+        let top = self.top()?;
+        self.pop_level(top)
+    }
+    fn push_back(&mut self, e: Entry) {
+        let l = self.level_of(&e);
+        self.len += 1;
+        self.bytes += e.msg.body.len() as u64;
+        self.levels[l].push_back(e);
+    }
+    fn push_front(&mut self, e: Entry) {
+        let l = self.level_of(&e);
+        self.len += 1;
+        self.bytes += e.msg.body.len() as u64;
+        self.levels[l].push_front(e);
+    }
+    /// Put a message back at its place in sequence order within its level.
+    fn insert(&mut self, e: Entry) {
+        let l = self.level_of(&e);
+        self.len += 1;
+        self.bytes += e.msg.body.len() as u64;
+        let level = &mut self.levels[l];
+        let pos = level.partition_point(|r| r.seq < e.seq);
+        level.insert(pos, e);
+    }
+    /// Remove everything; returns how many.
+    fn clear(&mut self) -> usize {
+        let n = self.len;
+        for l in &mut self.levels {
+            l.clear();
+        }
+        self.len = 0;
+        self.bytes = 0;
+        n
+    }
+    /// The earliest expiry among the level heads.
+    fn next_expiry(&self) -> u64 {
+        self.levels
+            .iter()
+            .filter_map(|l| l.front())
+            .map(|e| e.expires)
+            .min()
+            .unwrap_or(NEVER)
+    }
+}
+
 /// The state one queue actor owns.
 struct Actor {
     info: Arc<QueueInfo>,
-    /// Ready messages in sequence order.
-    ready: VecDeque<Entry>,
+    /// The arguments this queue acts on, decoded once.
+    args: QueueArgs,
+    /// For routing dead-lettered messages (never kept upgraded).
+    vhost: Weak<VHost>,
+    /// Ready messages, by priority then sequence.
+    ready: Ready,
     /// Delivered, awaiting ack, by sequence.
     unacked: HashMap<u64, Unacked>,
     consumers: Vec<Consumer>,
@@ -264,22 +409,35 @@ struct Actor {
     /// Whether a consumer ever subscribed (auto-delete needs one first).
     had_consumer: bool,
     on_auto_delete: Option<OnAutoDelete>,
+    /// Origin of the actor's coarse millisecond clock.
+    epoch: Instant,
+    /// Milliseconds since `epoch`, read once per wake-up (a coarse clock).
+    now: u64,
+    /// When the queue was last used (`x-expires`): a consumer left, a
+    /// `basic.get`, a declare.
+    last_used: u64,
 }
 
-/// Start a queue actor; returns its handle.
-pub fn spawn(info: QueueInfo, on_auto_delete: OnAutoDelete) -> QueueHandle {
+/// Start a queue actor; returns its handle. `vhost` routes its dead letters.
+pub fn spawn(info: QueueInfo, vhost: Weak<VHost>, on_auto_delete: OnAutoDelete) -> QueueHandle {
     let permits = Arc::new(Semaphore::new(PUBLISH_PERMITS));
     let (ctx, crx) = mpsc::unbounded_channel();
     let info = Arc::new(info);
+    let args = QueueArgs::parse(&info.arguments);
     let actor = Actor {
         info: info.clone(),
-        ready: VecDeque::new(),
+        ready: Ready::new(args.max_priority),
+        args,
+        vhost,
         unacked: HashMap::new(),
         consumers: Vec::new(),
         next_consumer: 0,
         next_seq: 1,
         had_consumer: false,
         on_auto_delete: Some(on_auto_delete),
+        epoch: Instant::now(),
+        now: 0,
+        last_used: 0,
     };
     let span = tracing::debug_span!("queue", name = %info.name);
     tokio::spawn(tracing::Instrument::instrument(
@@ -298,21 +456,48 @@ const BATCH: usize = 256;
 
 impl Actor {
     async fn run(mut self, mut mailbox: mpsc::UnboundedReceiver<Control>, permits: Arc<Semaphore>) {
-        'life: while let Some(c) = mailbox.recv().await {
-            if self.on_control(c) {
-                break;
-            }
-            for _ in 1..BATCH {
-                match mailbox.try_recv() {
-                    Ok(c) => {
-                        if self.on_control(c) {
-                            break 'life;
+        // One timer, re-armed for the next deadline (head expiry, x-expires).
+        let timer = tokio::time::sleep_until(self.epoch + Duration::from_secs(3600));
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
+        'life: loop {
+            tokio::select! {
+                c = mailbox.recv() => {
+                    let Some(c) = c else { break };
+                    self.tick();
+                    if self.on_control(c) {
+                        break;
+                    }
+                    for _ in 1..BATCH {
+                        match mailbox.try_recv() {
+                            Ok(c) => {
+                                if self.on_control(c) {
+                                    break 'life;
+                                }
+                            }
+                            Err(_) => break,
                         }
                     }
-                    Err(_) => break,
+                }
+                () = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    self.tick();
+                    if self.unused_too_long() {
+                        tracing::debug!("queue expired (x-expires)");
+                        self.delete_self();
+                        break;
+                    }
                 }
             }
             self.dispatch();
+            self.expire_heads();
+            let next = self.next_deadline();
+            if next != armed {
+                if let Some(at) = next {
+                    timer.as_mut().reset(at);
+                }
+                armed = next;
+            }
         }
         // Publishers waiting for a permit give up; later sends fail.
         permits.close();
@@ -320,20 +505,164 @@ impl Actor {
         tracing::debug!("queue stopped");
     }
 
+    /// Read the coarse clock.
+    fn tick(&mut self) {
+        self.now = self.epoch.elapsed().as_millis() as u64;
+    }
+
+    /// When the timer should next fire: the earliest head expiry, or the
+    /// moment an unused `x-expires` queue runs out.
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut at = self.ready.next_expiry().saturating_add(1);
+        if let Some(ms) = self.args.expires {
+            if self.consumers.is_empty() {
+                at = at.min(self.last_used.saturating_add(ms));
+            }
+        }
+        (at < NEVER).then(|| self.epoch + Duration::from_millis(at))
+    }
+
+    fn unused_too_long(&self) -> bool {
+        match self.args.expires {
+            Some(ms) => self.consumers.is_empty() && self.now >= self.last_used.saturating_add(ms),
+            None => false,
+        }
+    }
+
+    fn is_expired(&self, e: &Entry) -> bool {
+        e.expires < self.now
+    }
+
+    /// Drop (dead-letter, reason `expired`) the expired messages at the head
+    /// of every level.
+    fn expire_heads(&mut self) {
+        for l in 0..self.ready.levels.len() {
+            while self.ready.front_of(l).is_some_and(|e| e.expires < self.now) {
+                if let Some(e) = self.ready.pop_level(l) {
+                    self.dead_letter(&e.msg, Reason::Expired);
+                }
+            }
+        }
+    }
+
+    /// The next message to hand out, skipping (and dead-lettering) expired ones.
+    fn pop_live(&mut self) -> Option<Entry> {
+        while let Some(e) = self.ready.pop_front() {
+            if !self.is_expired(&e) {
+                return Some(e);
+            }
+            self.dead_letter(&e.msg, Reason::Expired);
+        }
+        None
+    }
+
+    /// Whether a live message is ready (expired heads are dropped on the way).
+    fn has_live(&mut self) -> bool {
+        while let Some(top) = self.ready.top() {
+            if !self.ready.front_of(top).is_some_and(|e| self.is_expired(e)) {
+                return true;
+            }
+            if let Some(e) = self.ready.pop_level(top) {
+                self.dead_letter(&e.msg, Reason::Expired);
+            }
+        }
+        false
+    }
+
     fn enqueue(&mut self, p: Publish) {
+        let size = p.msg.body.len() as u64;
+        let a = &self.args;
+        if a.overflow != Overflow::DropHead {
+            let full = a.max_length.is_some_and(|m| self.ready.len() as u64 >= m)
+                || a.max_length_bytes
+                    .is_some_and(|m| self.ready.bytes.saturating_add(size) > m);
+            if full {
+                if let Some(t) = &p.confirm {
+                    t.nack();
+                }
+                if a.overflow == Overflow::RejectPublishDlx {
+                    self.dead_letter(&p.msg, Reason::MaxLen);
+                }
+                return;
+            }
+        }
+        let ttl = match (self.args.message_ttl, per_message_ttl(&p.msg)) {
+            (Some(q), Some(m)) => Some(q.min(m)),
+            (q, m) => q.or(m),
+        };
         let seq = self.next_seq;
         self.next_seq += 1;
         self.ready.push_back(Entry {
             seq,
             msg: p.msg,
             redelivered: false,
+            expires: ttl.map_or(NEVER, |t| self.now.saturating_add(t)),
         });
-        // `p._confirm` drops here: enqueued in memory is the promise for now.
+        // `p.confirm` drops here: enqueued in memory is the promise for now.
+        if self.args.overflow == Overflow::DropHead {
+            self.drop_heads_over_limit();
+        }
+    }
+
+    /// `x-overflow: drop-head`: drop (dead-letter, reason `maxlen`) from the
+    /// head until within the length limits.
+    fn drop_heads_over_limit(&mut self) {
+        loop {
+            let over = self
+                .args
+                .max_length
+                .is_some_and(|m| self.ready.len() as u64 > m)
+                || self
+                    .args
+                    .max_length_bytes
+                    .is_some_and(|m| self.ready.bytes > m);
+            if !over {
+                return;
+            }
+            match self.ready.pop_front() {
+                Some(e) => self.dead_letter(&e.msg, Reason::MaxLen),
+                None => return,
+            }
+        }
+    }
+
+    /// Republish a message that died here to the dead-letter exchange, if
+    /// the queue has one. Never waits: target queues take it without a
+    /// permit. Automatic cycles back to a queue are dropped, as RabbitMQ does.
+    fn dead_letter(&self, msg: &MessageRef, reason: Reason) {
+        let Some(dlx) = self.args.dead_letter_exchange.as_deref() else {
+            return;
+        };
+        let Some(vhost) = self.vhost.upgrade() else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let rk = self.args.dead_letter_routing_key.as_deref();
+        let Some(dead) = dead_letter::make(msg, reason, &self.info.name, dlx, rk, now) else {
+            return;
+        };
+        let routed = match vhost.route(&dead.exchange, &dead.routing_key, &dead.header) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "dead letter dropped");
+                return;
+            }
+        };
+        let dead = Arc::new(dead);
+        for q in routed.queues() {
+            if dead_letter::is_cycle(&dead, reason, q.name()) {
+                tracing::debug!(target = q.name(), "dead-letter cycle: dropped");
+                continue;
+            }
+            q.publish_dead(dead.clone());
+        }
     }
 
     /// Hand ready messages to consumers with credit, round robin.
     fn dispatch(&mut self) {
-        while !self.ready.is_empty() {
+        while !self.consumers.is_empty() && self.has_live() {
             let Some(i) = self.pick() else { break };
             let Some(entry) = self.ready.pop_front() else {
                 break;
@@ -394,13 +723,13 @@ impl Actor {
         None
     }
 
-    /// Put messages back in sequence order, marked redelivered.
+    /// Put messages back in sequence order (within their priority level),
+    /// marked redelivered. They keep their expiry.
     fn requeue(&mut self, mut entries: Vec<Entry>) {
         entries.sort_by_key(|e| e.seq);
         for mut e in entries.into_iter().rev() {
             e.redelivered = true;
-            let pos = self.ready.partition_point(|r| r.seq < e.seq);
-            self.ready.insert(pos, e);
+            self.ready.insert(e);
         }
     }
 
@@ -434,6 +763,13 @@ impl Actor {
             .collect()
     }
 
+    /// A consumer left: the `x-expires` countdown starts when the last one goes.
+    fn consumer_left(&mut self) {
+        if self.consumers.is_empty() {
+            self.last_used = self.now;
+        }
+    }
+
     /// Returns true when the actor should stop.
     fn on_control(&mut self, c: Control) -> bool {
         match c {
@@ -465,6 +801,7 @@ impl Actor {
                 {
                     let c = self.consumers.remove(pos);
                     let _ = c.conn.send(ConnEvent::CancelOk { chan_key, tag });
+                    self.consumer_left();
                 }
                 return self.maybe_auto_delete();
             }
@@ -484,6 +821,10 @@ impl Actor {
                     .collect();
                 if requeue {
                     self.requeue(entries);
+                } else {
+                    for e in &entries {
+                        self.dead_letter(&e.msg, Reason::Rejected);
+                    }
                 }
             }
             Control::Get {
@@ -491,40 +832,37 @@ impl Actor {
                 no_ack,
                 reply,
             } => {
-                let got = self.ready.pop_front().map(|e| {
-                    let g = Got {
-                        msg: e.msg.clone(),
-                        seq: e.seq,
-                        redelivered: e.redelivered,
-                        remaining: self.ready.len() as u32,
-                    };
-                    if !no_ack {
-                        self.unacked.insert(
-                            e.seq,
-                            Unacked {
-                                entry: e,
-                                chan_key,
-                                tag: None,
-                            },
-                        );
-                    }
-                    g
-                });
-                if let Err(Some(g)) = reply.send(got) {
+                self.last_used = self.now;
+                let Some(e) = self.pop_live() else {
+                    let _ = reply.send(None);
+                    return false;
+                };
+                let g = Got {
+                    msg: e.msg.clone(),
+                    seq: e.seq,
+                    redelivered: e.redelivered,
+                    remaining: self.ready.len() as u32,
+                };
+                if reply.send(Some(g)).is_err() {
                     // The asker went away: put the message back untouched.
-                    if let Some(u) = self.unacked.remove(&g.seq) {
-                        self.ready.push_front(u.entry);
-                    } else if no_ack {
-                        self.ready.push_front(Entry {
-                            seq: g.seq,
-                            msg: g.msg,
-                            redelivered: g.redelivered,
-                        });
-                    }
+                    self.ready.push_front(e);
+                } else if !no_ack {
+                    self.unacked.insert(
+                        e.seq,
+                        Unacked {
+                            entry: e,
+                            chan_key,
+                            tag: None,
+                        },
+                    );
                 }
             }
             Control::ChannelClosed { chan_key } => {
+                let before = self.consumers.len();
                 self.consumers.retain(|c| c.chan_key != chan_key);
+                if self.consumers.len() != before {
+                    self.consumer_left();
+                }
                 let back = self.take_channel_unacked(chan_key);
                 self.requeue(back);
                 return self.maybe_auto_delete();
@@ -534,12 +872,13 @@ impl Actor {
                 self.requeue(back);
             }
             Control::Wake => {}
+            Control::Touch => self.last_used = self.now,
             Control::Stats { reply } => {
+                self.expire_heads();
                 let _ = reply.send((self.ready.len() as u32, self.consumers.len() as u32));
             }
             Control::Purge { reply } => {
-                let n = self.ready.len() as u32;
-                self.ready.clear();
+                let n = self.ready.clear() as u32;
                 let _ = reply.send(n);
             }
             Control::Delete {
@@ -579,13 +918,119 @@ impl Actor {
         }
     }
 
+    /// Remove the queue from its vhost (the actor stops right after).
+    fn delete_self(&mut self) {
+        self.cancel_all();
+        if let Some(f) = self.on_auto_delete.take() {
+            f(&self.info);
+        }
+    }
+
     fn maybe_auto_delete(&mut self) -> bool {
         if self.info.auto_delete && self.had_consumer && self.consumers.is_empty() {
-            if let Some(f) = self.on_auto_delete.take() {
-                f(&self.info);
-            }
+            self.delete_self();
             return true;
         }
         false
+    }
+}
+
+/// The per-message TTL: the `expiration` property, a string of milliseconds
+/// (anything else is ignored).
+fn per_message_ttl(msg: &MessageRef) -> Option<u64> {
+    msg.header.expiration()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use bytes::{BufMut, Bytes};
+    use warren_protocol::amqp::basic::{gen_properties, AMQPProperties};
+    use warren_protocol::content::ContentHeader;
+    use warren_protocol::method::ShortStr;
+
+    fn entry(seq: u64, priority: Option<u8>, body: &'static str) -> Entry {
+        let props = match priority {
+            Some(p) => AMQPProperties::default().with_priority(p),
+            None => AMQPProperties::default(),
+        };
+        let mut raw = Vec::new();
+        raw.put_u16(60);
+        raw.put_u16(0);
+        raw.put_u64(body.len() as u64);
+        let raw = cookie_factory::gen_simple(gen_properties(&props), raw).unwrap();
+        Entry {
+            seq,
+            msg: Arc::new(Message {
+                exchange: ShortStr::truncating(""),
+                routing_key: ShortStr::truncating("q"),
+                header: ContentHeader::parse(Bytes::from(raw)).unwrap(),
+                body: Bytes::from_static(body.as_bytes()),
+            }),
+            redelivered: false,
+            expires: NEVER,
+        }
+    }
+
+    fn order(r: &mut Ready) -> Vec<u64> {
+        std::iter::from_fn(|| r.pop_front().map(|e| e.seq)).collect()
+    }
+
+    #[test]
+    fn without_priorities_ready_is_fifo() {
+        let mut r = Ready::new(None);
+        r.push_back(entry(1, Some(9), "a"));
+        r.push_back(entry(2, None, "bb"));
+        r.push_back(entry(3, Some(1), "ccc"));
+        assert_eq!((r.len(), r.bytes), (3, 6));
+        assert_eq!(order(&mut r), vec![1, 2, 3]);
+        assert_eq!((r.len(), r.bytes), (0, 0));
+    }
+
+    #[test]
+    fn priorities_go_first_fifo_within_a_level() {
+        let mut r = Ready::new(Some(3));
+        for (seq, p) in [
+            (1, Some(1)),
+            (2, None),
+            (3, Some(200)),
+            (4, Some(3)),
+            (5, Some(1)),
+        ] {
+            r.push_back(entry(seq, p, "x"));
+        }
+        assert_eq!(order(&mut r), vec![3, 4, 1, 5, 2]);
+    }
+
+    #[test]
+    fn requeue_inserts_by_sequence_within_its_level() {
+        let mut r = Ready::new(Some(2));
+        r.push_back(entry(2, Some(1), "x"));
+        r.push_back(entry(5, Some(1), "x"));
+        r.push_back(entry(4, Some(2), "x"));
+        r.insert(entry(3, Some(1), "x"));
+        r.insert(entry(1, Some(2), "x"));
+        r.push_front(entry(0, None, "x"));
+        assert_eq!(r.len(), 6);
+        assert_eq!(order(&mut r), vec![1, 4, 2, 3, 5, 0]);
+    }
+
+    #[test]
+    fn next_expiry_is_the_earliest_head() {
+        let mut r = Ready::new(Some(1));
+        assert_eq!(r.next_expiry(), NEVER);
+        let mut a = entry(1, Some(1), "x");
+        a.expires = 50;
+        let mut b = entry(2, None, "x");
+        b.expires = 20;
+        let mut c = entry(3, None, "x");
+        c.expires = 5; // behind b: not a head
+        r.push_back(a);
+        r.push_back(b);
+        r.push_back(c);
+        assert_eq!(r.next_expiry(), 20);
+        assert_eq!(r.clear(), 3);
+        assert_eq!((r.len(), r.bytes, r.next_expiry()), (0, 0, NEVER));
     }
 }

@@ -315,8 +315,11 @@ impl VHost {
         let vh = &self.name;
         let name = s.name;
         if s.passive {
-            return self.queue(name, conn);
+            return self.queue(name, conn).inspect(|q| {
+                q.control(queue::Control::Touch);
+            });
         }
+        crate::queue_args::validate(name, vh, s.arguments)?;
         let mut t = self.write();
         if let Some(q) = t.queues.get(name) {
             check_owner(q, conn, vh)?;
@@ -356,6 +359,7 @@ impl VHost {
                     return Err(ineq(arg, describe(got), describe(cur)));
                 }
             }
+            q.control(queue::Control::Touch);
             return Ok(q.clone());
         }
         let id = self.next_queue_id.fetch_add(1, Ordering::AcqRel);
@@ -379,6 +383,7 @@ impl VHost {
                 auto_delete: s.auto_delete,
                 arguments: s.arguments.clone(),
             },
+            self.me.clone(),
             Box::new(move |info: &QueueInfo| {
                 if let Some(v) = me.upgrade() {
                     v.forget_queue(&info.name, info.id);

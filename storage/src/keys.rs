@@ -29,7 +29,7 @@ mod tests {
 
     #[test]
     fn byte_order_is_queue_then_sequence_order() {
-        let mut keys = vec![
+        let mut keys = [
             queue_entry(2, 1),
             queue_entry(1, 256),
             queue_entry(1, 255),

@@ -5,7 +5,7 @@
 //! - [`MessageStore`]: persistent messages and per-queue index entries, keyed
 //!   big-endian `(queue id, sequence)` ([`keys`]) so iteration is queue order.
 //!   A message routed to several queues is written once and referenced by id.
-//! - [`mem`]: the in-memory engine (definitions and messages live as long as
+//! - [`mem`] — the in-memory engine (definitions and messages live as long as
 //!   the process). The RocksDB engine implements the same traits.
 
 pub mod keys;

@@ -1,0 +1,275 @@
+//! Queue arguments (`x-message-ttl`, `x-expires`, `x-max-length`,
+//! `x-max-length-bytes`, `x-overflow`, `x-dead-letter-exchange`,
+//! `x-dead-letter-routing-key`, `x-max-priority`): checked by
+//! [`validate`] when the vhost declares a queue (406 like RabbitMQ), then read
+//! once by the queue actor into [`QueueArgs`].
+
+use crate::error::{precondition, AmqpResult};
+use warren_protocol::types::{AMQPValue, FieldTable};
+
+/// Largest TTL / expiry RabbitMQ accepts (its timer limit, in ms).
+const MAX_EXPIRY: i128 = 4_294_967_295;
+/// Highest `x-max-priority` RabbitMQ supports.
+const MAX_PRIORITY: i128 = 255;
+
+/// What a queue does when a publish would exceed its length limits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Enqueue, then drop (dead-letter, reason `maxlen`) from the head.
+    #[default]
+    DropHead,
+    /// Refuse the publish (publisher confirm: basic.nack).
+    RejectPublish,
+    /// Refuse the publish and dead-letter it (reason `maxlen`).
+    RejectPublishDlx,
+}
+
+/// The arguments the queue actor acts on, decoded once at declaration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueArgs {
+    /// `x-message-ttl`, ms.
+    pub message_ttl: Option<u64>,
+    /// `x-expires`, ms unused before the queue deletes itself.
+    pub expires: Option<u64>,
+    /// `x-max-length`, ready messages.
+    pub max_length: Option<u64>,
+    /// `x-max-length-bytes`, body bytes of ready messages.
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+    /// `x-dead-letter-exchange` ("" is the default exchange).
+    pub dead_letter_exchange: Option<String>,
+    /// `x-dead-letter-routing-key`: replaces the message's routing key.
+    pub dead_letter_routing_key: Option<String>,
+    /// `x-max-priority`: priority levels 0..=n.
+    pub max_priority: Option<u8>,
+}
+
+impl QueueArgs {
+    /// Decode (leniently: [`validate`] already refused bad values).
+    pub fn parse(args: &FieldTable) -> QueueArgs {
+        let t = args.inner();
+        let uint = |k: &str| {
+            t.get(k)
+                .and_then(int_value)
+                .and_then(|(_, v)| u64::try_from(v).ok())
+        };
+        let text = |k: &str| t.get(k).and_then(string_value);
+        QueueArgs {
+            message_ttl: uint("x-message-ttl"),
+            expires: uint("x-expires").filter(|&v| v > 0),
+            max_length: uint("x-max-length"),
+            max_length_bytes: uint("x-max-length-bytes"),
+            overflow: match text("x-overflow").as_deref() {
+                Some("reject-publish") => Overflow::RejectPublish,
+                Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+                _ => Overflow::DropHead,
+            },
+            dead_letter_exchange: text("x-dead-letter-exchange"),
+            dead_letter_routing_key: text("x-dead-letter-routing-key"),
+            max_priority: uint("x-max-priority").map(|p| p.min(MAX_PRIORITY as u64) as u8),
+        }
+    }
+}
+
+/// An integer argument with RabbitMQ's name for its wire type.
+fn int_value(v: &AMQPValue) -> Option<(&'static str, i128)> {
+    Some(match v {
+        AMQPValue::ShortShortInt(x) => ("byte", *x as i128),
+        AMQPValue::ShortShortUInt(x) => ("unsignedbyte", *x as i128),
+        AMQPValue::ShortInt(x) => ("short", *x as i128),
+        AMQPValue::ShortUInt(x) => ("unsignedshort", *x as i128),
+        AMQPValue::LongInt(x) => ("signedint", *x as i128),
+        AMQPValue::LongUInt(x) => ("unsignedint", *x as i128),
+        AMQPValue::LongLongInt(x) => ("long", *x as i128),
+        _ => return None,
+    })
+}
+
+fn string_value(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// RabbitMQ's name for a field value's type (in error texts).
+fn type_name(v: &AMQPValue) -> &'static str {
+    if let Some((n, _)) = int_value(v) {
+        return n;
+    }
+    match v {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) => "shortstr",
+        AMQPValue::LongString(_) => "longstr",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "binary",
+        _ => "void",
+    }
+}
+
+/// Check the declare arguments as RabbitMQ does: 406 PRECONDITION_FAILED
+/// "invalid arg 'x-message-ttl' for queue 'q' in vhost '/': {value_negative,-1}".
+pub fn validate(queue: &str, vhost: &str, args: &FieldTable) -> AmqpResult<()> {
+    let t = args.inner();
+    for (key, value) in t.iter() {
+        let problem = match key.as_str() {
+            "x-message-ttl" => int_arg(value, 0, MAX_EXPIRY, false),
+            "x-expires" => int_arg(value, 1, MAX_EXPIRY, false),
+            "x-max-length" | "x-max-length-bytes" => int_arg(value, 0, i128::MAX, false),
+            "x-max-priority" => int_arg(value, 0, MAX_PRIORITY, true),
+            "x-dead-letter-exchange" => str_arg(value).err(),
+            "x-dead-letter-routing-key" => match str_arg(value) {
+                Err(e) => Some(e),
+                Ok(_) if !t.contains_key("x-dead-letter-exchange") => {
+                    Some("routing_key_but_no_dlx_defined".into())
+                }
+                Ok(_) => None,
+            },
+            "x-overflow" => match str_arg(value) {
+                Err(e) => Some(e),
+                Ok(s)
+                    if matches!(
+                        s.as_str(),
+                        "drop-head" | "reject-publish" | "reject-publish-dlx"
+                    ) =>
+                {
+                    None
+                }
+                Ok(s) => Some(format!("{{invalid_overflow,<<\"{s}\">>}}")),
+            },
+            _ => None,
+        };
+        if let Some(p) = problem {
+            return Err(precondition(format!(
+                "invalid arg '{key}' for queue '{queue}' in vhost '{vhost}': {p}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An integer within `min..=max`; the Erlang-style reason otherwise.
+fn int_arg(v: &AMQPValue, min: i128, max: i128, priority: bool) -> Option<String> {
+    let Some((_, n)) = int_value(v) else {
+        return Some(format!("{{unacceptable_type,{}}}", type_name(v)));
+    };
+    if n < 0 {
+        Some(format!("{{value_negative,{n}}}"))
+    } else if n < min {
+        Some(format!("{{value_zero,{n}}}"))
+    } else if n > max && priority {
+        Some(format!("{{max_value_exceeded,{n}}}"))
+    } else if n > max {
+        Some(format!("{{value_too_large,{n},{max}}}"))
+    } else {
+        None
+    }
+}
+
+fn str_arg(v: &AMQPValue) -> Result<String, String> {
+    match v {
+        AMQPValue::LongString(s) => Ok(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        other => Err(format!("{{unacceptable_type,{}}}", type_name(other))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_protocol::types::LongString;
+
+    fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert((*k).into(), v.clone());
+        }
+        t
+    }
+
+    fn s(v: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(v))
+    }
+
+    #[test]
+    fn parses_every_argument() {
+        let a = QueueArgs::parse(&table(&[
+            ("x-message-ttl", AMQPValue::LongInt(50)),
+            ("x-expires", AMQPValue::LongLongInt(1000)),
+            ("x-max-length", AMQPValue::ShortInt(2)),
+            ("x-max-length-bytes", AMQPValue::LongUInt(100)),
+            ("x-overflow", s("reject-publish-dlx")),
+            ("x-dead-letter-exchange", s("dlx")),
+            ("x-dead-letter-routing-key", s("rk")),
+            ("x-max-priority", AMQPValue::ShortShortUInt(10)),
+        ]));
+        assert_eq!(
+            a,
+            QueueArgs {
+                message_ttl: Some(50),
+                expires: Some(1000),
+                max_length: Some(2),
+                max_length_bytes: Some(100),
+                overflow: Overflow::RejectPublishDlx,
+                dead_letter_exchange: Some("dlx".into()),
+                dead_letter_routing_key: Some("rk".into()),
+                max_priority: Some(10),
+            }
+        );
+        assert_eq!(
+            QueueArgs::parse(&FieldTable::default()),
+            QueueArgs::default()
+        );
+    }
+
+    #[test]
+    fn refuses_bad_values_like_rabbitmq() {
+        let err = |pairs: &[(&str, AMQPValue)]| {
+            validate("q", "/", &table(pairs)).map_err(|e| (e.code, e.text))
+        };
+        assert_eq!(
+            err(&[("x-message-ttl", AMQPValue::LongInt(-1))]),
+            Err((
+                406,
+                "invalid arg 'x-message-ttl' for queue 'q' in vhost '/': {value_negative,-1}"
+                    .into()
+            ))
+        );
+        let bad: &[(&str, AMQPValue)] = &[
+            ("x-message-ttl", s("10")),
+            ("x-expires", AMQPValue::LongInt(0)),
+            ("x-expires", AMQPValue::LongLongInt(-5)),
+            ("x-max-length", AMQPValue::LongInt(-1)),
+            ("x-max-length-bytes", AMQPValue::Boolean(true)),
+            ("x-max-priority", AMQPValue::LongInt(256)),
+            ("x-overflow", s("drop-tail")),
+            ("x-overflow", AMQPValue::LongInt(1)),
+            ("x-dead-letter-exchange", AMQPValue::LongInt(1)),
+            ("x-dead-letter-routing-key", s("rk")),
+        ];
+        for (k, v) in bad {
+            let r = err(&[(k, v.clone())]);
+            assert!(matches!(r, Err((406, _))), "{k} {v:?}: {r:?}");
+        }
+        assert_eq!(
+            err(&[("x-max-length", s("1"))]).unwrap_err().1,
+            "invalid arg 'x-max-length' for queue 'q' in vhost '/': {unacceptable_type,longstr}"
+        );
+        let good = table(&[
+            ("x-message-ttl", AMQPValue::LongInt(0)),
+            ("x-expires", AMQPValue::LongInt(1)),
+            ("x-max-length", AMQPValue::LongInt(0)),
+            ("x-max-priority", AMQPValue::LongInt(255)),
+            ("x-overflow", s("drop-head")),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s("k")),
+            ("x-something-else", AMQPValue::Boolean(true)),
+        ]);
+        assert_eq!(validate("q", "/", &good), Ok(()));
+    }
+}
