@@ -938,36 +938,20 @@ impl Connection {
                 }
             }
             exchange::AMQPMethod::Bind(b) => {
-                v.set_binding(
-                    true,
+                let (src, dst, key) = (
                     b.source.as_str(),
-                    Dest::Exchange(b.destination.as_str().into()),
+                    b.destination.as_str(),
                     b.routing_key.as_str(),
-                    &b.arguments,
-                    self.id,
-                )?;
-                if !b.nowait {
-                    self.send_method(
-                        ch,
-                        AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
-                    );
-                }
+                );
+                self.bind_exchange(ch, v, true, src, dst, key, &b.arguments, b.nowait)?;
             }
             exchange::AMQPMethod::Unbind(b) => {
-                v.set_binding(
-                    false,
+                let (src, dst, key) = (
                     b.source.as_str(),
-                    Dest::Exchange(b.destination.as_str().into()),
+                    b.destination.as_str(),
                     b.routing_key.as_str(),
-                    &b.arguments,
-                    self.id,
-                )?;
-                if !b.nowait {
-                    self.send_method(
-                        ch,
-                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
-                    );
-                }
+                );
+                self.bind_exchange(ch, v, false, src, dst, key, &b.arguments, b.nowait)?;
             }
             _ => {
                 return Err(AmqpError::new(
@@ -975,6 +959,38 @@ impl Connection {
                     "method not expected from a client",
                 ))
             }
+        }
+        Ok(())
+    }
+
+    /// `exchange.bind` / `exchange.unbind`.
+    #[allow(clippy::too_many_arguments)]
+    fn bind_exchange(
+        &mut self,
+        ch: u16,
+        v: &VHost,
+        bind: bool,
+        source: &str,
+        destination: &str,
+        key: &str,
+        args: &FieldTable,
+        nowait: bool,
+    ) -> AmqpResult<()> {
+        v.set_binding(
+            bind,
+            source,
+            Dest::Exchange(destination.into()),
+            key,
+            args,
+            self.id,
+        )?;
+        if !nowait {
+            let ok = if bind {
+                exchange::AMQPMethod::BindOk(exchange::BindOk {})
+            } else {
+                exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})
+            };
+            self.send_method(ch, AMQPClass::Exchange(ok));
         }
         Ok(())
     }

@@ -35,18 +35,6 @@ async fn declare_with(ch: &Channel, name: &str, a: FieldTable) -> lapin::Result<
         .await
 }
 
-async fn passive(ch: &Channel, name: &str) -> lapin::Result<lapin::Queue> {
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-}
-
 /// Publish on a confirm channel and return the broker's verdict.
 async fn publish_confirmed(
     ch: &Channel,
@@ -278,7 +266,7 @@ async fn dead_letter_cycle_is_dropped() {
     publish(&ch, "", &q, b"loop").await;
     wait_count(&ch, &q, 0).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(passive(&ch, &q).await.unwrap().message_count(), 0);
+    assert_eq!(passive_queue(&ch, &q).await.unwrap().message_count(), 0);
     assert_broker_healthy(&broker).await;
     broker.stop().await;
 }
@@ -308,12 +296,12 @@ async fn unused_queue_expires_and_consumers_keep_it() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     let ch2 = conn.create_channel().await.unwrap();
-    assert_code(passive(&ch2, &q).await, NOT_FOUND);
+    assert_code(passive_queue(&ch2, &q).await, NOT_FOUND);
     // Gone from the vhost: a new declare creates it afresh.
     let ch3 = conn.create_channel().await.unwrap();
     let again = declare_queue(&ch3, &q).await;
     assert_eq!(again.message_count(), 0);
-    assert!(passive(&ch3, &kept).await.is_ok());
+    assert!(passive_queue(&ch3, &kept).await.is_ok());
     broker.stop().await;
 }
 

@@ -35,18 +35,6 @@ async fn passive_exchange(ch: &Channel, name: &str) -> lapin::Result<()> {
     .await
 }
 
-async fn passive_queue(ch: &Channel, name: &str) -> lapin::Result<lapin::Queue> {
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-}
-
 async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) {
     ch.queue_bind(
         queue.into(),

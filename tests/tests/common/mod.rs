@@ -92,6 +92,19 @@ impl Errors {
 // ------------------------------------------------------------- lapin helpers
 
 /// Declare a plain (non-durable, not exclusive, not auto-delete) queue.
+/// `queue.declare passive=true`.
+pub async fn passive_queue(ch: &Channel, name: &str) -> lapin::Result<lapin::Queue> {
+    ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+}
+
 pub async fn declare_queue(ch: &Channel, name: &str) -> lapin::Queue {
     ch.queue_declare(
         name.into(),
