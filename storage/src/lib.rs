@@ -5,11 +5,15 @@
 //! - [`MessageStore`]: persistent messages and per-queue index entries, keyed
 //!   big-endian `(queue id, sequence)` ([`keys`]) so iteration is queue order.
 //!   A message routed to several queues is written once and referenced by id.
+//! - [`rocks`] — the RocksDB engine (column families `meta`, `messages`,
+//!   `index`), with a format version and an exclusive lock on its directory.
 //! - [`mem`] — the in-memory engine (definitions and messages live as long as
 //!   the process). The RocksDB engine implements the same traits.
 
+pub mod codec;
 pub mod keys;
 pub mod mem;
+pub mod rocks;
 
 use bytes::Bytes;
 
@@ -19,6 +23,14 @@ pub enum StoreError {
     Io(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("data directory {0} is in use by another process")]
+    Locked(String),
+    #[error("data directory {path} holds data of an incompatible format ({found}); this Warren reads {expected}")]
+    Incompatible {
+        path: String,
+        found: String,
+        expected: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -94,9 +106,11 @@ pub struct StoredMessage {
 /// One change to the message store; a batch of them is applied atomically.
 #[derive(Clone, Debug)]
 pub enum MessageOp {
-    /// Store a message body once.
+    /// Store a message body once; `refs` is how many `Enqueue`s will refer
+    /// to it (the body goes with the last of them).
     PutMessage {
         id: MessageId,
+        refs: u32,
         message: StoredMessage,
     },
     /// Append a queue index entry referring to a stored message.
@@ -106,7 +120,11 @@ pub enum MessageOp {
         id: MessageId,
     },
     /// Remove a queue index entry (ack, purge); the body goes with its last entry.
-    Remove { queue: QueueId, seq: u64 },
+    Remove {
+        queue: QueueId,
+        seq: u64,
+        id: MessageId,
+    },
     /// Remove every entry of a queue (queue deleted).
     DropQueue { queue: QueueId },
 }
@@ -124,4 +142,231 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> Result<Vec<(u64, MessageId, StoredMessage)>>;
     /// Number of entries stored for `queue`.
     fn count(&self, queue: QueueId) -> Result<u64>;
+    /// Every queue id that has at least one entry.
+    fn queue_ids(&self) -> Result<Vec<QueueId>>;
+}
+
+/// The contract every engine keeps, checked against each of them.
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::*;
+
+    pub fn msg(body: &'static str) -> StoredMessage {
+        StoredMessage {
+            exchange: Bytes::from_static(b"ex"),
+            routing_key: Bytes::from_static(b"rk"),
+            header: Bytes::from_static(b"\x00\x3c\x00\x00"),
+            body: Bytes::from_static(body.as_bytes()),
+        }
+    }
+
+    /// Messages: written once, read in queue order, freed with their last entry.
+    pub fn messages(s: &dyn MessageStore, bodies: &dyn Fn() -> usize) {
+        s.apply(&[
+            MessageOp::PutMessage {
+                id: 10,
+                refs: 2,
+                message: msg("shared"),
+            },
+            MessageOp::Enqueue {
+                queue: 1,
+                seq: 10,
+                id: 10,
+            },
+            MessageOp::Enqueue {
+                queue: 2,
+                seq: 10,
+                id: 10,
+            },
+            MessageOp::PutMessage {
+                id: 11,
+                refs: 1,
+                message: msg("one"),
+            },
+            MessageOp::Enqueue {
+                queue: 1,
+                seq: 11,
+                id: 11,
+            },
+        ])
+        .unwrap();
+        assert_eq!(bodies(), 2);
+        assert_eq!(s.queue_ids().unwrap(), vec![1, 2]);
+        assert_eq!(s.count(1).unwrap(), 2);
+        assert_eq!(s.count(2).unwrap(), 1);
+        assert_eq!(s.count(3).unwrap(), 0);
+        let r = s.read(1, 0, 10).unwrap();
+        assert_eq!(
+            r.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(),
+            vec![(10, 10), (11, 11)]
+        );
+        assert_eq!(r[0].2, msg("shared"));
+        assert_eq!(r[1].2, msg("one"));
+        assert_eq!(s.read(1, 11, 10).unwrap().len(), 1);
+        assert_eq!(s.read(1, 0, 1).unwrap().len(), 1);
+        s.apply(&[MessageOp::Remove {
+            queue: 1,
+            seq: 10,
+            id: 10,
+        }])
+        .unwrap();
+        assert_eq!(bodies(), 2, "still held by queue 2");
+        s.apply(&[MessageOp::DropQueue { queue: 2 }]).unwrap();
+        assert_eq!(bodies(), 1);
+        assert_eq!(s.count(2).unwrap(), 0);
+        s.apply(&[MessageOp::Remove {
+            queue: 1,
+            seq: 11,
+            id: 11,
+        }])
+        .unwrap();
+        assert_eq!(bodies(), 0);
+        // Published and acked within one batch: nothing stays.
+        s.apply(&[
+            MessageOp::PutMessage {
+                id: 12,
+                refs: 1,
+                message: msg("brief"),
+            },
+            MessageOp::Enqueue {
+                queue: 1,
+                seq: 12,
+                id: 12,
+            },
+            MessageOp::Remove {
+                queue: 1,
+                seq: 12,
+                id: 12,
+            },
+        ])
+        .unwrap();
+        assert_eq!(bodies(), 0);
+        assert_eq!(s.count(1).unwrap(), 0);
+    }
+
+    fn binding(source: &str, dest: &str, to_queue: bool) -> BindingDef {
+        BindingDef {
+            vhost: "/".into(),
+            source: source.into(),
+            destination: dest.into(),
+            to_queue,
+            routing_key: "k".into(),
+            arguments: Bytes::from_static(b"\x00\x00\x00\x00"),
+        }
+    }
+
+    fn exchange(name: &str) -> ExchangeDef {
+        ExchangeDef {
+            vhost: "/".into(),
+            name: name.into(),
+            kind: "topic".into(),
+            auto_delete: false,
+            internal: true,
+            arguments: Bytes::new(),
+        }
+    }
+
+    fn queue(name: &str, id: QueueId) -> QueueDef {
+        QueueDef {
+            vhost: "/".into(),
+            name: name.into(),
+            id,
+            auto_delete: false,
+            arguments: Bytes::from_static(b"x"),
+        }
+    }
+
+    fn sorted(mut d: Definitions) -> Definitions {
+        d.exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+        d.queues.sort_by(|a, b| a.name.cmp(&b.name));
+        d.bindings.sort();
+        d
+    }
+
+    /// Definitions: stored, replaced, and deleted with their bindings.
+    pub fn definitions(s: &dyn MetaStore) {
+        s.put_exchange(&exchange("e1")).unwrap();
+        s.put_exchange(&exchange("e2")).unwrap();
+        s.put_queue(&queue("q1", 1)).unwrap();
+        s.put_queue(&queue("q\0odd", 2)).unwrap();
+        for b in [
+            binding("e1", "q1", true),
+            binding("e1", "e2", false),
+            binding("e2", "q\0odd", true),
+        ] {
+            s.put_binding(&b).unwrap();
+            s.put_binding(&b).unwrap();
+        }
+        let d = sorted(s.load().unwrap());
+        assert_eq!(d.exchanges, vec![exchange("e1"), exchange("e2")]);
+        assert_eq!(d.queues, vec![queue("q\0odd", 2), queue("q1", 1)]);
+        assert_eq!(d.bindings.len(), 3);
+        s.delete_queue("/", "q1").unwrap();
+        let d = sorted(s.load().unwrap());
+        assert_eq!(d.queues, vec![queue("q\0odd", 2)]);
+        assert_eq!(
+            d.bindings,
+            sorted(Definitions {
+                bindings: vec![binding("e1", "e2", false), binding("e2", "q\0odd", true)],
+                ..Default::default()
+            })
+            .bindings
+        );
+        s.delete_exchange("/", "e2").unwrap();
+        let d = s.load().unwrap();
+        assert_eq!(d.exchanges, vec![exchange("e1")]);
+        assert!(
+            d.bindings.is_empty(),
+            "bindings from and to e2 went with it: {:?}",
+            d.bindings
+        );
+        s.delete_binding(&binding("e1", "q1", true)).unwrap();
+    }
+
+    /// State for a reopen test: definitions and a body shared by two queues.
+    pub fn fill<S: MetaStore + MessageStore>(s: &S) {
+        s.put_exchange(&exchange("e1")).unwrap();
+        s.put_queue(&queue("q1", 1)).unwrap();
+        s.put_binding(&binding("e1", "q1", true)).unwrap();
+        s.apply(&[
+            MessageOp::PutMessage {
+                id: 5,
+                refs: 2,
+                message: msg("shared"),
+            },
+            MessageOp::Enqueue {
+                queue: 1,
+                seq: 5,
+                id: 5,
+            },
+            MessageOp::Enqueue {
+                queue: 2,
+                seq: 5,
+                id: 5,
+            },
+        ])
+        .unwrap();
+    }
+
+    pub fn check_filled<S: MetaStore + MessageStore>(s: &S, bodies: &dyn Fn() -> usize) {
+        let d = s.load().unwrap();
+        assert_eq!(d.exchanges, vec![exchange("e1")]);
+        assert_eq!(d.queues, vec![queue("q1", 1)]);
+        assert_eq!(d.bindings, vec![binding("e1", "q1", true)]);
+        assert_eq!(s.read(1, 0, 10).unwrap()[0].2, msg("shared"));
+        s.apply(&[MessageOp::Remove {
+            queue: 1,
+            seq: 5,
+            id: 5,
+        }])
+        .unwrap();
+        assert_eq!(bodies(), 1, "the shared count survived the reopen");
+        s.apply(&[MessageOp::Remove {
+            queue: 2,
+            seq: 5,
+            id: 5,
+        }])
+        .unwrap();
+        assert_eq!(bodies(), 0);
+    }
 }

@@ -90,7 +90,7 @@ impl MessageStore for MemStore {
         };
         for op in ops {
             match op {
-                MessageOp::PutMessage { id, message } => {
+                MessageOp::PutMessage { id, message, .. } => {
                     m.bodies.entry(*id).or_insert_with(|| (message.clone(), 0));
                 }
                 MessageOp::Enqueue { queue, seq, id } => {
@@ -103,7 +103,7 @@ impl MessageStore for MemStore {
                         )));
                     }
                 }
-                MessageOp::Remove { queue, seq } => {
+                MessageOp::Remove { queue, seq, .. } => {
                     if let Some(id) = m.index.remove(&(*queue, *seq)) {
                         release(&mut m, id);
                     }
@@ -145,90 +145,27 @@ impl MessageStore for MemStore {
             .range((queue, 0)..=(queue, u64::MAX))
             .count() as u64)
     }
+
+    fn queue_ids(&self) -> Result<Vec<QueueId>> {
+        let m = lock(&self.messages);
+        let mut ids: Vec<QueueId> = m.index.keys().map(|(q, _)| *q).collect();
+        ids.dedup();
+        Ok(ids)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn msg(b: &'static str) -> StoredMessage {
-        StoredMessage {
-            exchange: Bytes::new(),
-            routing_key: Bytes::from_static(b"k"),
-            header: Bytes::new(),
-            body: Bytes::from_static(b.as_bytes()),
-        }
+    #[test]
+    fn message_contract() {
+        let s = MemStore::new();
+        crate::contract::messages(&s, &|| lock(&s.messages).bodies.len());
     }
 
     #[test]
-    fn a_message_in_two_queues_is_stored_once_and_freed_with_its_last_entry() {
-        let s = MemStore::new();
-        s.apply(&[
-            MessageOp::PutMessage {
-                id: 1,
-                message: msg("a"),
-            },
-            MessageOp::Enqueue {
-                queue: 1,
-                seq: 1,
-                id: 1,
-            },
-            MessageOp::Enqueue {
-                queue: 2,
-                seq: 7,
-                id: 1,
-            },
-            MessageOp::PutMessage {
-                id: 2,
-                message: msg("b"),
-            },
-            MessageOp::Enqueue {
-                queue: 1,
-                seq: 2,
-                id: 2,
-            },
-        ])
-        .unwrap();
-        assert_eq!(s.count(1).unwrap(), 2);
-        let r = s.read(1, 0, 10).unwrap();
-        assert_eq!(r.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2]);
-        s.apply(&[MessageOp::Remove { queue: 1, seq: 1 }]).unwrap();
-        assert_eq!(lock(&s.messages).bodies.len(), 2);
-        s.apply(&[MessageOp::DropQueue { queue: 2 }]).unwrap();
-        assert_eq!(lock(&s.messages).bodies.len(), 1);
-        assert!(s
-            .apply(&[MessageOp::Enqueue {
-                queue: 1,
-                seq: 3,
-                id: 99
-            }])
-            .is_err());
-    }
-
-    #[test]
-    fn definitions_round_trip() {
-        let s = MemStore::new();
-        let q = QueueDef {
-            vhost: "/".into(),
-            name: "q".into(),
-            id: 1,
-            auto_delete: false,
-            arguments: Bytes::new(),
-        };
-        s.put_queue(&q).unwrap();
-        let b = BindingDef {
-            vhost: "/".into(),
-            source: "amq.direct".into(),
-            destination: "q".into(),
-            to_queue: true,
-            routing_key: "k".into(),
-            arguments: Bytes::new(),
-        };
-        s.put_binding(&b).unwrap();
-        s.put_binding(&b).unwrap();
-        assert_eq!(s.load().unwrap().bindings.len(), 1);
-        s.delete_queue("/", "q").unwrap();
-        let d = s.load().unwrap();
-        assert!(d.queues.is_empty() && d.bindings.is_empty());
+    fn definitions_contract() {
+        crate::contract::definitions(&MemStore::new());
     }
 }
