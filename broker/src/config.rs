@@ -24,6 +24,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Time allowed from TCP accept to connection.open.
     pub handshake_timeout: Duration,
+    /// Sync the store's write-ahead log on every write. Off only for benchmarks.
+    pub fsync: bool,
 }
 
 /// Smallest frame_max a client may choose (AMQP 0-9-1 frame-min-size).
@@ -44,6 +46,7 @@ impl Default for Config {
             heartbeat: 60,
             max_connections: 65536,
             handshake_timeout: Duration::from_secs(10),
+            fsync: true,
         }
     }
 }

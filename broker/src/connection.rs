@@ -29,6 +29,7 @@ use warren_protocol::frame::{self, FrameHeader};
 use warren_protocol::method::{self, short, Method, Publish};
 use warren_protocol::reply;
 use warren_protocol::types::{AMQPValue, FieldTable, LongString};
+use warren_storage::MessageOp;
 
 /// What queues (and confirm tickets) tell a connection.
 pub enum ConnEvent {
@@ -1402,11 +1403,19 @@ impl Connection {
                     return Err(precondition("channel is not transactional"));
                 };
                 let work = std::mem::take(t);
+                let persistent = work.publishes.iter().any(|(_, m)| m.stored.is_some());
                 for (mandatory, msg) in work.publishes {
                     self.enqueue(ch, mandatory, msg).await?;
                 }
                 for s in work.settles {
                     self.apply_settle(ch, s)?;
+                }
+                // commit-ok promises the persistent publishes are on disk.
+                if persistent && !self.broker.persister.barrier().await {
+                    return Err(AmqpError::new(
+                        reply::INTERNAL_ERROR,
+                        "message store write failed; transaction not durable",
+                    ));
                 }
                 self.send_method(ch, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
             }
@@ -1631,11 +1640,15 @@ impl Connection {
         } else {
             header
         };
+        let stored = header
+            .is_persistent()
+            .then(|| self.broker.next_message_id());
         let msg = Arc::new(Message {
             exchange: p.exchange,
             routing_key: p.routing_key,
             header,
             body,
+            stored,
         });
         if self.chan(ch)?.tx.is_some() {
             // Check the exchange now (as RabbitMQ does), route at commit.
@@ -1698,6 +1711,37 @@ impl Connection {
                 self.send_return(ch, &msg);
             }
             return Ok(());
+        }
+        if let Some(id) = msg.stored {
+            // Persistent: written once for every durable queue it reached,
+            // before any queue sees it; the confirm waits for the sync too.
+            let mut ops = Vec::new();
+            for q in queues.iter().filter(|q| q.persisted()) {
+                ops.push(MessageOp::Enqueue {
+                    queue: q.id(),
+                    seq: id,
+                    id,
+                });
+            }
+            if !ops.is_empty() {
+                let refs = ops.len() as u32;
+                ops.insert(
+                    0,
+                    MessageOp::PutMessage {
+                        id,
+                        refs,
+                        message: msg.to_stored(),
+                    },
+                );
+                let t = ticket.clone();
+                let done: crate::persist::Done = Box::new(move |ok| {
+                    if let (false, Some(t)) = (ok, &t) {
+                        t.nack();
+                    }
+                    drop(t);
+                });
+                self.broker.persister.submit(ops, done).await;
+            }
         }
         for q in queues {
             q.publish(msg.clone(), ticket.clone()).await;

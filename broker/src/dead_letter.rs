@@ -139,6 +139,8 @@ pub fn make(
         },
         header,
         body: msg.body.clone(),
+        // Dead letters are not written to the store yet.
+        stored: None,
     })
 }
 
@@ -217,6 +219,7 @@ mod tests {
             routing_key: ShortStr::truncating("orig-rk"),
             header: encode_header(&props, 4).unwrap(),
             body: Bytes::from_static(b"body"),
+            stored: None,
         }
     }
 

@@ -12,6 +12,7 @@
 //! - [`queue_args`] — queue arguments (TTL, expiry, limits, priorities):
 //!   validation at declare, decoding for the actor.
 //! - [`dead_letter`] — dead-lettered messages (`x-death`) and cycle checks.
+//! - [`persist`] — the group-commit writer thread of the message store.
 //! - [`message`] — the shared message.
 //! - [`error`] — errors shaped as channel.close / connection.close.
 //! - [`config`] — settings.
@@ -29,6 +30,7 @@ pub mod dead_letter;
 pub mod error;
 pub mod exchange;
 pub mod message;
+pub mod persist;
 pub mod queue;
 pub mod queue_args;
 pub mod server;

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use std::sync::Arc;
 use warren_protocol::content::ContentHeader;
 use warren_protocol::method::ShortStr;
+use warren_storage::StoredMessage;
 
 #[derive(Debug)]
 pub struct Message {
@@ -13,6 +14,9 @@ pub struct Message {
     pub routing_key: ShortStr,
     pub header: ContentHeader,
     pub body: Bytes,
+    /// The store id of a persistent message (delivery-mode 2); durable
+    /// queues keep it as `queue id ‖ this id` and remove it when it leaves.
+    pub stored: Option<u64>,
 }
 
 pub type MessageRef = Arc<Message>;
@@ -21,5 +25,26 @@ impl Message {
     /// delivery-mode 2.
     pub fn persistent(&self) -> bool {
         self.header.is_persistent()
+    }
+
+    /// The record written to the store (bytes shared, not copied).
+    pub fn to_stored(&self) -> StoredMessage {
+        StoredMessage {
+            exchange: self.exchange.bytes(),
+            routing_key: self.routing_key.bytes(),
+            header: self.header.raw().clone(),
+            body: self.body.clone(),
+        }
+    }
+
+    /// Rebuild a stored message; None if the record is not a valid message.
+    pub fn from_stored(id: u64, m: StoredMessage) -> Option<Message> {
+        Some(Message {
+            exchange: ShortStr::from_bytes(m.exchange)?,
+            routing_key: ShortStr::from_bytes(m.routing_key)?,
+            header: ContentHeader::parse(m.header).ok()?,
+            body: m.body,
+            stored: Some(id),
+        })
     }
 }

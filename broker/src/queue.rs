@@ -29,6 +29,7 @@ use crate::connection::ConnEvent;
 use crate::dead_letter::{self, Reason};
 use crate::error::{access_refused, precondition, AmqpError};
 use crate::message::MessageRef;
+use crate::persist::Persister;
 use crate::queue_args::{Overflow, QueueArgs};
 use crate::vhost::VHost;
 use std::collections::{HashMap, VecDeque};
@@ -38,6 +39,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use warren_protocol::types::FieldTable;
+use warren_storage::MessageOp;
 
 /// Deliveries a consumer may have in its connection's mailbox, not yet written.
 pub const FLOW_WINDOW: u32 = 512;
@@ -77,6 +79,11 @@ impl QueueHandle {
     }
     pub fn id(&self) -> u64 {
         self.info.id
+    }
+    /// Whether persistent messages in this queue are written to the store
+    /// (durable, not exclusive: exclusive queues do not survive a restart).
+    pub fn persisted(&self) -> bool {
+        self.info.durable && self.info.exclusive_owner.is_none()
     }
     /// Enqueue; waits while the queue's mailbox is full (back-pressure).
     /// A queue deleted meanwhile drops the message (and releases its confirm).
@@ -220,6 +227,8 @@ pub struct Got {
 
 /// What a queue's mailbox carries.
 pub enum Control {
+    /// Messages recovered from the store at start-up, in queue order.
+    Restore(Vec<MessageRef>),
     Publish(Publish),
     Consume {
         consumer: Consumer,
@@ -369,16 +378,6 @@ impl Ready {
         let pos = level.partition_point(|r| r.seq < e.seq);
         level.insert(pos, e);
     }
-    /// Remove everything; returns how many.
-    fn clear(&mut self) -> usize {
-        let n = self.len;
-        for l in &mut self.levels {
-            l.clear();
-        }
-        self.len = 0;
-        self.bytes = 0;
-        n
-    }
     /// The earliest expiry among the level heads.
     fn next_expiry(&self) -> u64 {
         self.levels
@@ -416,10 +415,23 @@ struct Actor {
     /// When the queue was last used (`x-expires`): a consumer left, a
     /// `basic.get`, a declare.
     last_used: u64,
+    /// The store writer, for durable queues: persistent messages that leave
+    /// the queue are removed from disk.
+    persister: Option<Persister>,
+    /// Store removals gathered during one wake-up, submitted together.
+    pending: Vec<MessageOp>,
+    /// Set when the queue is deleted (not merely stopped at shutdown): only
+    /// then are its stored messages dropped.
+    deleted: bool,
 }
 
 /// Start a queue actor; returns its handle. `vhost` routes its dead letters.
-pub fn spawn(info: QueueInfo, vhost: Weak<VHost>, on_auto_delete: OnAutoDelete) -> QueueHandle {
+pub fn spawn(
+    info: QueueInfo,
+    vhost: Weak<VHost>,
+    persister: Option<Persister>,
+    on_auto_delete: OnAutoDelete,
+) -> QueueHandle {
     let permits = Arc::new(Semaphore::new(PUBLISH_PERMITS));
     let (ctx, crx) = mpsc::unbounded_channel();
     let info = Arc::new(info);
@@ -438,6 +450,9 @@ pub fn spawn(info: QueueInfo, vhost: Weak<VHost>, on_auto_delete: OnAutoDelete) 
         epoch: Instant::now(),
         now: 0,
         last_used: 0,
+        persister,
+        pending: Vec::new(),
+        deleted: false,
     };
     let span = tracing::debug_span!("queue", name = %info.name);
     tokio::spawn(tracing::Instrument::instrument(
@@ -466,12 +481,14 @@ impl Actor {
                     let Some(c) = c else { break };
                     self.tick();
                     if self.on_control(c) {
+                        self.deleted = true;
                         break;
                     }
                     for _ in 1..BATCH {
                         match mailbox.try_recv() {
                             Ok(c) => {
                                 if self.on_control(c) {
+                                    self.deleted = true;
                                     break 'life;
                                 }
                             }
@@ -485,18 +502,28 @@ impl Actor {
                     if self.unused_too_long() {
                         tracing::debug!("queue expired (x-expires)");
                         self.delete_self();
+                        self.deleted = true;
                         break;
                     }
                 }
             }
             self.dispatch();
             self.expire_heads();
+            self.flush_store();
             let next = self.next_deadline();
             if next != armed {
                 if let Some(at) = next {
                     timer.as_mut().reset(at);
                 }
                 armed = next;
+            }
+        }
+        self.flush_store();
+        if self.deleted {
+            if let Some(p) = &self.persister {
+                p.submit_nowait(vec![MessageOp::DropQueue {
+                    queue: self.info.id,
+                }]);
             }
         }
         // Publishers waiting for a permit give up; later sends fail.
@@ -540,6 +567,7 @@ impl Actor {
             while self.ready.front_of(l).is_some_and(|e| e.expires < self.now) {
                 if let Some(e) = self.ready.pop_level(l) {
                     self.dead_letter(&e.msg, Reason::Expired);
+                    self.forget(&e.msg);
                 }
             }
         }
@@ -552,6 +580,7 @@ impl Actor {
                 return Some(e);
             }
             self.dead_letter(&e.msg, Reason::Expired);
+            self.forget(&e.msg);
         }
         None
     }
@@ -564,6 +593,7 @@ impl Actor {
             }
             if let Some(e) = self.ready.pop_level(top) {
                 self.dead_letter(&e.msg, Reason::Expired);
+                self.forget(&e.msg);
             }
         }
         false
@@ -583,20 +613,19 @@ impl Actor {
                 if a.overflow == Overflow::RejectPublishDlx {
                     self.dead_letter(&p.msg, Reason::MaxLen);
                 }
+                // The publisher already stored it for this queue.
+                self.forget(&p.msg);
                 return;
             }
         }
-        let ttl = match (self.args.message_ttl, per_message_ttl(&p.msg)) {
-            (Some(q), Some(m)) => Some(q.min(m)),
-            (q, m) => q.or(m),
-        };
+        let expires = self.expiry_for(&p.msg);
         let seq = self.next_seq;
         self.next_seq += 1;
         self.ready.push_back(Entry {
             seq,
             msg: p.msg,
             redelivered: false,
-            expires: ttl.map_or(NEVER, |t| self.now.saturating_add(t)),
+            expires,
         });
         // `p.confirm` drops here: enqueued in memory is the promise for now.
         if self.args.overflow == Overflow::DropHead {
@@ -620,7 +649,10 @@ impl Actor {
                 return;
             }
             match self.ready.pop_front() {
-                Some(e) => self.dead_letter(&e.msg, Reason::MaxLen),
+                Some(e) => {
+                    self.dead_letter(&e.msg, Reason::MaxLen);
+                    self.forget(&e.msg);
+                }
                 None => return,
             }
         }
@@ -684,7 +716,10 @@ impl Actor {
                 self.ready.push_front(entry);
                 break;
             }
-            if !c.no_ack {
+            if c.no_ack {
+                let msg = entry.msg;
+                self.forget(&msg);
+            } else {
                 c.unacked += 1;
                 let u = Unacked {
                     entry,
@@ -807,7 +842,9 @@ impl Actor {
             }
             Control::Ack { chan_key, seqs } => {
                 for s in seqs {
-                    self.settle(chan_key, s);
+                    if let Some(e) = self.settle(chan_key, s) {
+                        self.forget(&e.msg);
+                    }
                 }
             }
             Control::Reject {
@@ -824,6 +861,7 @@ impl Actor {
                 } else {
                     for e in &entries {
                         self.dead_letter(&e.msg, Reason::Rejected);
+                        self.forget(&e.msg);
                     }
                 }
             }
@@ -846,7 +884,9 @@ impl Actor {
                 if reply.send(Some(g)).is_err() {
                     // The asker went away: put the message back untouched.
                     self.ready.push_front(e);
-                } else if !no_ack {
+                } else if no_ack {
+                    self.forget(&e.msg);
+                } else {
                     self.unacked.insert(
                         e.seq,
                         Unacked {
@@ -878,8 +918,17 @@ impl Actor {
                 let _ = reply.send((self.ready.len() as u32, self.consumers.len() as u32));
             }
             Control::Purge { reply } => {
-                let n = self.ready.clear() as u32;
+                let mut n = 0;
+                while let Some(e) = self.ready.pop_front() {
+                    self.forget(&e.msg);
+                    n += 1;
+                }
                 let _ = reply.send(n);
+            }
+            Control::Restore(messages) => {
+                for msg in messages {
+                    self.restore(msg);
+                }
             }
             Control::Delete {
                 if_unused,
@@ -906,6 +955,51 @@ impl Actor {
             }
         }
         false
+    }
+
+    /// A persistent message left this durable queue for good: remove its
+    /// store entry (in this wake-up's batch).
+    fn forget(&mut self, msg: &MessageRef) {
+        if let (Some(id), Some(_)) = (msg.stored, &self.persister) {
+            self.pending.push(MessageOp::Remove {
+                queue: self.info.id,
+                seq: id,
+                id,
+            });
+        }
+    }
+
+    fn flush_store(&mut self) {
+        if let Some(p) = &self.persister {
+            if !self.pending.is_empty() {
+                p.submit_nowait(std::mem::take(&mut self.pending));
+            }
+        }
+    }
+
+    /// Put back a message recovered from the store. It may have been
+    /// delivered before the restart, so it is marked redelivered; its TTL
+    /// (if the queue has one) counts from now.
+    fn restore(&mut self, msg: MessageRef) {
+        let expires = self.expiry_for(&msg);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.ready.push_back(Entry {
+            seq,
+            msg,
+            redelivered: true,
+            expires,
+        });
+    }
+
+    /// When a message arriving now expires: the queue TTL or its own
+    /// `expiration`, whichever is sooner.
+    fn expiry_for(&self, msg: &MessageRef) -> u64 {
+        let ttl = match (self.args.message_ttl, per_message_ttl(msg)) {
+            (Some(q), Some(m)) => Some(q.min(m)),
+            (q, m) => q.or(m),
+        };
+        ttl.map_or(NEVER, |t| self.now.saturating_add(t))
     }
 
     /// Tell every consumer's connection that the queue is gone.
@@ -967,6 +1061,7 @@ mod tests {
                 routing_key: ShortStr::truncating("q"),
                 header: ContentHeader::parse(Bytes::from(raw)).unwrap(),
                 body: Bytes::from_static(body.as_bytes()),
+                stored: None,
             }),
             redelivered: false,
             expires: NEVER,
@@ -1030,7 +1125,11 @@ mod tests {
         r.push_back(b);
         r.push_back(c);
         assert_eq!(r.next_expiry(), 20);
-        assert_eq!(r.clear(), 3);
+        let mut n = 0;
+        while r.pop_front().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 3);
         assert_eq!((r.len(), r.bytes, r.next_expiry()), (0, 0, NEVER));
     }
 }

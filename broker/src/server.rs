@@ -4,6 +4,9 @@
 
 use crate::config::Config;
 use crate::connection::{ConnEvent, Connection};
+use crate::message::Message;
+use crate::persist::Persister;
+use crate::queue::Control;
 use crate::vhost::VHost;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,7 +16,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::Instrument;
-use warren_storage::mem::MemStore;
+use warren_storage::rocks::RocksStore;
+use warren_storage::{Definitions, MessageOp, MessageStore, MetaStore};
 
 /// Broker-wide state shared by every connection (cheap to clone via `Arc`).
 pub struct Broker {
@@ -24,6 +28,10 @@ pub struct Broker {
     next_conn: AtomicU64,
     /// Source of channel keys (unique per channel incarnation).
     next_chan: AtomicU64,
+    /// Source of store ids for persistent messages.
+    next_message: AtomicU64,
+    /// The group-commit writer of the message store.
+    pub persister: Persister,
     /// Flips to true once, at shutdown.
     pub shutdown: watch::Receiver<bool>,
     /// Direct reply-to consumers by their `amq.rabbitmq.reply-to.*` name.
@@ -43,6 +51,9 @@ impl Broker {
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
         self.vhosts.get(name).cloned()
     }
+    pub fn next_message_id(&self) -> u64 {
+        self.next_message.fetch_add(1, Ordering::Relaxed)
+    }
     pub fn next_chan_key(&self) -> u64 {
         self.next_chan.fetch_add(1, Ordering::Relaxed)
     }
@@ -50,6 +61,61 @@ impl Broker {
         // Map operations never panic half-way: a poisoned lock is consistent.
         self.reply_to.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Messages read from the store per batch during recovery.
+const RECOVERY_BATCH: usize = 10_000;
+
+/// Give every durable queue its stored messages back, in queue order, and
+/// drop index entries of queues that no longer exist. Returns the highest
+/// message id seen.
+fn recover_messages(
+    store: &RocksStore,
+    persister: &Persister,
+    vhost: &VHost,
+    defs: &Definitions,
+) -> Result<u64, String> {
+    let started = std::time::Instant::now();
+    let mut max_id = 0;
+    let mut total = 0u64;
+    for q in defs.queues.iter().filter(|q| q.vhost == vhost.name) {
+        let handle = vhost.queue(&q.name, 0).map_err(|e| e.to_string())?;
+        let mut from = 0;
+        loop {
+            let batch = store
+                .read(q.id, from, RECOVERY_BATCH)
+                .map_err(|e| format!("reading queue '{}': {e}", q.name))?;
+            let Some(last) = batch.last() else { break };
+            from = last.0 + 1;
+            let mut messages = Vec::with_capacity(batch.len());
+            for (_, id, m) in batch {
+                max_id = max_id.max(id);
+                match Message::from_stored(id, m) {
+                    Some(m) => messages.push(Arc::new(m)),
+                    None => {
+                        tracing::error!(queue = %q.name, id, "stored message is unreadable; left on disk")
+                    }
+                }
+            }
+            total += messages.len() as u64;
+            handle.control(Control::Restore(messages));
+            if total % 100_000 < RECOVERY_BATCH as u64 && total >= 100_000 {
+                tracing::info!(messages = total, elapsed = ?started.elapsed(), "recovering messages");
+            }
+        }
+    }
+    let known: std::collections::HashSet<u64> = defs.queues.iter().map(|q| q.id).collect();
+    for id in store.queue_ids().map_err(|e| e.to_string())? {
+        if !known.contains(&id) {
+            tracing::warn!(
+                queue_id = id,
+                "dropping stored messages of a queue that no longer exists"
+            );
+            persister.submit_nowait(vec![MessageOp::DropQueue { queue: id }]);
+        }
+    }
+    tracing::info!(messages = total, elapsed = ?started.elapsed(), "recovered persistent messages");
+    Ok(max_id)
 }
 
 /// A bound, not yet running, broker.
@@ -60,19 +126,45 @@ pub struct Server {
 }
 
 impl Server {
-    /// Bind the listener and build the broker state.
+    /// Open the store, recover durable definitions, bind the listener.
     pub async fn bind(config: Config) -> std::io::Result<Server> {
-        let listener = TcpListener::bind(config.listen).await?;
-        let store = Arc::new(MemStore::new());
+        let err = |e: String| std::io::Error::other(e);
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            err(format!(
+                "cannot create data directory {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        let store = Arc::new(
+            RocksStore::open(&config.data_dir.join("store"), config.fsync)
+                .map_err(|e| err(e.to_string()))?,
+        );
+        let defs = store
+            .load()
+            .map_err(|e| err(format!("cannot read stored definitions: {e}")))?;
         let queue_ids = Arc::new(AtomicU64::new(1));
         let mut vhosts = HashMap::new();
-        vhosts.insert("/".to_owned(), VHost::new("/", store, queue_ids));
+        let persister = Persister::start(store.clone())?;
+        let root = VHost::new("/", store.clone(), queue_ids, Some(persister.clone()));
+        root.recover(&defs)
+            .map_err(|e| err(format!("cannot recover definitions: {e}")))?;
+        let max_message = recover_messages(&store, &persister, &root, &defs).map_err(err)?;
+        tracing::info!(
+            exchanges = defs.exchanges.len(),
+            queues = defs.queues.len(),
+            bindings = defs.bindings.len(),
+            "recovered durable definitions"
+        );
+        vhosts.insert("/".to_owned(), root);
+        let listener = TcpListener::bind(config.listen).await?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let broker = Arc::new(Broker {
             config,
             vhosts,
             next_conn: AtomicU64::new(1),
             next_chan: AtomicU64::new(1),
+            next_message: AtomicU64::new(max_message + 1),
+            persister,
             shutdown,
             reply_to: Mutex::new(HashMap::new()),
         });

@@ -8,6 +8,7 @@
 
 use crate::error::{access_refused, not_found, precondition, AmqpError, AmqpResult};
 use crate::exchange::{Binding, Dest, Exchange, Kind};
+use crate::persist::Persister;
 use crate::queue::{self, QueueHandle, QueueInfo};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -17,7 +18,7 @@ use warren_protocol::content::ContentHeader;
 use warren_protocol::method::ShortStr;
 use warren_protocol::reply;
 use warren_protocol::types::{AMQPValue, FieldTable};
-use warren_storage::{BindingDef, ExchangeDef, MetaStore, QueueDef};
+use warren_storage::{BindingDef, Definitions, ExchangeDef, MetaStore, QueueDef};
 
 /// Topology: exchanges by name, queues by name.
 #[derive(Default)]
@@ -88,6 +89,8 @@ pub struct VHost {
     next_queue_id: Arc<AtomicU64>,
     /// For queue actors that delete themselves (auto-delete).
     me: Weak<VHost>,
+    /// The message store writer, given to durable queues.
+    persister: Option<Persister>,
 }
 
 fn encode_table(t: &FieldTable) -> bytes::Bytes {
@@ -99,6 +102,17 @@ fn encode_table(t: &FieldTable) -> bytes::Bytes {
     .into()
 }
 
+/// A stored field table (validated before amq-protocol parses it).
+fn decode_table(b: &[u8]) -> Result<FieldTable, String> {
+    if b.is_empty() {
+        return Ok(FieldTable::default());
+    }
+    warren_protocol::table::skip_table(b).map_err(|e| e.to_string())?;
+    warren_protocol::types::parsing::parse_field_table(b)
+        .map(|(_, t)| t)
+        .map_err(|e| format!("bad arguments table: {e:?}"))
+}
+
 fn describe(v: Option<&AMQPValue>) -> String {
     match v {
         None => "none".into(),
@@ -108,7 +122,12 @@ fn describe(v: Option<&AMQPValue>) -> String {
 }
 
 impl VHost {
-    pub fn new(name: &str, meta: Arc<dyn MetaStore>, next_queue_id: Arc<AtomicU64>) -> Arc<VHost> {
+    pub fn new(
+        name: &str,
+        meta: Arc<dyn MetaStore>,
+        next_queue_id: Arc<AtomicU64>,
+        persister: Option<Persister>,
+    ) -> Arc<VHost> {
         let v = Arc::new_cyclic(|me| VHost {
             name: name.to_owned(),
             topology: RwLock::new(Topology::default()),
@@ -118,6 +137,7 @@ impl VHost {
             meta,
             next_queue_id,
             me: me.clone(),
+            persister,
         });
         {
             let mut t = v.write();
@@ -372,28 +392,91 @@ impl VHost {
                 arguments: encode_table(s.arguments),
             }))?;
         }
+        let q = self.spawn_queue(QueueInfo {
+            name: name.into(),
+            id,
+            vhost: vh.clone(),
+            durable: s.durable,
+            exclusive_owner: s.exclusive.then_some(conn),
+            auto_delete: s.auto_delete,
+            arguments: s.arguments.clone(),
+        });
+        t.queues.insert(name.into(), q.clone());
+        drop(t);
+        self.changed();
+        Ok(q)
+    }
+
+    /// Start a queue actor that forgets itself here when it auto-deletes.
+    fn spawn_queue(&self, info: QueueInfo) -> QueueHandle {
         let me = self.me.clone();
-        let q = queue::spawn(
-            QueueInfo {
-                name: name.into(),
-                id,
-                vhost: vh.clone(),
-                durable: s.durable,
-                exclusive_owner: s.exclusive.then_some(conn),
-                auto_delete: s.auto_delete,
-                arguments: s.arguments.clone(),
-            },
+        let persister = (info.durable && info.exclusive_owner.is_none())
+            .then(|| self.persister.clone())
+            .flatten();
+        queue::spawn(
+            info,
             self.me.clone(),
+            persister,
             Box::new(move |info: &QueueInfo| {
                 if let Some(v) = me.upgrade() {
                     v.forget_queue(&info.name, info.id);
                 }
             }),
-        );
-        t.queues.insert(name.into(), q.clone());
+        )
+    }
+
+    /// Rebuild this vhost's durable exchanges, queues and bindings from
+    /// stored definitions (at start-up, before any client connects). Nothing
+    /// is written back. Returns the highest queue id seen.
+    pub fn recover(&self, defs: &Definitions) -> Result<u64, String> {
+        let mine = |v: &str| v == self.name;
+        let mut t = self.write();
+        let mut max_id = 0;
+        for e in defs.exchanges.iter().filter(|e| mine(&e.vhost)) {
+            let kind = Kind::parse(&e.kind)
+                .ok_or_else(|| format!("exchange '{}' has unknown type '{}'", e.name, e.kind))?;
+            let args = decode_table(&e.arguments)
+                .map_err(|why| format!("exchange '{}': {why}", e.name))?;
+            t.exchanges.insert(
+                e.name.clone(),
+                Exchange::new(&e.name, kind, true, e.auto_delete, e.internal, args),
+            );
+        }
+        for q in defs.queues.iter().filter(|q| mine(&q.vhost)) {
+            let arguments =
+                decode_table(&q.arguments).map_err(|why| format!("queue '{}': {why}", q.name))?;
+            max_id = max_id.max(q.id);
+            let handle = self.spawn_queue(QueueInfo {
+                name: q.name.as_str().into(),
+                id: q.id,
+                vhost: self.name.clone(),
+                durable: true,
+                exclusive_owner: None,
+                auto_delete: q.auto_delete,
+                arguments,
+            });
+            t.queues.insert(q.name.clone(), handle);
+        }
+        for b in defs.bindings.iter().filter(|b| mine(&b.vhost)) {
+            let args = decode_table(&b.arguments)
+                .map_err(|why| format!("binding from '{}': {why}", b.source))?;
+            let dest = if b.to_queue {
+                Dest::Queue(b.destination.as_str().into())
+            } else {
+                Dest::Exchange(b.destination.as_str().into())
+            };
+            if let Some(x) = t.exchanges.get_mut(&b.source) {
+                x.bind(Binding {
+                    dest,
+                    key: b.routing_key.clone(),
+                    args,
+                });
+            }
+        }
         drop(t);
         self.changed();
-        Ok(q)
+        self.next_queue_id.fetch_max(max_id + 1, Ordering::AcqRel);
+        Ok(max_id)
     }
 
     /// Delete a queue through its actor (which checks the conditions), then

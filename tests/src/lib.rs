@@ -11,6 +11,8 @@ use warren_broker::{Config, RunningBroker};
 pub struct TestBroker {
     pub url: String,
     running: Option<RunningBroker>,
+    /// The broker's own data directory, removed when the test ends.
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl TestBroker {
@@ -22,18 +24,24 @@ impl TestBroker {
     /// Start Warren with a tweaked configuration.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestBroker {
         if let Ok(url) = std::env::var("WARREN_TEST_AMQP_URL") {
-            return TestBroker { url, running: None };
+            return TestBroker {
+                url,
+                running: None,
+                data_dir: None,
+            };
         }
         let mut config = Config {
             listen: "127.0.0.1:0".parse().expect("loopback address"),
-            data_dir: std::env::temp_dir().join("warren-tests"),
+            data_dir: std::env::temp_dir().join(unique("warren-test")),
             ..Config::default()
         };
         tweak(&mut config);
+        let data_dir = Some(config.data_dir.clone());
         let running = RunningBroker::start(config).await.expect("broker starts");
         TestBroker {
             url: running.url(),
             running: Some(running),
+            data_dir,
         }
     }
 
@@ -68,6 +76,14 @@ impl TestBroker {
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await;
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(d) = self.data_dir.take() {
+            let _ = std::fs::remove_dir_all(d);
         }
     }
 }

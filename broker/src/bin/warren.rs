@@ -27,6 +27,9 @@ struct Args {
     /// Most concurrent client connections.
     #[arg(long, default_value_t = 65536)]
     max_connections: usize,
+    /// Sync the write-ahead log on every write (turn off only for benchmarks).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fsync: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +62,7 @@ fn main() -> std::process::ExitCode {
         data_dir: args.data_dir,
         max_message_size: args.max_message_size,
         max_connections: args.max_connections.max(1),
+        fsync: args.fsync,
         ..Config::default()
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -76,7 +80,7 @@ fn main() -> std::process::ExitCode {
         let server = match Server::bind(config.clone()).await {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("warren: cannot listen on {}: {e}", config.listen);
+                eprintln!("warren: cannot start on {}: {e}", config.listen);
                 return std::process::ExitCode::FAILURE;
             }
         };

@@ -1,0 +1,232 @@
+//! The `warren` process on a data directory: durable definitions survive a
+//! SIGKILL (they are synced before declare-ok/bind-ok), transient ones do not,
+//! and a second process on the same directory is refused with a clear message.
+
+mod common;
+
+use common::{code, free_port, Daemon};
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, ExchangeKind};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn max_length(n: i32) -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-max-length".into(), AMQPValue::LongInt(n));
+    t
+}
+
+async fn passive_queue(ch: &Channel, name: &str) -> lapin::Result<lapin::Queue> {
+    let opts = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(name.into(), opts, FieldTable::default())
+        .await
+}
+
+async fn passive_exchange(ch: &Channel, name: &str) -> lapin::Result<()> {
+    let opts = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        name.into(),
+        ExchangeKind::Topic,
+        opts,
+        FieldTable::default(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_definitions_survive_sigkill_and_transient_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = Daemon::start(dir.path(), port);
+    {
+        let (_c, ch) = d.channel().await;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            "dx".into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.exchange_declare(
+            "dx2".into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.exchange_declare(
+            "tx".into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let dq = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare("dq".into(), dq, max_length(5))
+            .await
+            .unwrap();
+        ch.queue_declare("dq2".into(), dq, FieldTable::default())
+            .await
+            .unwrap();
+        ch.queue_declare(
+            "tq".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            "dq".into(),
+            "dx".into(),
+            "a.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.exchange_bind(
+            "dx2".into(),
+            "dx".into(),
+            "b.*".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            "dq2".into(),
+            "dx2".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        // A binding to a transient queue is not durable either.
+        ch.queue_bind(
+            "tq".into(),
+            "dx".into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        // Killed right after the last bind-ok: nothing may be lost.
+    }
+    d.kill();
+
+    let d = Daemon::start(dir.path(), port);
+    let (_c, ch) = d.channel().await;
+    passive_exchange(&ch, "dx")
+        .await
+        .expect("durable exchange is back");
+    passive_exchange(&ch, "dx2")
+        .await
+        .expect("durable exchange is back");
+    passive_queue(&ch, "dq")
+        .await
+        .expect("durable queue is back");
+    passive_queue(&ch, "dq2")
+        .await
+        .expect("durable queue is back");
+    assert_eq!(
+        passive_queue(&ch, "tq")
+            .await
+            .map(|_| ())
+            .err()
+            .as_ref()
+            .and_then(code),
+        Some(404)
+    );
+    let (_c, ch) = d.channel().await;
+    assert_eq!(
+        passive_exchange(&ch, "tx")
+            .await
+            .err()
+            .as_ref()
+            .and_then(code),
+        Some(404)
+    );
+
+    // Arguments came back: redeclaring with others is inequivalent.
+    let (_c, ch) = d.channel().await;
+    let dq = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare("dq".into(), dq, max_length(5))
+        .await
+        .expect("same arguments are fine");
+    let err = ch
+        .queue_declare("dq".into(), dq, max_length(6))
+        .await
+        .expect_err("406");
+    assert_eq!(code(&err), Some(406));
+
+    // Bindings came back: queue binding and exchange-to-exchange binding route.
+    let (_c, ch) = d.channel().await;
+    for key in ["a.x", "b.y"] {
+        ch.basic_publish(
+            "dx".into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            key.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    for (queue, body) in [("dq", "a.x"), ("dq2", "b.y")] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(m) = ch
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+            {
+                assert_eq!(m.delivery.data, body.as_bytes());
+                break;
+            }
+            assert!(Instant::now() < deadline, "nothing routed to {queue}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[test]
+fn a_second_daemon_on_the_same_data_dir_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Daemon::start(dir.path(), free_port());
+    let out = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &free_port().to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run warren");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another process"), "stderr: {err}");
+}
