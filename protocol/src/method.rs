@@ -22,6 +22,14 @@ impl ShortStr {
     fn from_checked(b: Bytes) -> Self {
         ShortStr(b)
     }
+    /// Wrap stored bytes, checking they form a short string.
+    pub fn from_bytes(b: Bytes) -> Option<Self> {
+        (b.len() <= 255 && std::str::from_utf8(&b).is_ok()).then_some(ShortStr(b))
+    }
+    /// The bytes (shared, not copied).
+    pub fn bytes(&self) -> Bytes {
+        self.0.clone()
+    }
     pub fn from_static(s: &'static str) -> Self {
         assert!(s.len() <= 255);
         ShortStr(Bytes::from_static(s.as_bytes()))
