@@ -538,8 +538,6 @@ impl VHost {
     ) -> AmqpResult<()> {
         let vh = &self.name;
         if source.is_empty() {
-            let verb = if bind { "bind to" } else { "unbind from" };
-            let _ = verb;
             return Err(access_refused(
                 "operation not permitted on the default exchange",
             ));

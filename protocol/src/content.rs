@@ -7,8 +7,6 @@ use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 
 /// Property flag bits of the basic class, most significant first.
-const CONTENT_TYPE: u16 = 1 << 15;
-const CONTENT_ENCODING: u16 = 1 << 14;
 const HEADERS: u16 = 1 << 13;
 const DELIVERY_MODE: u16 = 1 << 12;
 const PRIORITY: u16 = 1 << 11;
@@ -137,7 +135,6 @@ impl ContentHeader {
             };
             pos += n;
         }
-        let _ = (CONTENT_TYPE, CONTENT_ENCODING);
         Ok(h)
     }
 
