@@ -26,6 +26,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Sync the store's write-ahead log on every write. Off only for benchmarks.
     pub fsync: bool,
+    /// Bytes of hot message bodies kept in memory for messages that live on
+    /// disk (queues paging their tail).
+    pub body_cache_bytes: u64,
 }
 
 /// Smallest frame_max a client may choose (AMQP 0-9-1 frame-min-size).
@@ -47,6 +50,7 @@ impl Default for Config {
             max_connections: 65536,
             handshake_timeout: Duration::from_secs(10),
             fsync: true,
+            body_cache_bytes: 64 << 20,
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::queue::{self, ConfirmTicket, Consumer, Control, FLOW_WINDOW};
 use crate::server::Broker;
 use crate::vhost::{QueueSpec, VHost};
 use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -1712,39 +1713,56 @@ impl Connection {
             }
             return Ok(());
         }
-        if let Some(id) = msg.stored {
-            // Persistent: written once for every durable queue it reached,
-            // before any queue sees it; the confirm waits for the sync too.
-            let mut ops = Vec::new();
-            for q in queues.iter().filter(|q| q.persisted()) {
-                ops.push(MessageOp::Enqueue {
-                    queue: q.id(),
-                    seq: id,
-                    id,
-                });
-            }
-            if !ops.is_empty() {
-                let refs = ops.len() as u32;
-                ops.insert(
-                    0,
-                    MessageOp::PutMessage {
-                        id,
-                        refs,
-                        message: msg.to_stored(),
-                    },
-                );
-                let t = ticket.clone();
-                let done: crate::persist::Done = Box::new(move |ok| {
-                    if let (false, Some(t)) = (ok, &t) {
-                        t.nack();
-                    }
-                    drop(t);
-                });
-                self.broker.persister.submit(ops, done).await;
+        // A mailbox slot in every queue first (this is where a publisher
+        // that outruns its queues waits), and a slot at the store writer.
+        let mut slots: SmallVec<[_; 4]> = SmallVec::with_capacity(queues.len());
+        for q in queues {
+            if let Some(permit) = q.reserve().await {
+                slots.push((q, permit));
             }
         }
-        for q in queues {
-            q.publish(msg.clone(), ticket.clone()).await;
+        let stored = msg
+            .stored
+            .filter(|_| slots.iter().any(|(q, _)| q.persisted()));
+        let writer = match stored {
+            Some(_) => Some(self.broker.persister.reserve().await),
+            None => None,
+        };
+        // From here on nothing awaits: each queue's sequence is taken and
+        // its message handed over at once, so the sequences a queue receives
+        // are dense, and the store write is submitted before any queue sees
+        // the message (a queue's page reads wait for it).
+        let seqs: SmallVec<[u64; 4]> = slots.iter().map(|(q, _)| q.take_seq()).collect();
+        if let (Some(id), Some(writer)) = (stored, writer) {
+            // Persistent: written once for every durable queue it reached;
+            // the confirm waits for the sync too.
+            let refs = slots.iter().filter(|(q, _)| q.persisted()).count() as u32;
+            let mut ops = Vec::with_capacity(refs as usize + 1);
+            ops.push(MessageOp::PutMessage {
+                id,
+                refs,
+                message: msg.to_stored(),
+            });
+            for ((q, _), &seq) in slots.iter().zip(&seqs) {
+                if q.persisted() {
+                    ops.push(MessageOp::Enqueue {
+                        queue: q.id(),
+                        seq,
+                        id,
+                    });
+                }
+            }
+            let t = ticket.clone();
+            let done: crate::persist::Done = Box::new(move |ok| {
+                if let (false, Some(t)) = (ok, &t) {
+                    t.nack();
+                }
+                drop(t);
+            });
+            self.broker.persister.submit_reserved(writer, ops, done);
+        }
+        for ((q, permit), seq) in slots.into_iter().zip(seqs) {
+            q.send(seq, msg.clone(), ticket.clone(), Some(permit));
         }
         Ok(())
     }

@@ -8,11 +8,14 @@
 //! - [`vhost`] — exchanges, queues and bindings; routing with a moka cache.
 //! - [`exchange`] — binding indexes and matching (direct, fanout, topic trie,
 //!   headers).
-//! - [`queue`] — queue handles and the per-queue actor that owns queue state.
+//! - [`queue`] — queue handles and the per-queue actor that owns queue state,
+//!   including paging: beyond a window, a queue keeps only the range of
+//!   sequences it has on disk and reads them back in order.
 //! - [`queue_args`] — queue arguments (TTL, expiry, limits, priorities):
 //!   validation at declare, decoding for the actor.
 //! - [`dead_letter`] — dead-lettered messages (`x-death`) and cycle checks.
-//! - [`persist`] — the group-commit writer thread of the message store.
+//! - [`persist`] — the store service: the group-commit writer thread, the
+//!   page reader thread, message ids, the moka cache of hot bodies.
 //! - [`message`] — the shared message.
 //! - [`error`] — errors shaped as channel.close / connection.close.
 //! - [`config`] — settings.

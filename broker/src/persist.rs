@@ -1,20 +1,26 @@
-//! Group commit: one writer thread applies every queued storage job in one
-//! atomic batch and one WAL sync, then tells each job's owner. Jobs that
-//! arrive while a sync is running go into the next batch, so many publishes
-//! from many connections share one fsync.
+//! The store service: one writer thread that group-commits, one reader
+//! thread that pages queue contents back in, the message id allocator and
+//! the moka cache of hot message bodies.
+//!
+//! Group commit: the writer applies every queued job in one atomic batch and
+//! one WAL sync, then tells each job's owner. Jobs that arrive while a sync
+//! is running go into the next batch, so many publishes from many
+//! connections share one fsync.
 //!
 //! One FIFO for everyone: a queue's `Remove` for a message is always applied
 //! after the publisher's `PutMessage`/`Enqueue` for it (the publisher submits
 //! before handing the message to queues), so an acked message can never be
-//! written back.
+//! written back. Page reads wait until every job submitted before them has
+//! been applied, so a queue never reads past a write it has been told about.
 //!
 //! Publishers submit with a permit (they wait when too many jobs are queued:
 //! back-pressure); queue actors, which must never wait, submit without.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use crate::message::{Message, MessageRef};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use warren_storage::{MessageOp, MessageStore};
+use warren_storage::{MessageId, MessageOp, MessageStore, QueueId};
 
 /// Called with `true` once the job is durable, `false` if the write failed.
 pub type Done = Box<dyn FnOnce(bool) + Send>;
@@ -25,25 +31,91 @@ struct Job {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// Messages read back for a queue, in sequence order, and the sequence the
+/// next read starts from.
+pub struct Page {
+    pub entries: Vec<(u64, MessageRef)>,
+    pub next: u64,
+}
+
+/// Called on the reader thread with the page (or the error text).
+pub type PageDone = Box<dyn FnOnce(Result<Page, String>) + Send>;
+
+struct ReadJob {
+    queue: QueueId,
+    from: u64,
+    to: u64,
+    limit: usize,
+    /// Jobs that must be applied before reading.
+    after: u64,
+    done: PageDone,
+}
+
 /// Publisher jobs that may wait for the writer.
 const JOB_PERMITS: usize = 8192;
 /// Operations merged into one write at most.
 const MAX_BATCH_OPS: usize = 64 * 1024;
 
+/// Jobs handed to the writer and jobs it has applied.
+#[derive(Default)]
+struct Progress {
+    submitted: AtomicU64,
+    applied: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Progress {
+    fn wait_applied(&self, n: u64) {
+        let mut a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        while *a < n {
+            a = self.changed.wait(a).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    fn add_applied(&self, n: u64) {
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) += n;
+        self.changed.notify_all();
+    }
+}
+
+/// Hits and misses of the body cache (page reads) so far.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
 #[derive(Clone)]
 pub struct Persister {
     tx: mpsc::UnboundedSender<Job>,
+    reads: std::sync::mpsc::Sender<ReadJob>,
     permits: Arc<Semaphore>,
     /// Failed batches so far (a barrier reports failures since it began).
     failures: Arc<AtomicU64>,
+    progress: Arc<Progress>,
+    next_id: Arc<AtomicU64>,
+    /// Hot bodies of messages that live on disk, by message id.
+    bodies: moka::sync::Cache<MessageId, MessageRef>,
+    pub body_stats: Arc<CacheStats>,
+    /// Set while memory is under pressure: queues then page transient
+    /// messages out too.
+    paging: Arc<AtomicBool>,
 }
 
 impl Persister {
-    /// Start the writer thread; it stops when the last handle is dropped.
-    pub fn start(store: Arc<dyn MessageStore>) -> std::io::Result<Persister> {
+    /// Start the writer and reader threads; they stop when the last handle
+    /// is dropped. Message ids continue after `max_id`; the body cache holds
+    /// up to `cache_bytes`.
+    pub fn start(
+        store: Arc<dyn MessageStore>,
+        max_id: MessageId,
+        cache_bytes: u64,
+    ) -> std::io::Result<Persister> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let failures = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(Progress::default());
         let failed = failures.clone();
+        let writer_store = store.clone();
+        let writer_progress = progress.clone();
         std::thread::Builder::new().name("warren-store".into()).spawn(move || {
             let mut ops = Vec::new();
             while let Some(first) = rx.blocking_recv() {
@@ -62,7 +134,7 @@ impl Persister {
                 for j in &mut jobs {
                     ops.append(&mut j.ops);
                 }
-                let ok = match store.apply(&ops) {
+                let ok = match writer_store.apply(&ops) {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::error!(error = %e, ops = ops.len(), "message store write failed; confirms will be nacked");
@@ -70,6 +142,7 @@ impl Persister {
                         false
                     }
                 };
+                writer_progress.add_applied(jobs.len() as u64);
                 for j in jobs {
                     if let Some(done) = j.done {
                         done(ok);
@@ -77,26 +150,77 @@ impl Persister {
                 }
             }
         })?;
+        let bodies = moka::sync::Cache::builder()
+            .max_capacity(cache_bytes)
+            .weigher(|_, m: &MessageRef| (m.body.len() + 256).min(u32::MAX as usize) as u32)
+            .build();
+        let body_stats = Arc::new(CacheStats::default());
+        let (reads, read_rx) = std::sync::mpsc::channel::<ReadJob>();
+        {
+            let progress = progress.clone();
+            let bodies = bodies.clone();
+            let stats = body_stats.clone();
+            std::thread::Builder::new()
+                .name("warren-pager".into())
+                .spawn(move || {
+                    while let Ok(job) = read_rx.recv() {
+                        progress.wait_applied(job.after);
+                        let page = read_page(&*store, &bodies, &stats, &job);
+                        (job.done)(page);
+                    }
+                })?;
+        }
         Ok(Persister {
             tx,
+            reads,
             permits: Arc::new(Semaphore::new(JOB_PERMITS)),
             failures,
+            progress,
+            next_id: Arc::new(AtomicU64::new(max_id + 1)),
+            bodies,
+            body_stats,
+            paging: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// Submit a publisher's job; waits while the writer is far behind.
-    pub async fn submit(&self, ops: Vec<MessageOp>, done: Done) {
-        let permit = self.permits.clone().acquire_owned().await.ok();
-        if let Err(e) = self.tx.send(Job {
-            ops,
-            done: Some(done),
-            _permit: permit,
-        }) {
+    /// A fresh message id.
+    pub fn next_id(&self) -> MessageId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn send(&self, job: Job) {
+        self.progress.submitted.fetch_add(1, Ordering::AcqRel);
+        if let Err(e) = self.tx.send(job) {
             // The writer is gone (shutting down): never claim durability.
             if let Some(done) = e.0.done {
                 done(false);
             }
         }
+    }
+
+    /// A slot for one publisher job; waits while the writer is far behind.
+    pub async fn reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().acquire_owned().await.ok()
+    }
+
+    /// Submit a publisher's job in a slot from [`Persister::reserve`].
+    pub fn submit_reserved(
+        &self,
+        permit: Option<OwnedSemaphorePermit>,
+        ops: Vec<MessageOp>,
+        done: Done,
+    ) {
+        self.send(Job {
+            ops,
+            done: Some(done),
+            _permit: permit,
+        });
+    }
+
+    /// Submit a publisher's job; waits while the writer is far behind.
+    pub async fn submit(&self, ops: Vec<MessageOp>, done: Done) {
+        let permit = self.reserve().await;
+        self.submit_reserved(permit, ops, done);
     }
 
     /// Wait until everything submitted before this call is durable; false if
@@ -114,12 +238,105 @@ impl Persister {
         rx.await.unwrap_or(false) && self.failures.load(Ordering::Acquire) == before
     }
 
-    /// Submit without waiting (queue actors: removals).
+    /// Submit without waiting (queue actors: removals, page-outs).
     pub fn submit_nowait(&self, ops: Vec<MessageOp>) {
-        let _ = self.tx.send(Job {
+        self.send(Job {
             ops,
             done: None,
             _permit: None,
         });
     }
+
+    /// Read up to `limit` entries of `queue` with `from <= seq < to`, after
+    /// every job submitted so far is applied; `done` runs on the reader.
+    pub fn read_page(&self, queue: QueueId, from: u64, to: u64, limit: usize, done: PageDone) {
+        let job = ReadJob {
+            queue,
+            from,
+            to,
+            limit,
+            after: self.progress.submitted.load(Ordering::Acquire),
+            done,
+        };
+        if let Err(e) = self.reads.send(job) {
+            (e.0.done)(Err("the store reader has stopped".into()));
+        }
+    }
+
+    /// Keep a message that was just written and will be read back soon.
+    pub fn cache_body(&self, id: MessageId, msg: &MessageRef) {
+        self.bodies.insert(id, msg.clone());
+    }
+
+    /// Whether queues should page transient messages out (memory pressure).
+    pub fn paging(&self) -> bool {
+        self.paging.load(Ordering::Relaxed)
+    }
+
+    /// The flag behind [`Persister::paging`], for the memory monitor.
+    pub fn paging_flag(&self) -> Arc<AtomicBool> {
+        self.paging.clone()
+    }
+}
+
+fn read_page(
+    store: &dyn MessageStore,
+    bodies: &moka::sync::Cache<MessageId, MessageRef>,
+    stats: &CacheStats,
+    job: &ReadJob,
+) -> Result<Page, String> {
+    let index = store
+        .read_index(job.queue, job.from, job.to, job.limit)
+        .map_err(|e| e.to_string())?;
+    let next = match index.last() {
+        Some(&(seq, _)) if index.len() >= job.limit => seq + 1,
+        _ => job.to,
+    };
+    let mut found: Vec<Option<MessageRef>> = index.iter().map(|&(_, id)| bodies.get(&id)).collect();
+    let missing: Vec<MessageId> = index
+        .iter()
+        .zip(&found)
+        .filter(|(_, m)| m.is_none())
+        .map(|(&(_, id), _)| id)
+        .collect();
+    stats
+        .hits
+        .fetch_add((index.len() - missing.len()) as u64, Ordering::Relaxed);
+    stats
+        .misses
+        .fetch_add(missing.len() as u64, Ordering::Relaxed);
+    if !missing.is_empty() {
+        let mut read = store
+            .get_messages(&missing)
+            .map_err(|e| e.to_string())?
+            .into_iter();
+        for (slot, &(seq, id)) in found.iter_mut().zip(&index) {
+            if slot.is_some() {
+                continue;
+            }
+            match read.next().flatten() {
+                Some(m) => match Message::from_stored(id, m) {
+                    Some(m) => *slot = Some(Arc::new(m)),
+                    None => tracing::error!(
+                        queue = job.queue,
+                        seq,
+                        id,
+                        "stored message is unreadable; skipped"
+                    ),
+                },
+                None => tracing::error!(
+                    queue = job.queue,
+                    seq,
+                    id,
+                    "queue entry refers to a missing message; skipped"
+                ),
+            }
+        }
+    }
+    let entries = index
+        .into_iter()
+        .zip(found)
+        .filter_map(|((seq, _), m)| m.map(|m| (seq, m)))
+        .collect();
+    Ok(Page { entries, next })
 }

@@ -24,16 +24,29 @@
 //! ([`crate::dead_letter`]): the actor routes the dead message through its
 //! vhost and hands it to the target queues without a permit and without
 //! waiting (their volume is bounded by this queue's own).
+//!
+//! Paging: each message carries a per-queue sequence, taken by the publisher
+//! right before it hands the message over (so the sequences a queue receives
+//! are dense), which is also its store key `queue ‖ seq`. A queue whose
+//! in-memory window ([`PAGE_WINDOW`]) is full starts paging: from then on it
+//! keeps of each new message only the fact that it arrived (a [`Tail`]: a
+//! range of sequences). Persistent messages in durable queues are on disk
+//! already; others are written by the actor (always for `x-queue-mode: lazy`
+//! queues and under memory pressure; otherwise the queue does not page). As
+//! consumers drain the window, the store's reader thread reads the next page
+//! back, after every write submitted before the request has landed. At
+//! start-up a durable queue is only told its range: no body is read until a
+//! consumer needs it.
 
 use crate::connection::ConnEvent;
 use crate::dead_letter::{self, Reason};
 use crate::error::{access_refused, precondition, AmqpError};
 use crate::message::MessageRef;
-use crate::persist::Persister;
+use crate::persist::{Page, Persister};
 use crate::queue_args::{Overflow, QueueArgs};
 use crate::vhost::VHost;
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -45,6 +58,13 @@ use warren_storage::MessageOp;
 pub const FLOW_WINDOW: u32 = 512;
 /// Publishes that may wait in a queue's mailbox.
 pub const PUBLISH_PERMITS: usize = 1024;
+/// Ready messages a paging queue keeps in memory at most (the rest waits
+/// on disk and is read back in order as consumers drain the queue).
+pub const PAGE_WINDOW: usize = 4096;
+/// Body bytes a paging queue keeps in memory at most.
+pub const PAGE_WINDOW_BYTES: u64 = 16 << 20;
+/// Messages read back per page.
+const PAGE_READ: usize = 1024;
 
 /// Shared facts about a queue, immutable after declaration.
 #[derive(Debug)]
@@ -65,6 +85,9 @@ pub struct QueueHandle {
     pub info: Arc<QueueInfo>,
     permits: Arc<Semaphore>,
     control: mpsc::UnboundedSender<Control>,
+    /// The next sequence number: publishers take one per message, right
+    /// before handing it over (so the sequences a queue receives are dense).
+    seqs: Arc<AtomicU64>,
 }
 
 impl PartialEq for QueueHandle {
@@ -85,25 +108,37 @@ impl QueueHandle {
     pub fn persisted(&self) -> bool {
         self.info.durable && self.info.exclusive_owner.is_none()
     }
-    /// Enqueue; waits while the queue's mailbox is full (back-pressure).
-    /// A queue deleted meanwhile drops the message (and releases its confirm).
-    pub async fn publish(&self, msg: MessageRef, confirm: Option<Arc<ConfirmTicket>>) {
-        let Ok(permit) = self.permits.clone().acquire_owned().await else {
-            return; // the queue is gone
-        };
+    /// A mailbox slot for one publish; waits while the queue's mailbox is
+    /// full (back-pressure). None if the queue is gone.
+    pub async fn reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().acquire_owned().await.ok()
+    }
+    /// Take the sequence number of the next message. The caller must hand
+    /// the message over with [`QueueHandle::send`] without awaiting anything
+    /// in between, so that every sequence taken arrives.
+    pub fn take_seq(&self) -> u64 {
+        self.seqs.fetch_add(1, Ordering::AcqRel)
+    }
+    /// Sequences continue from `next` (recovery, before any publish).
+    pub fn set_next_seq(&self, next: u64) {
+        self.seqs.fetch_max(next, Ordering::AcqRel);
+    }
+    /// Hand over a message with its sequence; `permit` from
+    /// [`QueueHandle::reserve`] (None for dead letters: their volume is
+    /// bounded by the dead-lettering queue's own). A queue deleted meanwhile
+    /// drops the message (and releases its confirm).
+    pub fn send(
+        &self,
+        seq: u64,
+        msg: MessageRef,
+        confirm: Option<Arc<ConfirmTicket>>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         let _ = self.control.send(Control::Publish(Publish {
+            seq,
             msg,
             confirm,
-            _permit: Some(permit),
-        }));
-    }
-    /// Enqueue a dead-lettered message: no permit, no waiting (the volume is
-    /// bounded by the dead-lettering queue's own). Used by queue actors.
-    pub fn publish_dead(&self, msg: MessageRef) {
-        let _ = self.control.send(Control::Publish(Publish {
-            msg,
-            confirm: None,
-            _permit: None,
+            _permit: permit,
         }));
     }
     /// Send a control message; false if the queue is gone.
@@ -123,6 +158,7 @@ impl QueueHandle {
 /// A publish on its way into a queue. Holding the confirm ticket until the
 /// message is stored is what makes the confirm mean "enqueued".
 pub struct Publish {
+    seq: u64,
     msg: MessageRef,
     /// Dropped once the message is enqueued (or refused: then nacked first).
     confirm: Option<Arc<ConfirmTicket>>,
@@ -227,8 +263,18 @@ pub struct Got {
 
 /// What a queue's mailbox carries.
 pub enum Control {
-    /// Messages recovered from the store at start-up, in queue order.
-    Restore(Vec<MessageRef>),
+    /// At start-up: the queue holds `count` stored messages with sequences
+    /// in `first..end`, to be read back as consumers need them.
+    Recovered {
+        first: u64,
+        end: u64,
+        count: u64,
+    },
+    /// Messages read back from the store (reply to a page read).
+    Paged {
+        generation: u64,
+        page: Result<Page, String>,
+    },
     Publish(Publish),
     Consume {
         consumer: Consumer,
@@ -294,6 +340,58 @@ struct Entry {
     /// Actor-clock millisecond after which the message is expired ([`NEVER`]
     /// without a TTL). Kept across requeues.
     expires: u64,
+    /// The store holds an index entry `queue ‖ seq` for it (removed when the
+    /// message leaves the queue).
+    on_disk: bool,
+}
+
+/// The part of a queue that lives only on disk: every message with a
+/// sequence from `start` on that has arrived since paging began, in index
+/// entries `queue ‖ seq`. Sequences are dense (publishers take them just
+/// before sending), so "arrived" is a contiguous range plus a few that came
+/// early; later arrivals below `start` are stragglers and stay in memory.
+struct Tail {
+    start: u64,
+    /// Next sequence to read back.
+    cursor: u64,
+    /// Every sequence below `end` has arrived.
+    end: u64,
+    /// Sequences at or above `end + 1` that arrived early.
+    ahead: BTreeSet<u64>,
+    /// Messages in the tail.
+    len: u64,
+    /// A read is under way.
+    reading: bool,
+    /// Unique per tail and purge: a read started before either is stale.
+    generation: u64,
+}
+
+impl Tail {
+    fn new(first: u64, end: u64, len: u64, generation: u64) -> Tail {
+        Tail {
+            start: first,
+            cursor: first,
+            end,
+            ahead: BTreeSet::new(),
+            len,
+            reading: false,
+            generation,
+        }
+    }
+    fn arrived(&mut self, seq: u64) {
+        if seq == self.end {
+            self.end += 1;
+            while self.ahead.remove(&self.end) {
+                self.end += 1;
+            }
+        } else if seq > self.end {
+            self.ahead.insert(seq);
+        }
+    }
+    /// Nothing left on disk and nothing under way.
+    fn drained(&self) -> bool {
+        self.cursor >= self.end && self.ahead.is_empty() && !self.reading
+    }
 }
 
 struct Unacked {
@@ -325,9 +423,6 @@ impl Ready {
     }
     fn len(&self) -> usize {
         self.len
-    }
-    fn is_empty(&self) -> bool {
-        self.len == 0
     }
     /// The level a message belongs to: its priority, capped; 0 without one.
     fn level_of(&self, e: &Entry) -> usize {
@@ -403,8 +498,24 @@ struct Actor {
     consumers: Vec<Consumer>,
     /// Round-robin position in `consumers`.
     next_consumer: usize,
-    /// Next sequence number to assign.
-    next_seq: u64,
+    /// The highest sequence that has arrived.
+    max_seen: u64,
+    /// Sequences below this were recovered from a previous run.
+    recovered_below: u64,
+    /// The on-disk part of the queue while it pages.
+    tail: Option<Tail>,
+    /// Last tail generation handed out.
+    generations: u64,
+    /// Whether new messages may go to the tail (queues with priorities,
+    /// a message TTL or length limits keep theirs in memory).
+    pageable: bool,
+    /// Persistent messages in this queue are stored (durable, not exclusive).
+    persisted: bool,
+    /// `basic.get`s waiting for a page read (the queue had messages only on disk).
+    parked_gets: Vec<(u64, bool, oneshot::Sender<Option<Got>>)>,
+    /// The actor's own mailbox, for page-read replies (weak: the mailbox
+    /// still closes when every handle is gone).
+    myself: mpsc::WeakUnboundedSender<Control>,
     /// Whether a consumer ever subscribed (auto-delete needs one first).
     had_consumer: bool,
     on_auto_delete: Option<OnAutoDelete>,
@@ -415,8 +526,8 @@ struct Actor {
     /// When the queue was last used (`x-expires`): a consumer left, a
     /// `basic.get`, a declare.
     last_used: u64,
-    /// The store writer, for durable queues: persistent messages that leave
-    /// the queue are removed from disk.
+    /// The store: persistent messages that leave a durable queue are
+    /// removed from disk; a paging queue writes and reads its tail.
     persister: Option<Persister>,
     /// Store removals gathered during one wake-up, submitted together.
     pending: Vec<MessageOp>,
@@ -436,6 +547,10 @@ pub fn spawn(
     let (ctx, crx) = mpsc::unbounded_channel();
     let info = Arc::new(info);
     let args = QueueArgs::parse(&info.arguments);
+    let pageable = args.max_priority.is_none()
+        && args.message_ttl.is_none()
+        && args.max_length.is_none()
+        && args.max_length_bytes.is_none();
     let actor = Actor {
         info: info.clone(),
         ready: Ready::new(args.max_priority),
@@ -444,7 +559,14 @@ pub fn spawn(
         unacked: HashMap::new(),
         consumers: Vec::new(),
         next_consumer: 0,
-        next_seq: 1,
+        max_seen: 0,
+        recovered_below: 0,
+        tail: None,
+        generations: 0,
+        pageable,
+        persisted: info.durable && info.exclusive_owner.is_none(),
+        parked_gets: Vec::new(),
+        myself: ctx.downgrade(),
         had_consumer: false,
         on_auto_delete: Some(on_auto_delete),
         epoch: Instant::now(),
@@ -463,6 +585,7 @@ pub fn spawn(
         info,
         permits,
         control: ctx,
+        seqs: Arc::new(AtomicU64::new(1)),
     }
 }
 
@@ -510,6 +633,8 @@ impl Actor {
             self.dispatch();
             self.expire_heads();
             self.flush_store();
+            // After the flush: a read waits for every write submitted so far.
+            self.page_in();
             let next = self.next_deadline();
             if next != armed {
                 if let Some(at) = next {
@@ -567,7 +692,7 @@ impl Actor {
             while self.ready.front_of(l).is_some_and(|e| e.expires < self.now) {
                 if let Some(e) = self.ready.pop_level(l) {
                     self.dead_letter(&e.msg, Reason::Expired);
-                    self.forget(&e.msg);
+                    self.forget(&e);
                 }
             }
         }
@@ -580,7 +705,7 @@ impl Actor {
                 return Some(e);
             }
             self.dead_letter(&e.msg, Reason::Expired);
-            self.forget(&e.msg);
+            self.forget(&e);
         }
         None
     }
@@ -593,17 +718,24 @@ impl Actor {
             }
             if let Some(e) = self.ready.pop_level(top) {
                 self.dead_letter(&e.msg, Reason::Expired);
-                self.forget(&e.msg);
+                self.forget(&e);
             }
         }
         false
     }
 
     fn enqueue(&mut self, p: Publish) {
+        self.max_seen = self.max_seen.max(p.seq);
+        // The publisher stored it for this queue (before sending it here).
+        let on_disk = p.msg.stored.is_some() && self.persisted;
+        if self.pageable && self.tail.as_ref().is_some_and(|t| p.seq >= t.start) {
+            self.page_out(p, on_disk);
+            return;
+        }
         let size = p.msg.body.len() as u64;
         let a = &self.args;
         if a.overflow != Overflow::DropHead {
-            let full = a.max_length.is_some_and(|m| self.ready.len() as u64 >= m)
+            let full = a.max_length.is_some_and(|m| self.ready_count() >= m)
                 || a.max_length_bytes
                     .is_some_and(|m| self.ready.bytes.saturating_add(size) > m);
             if full {
@@ -613,23 +745,210 @@ impl Actor {
                 if a.overflow == Overflow::RejectPublishDlx {
                     self.dead_letter(&p.msg, Reason::MaxLen);
                 }
-                // The publisher already stored it for this queue.
-                self.forget(&p.msg);
+                self.forget(&Entry {
+                    seq: p.seq,
+                    msg: p.msg,
+                    redelivered: false,
+                    expires: NEVER,
+                    on_disk,
+                });
                 return;
             }
         }
         let expires = self.expiry_for(&p.msg);
-        let seq = self.next_seq;
-        self.next_seq += 1;
         self.ready.push_back(Entry {
-            seq,
+            seq: p.seq,
             msg: p.msg,
             redelivered: false,
             expires,
+            on_disk,
         });
         // `p.confirm` drops here: enqueued in memory is the promise for now.
         if self.args.overflow == Overflow::DropHead {
             self.drop_heads_over_limit();
+        }
+        if self.tail.is_none() && self.should_page(on_disk) {
+            // Every later sequence goes to disk; those below it that are
+            // still on their way stay in memory.
+            self.generations += 1;
+            let start = self.max_seen + 1;
+            self.tail = Some(Tail::new(start, start, 0, self.generations));
+        }
+    }
+
+    /// Ready messages, in memory and on disk.
+    fn ready_count(&self) -> u64 {
+        self.ready.len() as u64 + self.tail.as_ref().map_or(0, |t| t.len)
+    }
+
+    /// Whether the queue should start paging: its window is full, and the
+    /// message is on disk anyway, the queue is lazy, or memory is under
+    /// pressure.
+    fn should_page(&self, on_disk: bool) -> bool {
+        let Some(p) = &self.persister else {
+            return false;
+        };
+        self.pageable
+            && (self.ready.len() >= PAGE_WINDOW || self.ready.bytes >= PAGE_WINDOW_BYTES)
+            && (on_disk || self.args.lazy || p.paging())
+    }
+
+    /// A message for the tail: keep only its place. A message not stored yet
+    /// (transient, or a queue that does not persist) is written now, under a
+    /// fresh id; a stored one stays in the body cache for its read-back.
+    fn page_out(&mut self, p: Publish, on_disk: bool) {
+        let (Some(persister), Some(t)) = (&self.persister, self.tail.as_mut()) else {
+            return;
+        };
+        match p.msg.stored {
+            Some(id) if on_disk => persister.cache_body(id, &p.msg),
+            _ => {
+                let id = persister.next_id();
+                self.pending.push(MessageOp::PutMessage {
+                    id,
+                    refs: 1,
+                    message: p.msg.to_stored(),
+                });
+                self.pending.push(MessageOp::Enqueue {
+                    queue: self.info.id,
+                    seq: p.seq,
+                    id,
+                });
+            }
+        }
+        t.arrived(p.seq);
+        t.len += 1;
+    }
+
+    /// Ask for the next page when the in-memory window runs low.
+    fn page_in(&mut self) {
+        let (Some(persister), Some(t)) = (&self.persister, self.tail.as_mut()) else {
+            return;
+        };
+        // A queue that does not page (priorities, TTL, length limits) only
+        // has a tail after a restart: it reads it all back at once, so the
+        // recovered messages go first.
+        let low = !self.pageable
+            || (self.ready.len() < PAGE_WINDOW / 2 && self.ready.bytes < PAGE_WINDOW_BYTES / 2);
+        if t.drained() {
+            if low {
+                // Back to memory until the window fills again.
+                self.tail = None;
+                self.answer_parked_gets();
+            }
+            return;
+        }
+        if t.reading || t.cursor >= t.end || !low {
+            return;
+        }
+        let Some(me) = self.myself.upgrade() else {
+            return;
+        };
+        t.reading = true;
+        let generation = t.generation;
+        let limit = PAGE_WINDOW
+            .saturating_sub(self.ready.len())
+            .clamp(1, PAGE_READ);
+        persister.read_page(
+            self.info.id,
+            t.cursor,
+            t.end,
+            limit,
+            Box::new(move |page| {
+                let _ = me.send(Control::Paged { generation, page });
+            }),
+        );
+    }
+
+    /// Messages read back from disk join the in-memory window.
+    fn paged(&mut self, generation: u64, page: Result<Page, String>) {
+        let Some(t) = self.tail.as_mut() else { return };
+        if t.generation != generation {
+            return; // purged meanwhile
+        }
+        t.reading = false;
+        let page = match page {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the queue back from disk failed");
+                return;
+            }
+        };
+        t.cursor = t.cursor.max(page.next);
+        t.len = t.len.saturating_sub(page.entries.len() as u64);
+        if t.cursor >= t.end && t.ahead.is_empty() {
+            t.len = 0;
+        }
+        for (seq, msg) in page.entries {
+            let old = seq < self.recovered_below;
+            if old && !msg.persistent() {
+                // A transient message paged out before a restart: gone.
+                if let Some(id) = msg.stored {
+                    self.pending.push(MessageOp::Remove {
+                        queue: self.info.id,
+                        seq,
+                        id,
+                    });
+                }
+                continue;
+            }
+            let expires = self.expiry_for(&msg);
+            self.ready.insert(Entry {
+                seq,
+                msg,
+                redelivered: old,
+                expires,
+                on_disk: true,
+            });
+        }
+        self.answer_parked_gets();
+    }
+
+    /// Answer `basic.get`s that waited for a page, while there is something
+    /// to give or nothing left to wait for.
+    fn answer_parked_gets(&mut self) {
+        while !self.parked_gets.is_empty() {
+            let waiting = self.tail.as_ref().is_some_and(|t| !t.drained());
+            if !self.has_live() && waiting {
+                return;
+            }
+            let (chan_key, no_ack, reply) = self.parked_gets.remove(0);
+            self.get(chan_key, no_ack, reply);
+        }
+    }
+
+    /// `basic.get`: the next live message, or None; parked while the queue
+    /// has messages only on disk.
+    fn get(&mut self, chan_key: u64, no_ack: bool, reply: oneshot::Sender<Option<Got>>) {
+        self.last_used = self.now;
+        let Some(e) = self.pop_live() else {
+            if self.tail.as_ref().is_some_and(|t| !t.drained()) {
+                self.parked_gets.push((chan_key, no_ack, reply));
+            } else {
+                let _ = reply.send(None);
+            }
+            return;
+        };
+        let g = Got {
+            msg: e.msg.clone(),
+            seq: e.seq,
+            redelivered: e.redelivered,
+            remaining: self.ready_count().min(u32::MAX as u64) as u32,
+        };
+        if reply.send(Some(g)).is_err() {
+            // The asker went away: put the message back untouched.
+            self.ready.push_front(e);
+        } else if no_ack {
+            self.forget(&e);
+        } else {
+            self.unacked.insert(
+                e.seq,
+                Unacked {
+                    entry: e,
+                    chan_key,
+                    tag: None,
+                },
+            );
         }
     }
 
@@ -651,7 +970,7 @@ impl Actor {
             match self.ready.pop_front() {
                 Some(e) => {
                     self.dead_letter(&e.msg, Reason::MaxLen);
-                    self.forget(&e.msg);
+                    self.forget(&e);
                 }
                 None => return,
             }
@@ -661,7 +980,10 @@ impl Actor {
     /// Republish a message that died here to the dead-letter exchange, if
     /// the queue has one. Never waits: target queues take it without a
     /// permit. Automatic cycles back to a queue are dropped, as RabbitMQ does.
-    fn dead_letter(&self, msg: &MessageRef, reason: Reason) {
+    /// A persistent dead letter is stored for its durable targets before
+    /// they see it (the original's removal follows in a later write, so a
+    /// crash in between leaves a duplicate, never a loss).
+    fn dead_letter(&mut self, msg: &MessageRef, reason: Reason) {
         let Some(dlx) = self.args.dead_letter_exchange.as_deref() else {
             return;
         };
@@ -672,7 +994,7 @@ impl Actor {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let rk = self.args.dead_letter_routing_key.as_deref();
-        let Some(dead) = dead_letter::make(msg, reason, &self.info.name, dlx, rk, now) else {
+        let Some(mut dead) = dead_letter::make(msg, reason, &self.info.name, dlx, rk, now) else {
             return;
         };
         let routed = match vhost.route(&dead.exchange, &dead.routing_key, &dead.header) {
@@ -682,13 +1004,47 @@ impl Actor {
                 return;
             }
         };
+        let targets: Vec<&QueueHandle> = routed
+            .queues()
+            .iter()
+            .filter(|q| {
+                let cycle = dead_letter::is_cycle(&dead, reason, q.name());
+                if cycle {
+                    tracing::debug!(target = q.name(), "dead-letter cycle: dropped");
+                }
+                !cycle
+            })
+            .collect();
+        let stored = targets.iter().filter(|q| q.persisted()).count() as u32;
+        let mut ops = Vec::new();
+        if let (true, true, Some(p)) = (dead.persistent(), stored > 0, &self.persister) {
+            let id = p.next_id();
+            dead.stored = Some(id);
+            ops.push(MessageOp::PutMessage {
+                id,
+                refs: stored,
+                message: dead.to_stored(),
+            });
+        }
         let dead = Arc::new(dead);
-        for q in routed.queues() {
-            if dead_letter::is_cycle(&dead, reason, q.name()) {
-                tracing::debug!(target = q.name(), "dead-letter cycle: dropped");
-                continue;
+        // No await from taking a sequence to sending (the actor never waits).
+        let seqs: Vec<u64> = targets.iter().map(|q| q.take_seq()).collect();
+        if let Some(id) = dead.stored {
+            for (q, &seq) in targets.iter().zip(&seqs) {
+                if q.persisted() {
+                    ops.push(MessageOp::Enqueue {
+                        queue: q.id(),
+                        seq,
+                        id,
+                    });
+                }
             }
-            q.publish_dead(dead.clone());
+        }
+        if let (false, Some(p)) = (ops.is_empty(), &self.persister) {
+            p.submit_nowait(ops);
+        }
+        for (q, seq) in targets.into_iter().zip(seqs) {
+            q.send(seq, dead.clone(), None, None);
         }
     }
 
@@ -717,8 +1073,7 @@ impl Actor {
                 break;
             }
             if c.no_ack {
-                let msg = entry.msg;
-                self.forget(&msg);
+                self.forget(&entry);
             } else {
                 c.unacked += 1;
                 let u = Unacked {
@@ -843,7 +1198,7 @@ impl Actor {
             Control::Ack { chan_key, seqs } => {
                 for s in seqs {
                     if let Some(e) = self.settle(chan_key, s) {
-                        self.forget(&e.msg);
+                        self.forget(&e);
                     }
                 }
             }
@@ -861,7 +1216,7 @@ impl Actor {
                 } else {
                     for e in &entries {
                         self.dead_letter(&e.msg, Reason::Rejected);
-                        self.forget(&e.msg);
+                        self.forget(e);
                     }
                 }
             }
@@ -869,34 +1224,7 @@ impl Actor {
                 chan_key,
                 no_ack,
                 reply,
-            } => {
-                self.last_used = self.now;
-                let Some(e) = self.pop_live() else {
-                    let _ = reply.send(None);
-                    return false;
-                };
-                let g = Got {
-                    msg: e.msg.clone(),
-                    seq: e.seq,
-                    redelivered: e.redelivered,
-                    remaining: self.ready.len() as u32,
-                };
-                if reply.send(Some(g)).is_err() {
-                    // The asker went away: put the message back untouched.
-                    self.ready.push_front(e);
-                } else if no_ack {
-                    self.forget(&e.msg);
-                } else {
-                    self.unacked.insert(
-                        e.seq,
-                        Unacked {
-                            entry: e,
-                            chan_key,
-                            tag: None,
-                        },
-                    );
-                }
-            }
+            } => self.get(chan_key, no_ack, reply),
             Control::ChannelClosed { chan_key } => {
                 let before = self.consumers.len();
                 self.consumers.retain(|c| c.chan_key != chan_key);
@@ -915,21 +1243,47 @@ impl Actor {
             Control::Touch => self.last_used = self.now,
             Control::Stats { reply } => {
                 self.expire_heads();
-                let _ = reply.send((self.ready.len() as u32, self.consumers.len() as u32));
+                let ready = self.ready_count().min(u32::MAX as u64) as u32;
+                let _ = reply.send((ready, self.consumers.len() as u32));
             }
             Control::Purge { reply } => {
-                let mut n = 0;
+                let mut n: u64 = 0;
                 while let Some(e) = self.ready.pop_front() {
-                    self.forget(&e.msg);
+                    self.forget(&e);
                     n += 1;
                 }
-                let _ = reply.send(n);
-            }
-            Control::Restore(messages) => {
-                for msg in messages {
-                    self.restore(msg);
+                if let Some(t) = self.tail.as_mut() {
+                    n += t.len;
+                    self.pending.push(MessageOp::RemoveRange {
+                        queue: self.info.id,
+                        from: t.cursor,
+                        to: t.end,
+                    });
+                    for s in std::mem::take(&mut t.ahead) {
+                        self.pending.push(MessageOp::RemoveRange {
+                            queue: self.info.id,
+                            from: s,
+                            to: s + 1,
+                        });
+                    }
+                    // Later arrivals from here on still go to disk.
+                    t.end = self.max_seen + 1;
+                    t.start = t.end;
+                    t.cursor = t.end;
+                    t.len = 0;
+                    t.reading = false;
+                    self.generations += 1;
+                    t.generation = self.generations;
                 }
+                let _ = reply.send(n.min(u32::MAX as u64) as u32);
             }
+            Control::Recovered { first, end, count } => {
+                self.recovered_below = end;
+                self.max_seen = self.max_seen.max(end.saturating_sub(1));
+                self.generations += 1;
+                self.tail = Some(Tail::new(first, end, count, self.generations));
+            }
+            Control::Paged { generation, page } => self.paged(generation, page),
             Control::Delete {
                 if_unused,
                 if_empty,
@@ -943,13 +1297,13 @@ impl Actor {
                     ))));
                     return false;
                 }
-                if if_empty && !self.ready.is_empty() {
+                if if_empty && self.ready_count() > 0 {
                     let _ = reply.send(Err(precondition(format!(
                         "queue '{name}' in vhost '{vhost}' is not empty"
                     ))));
                     return false;
                 }
-                let _ = reply.send(Ok(self.ready.len() as u32));
+                let _ = reply.send(Ok(self.ready_count().min(u32::MAX as u64) as u32));
                 self.cancel_all();
                 return true;
             }
@@ -957,13 +1311,13 @@ impl Actor {
         false
     }
 
-    /// A persistent message left this durable queue for good: remove its
-    /// store entry (in this wake-up's batch).
-    fn forget(&mut self, msg: &MessageRef) {
-        if let (Some(id), Some(_)) = (msg.stored, &self.persister) {
+    /// A message left the queue for good: remove its store entry (in this
+    /// wake-up's batch).
+    fn forget(&mut self, e: &Entry) {
+        if let (true, Some(id), Some(_)) = (e.on_disk, e.msg.stored, &self.persister) {
             self.pending.push(MessageOp::Remove {
                 queue: self.info.id,
-                seq: id,
+                seq: e.seq,
                 id,
             });
         }
@@ -975,21 +1329,6 @@ impl Actor {
                 p.submit_nowait(std::mem::take(&mut self.pending));
             }
         }
-    }
-
-    /// Put back a message recovered from the store. It may have been
-    /// delivered before the restart, so it is marked redelivered; its TTL
-    /// (if the queue has one) counts from now.
-    fn restore(&mut self, msg: MessageRef) {
-        let expires = self.expiry_for(&msg);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.ready.push_back(Entry {
-            seq,
-            msg,
-            redelivered: true,
-            expires,
-        });
     }
 
     /// When a message arriving now expires: the queue TTL or its own
@@ -1065,6 +1404,7 @@ mod tests {
             }),
             redelivered: false,
             expires: NEVER,
+            on_disk: false,
         }
     }
 

@@ -42,6 +42,9 @@ pub struct QueueArgs {
     pub dead_letter_routing_key: Option<String>,
     /// `x-max-priority`: priority levels 0..=n.
     pub max_priority: Option<u8>,
+    /// `x-queue-mode: lazy`: beyond its in-memory window the queue pages
+    /// every message to disk, not only persistent ones.
+    pub lazy: bool,
 }
 
 impl QueueArgs {
@@ -67,6 +70,7 @@ impl QueueArgs {
             dead_letter_exchange: text("x-dead-letter-exchange"),
             dead_letter_routing_key: text("x-dead-letter-routing-key"),
             max_priority: uint("x-max-priority").map(|p| p.min(MAX_PRIORITY as u64) as u8),
+            lazy: text("x-queue-mode").as_deref() == Some("lazy"),
         }
     }
 }
@@ -207,6 +211,7 @@ mod tests {
             ("x-dead-letter-exchange", s("dlx")),
             ("x-dead-letter-routing-key", s("rk")),
             ("x-max-priority", AMQPValue::ShortShortUInt(10)),
+            ("x-queue-mode", s("lazy")),
         ]));
         assert_eq!(
             a,
@@ -219,6 +224,7 @@ mod tests {
                 dead_letter_exchange: Some("dlx".into()),
                 dead_letter_routing_key: Some("rk".into()),
                 max_priority: Some(10),
+                lazy: true,
             }
         );
         assert_eq!(

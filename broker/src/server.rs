@@ -4,7 +4,6 @@
 
 use crate::config::Config;
 use crate::connection::{ConnEvent, Connection};
-use crate::message::Message;
 use crate::persist::Persister;
 use crate::queue::Control;
 use crate::vhost::VHost;
@@ -28,8 +27,6 @@ pub struct Broker {
     next_conn: AtomicU64,
     /// Source of channel keys (unique per channel incarnation).
     next_chan: AtomicU64,
-    /// Source of store ids for persistent messages.
-    next_message: AtomicU64,
     /// The group-commit writer of the message store.
     pub persister: Persister,
     /// Flips to true once, at shutdown.
@@ -52,62 +49,67 @@ impl Broker {
         self.vhosts.get(name).cloned()
     }
     pub fn next_message_id(&self) -> u64 {
-        self.next_message.fetch_add(1, Ordering::Relaxed)
+        self.persister.next_id()
     }
     pub fn next_chan_key(&self) -> u64 {
         self.next_chan.fetch_add(1, Ordering::Relaxed)
     }
+    /// Log the caches' hit and miss counts.
+    pub fn log_cache_stats(&self) {
+        let b = &self.persister.body_stats;
+        for v in self.vhosts.values() {
+            tracing::info!(
+                vhost = %v.name,
+                hits = v.route_stats.hits.load(Ordering::Relaxed),
+                misses = v.route_stats.misses.load(Ordering::Relaxed),
+                "route cache"
+            );
+        }
+        tracing::info!(
+            hits = b.hits.load(Ordering::Relaxed),
+            misses = b.misses.load(Ordering::Relaxed),
+            "message body cache (page reads)"
+        );
+    }
+
     pub fn replies(&self) -> std::sync::MutexGuard<'_, HashMap<String, ReplyTarget>> {
         // Map operations never panic half-way: a poisoned lock is consistent.
         self.reply_to.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Messages read from the store per batch during recovery.
-const RECOVERY_BATCH: usize = 10_000;
-
-/// Give every durable queue its stored messages back, in queue order, and
-/// drop index entries of queues that no longer exist. Returns the highest
-/// message id seen.
+/// Tell every durable queue what it holds on disk (it reads its messages
+/// back in order as consumers need them: no body is read here), and drop
+/// index entries of queues that no longer exist.
 fn recover_messages(
     store: &RocksStore,
     persister: &Persister,
     vhost: &VHost,
     defs: &Definitions,
-) -> Result<u64, String> {
+) -> Result<(), String> {
     let started = std::time::Instant::now();
-    let mut max_id = 0;
     let mut total = 0u64;
     for q in defs.queues.iter().filter(|q| q.vhost == vhost.name) {
         let handle = vhost.queue(&q.name, 0).map_err(|e| e.to_string())?;
-        let mut from = 0;
-        loop {
-            let batch = store
-                .read(q.id, from, RECOVERY_BATCH)
-                .map_err(|e| format!("reading queue '{}': {e}", q.name))?;
-            let Some(last) = batch.last() else { break };
-            from = last.0 + 1;
-            let mut messages = Vec::with_capacity(batch.len());
-            for (_, id, m) in batch {
-                max_id = max_id.max(id);
-                match Message::from_stored(id, m) {
-                    Some(m) => messages.push(Arc::new(m)),
-                    None => {
-                        tracing::error!(queue = %q.name, id, "stored message is unreadable; left on disk")
-                    }
-                }
-            }
-            total += messages.len() as u64;
-            handle.control(Control::Restore(messages));
-            if total % 100_000 < RECOVERY_BATCH as u64 && total >= 100_000 {
-                tracing::info!(messages = total, elapsed = ?started.elapsed(), "recovering messages");
-            }
-        }
+        let Some(b) = store
+            .bounds(q.id)
+            .map_err(|e| format!("reading queue '{}': {e}", q.name))?
+        else {
+            continue;
+        };
+        handle.set_next_seq(b.last + 1);
+        handle.control(Control::Recovered {
+            first: b.first,
+            end: b.last + 1,
+            count: b.count,
+        });
+        total += b.count;
+        tracing::info!(queue = %q.name, messages = b.count, elapsed = ?started.elapsed(), "recovered queue");
     }
     let known: std::collections::HashSet<u64> = defs.queues.iter().map(|q| q.id).collect();
     for id in store.queue_ids().map_err(|e| e.to_string())? {
         if !known.contains(&id) {
-            tracing::warn!(
+            tracing::info!(
                 queue_id = id,
                 "dropping stored messages of a queue that no longer exists"
             );
@@ -115,7 +117,7 @@ fn recover_messages(
         }
     }
     tracing::info!(messages = total, elapsed = ?started.elapsed(), "recovered persistent messages");
-    Ok(max_id)
+    Ok(())
 }
 
 /// A bound, not yet running, broker.
@@ -144,11 +146,14 @@ impl Server {
             .map_err(|e| err(format!("cannot read stored definitions: {e}")))?;
         let queue_ids = Arc::new(AtomicU64::new(1));
         let mut vhosts = HashMap::new();
-        let persister = Persister::start(store.clone())?;
+        let max_message = store
+            .max_message_id()
+            .map_err(|e| err(format!("cannot read the message store: {e}")))?;
+        let persister = Persister::start(store.clone(), max_message, config.body_cache_bytes)?;
         let root = VHost::new("/", store.clone(), queue_ids, Some(persister.clone()));
         root.recover(&defs)
             .map_err(|e| err(format!("cannot recover definitions: {e}")))?;
-        let max_message = recover_messages(&store, &persister, &root, &defs).map_err(err)?;
+        recover_messages(&store, &persister, &root, &defs).map_err(err)?;
         tracing::info!(
             exchanges = defs.exchanges.len(),
             queues = defs.queues.len(),
@@ -163,7 +168,6 @@ impl Server {
             vhosts,
             next_conn: AtomicU64::new(1),
             next_chan: AtomicU64::new(1),
-            next_message: AtomicU64::new(max_message + 1),
             persister,
             shutdown,
             reply_to: Mutex::new(HashMap::new()),
@@ -221,6 +225,7 @@ impl Server {
             while tasks.try_join_next().is_some() {}
         }
         tracing::info!("shutting down: closing {} connection(s)", tasks.len());
+        broker.log_cache_stats();
         drop(listener);
         let _ = shutdown_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -233,6 +238,8 @@ impl Server {
 /// A broker running in the background of the current runtime (tests, tools).
 pub struct RunningBroker {
     pub addr: SocketAddr,
+    /// The broker's shared state (tests read its counters).
+    pub broker: Arc<Broker>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -242,12 +249,14 @@ impl RunningBroker {
     pub async fn start(config: Config) -> std::io::Result<RunningBroker> {
         let server = Server::bind(config).await?;
         let addr = server.local_addr()?;
+        let broker = server.broker.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let done = tokio::spawn(server.run(async {
             let _ = rx.await;
         }));
         Ok(RunningBroker {
             addr,
+            broker,
             stop: Some(tx),
             done: Some(done),
         })

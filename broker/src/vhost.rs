@@ -82,6 +82,8 @@ pub struct VHost {
     /// are misses.
     generation: AtomicU64,
     routes: moka::sync::Cache<u64, Arc<Route>>,
+    /// Route-cache hits and misses so far.
+    pub route_stats: crate::persist::CacheStats,
     hasher: std::collections::hash_map::RandomState,
     /// Durable definitions.
     meta: Arc<dyn MetaStore>,
@@ -89,7 +91,8 @@ pub struct VHost {
     next_queue_id: Arc<AtomicU64>,
     /// For queue actors that delete themselves (auto-delete).
     me: Weak<VHost>,
-    /// The message store writer, given to durable queues.
+    /// The message store service, given to every queue (durable ones store
+    /// persistent messages; any queue may page).
     persister: Option<Persister>,
 }
 
@@ -133,6 +136,7 @@ impl VHost {
             topology: RwLock::new(Topology::default()),
             generation: AtomicU64::new(1),
             routes: moka::sync::Cache::new(10_000),
+            route_stats: Default::default(),
             hasher: Default::default(),
             meta,
             next_queue_id,
@@ -410,13 +414,10 @@ impl VHost {
     /// Start a queue actor that forgets itself here when it auto-deletes.
     fn spawn_queue(&self, info: QueueInfo) -> QueueHandle {
         let me = self.me.clone();
-        let persister = (info.durable && info.exclusive_owner.is_none())
-            .then(|| self.persister.clone())
-            .flatten();
         queue::spawn(
             info,
             self.me.clone(),
-            persister,
+            self.persister.clone(),
             Box::new(move |info: &QueueInfo| {
                 if let Some(v) = me.upgrade() {
                     v.forget_queue(&info.name, info.id);
@@ -635,9 +636,11 @@ impl VHost {
                 && &r.exchange == exchange
                 && &r.routing_key == routing_key
             {
+                self.route_stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Routed::Cached(r));
             }
         }
+        self.route_stats.misses.fetch_add(1, Ordering::Relaxed);
         let t = self.read();
         let ex = exchange.as_str();
         let e = t

@@ -211,6 +211,99 @@ async fn durable_definitions_survive_sigkill_and_transient_ones_do_not() {
     }
 }
 
+/// A persistent message dead-lettered (rejected) into a durable queue is
+/// stored there: it survives a SIGKILL, and the original does not come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_into_a_durable_queue_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = Daemon::start(dir.path(), port);
+    let (_c, ch) = d.channel().await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString("dlq".into()),
+    );
+    ch.queue_declare("work".into(), durable, args)
+        .await
+        .unwrap();
+    ch.queue_declare("dlq".into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let publish = |body: &'static [u8]| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "".into(),
+                "work".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+        }
+    };
+    assert!(publish(b"doomed").await.is_ack());
+    let m = ch
+        .basic_get("work".into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("a message");
+    ch.basic_reject(
+        m.delivery.delivery_tag,
+        BasicRejectOptions { requeue: false },
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while passive_queue(&ch, "dlq").await.unwrap().message_count() != 1 {
+        assert!(Instant::now() < deadline, "dead letter did not arrive");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A later confirm means the store writer got past the dead letter.
+    assert!(publish(b"marker").await.is_ack());
+    d.kill();
+
+    let d = Daemon::start(dir.path(), port);
+    let (_c, ch) = d.channel().await;
+    let dead = ch
+        .basic_get("dlq".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the dead letter survived");
+    assert_eq!(dead.delivery.data, b"doomed");
+    let headers = dead.properties.headers().clone().unwrap_or_default();
+    assert!(headers.inner().contains_key("x-death"), "x-death kept");
+    let rest = ch
+        .basic_get("work".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the marker");
+    assert_eq!(
+        rest.delivery.data, b"marker",
+        "the rejected original is gone"
+    );
+    assert!(ch
+        .basic_get("work".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .is_none());
+}
+
 #[test]
 fn a_second_daemon_on_the_same_data_dir_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();

@@ -125,25 +125,71 @@ pub enum MessageOp {
         seq: u64,
         id: MessageId,
     },
+    /// Remove a queue's entries with `from <= seq < to` (purge of the part
+    /// of a queue that lives only on disk); bodies go with their last entry.
+    RemoveRange { queue: QueueId, from: u64, to: u64 },
     /// Remove every entry of a queue (queue deleted).
     DropQueue { queue: QueueId },
+}
+
+/// What a queue holds on disk, found without reading a body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueBounds {
+    pub first: u64,
+    pub last: u64,
+    pub count: u64,
 }
 
 /// Persistent messages. `apply` returns once the batch is durable, so callers
 /// group many operations per call (group commit).
 pub trait MessageStore: Send + Sync + 'static {
     fn apply(&self, ops: &[MessageOp]) -> Result<()>;
-    /// Up to `limit` entries of `queue` with sequence >= `from`, in order.
+    /// Up to `limit` index entries `(seq, message id)` of `queue` with
+    /// `from <= seq < to`, in order. No body is read.
+    fn read_index(
+        &self,
+        queue: QueueId,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, MessageId)>>;
+    /// The stored messages with these ids (None where there is none).
+    fn get_messages(&self, ids: &[MessageId]) -> Result<Vec<Option<StoredMessage>>>;
+    /// First and last sequence and the number of entries of `queue`; None
+    /// when it has none. Reads index keys only.
+    fn bounds(&self, queue: QueueId) -> Result<Option<QueueBounds>>;
+    /// The highest message id stored (0 when there is none).
+    fn max_message_id(&self) -> Result<MessageId>;
+    /// Every queue id that has at least one entry.
+    fn queue_ids(&self) -> Result<Vec<QueueId>>;
+
+    /// Up to `limit` entries of `queue` with sequence >= `from`, in order,
+    /// with their messages.
     fn read(
         &self,
         queue: QueueId,
         from: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, MessageId, StoredMessage)>>;
+    ) -> Result<Vec<(u64, MessageId, StoredMessage)>> {
+        let entries = self.read_index(queue, from, u64::MAX, limit)?;
+        let ids: Vec<MessageId> = entries.iter().map(|e| e.1).collect();
+        let bodies = self.get_messages(&ids)?;
+        entries
+            .into_iter()
+            .zip(bodies)
+            .map(|((seq, id), m)| {
+                m.map(|m| (seq, id, m)).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "queue {queue} entry {seq} refers to missing message {id}"
+                    ))
+                })
+            })
+            .collect()
+    }
     /// Number of entries stored for `queue`.
-    fn count(&self, queue: QueueId) -> Result<u64>;
-    /// Every queue id that has at least one entry.
-    fn queue_ids(&self) -> Result<Vec<QueueId>>;
+    fn count(&self, queue: QueueId) -> Result<u64> {
+        Ok(self.bounds(queue)?.map_or(0, |b| b.count))
+    }
 }
 
 /// The contract every engine keeps, checked against each of them.
@@ -204,6 +250,22 @@ pub(crate) mod contract {
         assert_eq!(r[1].2, msg("one"));
         assert_eq!(s.read(1, 11, 10).unwrap().len(), 1);
         assert_eq!(s.read(1, 0, 1).unwrap().len(), 1);
+        assert_eq!(s.read_index(1, 0, 11, 10).unwrap(), vec![(10, 10)]);
+        assert_eq!(s.read_index(1, 11, u64::MAX, 10).unwrap(), vec![(11, 11)]);
+        assert_eq!(
+            s.bounds(1).unwrap(),
+            Some(QueueBounds {
+                first: 10,
+                last: 11,
+                count: 2
+            })
+        );
+        assert_eq!(s.bounds(3).unwrap(), None);
+        assert_eq!(s.max_message_id().unwrap(), 11);
+        assert_eq!(
+            s.get_messages(&[11, 99, 10]).unwrap(),
+            vec![Some(msg("one")), None, Some(msg("shared"))]
+        );
         s.apply(&[MessageOp::Remove {
             queue: 1,
             seq: 10,
@@ -242,6 +304,34 @@ pub(crate) mod contract {
         .unwrap();
         assert_eq!(bodies(), 0);
         assert_eq!(s.count(1).unwrap(), 0);
+        // A range removal takes only its range, and frees unshared bodies.
+        let mut ops = Vec::new();
+        for id in 20..25 {
+            ops.push(MessageOp::PutMessage {
+                id,
+                refs: 1,
+                message: msg("r"),
+            });
+            ops.push(MessageOp::Enqueue {
+                queue: 4,
+                seq: id - 19,
+                id,
+            });
+        }
+        s.apply(&ops).unwrap();
+        s.apply(&[MessageOp::RemoveRange {
+            queue: 4,
+            from: 2,
+            to: 4,
+        }])
+        .unwrap();
+        assert_eq!(
+            s.read_index(4, 0, u64::MAX, 10).unwrap(),
+            vec![(1, 20), (4, 23), (5, 24)]
+        );
+        assert_eq!(bodies(), 3);
+        s.apply(&[MessageOp::DropQueue { queue: 4 }]).unwrap();
+        assert_eq!(bodies(), 0);
     }
 
     fn binding(source: &str, dest: &str, to_queue: bool) -> BindingDef {

@@ -108,10 +108,18 @@ impl MessageStore for MemStore {
                         release(&mut m, id);
                     }
                 }
-                MessageOp::DropQueue { queue } => {
+                MessageOp::RemoveRange { .. } | MessageOp::DropQueue { .. } => {
+                    let (queue, from, to) = match op {
+                        MessageOp::RemoveRange { queue, from, to } => (*queue, *from, *to),
+                        MessageOp::DropQueue { queue } => (*queue, 0, u64::MAX),
+                        _ => unreachable!("matched above"),
+                    };
+                    if from >= to {
+                        continue;
+                    }
                     let keys: BTreeSet<_> = m
                         .index
-                        .range((*queue, 0)..=(*queue, u64::MAX))
+                        .range((queue, from)..(queue, to))
                         .map(|(k, _)| *k)
                         .collect();
                     for k in keys {
@@ -125,25 +133,49 @@ impl MessageStore for MemStore {
         Ok(())
     }
 
-    fn read(
+    fn read_index(
         &self,
         queue: QueueId,
         from: u64,
+        to: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, MessageId, StoredMessage)>> {
+    ) -> Result<Vec<(u64, MessageId)>> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
         let m = lock(&self.messages);
         Ok(m.index
-            .range((queue, from)..=(queue, u64::MAX))
+            .range((queue, from)..(queue, to))
             .take(limit)
-            .filter_map(|(&(_, seq), id)| m.bodies.get(id).map(|(msg, _)| (seq, *id, msg.clone())))
+            .map(|(&(_, seq), id)| (seq, *id))
             .collect())
     }
 
-    fn count(&self, queue: QueueId) -> Result<u64> {
+    fn get_messages(&self, ids: &[MessageId]) -> Result<Vec<Option<StoredMessage>>> {
+        let m = lock(&self.messages);
+        Ok(ids
+            .iter()
+            .map(|id| m.bodies.get(id).map(|(msg, _)| msg.clone()))
+            .collect())
+    }
+
+    fn bounds(&self, queue: QueueId) -> Result<Option<QueueBounds>> {
+        let m = lock(&self.messages);
+        let mut r = m.index.range((queue, 0)..=(queue, u64::MAX));
+        let Some((&(_, first), _)) = r.next() else {
+            return Ok(None);
+        };
+        let (last, count) = r.fold((first, 1), |(_, n), (&(_, s), _)| (s, n + 1));
+        Ok(Some(QueueBounds { first, last, count }))
+    }
+
+    fn max_message_id(&self) -> Result<MessageId> {
         Ok(lock(&self.messages)
-            .index
-            .range((queue, 0)..=(queue, u64::MAX))
-            .count() as u64)
+            .bodies
+            .keys()
+            .copied()
+            .max()
+            .unwrap_or(0))
     }
 
     fn queue_ids(&self) -> Result<Vec<QueueId>> {

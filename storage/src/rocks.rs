@@ -16,8 +16,8 @@
 use crate::codec::{Reader, Writer};
 use crate::*;
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
-    WriteOptions, DB,
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions,
+    WriteBatch, WriteOptions, DB,
 };
 use std::collections::HashMap;
 use std::path::Path;
@@ -79,13 +79,16 @@ fn encode_message(m: &StoredMessage) -> Vec<u8> {
     w.0
 }
 
-fn decode_message(v: &[u8]) -> Result<StoredMessage> {
-    let mut r = Reader(v);
+/// Decode a stored message; its parts are slices of the one value buffer.
+fn decode_message(v: Vec<u8>) -> Result<StoredMessage> {
+    let v = Bytes::from(v);
+    let mut r = Reader(&v);
+    let mut part = || -> Result<Bytes> { Ok(v.slice_ref(r.bytes()?)) };
     Ok(StoredMessage {
-        exchange: Bytes::copy_from_slice(r.bytes()?),
-        routing_key: Bytes::copy_from_slice(r.bytes()?),
-        header: Bytes::copy_from_slice(r.bytes()?),
-        body: Bytes::copy_from_slice(r.bytes()?),
+        exchange: part()?,
+        routing_key: part()?,
+        header: part()?,
+        body: part()?,
     })
 }
 
@@ -106,8 +109,21 @@ impl RocksStore {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let cfs =
-            [META, MESSAGES, INDEX].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        // Bounded memory: memtables of all families together stay under
+        // 64 MiB, and one 32 MiB block cache serves every family.
+        opts.set_db_write_buffer_size(64 << 20);
+        let cache = rocksdb::Cache::new_lru_cache(32 << 20);
+        let family = |write_buffer: usize| {
+            let mut o = Options::default();
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o.set_write_buffer_size(write_buffer);
+            let mut t = rocksdb::BlockBasedOptions::default();
+            t.set_block_cache(&cache);
+            o.set_block_based_table_factory(&t);
+            o
+        };
+        let cfs = [(META, 4 << 20), (MESSAGES, 32 << 20), (INDEX, 16 << 20)]
+            .map(|(n, wb)| ColumnFamilyDescriptor::new(n, family(wb)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
             let text = e.into_string();
             if text.contains("lock") || text.contains("LOCK") {
@@ -351,17 +367,26 @@ impl MessageStore for RocksStore {
                         counts.insert(*id, n - 1);
                     }
                 }
-                MessageOp::DropQueue { queue } => {
-                    let from = keys::queue_entry(*queue, 0);
-                    let to = keys::queue_entry(queue.wrapping_add(1), 0);
-                    for item in self
-                        .db
-                        .iterator_cf(index, IteratorMode::From(&from, Direction::Forward))
-                    {
-                        let (k, v) = item.map_err(io)?;
-                        if k.as_ref() >= &to[..] {
-                            break;
-                        }
+                MessageOp::RemoveRange { .. } | MessageOp::DropQueue { .. } => {
+                    let (from, to) = match op {
+                        MessageOp::RemoveRange { queue, from, to } if from < to => (
+                            keys::queue_entry(*queue, *from),
+                            keys::queue_entry(*queue, *to),
+                        ),
+                        MessageOp::DropQueue { queue } => (
+                            keys::queue_entry(*queue, 0),
+                            keys::queue_entry(queue.wrapping_add(1), 0),
+                        ),
+                        _ => continue,
+                    };
+                    let mut ro = ReadOptions::default();
+                    ro.set_iterate_upper_bound(to);
+                    for item in self.db.iterator_cf_opt(
+                        index,
+                        ro,
+                        IteratorMode::From(&from, Direction::Forward),
+                    ) {
+                        let (_, v) = item.map_err(io)?;
                         let id = id_value(&v)?;
                         let n = count(&mut counts, &shared, id);
                         if n <= 1 {
@@ -386,58 +411,85 @@ impl MessageStore for RocksStore {
         Ok(())
     }
 
-    fn read(
+    fn read_index(
         &self,
         queue: QueueId,
         from: u64,
+        to: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, MessageId, StoredMessage)>> {
-        let (messages, index) = (self.cf(MESSAGES), self.cf(INDEX));
+    ) -> Result<Vec<(u64, MessageId)>> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::queue_entry(queue, to));
         let start = keys::queue_entry(queue, from);
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(index, IteratorMode::From(&start, Direction::Forward))
-        {
+        for item in self.db.iterator_cf_opt(
+            self.cf(INDEX),
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
             if out.len() >= limit {
                 break;
             }
             let (k, v) = item.map_err(io)?;
-            let Some((q, seq)) = keys::parse_queue_entry(&k) else {
-                break;
-            };
-            if q != queue {
-                break;
+            match keys::parse_queue_entry(&k) {
+                Some((q, seq)) if q == queue => out.push((seq, id_value(&v)?)),
+                _ => break,
             }
-            let id = id_value(&v)?;
-            let body = self
-                .db
-                .get_cf(messages, id.to_be_bytes())
-                .map_err(io)?
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "queue {queue} entry {seq} refers to missing message {id}"
-                    ))
-                })?;
-            out.push((seq, id, decode_message(&body)?));
         }
         Ok(out)
     }
 
-    fn count(&self, queue: QueueId) -> Result<u64> {
+    fn get_messages(&self, ids: &[MessageId]) -> Result<Vec<Option<StoredMessage>>> {
+        let messages = self.cf(MESSAGES);
+        let keys: Vec<_> = ids.iter().map(|id| (messages, id.to_be_bytes())).collect();
+        self.db
+            .multi_get_cf(keys)
+            .into_iter()
+            .map(|r| match r.map_err(io)? {
+                Some(v) => decode_message(v).map(Some),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    fn bounds(&self, queue: QueueId) -> Result<Option<QueueBounds>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::queue_entry(queue.wrapping_add(1), 0));
         let start = keys::queue_entry(queue, 0);
-        let mut n = 0;
-        for item in self.db.iterator_cf(
-            self.cf(INDEX),
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            let (k, _) = item.map_err(io)?;
-            match keys::parse_queue_entry(&k) {
-                Some((q, _)) if q == queue => n += 1,
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(INDEX), ro);
+        it.seek(start);
+        let mut found: Option<QueueBounds> = None;
+        while let Some(k) = it.key() {
+            match keys::parse_queue_entry(k) {
+                Some((q, seq)) if q == queue => {
+                    let b = found.get_or_insert(QueueBounds {
+                        first: seq,
+                        last: seq,
+                        count: 0,
+                    });
+                    b.last = seq;
+                    b.count += 1;
+                }
                 _ => break,
             }
+            it.next();
         }
-        Ok(n)
+        it.status().map_err(io)?;
+        Ok(found)
+    }
+
+    fn max_message_id(&self) -> Result<MessageId> {
+        let mut it = self.db.raw_iterator_cf(self.cf(MESSAGES));
+        it.seek_to_last();
+        let id = match it.key() {
+            Some(k) => id_value(k)?,
+            None => 0,
+        };
+        it.status().map_err(io)?;
+        Ok(id)
     }
 
     fn queue_ids(&self) -> Result<Vec<QueueId>> {

@@ -51,6 +51,11 @@ impl TestBroker {
         self.running.is_some()
     }
 
+    /// The in-process broker's shared state (None for an external broker).
+    pub fn broker(&self) -> Option<std::sync::Arc<warren_broker::server::Broker>> {
+        self.running.as_ref().map(|r| r.broker.clone())
+    }
+
     /// host:port of the broker.
     pub fn addr(&self) -> String {
         let rest = self.url.split('@').nth(1).unwrap_or("127.0.0.1:5672/");

@@ -23,25 +23,35 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, port: u16) -> Daemon {
+        Daemon::start_with(dir, port, &["--log-level", "warn"])
+    }
+
+    /// Start with extra command-line flags (after the defaults, which they
+    /// must not repeat).
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Daemon {
+        let log = std::env::temp_dir().join(format!("warren-test-daemon-{port}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_warren"))
             .args([
                 "--bind",
                 "127.0.0.1",
                 "--port",
                 &port.to_string(),
-                "--log-level",
-                "warn",
                 "--data-dir",
             ])
             .arg(dir)
+            .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("daemon log file"))
             .spawn()
             .expect("spawn warren");
-        let d = Daemon { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut d = Daemon { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "warren did not listen on {port}");
+            let exited = d.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() >= deadline {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("warren did not listen on {port} ({exited:?}); its log:\n{text}");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         d
@@ -54,6 +64,16 @@ impl Daemon {
             .expect("connect");
         let ch = c.create_channel().await.expect("channel");
         (c, ch)
+    }
+
+    /// Peak resident memory of the process so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        status_kib(self.child.id(), "VmHWM:") * 1024
+    }
+
+    /// Resident memory of the process now (VmRSS), in bytes.
+    pub fn rss(&self) -> u64 {
+        status_kib(self.child.id(), "VmRSS:") * 1024
     }
 
     /// SIGKILL: no chance to flush anything.
@@ -75,4 +95,14 @@ pub fn code(e: &lapin::Error) -> Option<u16> {
         lapin::ErrorKind::ProtocolError(a) => Some(a.get_id()),
         _ => None,
     }
+}
+
+/// A `kB` field of /proc/PID/status.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
