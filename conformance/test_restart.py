@@ -250,6 +250,10 @@ def test_acked_messages_do_not_come_back(clients, names):
     ch.basic_nack(m3.delivery_tag, requeue=False)  # 3 dropped
     m4, _p, _b = ch.basic_get(q)
     ch.basic_reject(m4.delivery_tag, requeue=True)  # 4 back in the queue
+    # RabbitMQ requeues asynchronously: a passive declare may not count 4 yet
+    deadline = time.monotonic() + 5
+    while queue_depth(ch, q) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert queue_depth(ch, q) == 2
     clients.restart(settle=SETTLE)
     assert drain(clients.channel(), q) == [b"4", b"5"]
