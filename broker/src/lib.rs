@@ -15,6 +15,8 @@
 //! - [`persist`] — the group-commit writer thread of the message store.
 //! - [`message`] — the shared message.
 //! - [`error`] — errors shaped as channel.close / connection.close.
+//! - [`alarm`] — resource alarms (memory high watermark, free disk limit)
+//!   that block publishing connections, and the paging signal for queues.
 //! - [`config`] — settings.
 //!
 //! A `basic.publish`: socket -> frame check -> method decode -> the channel
@@ -23,6 +25,7 @@
 //! queue actor enqueues it and dispatches to a consumer with credit -> that
 //! connection assigns a delivery tag and writes deliver + raw header + body.
 
+pub mod alarm;
 pub mod channel;
 pub mod config;
 pub mod connection;
