@@ -2,6 +2,7 @@
 //! by a semaphore), spawns one task per connection, and on shutdown tells every
 //! connection to close (320 CONNECTION_FORCED) and waits for them briefly.
 
+use crate::alarm::Alarms;
 use crate::config::Config;
 use crate::connection::{ConnEvent, Connection};
 use crate::message::Message;
@@ -37,6 +38,8 @@ pub struct Broker {
     /// Direct reply-to consumers by their `amq.rabbitmq.reply-to.*` name.
     /// A std mutex held only for a map operation, never across `.await`.
     pub reply_to: Mutex<HashMap<String, ReplyTarget>>,
+    /// Resource alarms (memory, disk): block publishers; paging signal.
+    pub alarms: Arc<Alarms>,
 }
 
 /// Where a direct reply goes: a consumer on some connection's channel.
@@ -157,6 +160,11 @@ impl Server {
         );
         vhosts.insert("/".to_owned(), root);
         let listener = TcpListener::bind(config.listen).await?;
+        let alarms = Alarms::start(
+            &config.data_dir,
+            config.memory_limit,
+            config.disk_free_limit,
+        );
         let (shutdown_tx, shutdown) = watch::channel(false);
         let broker = Arc::new(Broker {
             config,
@@ -167,6 +175,7 @@ impl Server {
             persister,
             shutdown,
             reply_to: Mutex::new(HashMap::new()),
+            alarms,
         });
         Ok(Server {
             listener,
@@ -177,6 +186,10 @@ impl Server {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    pub fn alarms(&self) -> Arc<Alarms> {
+        self.broker.alarms.clone()
     }
 
     /// Serve until `stop` completes, then close every connection.
@@ -233,6 +246,7 @@ impl Server {
 /// A broker running in the background of the current runtime (tests, tools).
 pub struct RunningBroker {
     pub addr: SocketAddr,
+    pub alarms: Arc<Alarms>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -242,12 +256,14 @@ impl RunningBroker {
     pub async fn start(config: Config) -> std::io::Result<RunningBroker> {
         let server = Server::bind(config).await?;
         let addr = server.local_addr()?;
+        let alarms = server.alarms();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let done = tokio::spawn(server.run(async {
             let _ = rx.await;
         }));
         Ok(RunningBroker {
             addr,
+            alarms,
             stop: Some(tx),
             done: Some(done),
         })
