@@ -23,6 +23,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, port: u16) -> Daemon {
+        Daemon::start_with(dir, port, &[])
+    }
+
+    /// Start with extra flags.
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_warren"))
             .args([
                 "--bind",
@@ -34,6 +39,7 @@ impl Daemon {
                 "--data-dir",
             ])
             .arg(dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
