@@ -271,14 +271,15 @@ fn known(v: u64) -> Option<u64> {
 
 /// The monitor loop: runs until the `Alarms` is dropped.
 fn monitor(weak: Weak<Alarms>) {
-    let mut n: u32 = 0;
+    let mut until_disk = DISK_EVERY;
     loop {
         std::thread::sleep(MEMORY_INTERVAL);
         let Some(alarms) = weak.upgrade() else {
             return;
         };
-        n = n.wrapping_add(1);
-        let free = if n % DISK_EVERY == 0 {
+        until_disk -= 1;
+        let free = if until_disk == 0 {
+            until_disk = DISK_EVERY;
             alarms.sample_disk()
         } else {
             None
