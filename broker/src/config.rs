@@ -29,6 +29,12 @@ pub struct Config {
     /// Bytes of hot message bodies kept in memory for messages that live on
     /// disk (queues paging their tail).
     pub body_cache_bytes: u64,
+    /// Memory high watermark in bytes: at or above it (process RSS) the
+    /// memory alarm blocks publishers. 0 blocks every publisher.
+    pub memory_limit: u64,
+    /// Free disk space (of `data_dir`) in bytes below which the disk alarm
+    /// blocks publishers. 0 disables the disk alarm.
+    pub disk_free_limit: u64,
 }
 
 /// Smallest frame_max a client may choose (AMQP 0-9-1 frame-min-size).
@@ -51,6 +57,154 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             fsync: true,
             body_cache_bytes: 64 << 20,
+            memory_limit: MemoryLimit::Fraction(crate::alarm::DEFAULT_MEMORY_FRACTION)
+                .resolve()
+                .unwrap_or(u64::MAX),
+            disk_free_limit: crate::alarm::DEFAULT_DISK_FREE_LIMIT,
         }
+    }
+}
+
+/// `--memory-limit`: an absolute size or a fraction of the memory this
+/// process may use (see [`crate::alarm::total_memory`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MemoryLimit {
+    Absolute(u64),
+    Fraction(f64),
+}
+
+impl MemoryLimit {
+    /// The limit in bytes; an error when a fraction is given and the total
+    /// memory cannot be read.
+    pub fn resolve(self) -> Result<u64, String> {
+        match self {
+            MemoryLimit::Absolute(n) => Ok(n),
+            MemoryLimit::Fraction(f) => {
+                let total = crate::alarm::total_memory().ok_or_else(|| {
+                    "cannot read the total memory (/proc/meminfo); give the memory limit as an absolute size such as 2GiB".to_owned()
+                })?;
+                Ok((total as f64 * f) as u64)
+            }
+        }
+    }
+}
+
+/// Parse a memory limit: "0.4" or "40%" (a fraction of total memory), or an
+/// absolute size as [`parse_size`] accepts ("512MiB", "2GB", "1073741824").
+pub fn parse_memory_limit(s: &str) -> Result<MemoryLimit, String> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        let p: f64 = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{s}' is not a percentage such as 40%"))?;
+        if !(0.0..=100.0).contains(&p) {
+            return Err(format!("'{s}': a percentage must be between 0% and 100%"));
+        }
+        return Ok(MemoryLimit::Fraction(p / 100.0));
+    }
+    if t.contains('.') && t.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let f: f64 = t
+            .parse()
+            .map_err(|_| format!("'{s}' is not a fraction such as 0.4"))?;
+        if !(0.0..=1.0).contains(&f) {
+            return Err(format!(
+                "'{s}': a fraction of total memory must be between 0 and 1 (for bytes, add a unit such as GiB)"
+            ));
+        }
+        return Ok(MemoryLimit::Fraction(f));
+    }
+    parse_size(s).map(MemoryLimit::Absolute)
+}
+
+/// Parse a size in bytes: a number with an optional unit, as RabbitMQ reads
+/// its information units: `kB`/`KB`, `MB`, `GB`, `TB` are powers of 1000;
+/// `k`/`K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB` powers of 1024; `B` or no
+/// unit is bytes. A fractional number needs a unit ("1.5GiB").
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    if num.is_empty() {
+        return Err(format!(
+            "'{s}' is not a size (examples: 1073741824, 512MiB, 2GB)"
+        ));
+    }
+    let mult: u64 = match unit {
+        "" | "B" => 1,
+        "kB" | "KB" => 1000,
+        "MB" => 1000_u64.pow(2),
+        "GB" => 1000_u64.pow(3),
+        "TB" => 1000_u64.pow(4),
+        "k" | "K" | "KiB" | "kiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "'{s}': unknown unit '{other}' (use B, kB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    if num.contains('.') {
+        if mult == 1 {
+            return Err(format!("'{s}': a fractional size needs a unit such as GiB"));
+        }
+        let f: f64 = num.parse().map_err(|_| format!("'{s}' is not a number"))?;
+        let bytes = f * mult as f64;
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+            return Err(format!("'{s}' is too large"));
+        }
+        return Ok(bytes as u64);
+    }
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is too large"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("50MB"), Ok(50_000_000));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("GB").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("1.5").is_err());
+        assert!(parse_size("1.2.3GB").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn memory_limits() {
+        assert_eq!(parse_memory_limit("0.4"), Ok(MemoryLimit::Fraction(0.4)));
+        assert_eq!(parse_memory_limit("40%"), Ok(MemoryLimit::Fraction(0.4)));
+        assert_eq!(
+            parse_memory_limit("512MiB"),
+            Ok(MemoryLimit::Absolute(512 << 20))
+        );
+        assert_eq!(
+            parse_memory_limit("1073741824"),
+            Ok(MemoryLimit::Absolute(1 << 30))
+        );
+        assert!(parse_memory_limit("1.5").is_err());
+        assert!(parse_memory_limit("140%").is_err());
+        assert!(parse_memory_limit("lots").is_err());
+        let total = crate::alarm::total_memory().expect("Linux");
+        let half = MemoryLimit::Fraction(0.5).resolve().expect("resolves");
+        assert!(half.abs_diff(total / 2) <= 1);
     }
 }

@@ -3,7 +3,19 @@
 //! for it (deliveries, confirms, cancels) from queues, the heartbeat timer and
 //! the shutdown signal. Output is gathered in one buffer and written once per
 //! batch. Frames are checked (size, type, end octet) before being buffered.
+//!
+//! Resource alarms (see `alarm.rs`) block publishers as RabbitMQ's reader
+//! does: while an alarm is on, the first content frame (header or body) a
+//! connection sends blocks it. A blocked connection sends `connection.blocked`
+//! (if the client announced that capability), stops reading and processing
+//! input, so TCP back-pressure holds the publisher, but keeps writing
+//! deliveries, confirms and heartbeats, and does not check for the client's
+//! heartbeats (a blocked client may stop sending anything, as lapin does).
+//! When every alarm clears it sends `connection.unblocked` and resumes with
+//! the frames it had already buffered. A connection that never publishes is
+//! never blocked, so consumers can drain queues.
 
+use crate::alarm::Blocked;
 use crate::channel::{ChanConsumer, Channel, Confirms, Content, Delivery, Settle, Tx};
 use crate::error::{precondition, AmqpError, AmqpResult};
 use crate::exchange::Dest;
@@ -20,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use warren_protocol::amqp::{
     access, basic, channel as chan, confirm, connection as conn, exchange, queue as q, tx,
     AMQPClass,
@@ -118,12 +130,19 @@ pub struct Connection {
     exclusive: Vec<queue::QueueHandle>,
     last_read: Instant,
     last_write: Instant,
+    /// The broker's resource alarms.
+    alarm: watch::Receiver<Blocked>,
+    /// Input suspended: the connection published while an alarm was on.
+    blocked: bool,
+    /// `connection.blocked` went out and `connection.unblocked` is owed.
+    blocked_sent: bool,
 }
 
 impl Connection {
     pub fn new(id: u64, stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let _ = stream.set_nodelay(true);
+        let alarm = broker.alarms.subscribe();
         Connection {
             id,
             peer,
@@ -143,6 +162,9 @@ impl Connection {
             exclusive: Vec::new(),
             last_read: Instant::now(),
             last_write: Instant::now(),
+            alarm,
+            blocked: false,
+            blocked_sent: false,
         }
     }
 
@@ -473,7 +495,6 @@ impl Connection {
         if let Some(n) = name {
             tracing::Span::current().record("name", n.as_str());
         }
-        let _ = self.caps.connection_blocked;
     }
 
     // ----------------------------------------------------------- main loop
@@ -495,11 +516,23 @@ impl Connection {
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.last_read = Instant::now();
+        let mut alarm = self.alarm.clone();
+        alarm.mark_unchanged();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
                     return Err(hard(reply::CONNECTION_FORCED, "broker forced connection closure with reason 'shutdown'"));
+                }
+                r = alarm.changed(), if self.blocked => {
+                    let now = *alarm.borrow_and_update();
+                    // (A closed sender cannot happen while we hold the broker;
+                    // treat it as "no alarm" rather than spin.)
+                    if (r.is_err() || !now.any()) && self.unblock() && self.process_input().await? {
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                    self.flush_confirms();
                 }
                 ev = self.events_rx.recv() => {
                     if let Some(ev) = ev {
@@ -513,7 +546,7 @@ impl Connection {
                         self.flush_confirms();
                     }
                 }
-                n = self.stream.read_buf(&mut self.inbuf) => {
+                n = self.stream.read_buf(&mut self.inbuf), if !self.blocked => {
                     if n? == 0 {
                         return Err(Fault::Drop("peer closed the socket".into()));
                     }
@@ -526,7 +559,8 @@ impl Connection {
                 }
                 _ = timer.tick() => {
                     if self.heartbeat > 0 {
-                        if self.last_read.elapsed() > hb * 2 {
+                        // Suspended while blocked: we are not reading.
+                        if !self.blocked && self.last_read.elapsed() > hb * 2 {
                             return Err(Fault::Drop(format!("missed heartbeats from client, timeout: {}s", self.heartbeat)));
                         }
                         if self.last_write.elapsed() >= tick && self.out.is_empty() {
@@ -543,13 +577,26 @@ impl Connection {
     /// the connection closed cleanly.
     async fn process_input(&mut self) -> Result<bool, Fault> {
         let mut handled = 0usize;
-        while let Some((h, payload)) = self.next_frame()? {
+        while !self.blocked {
+            let Some((h, payload)) = self.next_frame()? else {
+                break;
+            };
             handled += payload.len() + frame::OVERHEAD;
+            let content = h.kind == frame::HEADER || h.kind == frame::BODY;
             match self.on_frame(h, payload).await {
                 Ok(true) => return Ok(true),
                 Ok(false) => {}
                 Err(Fault::Channel(ch, e)) => self.close_channel(ch, e).await,
                 Err(f) => return Err(f),
+            }
+            if content {
+                // A publish while an alarm is on blocks the connection; the
+                // rest of the input waits in the buffer and the socket.
+                let state = *self.alarm.borrow();
+                if state.any() {
+                    self.block(state);
+                    break;
+                }
             }
             if handled >= READ_BATCH {
                 // Let queued events and the writer in; the rest waits.
@@ -563,6 +610,42 @@ impl Connection {
             self.inbuf = BytesMut::with_capacity(16 * 1024);
         }
         Ok(false)
+    }
+
+    /// Stop reading: the connection published while an alarm is on.
+    fn block(&mut self, state: Blocked) {
+        self.blocked = true;
+        let reason = state.reason().unwrap_or("low on resources");
+        tracing::debug!(peer = %self.peer, reason, "publisher blocked by a resource alarm");
+        if self.caps.connection_blocked && !self.blocked_sent {
+            self.blocked_sent = true;
+            self.send_method(
+                0,
+                AMQPClass::Connection(conn::AMQPMethod::Blocked(conn::Blocked {
+                    reason: short(reason),
+                })),
+            );
+        }
+    }
+
+    /// Every alarm cleared: read again (the caller processes what is already
+    /// buffered). Returns true if the connection was blocked.
+    fn unblock(&mut self) -> bool {
+        if !self.blocked {
+            return false;
+        }
+        self.blocked = false;
+        // Heartbeat monitoring resumes afresh, as RabbitMQ's resume_monitor.
+        self.last_read = Instant::now();
+        tracing::debug!(peer = %self.peer, "publisher unblocked");
+        if self.blocked_sent {
+            self.blocked_sent = false;
+            self.send_method(
+                0,
+                AMQPClass::Connection(conn::AMQPMethod::Unblocked(conn::Unblocked {})),
+            );
+        }
+        true
     }
 
     /// Returns true when the client closed the connection.

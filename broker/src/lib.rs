@@ -18,6 +18,8 @@
 //!   page reader thread, message ids, the moka cache of hot bodies.
 //! - [`message`] — the shared message.
 //! - [`error`] — errors shaped as channel.close / connection.close.
+//! - [`alarm`] — resource alarms (memory high watermark, free disk limit)
+//!   that block publishing connections, and the paging signal for queues.
 //! - [`config`] — settings.
 //!
 //! A `basic.publish`: socket -> frame check -> method decode -> the channel
@@ -26,6 +28,7 @@
 //! queue actor enqueues it and dispatches to a consumer with credit -> that
 //! connection assigns a delivery tag and writes deliver + raw header + body.
 
+pub mod alarm;
 pub mod channel;
 pub mod config;
 pub mod connection;

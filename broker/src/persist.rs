@@ -16,8 +16,9 @@
 //! Publishers submit with a permit (they wait when too many jobs are queued:
 //! back-pressure); queue actors, which must never wait, submit without.
 
+use crate::alarm::Alarms;
 use crate::message::{Message, MessageRef};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use warren_storage::{MessageId, MessageOp, MessageStore, QueueId};
@@ -96,9 +97,8 @@ pub struct Persister {
     /// Hot bodies of messages that live on disk, by message id.
     bodies: moka::sync::Cache<MessageId, MessageRef>,
     pub body_stats: Arc<CacheStats>,
-    /// Set while memory is under pressure: queues then page transient
-    /// messages out too.
-    paging: Arc<AtomicBool>,
+    /// Memory pressure: queues then page transient messages out too.
+    alarms: Arc<Alarms>,
 }
 
 impl Persister {
@@ -109,6 +109,7 @@ impl Persister {
         store: Arc<dyn MessageStore>,
         max_id: MessageId,
         cache_bytes: u64,
+        alarms: Arc<Alarms>,
     ) -> std::io::Result<Persister> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let failures = Arc::new(AtomicU64::new(0));
@@ -179,7 +180,7 @@ impl Persister {
             next_id: Arc::new(AtomicU64::new(max_id + 1)),
             bodies,
             body_stats,
-            paging: Arc::new(AtomicBool::new(false)),
+            alarms,
         })
     }
 
@@ -270,12 +271,7 @@ impl Persister {
 
     /// Whether queues should page transient messages out (memory pressure).
     pub fn paging(&self) -> bool {
-        self.paging.load(Ordering::Relaxed)
-    }
-
-    /// The flag behind [`Persister::paging`], for the memory monitor.
-    pub fn paging_flag(&self) -> Arc<AtomicBool> {
-        self.paging.clone()
+        self.alarms.paging()
     }
 }
 

@@ -2,6 +2,7 @@
 //! by a semaphore), spawns one task per connection, and on shutdown tells every
 //! connection to close (320 CONNECTION_FORCED) and waits for them briefly.
 
+use crate::alarm::Alarms;
 use crate::config::Config;
 use crate::connection::{ConnEvent, Connection};
 use crate::persist::Persister;
@@ -34,6 +35,8 @@ pub struct Broker {
     /// Direct reply-to consumers by their `amq.rabbitmq.reply-to.*` name.
     /// A std mutex held only for a map operation, never across `.await`.
     pub reply_to: Mutex<HashMap<String, ReplyTarget>>,
+    /// Resource alarms (memory, disk): block publishers; paging signal.
+    pub alarms: Arc<Alarms>,
 }
 
 /// Where a direct reply goes: a consumer on some connection's channel.
@@ -149,7 +152,14 @@ impl Server {
         let max_message = store
             .max_message_id()
             .map_err(|e| err(format!("cannot read the message store: {e}")))?;
-        let persister = Persister::start(store.clone(), max_message, config.body_cache_bytes)?;
+        let alarms = Alarms::start(
+            &config.data_dir,
+            config.memory_limit,
+            config.disk_free_limit,
+        );
+        // Hot bodies take at most an eighth of the memory limit.
+        let cache_bytes = config.body_cache_bytes.min(config.memory_limit / 8);
+        let persister = Persister::start(store.clone(), max_message, cache_bytes, alarms.clone())?;
         let root = VHost::new("/", store.clone(), queue_ids, Some(persister.clone()));
         root.recover(&defs)
             .map_err(|e| err(format!("cannot recover definitions: {e}")))?;
@@ -171,6 +181,7 @@ impl Server {
             persister,
             shutdown,
             reply_to: Mutex::new(HashMap::new()),
+            alarms,
         });
         Ok(Server {
             listener,
@@ -181,6 +192,10 @@ impl Server {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    pub fn alarms(&self) -> Arc<Alarms> {
+        self.broker.alarms.clone()
     }
 
     /// Serve until `stop` completes, then close every connection.
@@ -240,6 +255,7 @@ pub struct RunningBroker {
     pub addr: SocketAddr,
     /// The broker's shared state (tests read its counters).
     pub broker: Arc<Broker>,
+    pub alarms: Arc<Alarms>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
@@ -250,6 +266,7 @@ impl RunningBroker {
         let server = Server::bind(config).await?;
         let addr = server.local_addr()?;
         let broker = server.broker.clone();
+        let alarms = server.alarms();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let done = tokio::spawn(server.run(async {
             let _ = rx.await;
@@ -257,6 +274,7 @@ impl RunningBroker {
         Ok(RunningBroker {
             addr,
             broker,
+            alarms,
             stop: Some(tx),
             done: Some(done),
         })

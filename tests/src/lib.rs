@@ -33,6 +33,10 @@ impl TestBroker {
         let mut config = Config {
             listen: "127.0.0.1:0".parse().expect("loopback address"),
             data_dir: std::env::temp_dir().join(unique("warren-test")),
+            // Many brokers share this test process's RSS: keep the memory
+            // alarm out of unrelated tests on small machines (the alarm
+            // tests set their own limits).
+            memory_limit: 1 << 60,
             ..Config::default()
         };
         tweak(&mut config);
@@ -54,6 +58,12 @@ impl TestBroker {
     /// The in-process broker's shared state (None for an external broker).
     pub fn broker(&self) -> Option<std::sync::Arc<warren_broker::server::Broker>> {
         self.running.as_ref().map(|r| r.broker.clone())
+    }
+
+    /// The in-process Warren's resource alarms (tests raise and lower the
+    /// limits through it); `None` for an external broker.
+    pub fn alarms(&self) -> Option<std::sync::Arc<warren_broker::alarm::Alarms>> {
+        self.running.as_ref().map(|r| r.alarms.clone())
     }
 
     /// host:port of the broker.

@@ -3,6 +3,7 @@
 use clap::Parser;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use warren_broker::config::{parse_memory_limit, parse_size, MemoryLimit};
 use warren_broker::{Config, Server};
 
 /// Warren: an AMQP 0-9-1 message broker.
@@ -30,6 +31,16 @@ struct Args {
     /// Sync the write-ahead log on every write (turn off only for benchmarks).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     fsync: bool,
+    /// Memory high watermark: publishers are blocked while the broker's
+    /// resident memory is at or above it. A fraction of total memory ("0.4",
+    /// "40%"; the total is MemTotal or a lower cgroup limit) or an absolute
+    /// size ("512MiB", "2GB", "1073741824"). 0 blocks every publisher.
+    #[arg(long, default_value = "0.4", value_parser = parse_memory_limit, value_name = "SIZE|FRACTION")]
+    memory_limit: MemoryLimit,
+    /// Publishers are blocked while the data directory's file system has
+    /// less free space than this ("50MB", "1GiB", bytes). 0 disables.
+    #[arg(long, default_value = "50MB", value_parser = parse_size, value_name = "SIZE")]
+    disk_free_limit: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,12 +68,21 @@ fn main() -> std::process::ExitCode {
         eprintln!("warren: --max-message-size must be between 1 and 536870912 bytes");
         return std::process::ExitCode::FAILURE;
     }
+    let memory_limit = match args.memory_limit.resolve() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("warren: --memory-limit: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let config = Config {
         listen: SocketAddr::new(args.bind, args.port),
         data_dir: args.data_dir,
         max_message_size: args.max_message_size,
         max_connections: args.max_connections.max(1),
         fsync: args.fsync,
+        memory_limit,
+        disk_free_limit: args.disk_free_limit,
         ..Config::default()
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
