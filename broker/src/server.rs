@@ -140,10 +140,12 @@ impl Server {
                 config.data_dir.display()
             ))
         })?;
+        let opening = std::time::Instant::now();
         let store = Arc::new(
             RocksStore::open(&config.data_dir.join("store"), config.fsync)
                 .map_err(|e| err(e.to_string()))?,
         );
+        tracing::info!(elapsed = ?opening.elapsed(), "opened the store");
         let defs = store
             .load()
             .map_err(|e| err(format!("cannot read stored definitions: {e}")))?;

@@ -5,13 +5,16 @@
 //!   length-prefixed, so names may hold any byte), plus the format version.
 //! - `messages`: message id (big-endian) → the message, written once however
 //!   many queues hold it.
-//! - `index`: `queue id ‖ message id` (big-endian, [`crate::keys`]) → message
+//! - `index`: `queue id ‖ sequence` (big-endian, [`crate::keys`]) → message
 //!   id, so a queue's entries iterate in order.
+//! - `refs`: message id → remaining references, only for bodies held by more
+//!   than one queue.
 //!
-//! A body shared by several queues is freed with its last index entry; the
-//! counts for shared bodies live in memory and are rebuilt from the index at
-//! open (index entries are 24 bytes; no body is read). Every `apply` is one
-//! atomic `WriteBatch`, synced to the WAL when `sync` is on.
+//! A body shared by several queues is freed with its last index entry. The
+//! shared counts live in memory and in `refs`, written in the same batch as
+//! the change, and read back at open: opening never reads a body or scans
+//! the index. Every `apply` is one atomic `WriteBatch`, synced to the WAL
+//! when `sync` is on.
 
 use crate::codec::{Reader, Writer};
 use crate::*;
@@ -26,6 +29,9 @@ use std::sync::Mutex;
 const META: &str = "meta";
 const MESSAGES: &str = "messages";
 const INDEX: &str = "index";
+const REFS: &str = "refs";
+/// Present once the `refs` family holds every shared count.
+const REFS_READY_KEY: &[u8] = b"\x00refs-ready";
 const FORMAT_KEY: &[u8] = b"\x00format";
 /// Bumped whenever the stored layout changes incompatibly.
 pub const FORMAT: &str = "warren-store-1";
@@ -112,6 +118,10 @@ impl RocksStore {
         // Bounded memory: memtables of all families together stay under
         // 64 MiB, and one 32 MiB block cache serves every family.
         opts.set_db_write_buffer_size(64 << 20);
+        // Rarely written families (definitions, shared counts) would keep
+        // old WAL files alive, and a restart after a crash would replay them
+        // all: past this size, the families holding the oldest WAL flush.
+        opts.set_max_total_wal_size(128 << 20);
         let cache = rocksdb::Cache::new_lru_cache(32 << 20);
         let family = |write_buffer: usize| {
             let mut o = Options::default();
@@ -122,8 +132,13 @@ impl RocksStore {
             o.set_block_based_table_factory(&t);
             o
         };
-        let cfs = [(META, 4 << 20), (MESSAGES, 32 << 20), (INDEX, 16 << 20)]
-            .map(|(n, wb)| ColumnFamilyDescriptor::new(n, family(wb)));
+        let cfs = [
+            (META, 4 << 20),
+            (MESSAGES, 32 << 20),
+            (INDEX, 16 << 20),
+            (REFS, 4 << 20),
+        ]
+        .map(|(n, wb)| ColumnFamilyDescriptor::new(n, family(wb)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
             let text = e.into_string();
             if text.contains("lock") || text.contains("LOCK") {
@@ -177,14 +192,35 @@ impl RocksStore {
         }
     }
 
-    /// Count index references per message id; keep those above one.
+    /// Load the remaining references of shared bodies from the `refs`
+    /// family (one small entry per body held by more than one queue). A
+    /// store written before that family existed is counted once from the
+    /// index, and the counts are written down.
     fn rebuild_shared(&self) -> Result<()> {
+        let meta = self.cf(META);
         let mut counts: HashMap<MessageId, u32> = HashMap::new();
-        for item in self.db.iterator_cf(self.cf(INDEX), IteratorMode::Start) {
-            let (_, v) = item.map_err(io)?;
-            *counts.entry(id_value(&v)?).or_default() += 1;
+        if self.db.get_cf(meta, REFS_READY_KEY).map_err(io)?.is_some() {
+            for item in self.db.iterator_cf(self.cf(REFS), IteratorMode::Start) {
+                let (k, v) = item.map_err(io)?;
+                let n: [u8; 4] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("a shared count is not 4 bytes".into()))?;
+                counts.insert(id_value(&k)?, u32::from_be_bytes(n));
+            }
+        } else {
+            for item in self.db.iterator_cf(self.cf(INDEX), IteratorMode::Start) {
+                let (_, v) = item.map_err(io)?;
+                *counts.entry(id_value(&v)?).or_default() += 1;
+            }
+            counts.retain(|_, n| *n > 1);
+            let mut b = WriteBatch::default();
+            for (id, n) in &counts {
+                b.put_cf(self.cf(REFS), id.to_be_bytes(), n.to_be_bytes());
+            }
+            b.put_cf(meta, REFS_READY_KEY, b"1");
+            self.write(b)?;
         }
-        counts.retain(|_, n| *n > 1);
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = counts;
         Ok(())
     }
@@ -335,7 +371,7 @@ impl MetaStore for RocksStore {
 
 impl MessageStore for RocksStore {
     fn apply(&self, ops: &[MessageOp]) -> Result<()> {
-        let (messages, index) = (self.cf(MESSAGES), self.cf(INDEX));
+        let (messages, index, refs) = (self.cf(MESSAGES), self.cf(INDEX), self.cf(REFS));
         let mut b = WriteBatch::default();
         // Shared-count changes take effect only once the batch is written.
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -398,6 +434,15 @@ impl MessageStore for RocksStore {
                     }
                     b.delete_range_cf(index, from, to);
                 }
+            }
+        }
+        // Shared counts are written down with the batch, so opening the
+        // store never has to count the whole index.
+        for (id, &n) in &counts {
+            if n > 1 {
+                b.put_cf(refs, id.to_be_bytes(), n.to_be_bytes());
+            } else if shared.contains_key(id) {
+                b.delete_cf(refs, id.to_be_bytes());
             }
         }
         self.write(b)?;
@@ -539,6 +584,22 @@ mod tests {
         {
             let s = RocksStore::open(dir.path(), true).unwrap();
             crate::contract::fill(&s);
+        }
+        let s = RocksStore::open(dir.path(), true).unwrap();
+        crate::contract::check_filled(&s, &|| s.body_count());
+    }
+
+    #[test]
+    fn a_store_without_written_down_counts_is_counted_once_from_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RocksStore::open(dir.path(), true).unwrap();
+            crate::contract::fill(&s);
+            // As a store from before the `refs` family: no counts, no flag.
+            let mut b = WriteBatch::default();
+            b.delete_cf(s.cf(META), REFS_READY_KEY);
+            b.delete_range_cf(s.cf(REFS), [0u8; 8], [0xffu8; 8]);
+            s.write(b).unwrap();
         }
         let s = RocksStore::open(dir.path(), true).unwrap();
         crate::contract::check_filled(&s, &|| s.body_count());

@@ -4,7 +4,7 @@
 
 use lapin::{Channel, Connection, ConnectionProperties};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub fn free_port() -> u16 {
@@ -29,7 +29,9 @@ impl Daemon {
     /// Start with extra command-line flags (after the defaults, which they
     /// must not repeat).
     pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Daemon {
+        // Logs (stdout) and errors (stderr) go to one file, shown on failure.
         let log = std::env::temp_dir().join(format!("warren-test-daemon-{port}.log"));
+        let out = std::fs::File::create(&log).expect("daemon log file");
         let child = Command::new(env!("CARGO_BIN_EXE_warren"))
             .args([
                 "--bind",
@@ -40,8 +42,8 @@ impl Daemon {
             ])
             .arg(dir)
             .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("daemon log file"))
+            .stdout(out.try_clone().expect("daemon log file"))
+            .stderr(out)
             .spawn()
             .expect("spawn warren");
         let mut d = Daemon { child, port };
