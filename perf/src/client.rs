@@ -186,3 +186,36 @@ impl Conn {
         .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        let t = Target::parse("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(
+            t,
+            Target {
+                host: "127.0.0.1".into(),
+                port: 5672,
+                user: "guest".into(),
+                pass: "guest".into(),
+                vhost: "/".into()
+            }
+        );
+        let t = Target::parse("amqp://u%40x:p%3Aw@broker:5673/prod").unwrap();
+        assert_eq!((t.user.as_str(), t.pass.as_str()), ("u@x", "p:w"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.vhost.as_str()),
+            ("broker", 5673, "prod")
+        );
+        let t = Target::parse("amqp://localhost").unwrap();
+        assert_eq!(
+            (t.port, t.vhost.as_str(), t.user.as_str()),
+            (5672, "/", "guest")
+        );
+        assert!(Target::parse("amqps://x").is_err());
+        assert!(Target::parse("amqp://h:notaport/").is_err());
+    }
+}

@@ -292,6 +292,9 @@ async fn producer(sh: Arc<Shared>, i: usize) -> Res<()> {
                                         nacked += k;
                                     }
                                 }
+                                // Sent after every frame before our close was
+                                // handled: nothing of ours is still in flight.
+                                wire::CONNECTION_CLOSE_OK => return Ok(()),
                                 wire::CONNECTION_CLOSE | wire::CHANNEL_CLOSE => {
                                     return Err(format!(
                                         "closed by broker: {}",
@@ -375,11 +378,13 @@ async fn producer(sh: Arc<Shared>, i: usize) -> Res<()> {
     if let Err(e) = res {
         sh.fail(&format!("producer {i}"), e);
     }
-    // Close; the reader sees close-ok (or EOF) and stops being interesting.
+    // Close and wait for close-ok: a broker applying flow control may still
+    // hold our publishes in its socket buffer, and they must not leak into the
+    // queues of a run started right after this one.
     let mut bye = BytesMut::new();
     wire::connection_close(&mut bye);
     let _ = wr.write_all(&bye).await;
-    let _ = tokio::time::timeout(Duration::from_millis(500), reader).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
     Ok(())
 }
 
@@ -596,7 +601,7 @@ pub async fn run(cfg: Config) -> Res<Summary> {
     }
     sh.stop.store(true, Relaxed);
     for p in producers {
-        let _ = tokio::time::timeout(Duration::from_secs(3), p).await;
+        let _ = tokio::time::timeout(Duration::from_secs(12), p).await;
     }
     for c in &consumers {
         c.abort();
@@ -619,4 +624,58 @@ pub async fn run(cfg: Config) -> Res<Summary> {
         latency_us: percentiles(&total),
         error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_count_each_tag_once() {
+        let mut c = Confirms::default();
+        assert_eq!(c.settle(3, true), 3);
+        assert_eq!(c.settle(5, false), 1);
+        assert_eq!(c.settle(5, false), 0);
+        assert_eq!(c.settle(4, false), 1); // 4 then 5 close the gap
+        assert_eq!(c.upto, 5);
+        assert_eq!(c.settle(8, false), 1);
+        assert_eq!(c.settle(10, true), 4); // 6, 7, 9, 10
+        assert_eq!(c.settle(2, true), 0);
+        assert!(c.above.is_empty());
+    }
+
+    #[test]
+    fn json_is_one_line() {
+        let s = Summary {
+            seconds: 1.0,
+            published: 10,
+            latency_us: Some([1, 2, 3, 4, 5, 6]),
+            error: Some("a \"b\"".into()),
+            ..Default::default()
+        };
+        let cfg = Config {
+            target: Target::parse("amqp://h").unwrap(),
+            producers: 1,
+            consumers: 1,
+            queues: 1,
+            size: 16,
+            persistent: false,
+            confirm: 0,
+            prefetch: 0,
+            ack_every: 1,
+            multiple: false,
+            no_ack: false,
+            rate: 0,
+            fanout: false,
+            seconds: 1,
+            warmup: 0,
+            keep: false,
+            progress: false,
+        };
+        let j = s.json(&cfg);
+        assert!(!j.contains('\n'));
+        assert!(j.contains("\"publish_rate\":10,"), "{j}");
+        assert!(j.contains("\"p999\":5"), "{j}");
+        assert!(j.contains("\"error\":\"a \\\"b\\\"\""), "{j}");
+    }
 }

@@ -391,3 +391,348 @@ pub fn close_reason(args: &[u8]) -> String {
     let method = a.u16().unwrap_or(0);
     format!("{code} {text} (on {class}.{method})")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{Buf, Bytes};
+    use warren_protocol::amqp::{basic, channel, confirm, connection, exchange, queue, AMQPClass};
+    use warren_protocol::content::ContentHeader;
+    use warren_protocol::method::{decode, put_content, put_deliver, put_method, Method};
+    use warren_protocol::types::{AMQPValue, FieldTable, LongString};
+
+    /// Parse exactly one method frame and decode it with Warren's own
+    /// (the broker's) decoder.
+    fn broker_decodes(buf: &BytesMut) -> Method {
+        let (f, n) = parse(buf, 131072).unwrap().unwrap();
+        assert_eq!(n, buf.len(), "exactly one frame");
+        let Frame::Method { .. } = f else {
+            panic!("not a method frame")
+        };
+        decode(&Bytes::copy_from_slice(&buf[HEADER_LEN..n - 1])).unwrap()
+    }
+
+    fn other(m: Method) -> AMQPClass {
+        match m {
+            Method::Other(c) => c,
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+
+    #[test]
+    fn client_methods_decode_in_the_broker() {
+        let mut b = BytesMut::new();
+        start_ok(&mut b, "guest", "pw");
+        match other(broker_decodes(&b)) {
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(s)) => {
+                assert_eq!(s.mechanism.as_str(), "PLAIN");
+                assert_eq!(s.response.as_bytes(), b"\0guest\0pw");
+                assert_eq!(s.locale.as_str(), "en_US");
+                assert_eq!(
+                    s.client_properties.inner().get("product"),
+                    Some(&AMQPValue::LongString(LongString::from("warren-perf")))
+                );
+            }
+            c => panic!("{c:?}"),
+        }
+
+        type Enc = Box<dyn Fn(&mut BytesMut)>;
+        let cases: Vec<(Enc, AMQPClass)> = vec![
+            (
+                Box::new(|b| tune_ok(b, 2047, 131072, 0)),
+                AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                    channel_max: 2047,
+                    frame_max: 131072,
+                    heartbeat: 0,
+                })),
+            ),
+            (
+                Box::new(|b| open(b, "/")),
+                AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+                    virtual_host: "/".into(),
+                })),
+            ),
+            (
+                Box::new(|b| channel_open(b, 1)),
+                AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+            ),
+            (
+                Box::new(|b| queue_declare(b, 1, "perf-q0", true)),
+                AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                    queue: "perf-q0".into(),
+                    passive: false,
+                    durable: true,
+                    exclusive: false,
+                    auto_delete: false,
+                    nowait: false,
+                    arguments: FieldTable::default(),
+                })),
+            ),
+            (
+                Box::new(|b| exchange_declare(b, 1, "perf-fanout", "fanout", false)),
+                AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
+                    exchange: "perf-fanout".into(),
+                    kind: "fanout".into(),
+                    passive: false,
+                    durable: false,
+                    auto_delete: false,
+                    internal: false,
+                    nowait: false,
+                    arguments: FieldTable::default(),
+                })),
+            ),
+            (
+                Box::new(|b| queue_bind(b, 1, "perf-q1", "perf-fanout", "")),
+                AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
+                    queue: "perf-q1".into(),
+                    exchange: "perf-fanout".into(),
+                    routing_key: "".into(),
+                    nowait: false,
+                    arguments: FieldTable::default(),
+                })),
+            ),
+            (
+                Box::new(|b| queue_delete(b, 1, "perf-q0")),
+                AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+                    queue: "perf-q0".into(),
+                    if_unused: false,
+                    if_empty: false,
+                    nowait: false,
+                })),
+            ),
+            (
+                Box::new(|b| exchange_delete(b, 1, "perf-fanout")),
+                AMQPClass::Exchange(exchange::AMQPMethod::Delete(exchange::Delete {
+                    exchange: "perf-fanout".into(),
+                    if_unused: false,
+                    nowait: false,
+                })),
+            ),
+            (
+                Box::new(|b| consume(b, 1, "perf-q0", "perf-c0", true)),
+                AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                    queue: "perf-q0".into(),
+                    consumer_tag: "perf-c0".into(),
+                    no_local: false,
+                    no_ack: true,
+                    exclusive: false,
+                    nowait: false,
+                    arguments: FieldTable::default(),
+                })),
+            ),
+            (
+                Box::new(|b| confirm_select(b, 1)),
+                AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+                    nowait: false,
+                })),
+            ),
+            (
+                Box::new(connection_close),
+                AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                    reply_code: 200,
+                    reply_text: "bye".into(),
+                    class_id: 0,
+                    method_id: 0,
+                })),
+            ),
+        ];
+        for (enc, want) in cases {
+            let mut b = BytesMut::new();
+            enc(&mut b);
+            assert_eq!(other(broker_decodes(&b)), want);
+        }
+
+        let mut b = BytesMut::new();
+        qos(&mut b, 1, 500);
+        assert_eq!(
+            broker_decodes(&b),
+            Method::Qos {
+                prefetch_size: 0,
+                prefetch_count: 500,
+                global: false
+            }
+        );
+    }
+
+    #[test]
+    fn published_message_reads_back() {
+        for persistent in [false, true] {
+            let prefix = publish_prefix(1, "", "perf-q3", 300, persistent);
+            let body: Vec<u8> = (0..300).map(|i| i as u8).collect();
+            let mut b = BytesMut::new();
+            // A tiny frame_max splits the body over three frames.
+            put_message(&mut b, &prefix, 1, &body, 128, 0x0102030405060708);
+            let mut at = 0;
+            let (f, n) = parse(&b[at..], 128).unwrap().unwrap();
+            let Frame::Method { ch: 1, id, .. } = f else {
+                panic!("{f:?}")
+            };
+            assert_eq!(id, BASIC_PUBLISH);
+            match decode(&Bytes::copy_from_slice(&b[HEADER_LEN..n - 1])).unwrap() {
+                Method::Publish(p) => {
+                    assert_eq!(p.exchange.as_str(), "");
+                    assert_eq!(p.routing_key.as_str(), "perf-q3");
+                }
+                m => panic!("{m:?}"),
+            }
+            at += n;
+            let (f, n) = parse(&b[at..], 128).unwrap().unwrap();
+            assert_eq!(
+                f,
+                Frame::Header {
+                    ch: 1,
+                    body_size: 300
+                }
+            );
+            let h = ContentHeader::parse(Bytes::copy_from_slice(&b[at + HEADER_LEN..at + n - 1]))
+                .unwrap();
+            assert_eq!(h.body_size(), 300);
+            assert_eq!(h.is_persistent(), persistent);
+            at += n;
+            let mut got = Vec::new();
+            while at < b.len() {
+                let (f, n) = parse(&b[at..], 128).unwrap().unwrap();
+                let Frame::Body { ch: 1, data } = f else {
+                    panic!("{f:?}")
+                };
+                assert!(data.len() <= 120);
+                got.extend_from_slice(data);
+                at += n;
+            }
+            assert_eq!(&got[..8], &0x0102030405060708u64.to_be_bytes());
+            assert_eq!(&got[8..], &body[8..]);
+        }
+    }
+
+    #[test]
+    fn server_methods_match_amq_protocol() {
+        let theirs = |class: AMQPClass| {
+            let mut b = BytesMut::new();
+            put_method(&mut b, 1, &class);
+            b
+        };
+        let mut b = BytesMut::new();
+        tune(&mut b, 2047, 131072, 0);
+        b[1..3].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(
+            b,
+            theirs(AMQPClass::Connection(connection::AMQPMethod::Tune(
+                connection::Tune {
+                    channel_max: 2047,
+                    frame_max: 131072,
+                    heartbeat: 0
+                }
+            )))
+        );
+        let mut b = BytesMut::new();
+        method(&mut b, 1, QUEUE_DECLARE_OK, |b| {
+            short(b, b"perf-q0");
+            b.extend_from_slice(&[0; 8]);
+        });
+        assert_eq!(
+            b,
+            theirs(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(
+                queue::DeclareOk {
+                    queue: "perf-q0".into(),
+                    message_count: 0,
+                    consumer_count: 0
+                }
+            )))
+        );
+        let mut b = BytesMut::new();
+        method(&mut b, 1, CHANNEL_OPEN_OK, |b| long(b, b""));
+        assert_eq!(
+            b,
+            theirs(AMQPClass::Channel(channel::AMQPMethod::OpenOk(
+                channel::OpenOk {}
+            )))
+        );
+        let mut b = BytesMut::new();
+        method(&mut b, 1, CONNECTION_OPEN_OK, |b| short(b, b""));
+        assert_eq!(
+            b,
+            theirs(AMQPClass::Connection(connection::AMQPMethod::OpenOk(
+                connection::OpenOk {}
+            )))
+        );
+    }
+
+    #[test]
+    fn incremental_parse_of_canned_server_bytes() {
+        // What a broker sends a consumer: deliver + header + body, a confirm
+        // ack, a heartbeat, then a connection.close.
+        let mut b = BytesMut::new();
+        put_deliver(&mut b, 1, b"perf-c0", 42, false, b"", b"perf-q0");
+        let mut raw = vec![0u8, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0];
+        raw[4..12].copy_from_slice(&16u64.to_be_bytes());
+        put_content(&mut b, 1, &raw, &[9u8; 16], 131072);
+        put_ack(&mut b, 1, 7, true);
+        warren_protocol::frame::put_heartbeat(&mut b);
+        method(&mut b, 0, CONNECTION_CLOSE, |b| {
+            b.put_u16(320);
+            short(b, b"CONNECTION_FORCED");
+            b.put_u16(0);
+            b.put_u16(0);
+        });
+        // Feed one byte at a time: a frame appears only once it is whole.
+        let mut fed = BytesMut::new();
+        let mut seen = Vec::new();
+        for &byte in b.iter() {
+            fed.put_u8(byte);
+            while let Some((f, n)) = parse(&fed, 131072).unwrap() {
+                let s = match f {
+                    Frame::Method {
+                        id: BASIC_DELIVER,
+                        args,
+                        ..
+                    } => {
+                        let mut a = Args(args);
+                        assert_eq!(a.short(), Some(&b"perf-c0"[..]));
+                        format!("deliver {}", a.u64().unwrap())
+                    }
+                    Frame::Method {
+                        id: BASIC_ACK,
+                        args,
+                        ..
+                    } => {
+                        let mut a = Args(args);
+                        format!("ack {} {}", a.u64().unwrap(), a.u8().unwrap())
+                    }
+                    Frame::Method {
+                        id: CONNECTION_CLOSE,
+                        args,
+                        ..
+                    } => close_reason(args),
+                    Frame::Header { body_size, .. } => format!("header {body_size}"),
+                    Frame::Body { data, .. } => format!("body {}", data.len()),
+                    f => format!("{f:?}"),
+                };
+                seen.push(s);
+                fed.advance(n);
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                "deliver 42",
+                "header 16",
+                "body 16",
+                "ack 7 1",
+                "Heartbeat",
+                "320 CONNECTION_FORCED (on 0.0)"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        assert_eq!(
+            parse(&[1, 0, 1, 0, 0, 0, 1, 0, 0], 4096),
+            Err(ParseError::Frame(FrameError::BadFrameEnd(0)))
+        );
+        assert_eq!(
+            parse(&[1, 0, 1, 0, 0, 0, 1, 0, FRAME_END], 4096),
+            Err(ParseError::Short)
+        );
+    }
+}
