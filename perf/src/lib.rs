@@ -1,0 +1,13 @@
+//! warren-perf: a load generator for AMQP 0-9-1 brokers, in the spirit of
+//! RabbitMQ's PerfTest and lavinmqperf.
+//!
+//! - [`wire`]: hand-encoded frames (a whole publish batch into one buffer) and
+//!   an incremental, borrowing frame parser.
+//! - [`client`]: URI parsing, handshake and synchronous setup methods.
+//! - [`run`]: producers, consumers, per-second report and summary.
+//! - [`sink`]: a fake broker that discards publishes, to measure the client alone.
+
+pub mod client;
+pub mod run;
+pub mod sink;
+pub mod wire;
