@@ -69,6 +69,9 @@ pub struct Alarms {
     memory_limit: AtomicU64,
     disk_free_limit: AtomicU64,
     paging: AtomicBool,
+    /// Whether any alarm is on: the state's `any()`, readable without the
+    /// watch channel's lock (connections check it for every publish).
+    on: AtomicBool,
     /// Last samples (`u64::MAX`: unknown).
     rss: AtomicU64,
     disk_free: AtomicU64,
@@ -111,6 +114,7 @@ impl Alarms {
             memory_limit: AtomicU64::new(memory_limit),
             disk_free_limit: AtomicU64::new(disk_free_limit),
             paging: AtomicBool::new(false),
+            on: AtomicBool::new(false),
             rss: AtomicU64::new(u64::MAX),
             disk_free: AtomicU64::new(u64::MAX),
             state: watch::channel(Blocked::default()).0,
@@ -123,6 +127,11 @@ impl Alarms {
     /// page transient messages out of memory.
     pub fn paging(&self) -> bool {
         self.paging.load(Ordering::Relaxed)
+    }
+
+    /// Whether any alarm is on (one atomic load: cheap on the publish path).
+    pub fn any(&self) -> bool {
+        self.on.load(Ordering::Acquire)
     }
 
     /// The current alarm state, and every change from now on.
@@ -261,6 +270,7 @@ impl Alarms {
                 disk_limit
             );
         }
+        self.on.store(next.any(), Ordering::Release);
         self.state.send_replace(next);
     }
 }

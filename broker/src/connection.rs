@@ -592,10 +592,12 @@ impl Connection {
             if content {
                 // A publish while an alarm is on blocks the connection; the
                 // rest of the input waits in the buffer and the socket.
-                let state = *self.alarm.borrow();
-                if state.any() {
-                    self.block(state);
-                    break;
+                if self.broker.alarms.any() {
+                    let state = *self.alarm.borrow();
+                    if state.any() {
+                        self.block(state);
+                        break;
+                    }
                 }
             }
             if handled >= READ_BATCH {

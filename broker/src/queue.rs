@@ -512,7 +512,7 @@ struct Actor {
     /// Persistent messages in this queue are stored (durable, not exclusive).
     persisted: bool,
     /// `basic.get`s waiting for a page read (the queue had messages only on disk).
-    parked_gets: Vec<(u64, bool, oneshot::Sender<Option<Got>>)>,
+    parked_gets: VecDeque<(u64, bool, oneshot::Sender<Option<Got>>)>,
     /// The actor's own mailbox, for page-read replies (weak: the mailbox
     /// still closes when every handle is gone).
     myself: mpsc::WeakUnboundedSender<Control>,
@@ -565,7 +565,7 @@ pub fn spawn(
         generations: 0,
         pageable,
         persisted: info.durable && info.exclusive_owner.is_none(),
-        parked_gets: Vec::new(),
+        parked_gets: VecDeque::new(),
         myself: ctx.downgrade(),
         had_consumer: false,
         on_auto_delete: Some(on_auto_delete),
@@ -912,8 +912,9 @@ impl Actor {
             if !self.has_live() && waiting {
                 return;
             }
-            let (chan_key, no_ack, reply) = self.parked_gets.remove(0);
-            self.get(chan_key, no_ack, reply);
+            if let Some((chan_key, no_ack, reply)) = self.parked_gets.pop_front() {
+                self.get(chan_key, no_ack, reply);
+            }
         }
     }
 
@@ -923,7 +924,7 @@ impl Actor {
         self.last_used = self.now;
         let Some(e) = self.pop_live() else {
             if self.tail.as_ref().is_some_and(|t| !t.drained()) {
-                self.parked_gets.push((chan_key, no_ack, reply));
+                self.parked_gets.push_back((chan_key, no_ack, reply));
             } else {
                 let _ = reply.send(None);
             }

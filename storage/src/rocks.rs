@@ -376,13 +376,17 @@ impl MessageStore for RocksStore {
         // Shared-count changes take effect only once the batch is written.
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         let mut counts: HashMap<MessageId, u32> = HashMap::new();
-        let count = |counts: &mut HashMap<MessageId, u32>,
-                     shared: &HashMap<MessageId, u32>,
-                     id: MessageId|
-         -> u32 {
-            *counts
+        // One reference of `id` is gone: the body goes with its last one.
+        let release = |b: &mut WriteBatch, counts: &mut HashMap<MessageId, u32>, id: MessageId| {
+            let n = counts
                 .entry(id)
-                .or_insert_with(|| shared.get(&id).copied().unwrap_or(1))
+                .or_insert_with(|| shared.get(&id).copied().unwrap_or(1));
+            if *n <= 1 {
+                b.delete_cf(messages, id.to_be_bytes());
+                *n = 0;
+            } else {
+                *n -= 1;
+            }
         };
         for op in ops {
             match op {
@@ -395,13 +399,7 @@ impl MessageStore for RocksStore {
                 }
                 MessageOp::Remove { queue, seq, id } => {
                     b.delete_cf(index, keys::queue_entry(*queue, *seq));
-                    let n = count(&mut counts, &shared, *id);
-                    if n <= 1 {
-                        b.delete_cf(messages, id.to_be_bytes());
-                        counts.insert(*id, 0);
-                    } else {
-                        counts.insert(*id, n - 1);
-                    }
+                    release(&mut b, &mut counts, *id);
                 }
                 MessageOp::RemoveRange { .. } | MessageOp::DropQueue { .. } => {
                     let (from, to) = match op {
@@ -423,14 +421,7 @@ impl MessageStore for RocksStore {
                         IteratorMode::From(&from, Direction::Forward),
                     ) {
                         let (_, v) = item.map_err(io)?;
-                        let id = id_value(&v)?;
-                        let n = count(&mut counts, &shared, id);
-                        if n <= 1 {
-                            b.delete_cf(messages, id.to_be_bytes());
-                            counts.insert(id, 0);
-                        } else {
-                            counts.insert(id, n - 1);
-                        }
+                        release(&mut b, &mut counts, id_value(&v)?);
                     }
                     b.delete_range_cf(index, from, to);
                 }
