@@ -192,6 +192,11 @@ impl Server {
         })
     }
 
+    /// The store's threads, to wait for at exit (see [`StoreThreads`]).
+    pub fn store_threads(&self) -> crate::persist::StoreThreads {
+        self.broker.persister.threads.clone()
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }

@@ -97,8 +97,22 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        if let Some(d) = self.data_dir.take() {
-            let _ = std::fs::remove_dir_all(d);
+        let Some(d) = self.data_dir.take() else {
+            return;
+        };
+        // The store is still open until the test's runtime drops the
+        // broker's tasks: remove its directory once the store has closed.
+        match &self.running {
+            Some(r) => {
+                let threads = r.broker.persister.threads.clone();
+                std::thread::spawn(move || {
+                    threads.join(std::time::Duration::from_secs(60));
+                    let _ = std::fs::remove_dir_all(d);
+                });
+            }
+            None => {
+                let _ = std::fs::remove_dir_all(d);
+            }
         }
     }
 }

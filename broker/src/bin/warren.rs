@@ -96,7 +96,8 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let mut store_threads = None;
+    let code = rt.block_on(async {
         let server = match Server::bind(config.clone()).await {
             Ok(s) => s,
             Err(e) => {
@@ -104,12 +105,28 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         };
+        store_threads = Some(server.store_threads());
         let addr = server.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "Warren {} listening", env!("CARGO_PKG_VERSION"));
         server.run(shutdown_signal()).await;
-        tracing::info!("stopped");
         std::process::ExitCode::SUCCESS
-    })
+    });
+    // Dropping the runtime drops every queue and connection task, and with
+    // them every handle on the store; its threads then finish their last
+    // writes and close RocksDB. Exiting before that lets the exit handlers
+    // tear RocksDB down under its own background threads (an abort).
+    drop(rt);
+    if let Some(t) = store_threads {
+        if !t.join(std::time::Duration::from_secs(30)) {
+            // Confirmed writes are in the WAL already; skip the exit
+            // handlers rather than crash in them.
+            tracing::warn!("message store still busy after 30 s; exiting without closing it");
+            // SAFETY: _exit ends the process at once; nothing runs after it.
+            unsafe { libc::_exit(1) };
+        }
+    }
+    tracing::info!("stopped");
+    code
 }
 
 async fn shutdown_signal() {

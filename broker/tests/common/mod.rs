@@ -78,6 +78,26 @@ impl Daemon {
         status_kib(self.child.id(), "VmRSS:") * 1024
     }
 
+    /// SIGTERM, then wait (up to a minute) for the process to exit; returns
+    /// its exit status and its log.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait for warren") {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "warren did not exit within a minute of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let log = std::env::temp_dir().join(format!("warren-test-daemon-{}.log", self.port));
+        (status, std::fs::read_to_string(log).unwrap_or_default())
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill(mut self) {
         let _ = self.child.kill();
