@@ -5,7 +5,9 @@
 use crate::message::MessageRef;
 use crate::queue::{ChannelCredit, QueueHandle};
 use bytes::{Bytes, BytesMut};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use warren_protocol::content::ContentHeader;
@@ -42,6 +44,55 @@ pub struct Delivery {
     /// Counted against the channel's global prefetch (consumer deliveries
     /// are; `basic.get` ones are not).
     pub counted: bool,
+}
+
+/// Deliveries taken off a channel's unacked set together (usually one).
+pub type Deliveries = SmallVec<[(u64, Delivery); 1]>;
+
+/// A channel's unacked deliveries, by delivery tag. Tags are handed out in
+/// increasing order and clients mostly ack in order, so a sorted deque does
+/// the work of a tree: a new delivery is a push at the back, an in-order ack
+/// a pop at the front, anything else a binary search.
+#[derive(Default)]
+pub struct Unacked(VecDeque<(u64, Delivery)>);
+
+impl Unacked {
+    fn find(&self, tag: u64) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&tag, |(t, _)| *t)
+    }
+    pub fn insert(&mut self, tag: u64, d: Delivery) {
+        match self.0.back() {
+            Some((last, _)) if *last >= tag => match self.find(tag) {
+                Ok(i) => self.0[i].1 = d,
+                Err(i) => self.0.insert(i, (tag, d)),
+            },
+            _ => self.0.push_back((tag, d)),
+        }
+    }
+    pub fn contains(&self, tag: u64) -> bool {
+        self.find(tag).is_ok()
+    }
+    pub fn remove(&mut self, tag: u64) -> Option<Delivery> {
+        if self.0.front().is_some_and(|(t, _)| *t == tag) {
+            return self.0.pop_front().map(|(_, d)| d);
+        }
+        let i = self.find(tag).ok()?;
+        self.0.remove(i).map(|(_, d)| d)
+    }
+    /// Every delivery with a tag up to and including `tag`.
+    pub fn take_through(&mut self, tag: u64) -> Deliveries {
+        let n = self.0.partition_point(|(t, _)| *t <= tag);
+        self.0.drain(..n).collect()
+    }
+    pub fn take_all(&mut self) -> Deliveries {
+        self.0.drain(..).collect()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// Publisher-confirm bookkeeping. Sequence numbers are assigned in order, so
@@ -123,8 +174,8 @@ impl Confirms {
 
 /// Settlements buffered by an open transaction.
 pub enum Settle {
-    Ack(Vec<(u64, Delivery)>),
-    Reject(Vec<(u64, Delivery)>, bool),
+    Ack(Deliveries),
+    Reject(Deliveries, bool),
 }
 
 #[derive(Default)]
@@ -142,8 +193,8 @@ pub struct Channel {
     pub content: Option<Content>,
     pub confirms: Option<Confirms>,
     pub tx: Option<Tx>,
-    pub consumers: HashMap<Arc<str>, ChanConsumer>,
-    pub unacked: BTreeMap<u64, Delivery>,
+    pub consumers: FxHashMap<Arc<str>, ChanConsumer>,
+    pub unacked: Unacked,
     pub next_tag: u64,
     /// Per-consumer prefetch for consumers created from now on.
     pub prefetch: u16,
@@ -166,8 +217,8 @@ impl Channel {
             content: None,
             confirms: None,
             tx: None,
-            consumers: HashMap::new(),
-            unacked: BTreeMap::new(),
+            consumers: FxHashMap::default(),
+            unacked: Unacked::default(),
             next_tag: 1,
             prefetch: 0,
             credit: Arc::new(ChannelCredit::default()),

@@ -16,23 +16,23 @@
 //! never blocked, so consumers can drain queues.
 
 use crate::alarm::Blocked;
-use crate::channel::{ChanConsumer, Channel, Confirms, Content, Delivery, Settle, Tx};
+use crate::channel::{ChanConsumer, Channel, Confirms, Content, Deliveries, Delivery, Settle, Tx};
 use crate::error::{precondition, AmqpError, AmqpResult};
 use crate::exchange::Dest;
 use crate::message::{Message, MessageRef};
-use crate::queue::{self, ConfirmTicket, Consumer, Control, FLOW_WINDOW};
+use crate::queue::{self, ConfirmTicket, Consumer, Control, QueueHandle, FLOW_WINDOW};
 use crate::server::Broker;
-use crate::vhost::{QueueSpec, VHost};
+use crate::vhost::{QueueSpec, Routed, VHost};
 use bytes::{Bytes, BytesMut};
+use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use warren_protocol::amqp::{
     access, basic, channel as chan, confirm, connection as conn, exchange, queue as q, tx,
     AMQPClass,
@@ -123,7 +123,11 @@ pub struct Connection {
     user: String,
     caps: ClientCaps,
     vhost: Option<Arc<VHost>>,
-    channels: HashMap<u16, Channel>,
+    channels: FxHashMap<u16, Channel>,
+    /// The last route this connection published on (see `VHost::route_memo`).
+    route_memo: Option<Arc<crate::vhost::Route>>,
+    /// Acks not yet sent to their queues: (queue, channel key, sequences).
+    acks: Vec<(QueueHandle, u64, queue::Seqs)>,
     events_tx: mpsc::UnboundedSender<ConnEvent>,
     events_rx: mpsc::UnboundedReceiver<ConnEvent>,
     /// Exclusive queues this connection declared (deleted when it closes).
@@ -156,7 +160,9 @@ impl Connection {
             user: String::new(),
             caps: ClientCaps::default(),
             vhost: None,
-            channels: HashMap::new(),
+            channels: FxHashMap::default(),
+            route_memo: None,
+            acks: Vec::new(),
             events_tx,
             events_rx,
             exclusive: Vec::new(),
@@ -583,7 +589,14 @@ impl Connection {
             };
             handled += payload.len() + frame::OVERHEAD;
             let content = h.kind == frame::HEADER || h.kind == frame::BODY;
-            match self.on_frame(h, payload).await {
+            // Per-message frames are handled without awaiting; only the rest
+            // (and a publish that must wait for room) takes the async path.
+            let r = match self.on_frame(h, payload) {
+                Ok(None) => Ok(false),
+                Ok(Some(slow)) => self.on_slow(slow).await,
+                Err(f) => Err(f),
+            };
+            match r {
                 Ok(true) => return Ok(true),
                 Ok(false) => {}
                 Err(Fault::Channel(ch, e)) => self.close_channel(ch, e).await,
@@ -602,11 +615,13 @@ impl Connection {
             }
             if handled >= READ_BATCH {
                 // Let queued events and the writer in; the rest waits.
+                self.flush_acks();
                 self.flush().await?;
                 handled = 0;
                 tokio::task::yield_now().await;
             }
         }
+        self.flush_acks();
         // Keep the read buffer from holding a large allocation forever.
         if self.inbuf.is_empty() && self.inbuf.capacity() > 4 * self.frame_max as usize {
             self.inbuf = BytesMut::with_capacity(16 * 1024);
@@ -650,8 +665,8 @@ impl Connection {
         true
     }
 
-    /// Returns true when the client closed the connection.
-    async fn on_frame(&mut self, h: FrameHeader, payload: Bytes) -> Result<bool, Fault> {
+    /// Handle a frame without awaiting, or say what is left to do.
+    fn on_frame(&mut self, h: FrameHeader, payload: Bytes) -> Result<Option<Slow>, Fault> {
         let ch = h.channel;
         match h.kind {
             frame::HEARTBEAT => {
@@ -661,7 +676,7 @@ impl Connection {
                         format!("heartbeat frame on channel {ch}"),
                     ));
                 }
-                Ok(false)
+                Ok(None)
             }
             frame::METHOD => {
                 let m = match method::decode(&payload) {
@@ -675,7 +690,7 @@ impl Connection {
                 };
                 let (c, mid) = method::ids(&payload).unwrap_or((0, 0));
                 if ch == 0 {
-                    return self.on_connection_method(m, c, mid).await;
+                    return Ok(Some(Slow::Connection(m, c, mid)));
                 }
                 if c == 10 {
                     return Err(hard(
@@ -684,24 +699,39 @@ impl Connection {
                     )
                     .into_at(c, mid));
                 }
-                self.on_channel_method(ch, m, c, mid).await.map_err(|e| {
-                    let e = e.at(c, mid);
-                    if e.is_hard() {
-                        Fault::Connection(e)
-                    } else {
-                        Fault::Channel(ch, e)
-                    }
-                })?;
-                Ok(false)
+                match self.on_channel_method(ch, m, mid) {
+                    Ok(None) => Ok(None),
+                    Ok(Some(class)) => Ok(Some(Slow::Channel(ch, class, c, mid))),
+                    Err(e) => Err(channel_fault(ch, e.at(c, mid))),
+                }
             }
-            frame::HEADER | frame::BODY => {
-                self.on_content(ch, h.kind, payload).await?;
-                Ok(false)
-            }
+            frame::HEADER | frame::BODY => Ok(self
+                .on_content(ch, h.kind, payload)?
+                .map(|p| Slow::Publish(ch, p))),
             _ => Err(hard(
                 reply::FRAME_ERROR,
                 format!("unknown frame type {}", h.kind),
             )),
+        }
+    }
+
+    /// The async rest of [`Connection::on_frame`]. Returns true when the
+    /// client closed the connection.
+    async fn on_slow(&mut self, slow: Slow) -> Result<bool, Fault> {
+        self.flush_acks();
+        match slow {
+            Slow::Connection(m, c, mid) => self.on_connection_method(m, c, mid).await,
+            Slow::Channel(ch, class, c, mid) => {
+                let r = self.on_other(ch, class).await;
+                r.map_err(|e| channel_fault(ch, e.at(c, mid)))?;
+                Ok(false)
+            }
+            Slow::Publish(ch, p) => {
+                self.enqueue_waiting(p)
+                    .await
+                    .map_err(|e| channel_fault(ch, e.at(60, 40)))?;
+                Ok(false)
+            }
         }
     }
 
@@ -767,6 +797,7 @@ impl Connection {
 
     /// Give a channel's consumers and unacked messages back to their queues.
     fn release_channel(&mut self, ch: u16, remove: bool) {
+        self.flush_acks();
         let Some(c) = (if remove {
             self.channels.remove(&ch)
         } else {
@@ -814,7 +845,9 @@ impl Connection {
         })
     }
 
-    async fn on_channel_method(&mut self, ch: u16, m: Method, c: u16, mid: u16) -> AmqpResult<()> {
+    /// Channel methods: the per-message ones are handled here; any other
+    /// method (`Some`) goes on to [`Connection::on_other`].
+    fn on_channel_method(&mut self, ch: u16, m: Method, mid: u16) -> AmqpResult<Option<AMQPClass>> {
         // Channel lifecycle first: open, and the closing handshake.
         match (&m, self.channels.get(&ch)) {
             (Method::Other(AMQPClass::Channel(chan::AMQPMethod::Open(_))), None) => {
@@ -831,7 +864,7 @@ impl Connection {
                     ch,
                     AMQPClass::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})),
                 );
-                return Ok(());
+                return Ok(None);
             }
             (Method::Other(AMQPClass::Channel(chan::AMQPMethod::Open(_))), Some(_)) => {
                 return Err(AmqpError::new(
@@ -843,7 +876,7 @@ impl Connection {
                 if self.channels.get(&ch).is_some_and(|c| c.closing) {
                     self.channels.remove(&ch);
                 }
-                return Ok(());
+                return Ok(None);
             }
             (Method::Other(AMQPClass::Channel(chan::AMQPMethod::Close(_))), Some(_)) => {
                 self.release_channel(ch, true);
@@ -851,7 +884,7 @@ impl Connection {
                     ch,
                     AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
                 );
-                return Ok(());
+                return Ok(None);
             }
             (_, None) => {
                 return Err(AmqpError::new(
@@ -859,7 +892,7 @@ impl Connection {
                     format!("expected 'channel.open' on channel {ch}"),
                 ));
             }
-            (_, Some(c)) if c.closing => return Ok(()),
+            (_, Some(c)) if c.closing => return Ok(None),
             (_, Some(c)) if c.content.is_some() => {
                 return Err(AmqpError::new(
                     reply::UNEXPECTED_FRAME,
@@ -871,7 +904,6 @@ impl Connection {
             }
             _ => {}
         }
-        let _ = c;
         match m {
             Method::Publish(p) => {
                 if p.immediate {
@@ -884,14 +916,14 @@ impl Connection {
                     gathered: BytesMut::new(),
                     received: 0,
                 });
-                Ok(())
+                Ok(None)
             }
             Method::Ack {
                 delivery_tag,
                 multiple,
             } => {
                 let ds = self.take_deliveries(ch, delivery_tag, multiple)?;
-                self.settle(ch, Settle::Ack(ds))
+                self.settle(ch, Settle::Ack(ds)).map(|()| None)
             }
             Method::Nack {
                 delivery_tag,
@@ -899,14 +931,14 @@ impl Connection {
                 requeue,
             } => {
                 let ds = self.take_deliveries(ch, delivery_tag, multiple)?;
-                self.settle(ch, Settle::Reject(ds, requeue))
+                self.settle(ch, Settle::Reject(ds, requeue)).map(|()| None)
             }
             Method::Reject {
                 delivery_tag,
                 requeue,
             } => {
                 let ds = self.take_deliveries(ch, delivery_tag, false)?;
-                self.settle(ch, Settle::Reject(ds, requeue))
+                self.settle(ch, Settle::Reject(ds, requeue)).map(|()| None)
             }
             Method::Qos {
                 prefetch_size,
@@ -934,9 +966,9 @@ impl Connection {
                     ch,
                     AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
                 );
-                Ok(())
+                Ok(None)
             }
-            Method::Other(class) => self.on_other(ch, class).await,
+            Method::Other(class) => Ok(Some(class)),
         }
     }
 
@@ -1453,11 +1485,11 @@ impl Connection {
             return Err(AmqpError::new(reply::NOT_IMPLEMENTED, "requeue=false"));
         }
         let c = self.chan(ch)?;
-        let unacked = std::mem::take(&mut c.unacked);
-        let counted = unacked.values().filter(|d| d.counted).count() as u32;
+        let unacked = c.unacked.take_all();
+        let counted = unacked.iter().filter(|(_, d)| d.counted).count() as u32;
         c.credit.release(counted);
         let mut queues: Vec<queue::QueueHandle> = Vec::new();
-        for d in unacked.into_values() {
+        for (_, d) in unacked {
             if !queues.iter().any(|q| q == &d.queue) {
                 queues.push(d.queue);
             }
@@ -1535,29 +1567,21 @@ impl Connection {
 
     // ---------------------------------------------------------- settlement
 
-    fn take_deliveries(
-        &mut self,
-        ch: u16,
-        tag: u64,
-        multiple: bool,
-    ) -> AmqpResult<Vec<(u64, Delivery)>> {
+    fn take_deliveries(&mut self, ch: u16, tag: u64, multiple: bool) -> AmqpResult<Deliveries> {
         let c = self.chan(ch)?;
         if multiple && tag == 0 {
-            return Ok(std::mem::take(&mut c.unacked).into_iter().collect());
-        }
-        if !c.unacked.contains_key(&tag) {
-            return Err(precondition(format!("unknown delivery tag {tag}")));
+            return Ok(c.unacked.take_all());
         }
         if !multiple {
-            return Ok(c
-                .unacked
-                .remove(&tag)
-                .map(|d| vec![(tag, d)])
-                .unwrap_or_default());
+            return match c.unacked.remove(tag) {
+                Some(d) => Ok(smallvec::smallvec![(tag, d)]),
+                None => Err(precondition(format!("unknown delivery tag {tag}"))),
+            };
         }
-        let rest = c.unacked.split_off(&(tag + 1));
-        let taken = std::mem::replace(&mut c.unacked, rest);
-        Ok(taken.into_iter().collect())
+        if !c.unacked.contains(tag) {
+            return Err(precondition(format!("unknown delivery tag {tag}")));
+        }
+        Ok(c.unacked.take_through(tag))
     }
 
     fn settle(&mut self, ch: u16, s: Settle) -> AmqpResult<()> {
@@ -1569,6 +1593,16 @@ impl Connection {
         self.apply_settle(ch, s)
     }
 
+    /// Send the acks gathered so far to their queues. Called before anything
+    /// else this connection tells a queue (which must come after them: a
+    /// channel close would otherwise requeue what was acked) and at the end
+    /// of each batch of input.
+    fn flush_acks(&mut self) {
+        for (q, chan_key, seqs) in self.acks.drain(..) {
+            q.control(Control::Ack { chan_key, seqs });
+        }
+    }
+
     /// Tell queues about acks and rejects, grouped per queue.
     fn apply_settle(&mut self, ch: u16, s: Settle) -> AmqpResult<()> {
         let c = self.chan(ch)?;
@@ -1577,27 +1611,41 @@ impl Connection {
             Settle::Reject(ds, requeue) => (ds, Some(requeue)),
         };
         let counted = ds.iter().filter(|(_, d)| d.counted).count() as u32;
-        let mut groups: Vec<(queue::QueueHandle, Vec<u64>)> = Vec::new();
-        for (_, d) in ds {
-            match groups.iter_mut().find(|(q, _)| q == &d.queue) {
-                Some((_, seqs)) => seqs.push(d.seq),
-                None => groups.push((d.queue, vec![d.seq])),
+        let key = c.key;
+        match reject {
+            // Acks wait in `self.acks` until the input at hand is handled:
+            // one message per queue per read instead of one per ack.
+            None => {
+                for (_, d) in ds {
+                    let at = self
+                        .acks
+                        .iter_mut()
+                        .find(|(q, k, _)| *k == key && q == &d.queue);
+                    match at {
+                        Some((_, _, seqs)) => seqs.push(d.seq),
+                        None => self.acks.push((d.queue, key, smallvec::smallvec![d.seq])),
+                    }
+                }
+            }
+            Some(requeue) => {
+                self.flush_acks();
+                let mut groups: SmallVec<[(QueueHandle, queue::Seqs); 2]> = SmallVec::new();
+                for (_, d) in ds {
+                    match groups.iter_mut().find(|(q, _)| q == &d.queue) {
+                        Some((_, seqs)) => seqs.push(d.seq),
+                        None => groups.push((d.queue, smallvec::smallvec![d.seq])),
+                    }
+                }
+                for (q, seqs) in groups {
+                    q.control(Control::Reject {
+                        chan_key: key,
+                        seqs,
+                        requeue,
+                    });
+                }
             }
         }
-        let key = c.key;
-        for (q, seqs) in groups {
-            q.control(match reject {
-                None => Control::Ack {
-                    chan_key: key,
-                    seqs,
-                },
-                Some(requeue) => Control::Reject {
-                    chan_key: key,
-                    seqs,
-                    requeue,
-                },
-            });
-        }
+        let c = self.chan(ch)?;
         if c.credit.release(counted) {
             for cons in c.consumers.values() {
                 cons.queue.control(Control::Wake);
@@ -1608,7 +1656,9 @@ impl Connection {
 
     // ------------------------------------------------------------- publish
 
-    async fn on_content(&mut self, ch: u16, kind: u8, payload: Bytes) -> Result<(), Fault> {
+    /// A content frame; a complete message is published. `Some`: the
+    /// message is routed but must wait for room in a queue or the writer.
+    fn on_content(&mut self, ch: u16, kind: u8, payload: Bytes) -> Result<Option<Pending>, Fault> {
         let max = self.broker.config.max_message_size;
         let Some(c) = self.channels.get_mut(&ch) else {
             return Err(hard(
@@ -1617,7 +1667,7 @@ impl Connection {
             ));
         };
         if c.closing {
-            return Ok(());
+            return Ok(None);
         }
         let Some(content) = c.content.as_mut() else {
             return Err(hard(
@@ -1680,34 +1730,26 @@ impl Connection {
         }
         let h = content.header.as_ref().map(|h| h.body_size());
         if h != Some(content.received) {
-            return Ok(());
+            return Ok(None);
         }
         let Some(content) = c.content.take() else {
-            return Ok(());
+            return Ok(None);
         };
         let body = content.body.unwrap_or_else(|| content.gathered.freeze());
         let Some(header) = content.header else {
-            return Ok(());
+            return Ok(None);
         };
         self.publish(ch, content.publish, header, body)
-            .await
-            .map_err(|e| {
-                let e = e.at(60, 40);
-                if e.is_hard() {
-                    Fault::Connection(e)
-                } else {
-                    Fault::Channel(ch, e)
-                }
-            })
+            .map_err(|e| channel_fault(ch, e.at(60, 40)))
     }
 
-    async fn publish(
+    fn publish(
         &mut self,
         ch: u16,
         p: Publish,
         header: ContentHeader,
         body: Bytes,
-    ) -> AmqpResult<()> {
+    ) -> AmqpResult<Option<Pending>> {
         if let Some(uid) = header.user_id() {
             if uid != self.user {
                 return Err(precondition(format!(
@@ -1743,13 +1785,29 @@ impl Connection {
             if let Some(t) = self.chan(ch)?.tx.as_mut() {
                 t.publishes.push((p.mandatory, msg));
             }
-            return Ok(());
+            return Ok(None);
         }
-        self.enqueue(ch, p.mandatory, msg).await
+        self.enqueue_now(ch, p.mandatory, msg)
     }
 
-    /// Route a message and hand it to its queues.
+    /// Route a message and hand it to its queues, waiting for room.
     async fn enqueue(&mut self, ch: u16, mandatory: bool, msg: MessageRef) -> AmqpResult<()> {
+        match self.enqueue_now(ch, mandatory, msg)? {
+            Some(p) => self.enqueue_waiting(p).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Route a message and hand it to its queues if each has room now (and
+    /// the store writer too, for a persistent one): the common case, with
+    /// no await. Otherwise the routed message comes back, to be handed over
+    /// by [`Connection::enqueue_waiting`].
+    fn enqueue_now(
+        &mut self,
+        ch: u16,
+        mandatory: bool,
+        msg: MessageRef,
+    ) -> AmqpResult<Option<Pending>> {
         if msg.exchange.is_empty() && msg.routing_key.as_str().starts_with(REPLY_TO_PREFIX) {
             let delivered = match self.broker.replies().get(msg.routing_key.as_str()) {
                 Some(t) => t
@@ -1770,11 +1828,15 @@ impl Connection {
             if !delivered && mandatory {
                 self.send_return(ch, &msg);
             }
-            return Ok(());
+            return Ok(None);
         }
-        let routed = self
-            .vhost()
-            .route(&msg.exchange, &msg.routing_key, &msg.header)?;
+        let vhost = self.vhost.as_ref().expect("vhost set by handshake");
+        let routed = vhost.route_memo(
+            &mut self.route_memo,
+            &msg.exchange,
+            &msg.routing_key,
+            &msg.header,
+        )?;
         let events = &self.events_tx;
         let c = self.channels.get_mut(&ch).ok_or_else(|| {
             AmqpError::new(
@@ -1791,64 +1853,62 @@ impl Connection {
                 nacked: Default::default(),
             })
         });
-        let queues = routed.queues();
-        if queues.is_empty() {
+        if routed.queues().is_empty() {
             if mandatory {
                 self.send_return(ch, &msg);
             }
-            return Ok(());
+            return Ok(None);
         }
-        // A mailbox slot in every queue first (this is where a publisher
-        // that outruns its queues waits), and a slot at the store writer.
-        let mut slots: SmallVec<[_; 4]> = SmallVec::with_capacity(queues.len());
-        for q in queues {
-            if let Some(permit) = q.reserve().await {
-                slots.push((q, permit));
+        let p = Pending {
+            msg,
+            routed,
+            ticket,
+        };
+        // Room in every queue and at the writer, taken without waiting; or
+        // none of it (what was taken is given back) and the slow path.
+        let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();
+        let mut full = false;
+        for q in p.routed.queues() {
+            match q.try_reserve() {
+                Some(true) => slots.push(q),
+                Some(false) => {}
+                None => {
+                    full = true;
+                    break;
+                }
             }
         }
-        let stored = msg
-            .stored
-            .filter(|_| slots.iter().any(|(q, _)| q.persisted()));
+        let stored = p.msg.stored.filter(|_| slots.iter().any(|q| q.persisted()));
+        let writer = match (full, stored) {
+            (true, _) => None,
+            (false, None) => Some(None),
+            (false, Some(_)) => self.broker.persister.try_reserve(),
+        };
+        let Some(writer) = writer else {
+            slots.iter().for_each(|q| q.unreserve());
+            drop(slots);
+            return Ok(Some(p));
+        };
+        hand_over(&self.broker, p.msg, p.ticket, &slots, stored, writer);
+        Ok(None)
+    }
+
+    /// Hand over a routed message, waiting for room in its queues and at
+    /// the store writer (this is where a publisher that outruns its queues
+    /// waits).
+    async fn enqueue_waiting(&mut self, p: Pending) -> AmqpResult<()> {
+        let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();
+        for q in p.routed.queues() {
+            if q.reserve().await {
+                slots.push(q);
+            }
+        }
+        let stored = p.msg.stored.filter(|_| slots.iter().any(|q| q.persisted()));
         let writer = match stored {
-            Some(_) => Some(self.broker.persister.reserve().await),
+            Some(_) => self.broker.persister.reserve().await,
             None => None,
         };
-        // From here on nothing awaits: each queue's sequence is taken and
-        // its message handed over at once, so the sequences a queue receives
-        // are dense, and the store write is submitted before any queue sees
-        // the message (a queue's page reads wait for it).
-        let seqs: SmallVec<[u64; 4]> = slots.iter().map(|(q, _)| q.take_seq()).collect();
-        if let (Some(id), Some(writer)) = (stored, writer) {
-            // Persistent: written once for every durable queue it reached;
-            // the confirm waits for the sync too.
-            let refs = slots.iter().filter(|(q, _)| q.persisted()).count() as u32;
-            let mut ops = Vec::with_capacity(refs as usize + 1);
-            ops.push(MessageOp::PutMessage {
-                id,
-                refs,
-                message: msg.to_stored(),
-            });
-            for ((q, _), &seq) in slots.iter().zip(&seqs) {
-                if q.persisted() {
-                    ops.push(MessageOp::Enqueue {
-                        queue: q.id(),
-                        seq,
-                        id,
-                    });
-                }
-            }
-            let t = ticket.clone();
-            let done: crate::persist::Done = Box::new(move |ok| {
-                if let (false, Some(t)) = (ok, &t) {
-                    t.nack();
-                }
-                drop(t);
-            });
-            self.broker.persister.submit_reserved(writer, ops, done);
-        }
-        for ((q, permit), seq) in slots.into_iter().zip(seqs) {
-            q.send(seq, msg.clone(), ticket.clone(), Some(permit));
-        }
+        hand_over(&self.broker, p.msg, p.ticket, &slots, stored, writer);
         Ok(())
     }
 
@@ -2033,6 +2093,85 @@ impl Connection {
                 }
             });
         }
+    }
+}
+
+/// What a frame leaves for the async path.
+enum Slow {
+    /// A method on channel 0.
+    Connection(Method, u16, u16),
+    /// A channel method that is not per-message (class, method ids).
+    Channel(u16, AMQPClass, u16, u16),
+    /// A routed message waiting for room in a queue or at the writer.
+    Publish(u16, Pending),
+}
+
+/// A routed message not yet handed to its queues.
+struct Pending {
+    msg: MessageRef,
+    routed: Routed,
+    ticket: Option<Arc<ConfirmTicket>>,
+}
+
+/// Hand a routed message to the queues that gave it a slot (and `writer`,
+/// the store's slot, for a persistent one). Each queue's sequence is taken
+/// and its message sent with no await in between, so the sequences a queue
+/// receives are dense; the store write is submitted before any queue sees
+/// the message (a queue's page reads wait for it).
+fn hand_over(
+    broker: &Broker,
+    msg: MessageRef,
+    ticket: Option<Arc<ConfirmTicket>>,
+    slots: &[&QueueHandle],
+    stored: Option<u64>,
+    writer: Option<OwnedSemaphorePermit>,
+) {
+    let seqs: SmallVec<[u64; 4]> = slots.iter().map(|q| q.take_seq()).collect();
+    if let Some(id) = stored {
+        // Persistent: written once for every durable queue it reached; the
+        // confirm waits for the sync too.
+        let refs = slots.iter().filter(|q| q.persisted()).count() as u32;
+        let mut ops = Vec::with_capacity(refs as usize + 1);
+        ops.push(MessageOp::PutMessage {
+            id,
+            refs,
+            message: msg.to_stored(),
+        });
+        for (q, &seq) in slots.iter().zip(&seqs) {
+            if q.persisted() {
+                ops.push(MessageOp::Enqueue {
+                    queue: q.id(),
+                    seq,
+                    id,
+                });
+            }
+        }
+        let t = ticket.clone();
+        let done: crate::persist::Done = Box::new(move |ok| {
+            if let (false, Some(t)) = (ok, &t) {
+                t.nack();
+            }
+            drop(t);
+        });
+        broker.persister.submit_reserved(writer, ops, done);
+    }
+    // (The last queue takes the message and ticket without a clone.)
+    let last = slots.len().wrapping_sub(1);
+    for (i, (q, seq)) in slots.iter().zip(seqs).enumerate() {
+        if i == last {
+            q.send(seq, msg, ticket, true);
+            break;
+        }
+        q.send(seq, msg.clone(), ticket.clone(), true);
+    }
+}
+
+/// A channel error closes the channel; a hard one the connection.
+fn channel_fault(ch: u16, e: AmqpError) -> Fault {
+    if e.is_hard() {
+        Fault::Connection(e)
+    } else {
+        Fault::Channel(ch, e)
     }
 }
 

@@ -20,7 +20,7 @@ use crate::alarm::Alarms;
 use crate::message::{Message, MessageRef};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use warren_storage::{MessageId, MessageOp, MessageStore, QueueId};
 
 /// Called with `true` once the job is durable, `false` if the write failed.
@@ -85,8 +85,59 @@ pub struct CacheStats {
     pub misses: AtomicU64,
 }
 
+/// The store's writer and reader threads. They end once every
+/// [`Persister`] is gone; the last of them to hold the store closes it.
+/// The daemon waits for them before it exits: RocksDB must be closed, not
+/// torn down by the process's exit handlers under its own background
+/// threads.
+#[derive(Clone, Default)]
+pub struct StoreThreads(Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>);
+
+impl StoreThreads {
+    fn add(&self, h: std::thread::JoinHandle<()>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(h);
+    }
+    /// Wait up to `limit` for the threads to end; false if one has not.
+    pub fn join(&self, limit: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
+        let mut hs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let me = std::thread::current().id();
+        if hs.iter().any(|h| h.thread().id() == me) {
+            // Called on one of the threads themselves: it cannot wait for
+            // its own end (the process-level join still does).
+            return false;
+        }
+        while hs.iter().any(|h| !h.is_finished()) {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for h in hs.drain(..) {
+            let _ = h.join();
+        }
+        true
+    }
+}
+
+/// Held by every [`Persister`] clone, dropped with the last one (after its
+/// senders, so the threads are already on their way out): waits for the
+/// threads, so that the store is closed by the time the last handle is
+/// gone. (A test process, or a runtime that is dropped, then never exits
+/// under a RocksDB that is still open.)
+struct Joiner(StoreThreads);
+
+impl Drop for Joiner {
+    fn drop(&mut self) {
+        if !self.0.join(std::time::Duration::from_secs(60)) {
+            tracing::warn!("message store threads did not stop");
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Persister {
+    pub threads: StoreThreads,
     tx: mpsc::UnboundedSender<Job>,
     reads: std::sync::mpsc::Sender<ReadJob>,
     permits: Arc<Semaphore>,
@@ -99,6 +150,8 @@ pub struct Persister {
     pub body_stats: Arc<CacheStats>,
     /// Memory pressure: queues then page transient messages out too.
     alarms: Arc<Alarms>,
+    /// Last: dropped after the senders above (fields drop in order).
+    _joiner: Arc<Joiner>,
 }
 
 impl Persister {
@@ -117,7 +170,8 @@ impl Persister {
         let failed = failures.clone();
         let writer_store = store.clone();
         let writer_progress = progress.clone();
-        std::thread::Builder::new().name("warren-store".into()).spawn(move || {
+        let threads = StoreThreads::default();
+        let writer = std::thread::Builder::new().name("warren-store".into()).spawn(move || {
             let mut ops = Vec::new();
             while let Some(first) = rx.blocking_recv() {
                 let mut jobs = vec![first];
@@ -161,7 +215,7 @@ impl Persister {
             let progress = progress.clone();
             let bodies = bodies.clone();
             let stats = body_stats.clone();
-            std::thread::Builder::new()
+            let pager = std::thread::Builder::new()
                 .name("warren-pager".into())
                 .spawn(move || {
                     while let Ok(job) = read_rx.recv() {
@@ -170,8 +224,12 @@ impl Persister {
                         (job.done)(page);
                     }
                 })?;
+            threads.add(writer);
+            threads.add(pager);
         }
         Ok(Persister {
+            _joiner: Arc::new(Joiner(threads.clone())),
+            threads,
             tx,
             reads,
             permits: Arc::new(Semaphore::new(JOB_PERMITS)),
@@ -196,6 +254,16 @@ impl Persister {
             if let Some(done) = e.0.done {
                 done(false);
             }
+        }
+    }
+
+    /// A slot without waiting: `None` while the writer is far behind,
+    /// `Some(None)` once it has stopped.
+    pub fn try_reserve(&self) -> Option<Option<OwnedSemaphorePermit>> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(p) => Some(Some(p)),
+            Err(TryAcquireError::Closed) => Some(None),
+            Err(TryAcquireError::NoPermits) => None,
         }
     }
 

@@ -45,11 +45,12 @@ use crate::message::MessageRef;
 use crate::persist::{Page, Persister};
 use crate::queue_args::{Overflow, QueueArgs};
 use crate::vhost::VHost;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 use warren_protocol::types::FieldTable;
 use warren_storage::MessageOp;
@@ -79,15 +80,28 @@ pub struct QueueInfo {
     pub arguments: FieldTable,
 }
 
-/// What connections and the vhost hold to talk to a queue.
+/// What connections and the vhost hold to talk to a queue. One `Arc`, so
+/// that the clone every delivery keeps (for its ack) is one counter bump.
 #[derive(Clone, Debug)]
-pub struct QueueHandle {
+pub struct QueueHandle(Arc<HandleInner>);
+
+#[derive(Debug)]
+pub struct HandleInner {
     pub info: Arc<QueueInfo>,
+    /// Mailbox slots for publishes (back-pressure). A publisher forgets the
+    /// permit it takes; the actor adds them back once per wake-up.
     permits: Arc<Semaphore>,
     control: mpsc::UnboundedSender<Control>,
     /// The next sequence number: publishers take one per message, right
     /// before handing it over (so the sequences a queue receives are dense).
-    seqs: Arc<AtomicU64>,
+    seqs: AtomicU64,
+}
+
+impl std::ops::Deref for QueueHandle {
+    type Target = HandleInner;
+    fn deref(&self) -> &HandleInner {
+        &self.0
+    }
 }
 
 impl PartialEq for QueueHandle {
@@ -108,10 +122,36 @@ impl QueueHandle {
     pub fn persisted(&self) -> bool {
         self.info.durable && self.info.exclusive_owner.is_none()
     }
+    /// A mailbox slot without waiting: `None` if the mailbox is full,
+    /// `Some(false)` if the queue is gone.
+    pub fn try_reserve(&self) -> Option<bool> {
+        match self.permits.try_acquire() {
+            Ok(p) => {
+                p.forget();
+                Some(true)
+            }
+            Err(TryAcquireError::Closed) => Some(false),
+            Err(TryAcquireError::NoPermits) => None,
+        }
+    }
+    /// Give back a slot from [`QueueHandle::try_reserve`] that is not used.
+    pub fn unreserve(&self) {
+        self.permits.add_permits(1);
+    }
     /// A mailbox slot for one publish; waits while the queue's mailbox is
-    /// full (back-pressure). None if the queue is gone.
-    pub async fn reserve(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().acquire_owned().await.ok()
+    /// full (back-pressure). False if the queue is gone. The slot travels
+    /// with the message ([`QueueHandle::send`] with `permit: true`).
+    pub async fn reserve(&self) -> bool {
+        let permit = match self.permits.try_acquire() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return false,
+            Err(TryAcquireError::NoPermits) => match self.permits.acquire().await {
+                Ok(p) => p,
+                Err(_) => return false,
+            },
+        };
+        permit.forget();
+        true
     }
     /// Take the sequence number of the next message. The caller must hand
     /// the message over with [`QueueHandle::send`] without awaiting anything
@@ -123,8 +163,8 @@ impl QueueHandle {
     pub fn set_next_seq(&self, next: u64) {
         self.seqs.fetch_max(next, Ordering::AcqRel);
     }
-    /// Hand over a message with its sequence; `permit` from
-    /// [`QueueHandle::reserve`] (None for dead letters: their volume is
+    /// Hand over a message with its sequence; `permit`: it holds a slot
+    /// from [`QueueHandle::reserve`] (not dead letters: their volume is
     /// bounded by the dead-lettering queue's own). A queue deleted meanwhile
     /// drops the message (and releases its confirm).
     pub fn send(
@@ -132,13 +172,13 @@ impl QueueHandle {
         seq: u64,
         msg: MessageRef,
         confirm: Option<Arc<ConfirmTicket>>,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: bool,
     ) {
         let _ = self.control.send(Control::Publish(Publish {
             seq,
             msg,
             confirm,
-            _permit: permit,
+            permit,
         }));
     }
     /// Send a control message; false if the queue is gone.
@@ -162,8 +202,8 @@ pub struct Publish {
     msg: MessageRef,
     /// Dropped once the message is enqueued (or refused: then nacked first).
     confirm: Option<Arc<ConfirmTicket>>,
-    /// The mailbox slot; None for dead-lettered messages.
-    _permit: Option<OwnedSemaphorePermit>,
+    /// It holds a mailbox slot (dead-lettered messages do not).
+    permit: bool,
 }
 
 /// A publisher confirm outstanding on one or more queues: when the last
@@ -261,6 +301,9 @@ pub struct Got {
     pub remaining: u32,
 }
 
+/// Sequences settled together: one ack (the common case) needs no heap.
+pub type Seqs = smallvec::SmallVec<[u64; 2]>;
+
 /// What a queue's mailbox carries.
 pub enum Control {
     /// At start-up: the queue holds `count` stored messages with sequences
@@ -288,11 +331,11 @@ pub enum Control {
     },
     Ack {
         chan_key: u64,
-        seqs: Vec<u64>,
+        seqs: Seqs,
     },
     Reject {
         chan_key: u64,
-        seqs: Vec<u64>,
+        seqs: Seqs,
         requeue: bool,
     },
     Get {
@@ -494,7 +537,7 @@ struct Actor {
     /// Ready messages, by priority then sequence.
     ready: Ready,
     /// Delivered, awaiting ack, by sequence.
-    unacked: HashMap<u64, Unacked>,
+    unacked: FxHashMap<u64, Unacked>,
     consumers: Vec<Consumer>,
     /// Round-robin position in `consumers`.
     next_consumer: usize,
@@ -534,6 +577,8 @@ struct Actor {
     /// Set when the queue is deleted (not merely stopped at shutdown): only
     /// then are its stored messages dropped.
     deleted: bool,
+    /// Mailbox slots of publishes taken in this wake-up, given back at once.
+    freed: usize,
 }
 
 /// Start a queue actor; returns its handle. `vhost` routes its dead letters.
@@ -556,7 +601,7 @@ pub fn spawn(
         ready: Ready::new(args.max_priority),
         args,
         vhost,
-        unacked: HashMap::new(),
+        unacked: FxHashMap::default(),
         consumers: Vec::new(),
         next_consumer: 0,
         max_seen: 0,
@@ -575,18 +620,19 @@ pub fn spawn(
         persister,
         pending: Vec::new(),
         deleted: false,
+        freed: 0,
     };
     let span = tracing::debug_span!("queue", name = %info.name);
     tokio::spawn(tracing::Instrument::instrument(
         actor.run(crx, permits.clone()),
         span,
     ));
-    QueueHandle {
+    QueueHandle(Arc::new(HandleInner {
         info,
         permits,
         control: ctx,
-        seqs: Arc::new(AtomicU64::new(1)),
-    }
+        seqs: AtomicU64::new(1),
+    }))
 }
 
 /// How many mailbox messages one wake-up takes before dispatching.
@@ -620,6 +666,7 @@ impl Actor {
                     }
                 }
                 () = &mut timer, if armed.is_some() => {
+                    // (no publishes taken here)
                     armed = None;
                     self.tick();
                     if self.unused_too_long() {
@@ -629,6 +676,9 @@ impl Actor {
                         break;
                     }
                 }
+            }
+            if self.freed > 0 {
+                permits.add_permits(std::mem::take(&mut self.freed));
             }
             self.dispatch();
             self.expire_heads();
@@ -725,6 +775,7 @@ impl Actor {
     }
 
     fn enqueue(&mut self, p: Publish) {
+        self.freed += p.permit as usize;
         self.max_seen = self.max_seen.max(p.seq);
         // The publisher stored it for this queue (before sending it here).
         let on_disk = p.msg.stored.is_some() && self.persisted;
@@ -1045,7 +1096,7 @@ impl Actor {
             p.submit_nowait(ops);
         }
         for (q, seq) in targets.into_iter().zip(seqs) {
-            q.send(seq, dead.clone(), None, None);
+            q.send(seq, dead.clone(), None, false);
         }
     }
 

@@ -622,6 +622,33 @@ impl VHost {
         h.finish()
     }
 
+    /// [`VHost::route`] through a one-entry memo the caller keeps (a
+    /// connection's last route): a publisher that keeps to one exchange and
+    /// routing key skips the shared cache's hashing and bookkeeping. The memo
+    /// is only trusted while the topology generation is unchanged.
+    pub fn route_memo(
+        &self,
+        memo: &mut Option<Arc<Route>>,
+        exchange: &ShortStr,
+        routing_key: &ShortStr,
+        header: &ContentHeader,
+    ) -> AmqpResult<Routed> {
+        if let Some(r) = memo.as_ref() {
+            if r.generation == self.generation.load(Ordering::Acquire)
+                && &r.exchange == exchange
+                && &r.routing_key == routing_key
+            {
+                self.route_stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Routed::Cached(r.clone()));
+            }
+        }
+        let routed = self.route(exchange, routing_key, header)?;
+        if let Routed::Cached(r) = &routed {
+            *memo = Some(r.clone());
+        }
+        Ok(routed)
+    }
+
     /// The queues a message published to `exchange` goes to.
     pub fn route(
         &self,

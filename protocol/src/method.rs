@@ -333,7 +333,8 @@ impl Cur<'_> {
 
 /// Decode a method frame's payload.
 pub fn decode(payload: &Bytes) -> Result<Method, DecodeError> {
-    let (class_id, method_id) = ids(payload).ok_or(DecodeError::Malformed {
+    // (ok_or_else: the error's String must not be built for every frame.)
+    let (class_id, method_id) = ids(payload).ok_or_else(|| DecodeError::Malformed {
         class_id: 0,
         method_id: 0,
         reason: "method frame shorter than its ids".into(),
