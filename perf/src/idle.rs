@@ -18,6 +18,7 @@ use crate::client::{Conn, Res, Target};
 use crate::wire::{self, Frame};
 use bytes::{Buf, BytesMut};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,6 +37,8 @@ pub struct IdleConfig {
     pub keep: bool,
     /// Connections being opened at the same time.
     pub parallel: usize,
+    /// Longest wait for one connection's TCP connect and AMQP handshake.
+    pub connect_timeout: Duration,
 }
 
 pub fn idle_queue_name(i: usize) -> String {
@@ -73,7 +76,14 @@ fn owned(j: usize, n: usize, queues: usize) -> Vec<usize> {
 }
 
 async fn open_one(cfg: &IdleConfig, queues: &[usize]) -> Res<Conn> {
-    let mut c = Conn::connect(&cfg.target).await?;
+    // A broker out of file descriptors may accept the TCP connection and
+    // never start the handshake: fail then instead of waiting forever.
+    let t = cfg.connect_timeout;
+    let Ok(c) = tokio::time::timeout(t, Conn::connect(&cfg.target)).await else {
+        let why = "is the broker out of file descriptors or connections?";
+        return Err(format!("no AMQP handshake within {t:?} ({why})").into());
+    };
+    let mut c = c?;
     if c.channel_max != 0 && cfg.channels > c.channel_max {
         return Err(format!(
             "{} channels per connection asked, the broker allows {}",
@@ -196,15 +206,22 @@ pub async fn idle(
     }
 
     let gate = Arc::new(Semaphore::new(cfg.parallel.max(1)));
+    // Once one connection fails the rest are not opened.
+    let failed = Arc::new(AtomicBool::new(false));
     let mut opening = Vec::with_capacity(n);
     for j in 0..n {
-        let (cfg, gate) = (cfg.clone(), gate.clone());
+        let (cfg, gate, failed) = (cfg.clone(), gate.clone(), failed.clone());
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.expect("semaphore");
+            if failed.load(Relaxed) {
+                return Err(String::new());
+            }
             let qs = owned(j, n, cfg.queues);
-            open_one(&cfg, &qs)
-                .await
-                .map(|c| (c, qs))
+            let r = open_one(&cfg, &qs).await;
+            if r.is_err() {
+                failed.store(true, Relaxed);
+            }
+            r.map(|c| (c, qs))
                 .map_err(|e| format!("connection {j}: {e}"))
         }));
     }
@@ -213,6 +230,7 @@ pub async fn idle(
     for t in opening {
         match t.await {
             Ok(Ok(c)) => conns.push(c),
+            Ok(Err(e)) if e.is_empty() => {}
             Ok(Err(e)) => {
                 first_err.get_or_insert(e);
             }
@@ -262,8 +280,7 @@ pub async fn idle(
     }
     if n == 0 && cfg.queues > 0 && !cfg.keep {
         let all: Vec<usize> = (0..cfg.queues).collect();
-        let c = Conn::connect(&cfg.target).await?;
-        let mut c = c;
+        let mut c = Conn::connect(&cfg.target).await?;
         c.channel(1).await?;
         let (d, _, e) = teardown(c, &all, false).await;
         sum.deleted += d;

@@ -72,6 +72,9 @@ enum Cmd {
         /// Connections being opened at the same time.
         #[arg(long, default_value_t = 32)]
         parallel: usize,
+        /// Seconds to wait for one connection's TCP connect and handshake.
+        #[arg(long, default_value_t = 30)]
+        connect_timeout: u64,
     },
 }
 
@@ -226,6 +229,7 @@ fn main() {
                 seconds,
                 keep,
                 parallel,
+                connect_timeout,
             }) => {
                 let target = match target.target() {
                     Ok(t) => t,
@@ -242,6 +246,7 @@ fn main() {
                     durable,
                     keep,
                     parallel,
+                    connect_timeout: std::time::Duration::from_secs(connect_timeout.max(1)),
                 };
                 let t0 = std::time::Instant::now();
                 let ready = |s: &warren_perf::idle::IdleSummary| {

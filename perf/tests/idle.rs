@@ -31,6 +31,7 @@ fn config(port: u16, connections: usize, channels: u16, queues: usize) -> IdleCo
         durable: false,
         keep: false,
         parallel: 4,
+        connect_timeout: Duration::from_secs(10),
     }
 }
 
@@ -194,4 +195,26 @@ async fn cli_timed_hold_ends_by_itself() {
     .unwrap();
     assert!(status.success(), "{status:?}");
     assert_eq!(stats.queues_deleted.load(Relaxed), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_never_handshakes_fails_fast() {
+    // Accepts and stays silent, as a broker out of file descriptors can.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    let mut cfg = config(port, 20, 1, 0);
+    cfg.connect_timeout = Duration::from_millis(300);
+    let t = std::time::Instant::now();
+    let e = idle(cfg, |_| panic!("not ready"), async {})
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no AMQP handshake"), "{e}");
+    // The first timeout stops the remaining connections from being tried.
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
