@@ -84,6 +84,8 @@ pub struct Conn {
     pub rbuf: BytesMut,
     pub wbuf: BytesMut,
     pub frame_max: u32,
+    /// Highest channel number the broker allows (0 = no limit).
+    pub channel_max: u16,
 }
 
 impl Conn {
@@ -95,6 +97,7 @@ impl Conn {
             rbuf: BytesMut::with_capacity(1 << 16),
             wbuf: BytesMut::with_capacity(1 << 16),
             frame_max: 131072,
+            channel_max: 0,
         };
         c.stream.write_all(wire::PROTOCOL_HEADER).await?;
         c.expect(0, wire::CONNECTION_START).await?;
@@ -110,7 +113,10 @@ impl Conn {
             frame_max.min(131072)
         };
         c.frame_max = frame_max;
-        // Heartbeats off: runs are short and both ends are busy.
+        c.channel_max = channel_max;
+        // Heartbeats off (0 in tune-ok disables them on both sides, whatever
+        // the broker proposed): runs are short and both ends are busy, and
+        // `idle` answers any heartbeat a broker sends regardless.
         wire::tune_ok(&mut c.wbuf, channel_max, frame_max, 0);
         wire::open(&mut c.wbuf, &t.vhost);
         c.flush().await?;

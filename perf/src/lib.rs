@@ -4,10 +4,12 @@
 //! - [`wire`]: hand-encoded frames (a whole publish batch into one buffer) and
 //!   an incremental, borrowing frame parser.
 //! - [`client`]: URI parsing, handshake and synchronous setup methods.
+//! - [`idle`]: hold idle connections, channels and queues (RSS measurement).
 //! - [`run`]: producers, consumers, per-second report and summary.
 //! - [`sink`]: a fake broker that discards publishes, to measure the client alone.
 
 pub mod client;
+pub mod idle;
 pub mod run;
 pub mod sink;
 pub mod wire;

@@ -1,5 +1,7 @@
 use clap::{Args, Parser, Subcommand};
+use std::io::Write;
 use warren_perf::client::Target;
+use warren_perf::idle::{idle, IdleConfig};
 use warren_perf::run::{run, Config};
 
 /// Load generator for AMQP 0-9-1 brokers (Warren, RabbitMQ, ...).
@@ -25,10 +27,59 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1")]
         bind: String,
     },
+    /// Open connections, channels and queues and hold them idle, to measure
+    /// the broker's memory per resource.
+    ///
+    /// Opens --connections connections (at most --parallel at a time), each
+    /// with --channels-per-connection channels, and declares --queues queues
+    /// perf-idle-q0.. (not exclusive, not auto-delete; durable with --durable),
+    /// queue i on channel 1 of connection i % connections, one declare at a
+    /// time. With --connections 0 the queues are declared through one
+    /// short-lived connection and then stay with no connection open.
+    ///
+    /// When everything is established it prints one line on stdout,
+    /// `ready connections=N channels=C queues=M`, then holds: for --seconds,
+    /// or with --seconds 0 until SIGINT, SIGTERM or end of stdin (stdin is
+    /// not watched when it is /dev/null, e.g. a background job). SIGINT or
+    /// SIGTERM also end a timed hold early. Heartbeats are negotiated off
+    /// (0 in tune-ok), and any heartbeat the broker sends anyway is answered,
+    /// so idle connections stay up however long they are held.
+    ///
+    /// Then it deletes the queues (unless --keep) and closes every connection
+    /// with connection.close. Exit status 1 if anything failed, including a
+    /// connection the broker closed while held.
+    Idle {
+        #[command(flatten)]
+        target: TargetOpts,
+        /// Connections to hold.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Channels opened on each connection (1..=channel-max).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        channels_per_connection: u16,
+        /// Queues to declare (perf-idle-q0 ..).
+        #[arg(long, default_value_t = 0)]
+        queues: usize,
+        /// Durable queues.
+        #[arg(long)]
+        durable: bool,
+        /// Seconds to hold after ready; 0 = until SIGINT/SIGTERM/end of stdin.
+        #[arg(long, default_value_t = 0)]
+        seconds: u64,
+        /// Leave the queues on the broker at the end.
+        #[arg(long)]
+        keep: bool,
+        /// Connections being opened at the same time.
+        #[arg(long, default_value_t = 32)]
+        parallel: usize,
+        /// Seconds to wait for one connection's TCP connect and handshake.
+        #[arg(long, default_value_t = 30)]
+        connect_timeout: u64,
+    },
 }
 
 #[derive(Args, Debug)]
-struct RunOpts {
+struct TargetOpts {
     /// Broker URI.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     uri: String,
@@ -38,6 +89,25 @@ struct RunOpts {
     /// Overrides the URI's port.
     #[arg(long)]
     port: Option<u16>,
+}
+
+impl TargetOpts {
+    fn target(&self) -> Result<Target, String> {
+        let mut t = Target::parse(&self.uri).map_err(|e| format!("bad --uri: {e}"))?;
+        if let Some(h) = &self.host {
+            t.host = h.clone();
+        }
+        if let Some(p) = self.port {
+            t.port = p;
+        }
+        Ok(t)
+    }
+}
+
+#[derive(Args, Debug)]
+struct RunOpts {
+    #[command(flatten)]
+    target: TargetOpts,
     #[arg(long, short = 'x', default_value_t = 1)]
     producers: usize,
     #[arg(long, short = 'y', default_value_t = 1)]
@@ -89,6 +159,41 @@ struct RunOpts {
     quiet: bool,
 }
 
+/// Completes after `seconds` (0 = never), on SIGINT or SIGTERM, or, when
+/// `seconds` is 0, at the end of stdin unless stdin is /dev/null.
+async fn hold_until(seconds: u64) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel::<()>();
+    let devnull = std::fs::read_link("/proc/self/fd/0")
+        .map(|p| p == std::path::Path::new("/dev/null"))
+        .unwrap_or(false);
+    if seconds == 0 && !devnull {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            let mut stdin = std::io::stdin().lock();
+            while matches!(std::io::Read::read(&mut stdin, &mut buf), Ok(n) if n > 0) {}
+            let _ = eof_tx.send(());
+        });
+    } else {
+        std::mem::forget(eof_tx);
+    }
+    let timer = async {
+        if seconds > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(seconds)).await
+        } else {
+            std::future::pending().await
+        }
+    };
+    tokio::select! {
+        _ = timer => {}
+        _ = term.recv() => eprintln!("idle: SIGTERM"),
+        _ = int.recv() => eprintln!("idle: SIGINT"),
+        _ = eof_rx => eprintln!("idle: end of stdin"),
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -115,21 +220,80 @@ fn main() {
                 }
                 0
             }
-            None => {
-                let o = cli.opts;
-                let mut target = match Target::parse(&o.uri) {
+            Some(Cmd::Idle {
+                target,
+                connections,
+                channels_per_connection,
+                queues,
+                durable,
+                seconds,
+                keep,
+                parallel,
+                connect_timeout,
+            }) => {
+                let target = match target.target() {
                     Ok(t) => t,
                     Err(e) => {
-                        eprintln!("bad --uri: {e}");
+                        eprintln!("{e}");
                         return 2;
                     }
                 };
-                if let Some(h) = o.host {
-                    target.host = h;
+                let cfg = IdleConfig {
+                    target,
+                    connections,
+                    channels: channels_per_connection,
+                    queues,
+                    durable,
+                    keep,
+                    parallel,
+                    connect_timeout: std::time::Duration::from_secs(connect_timeout.max(1)),
+                };
+                let t0 = std::time::Instant::now();
+                let ready = |s: &warren_perf::idle::IdleSummary| {
+                    eprintln!(
+                        "idle: established in {:.2}s, holding",
+                        t0.elapsed().as_secs_f64()
+                    );
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{}", s.ready_line());
+                    let _ = out.flush();
+                };
+                match idle(cfg, ready, hold_until(seconds)).await {
+                    Ok(s) => {
+                        eprintln!(
+                            "idle: held {:.1}s; deleted {} queues; {} of {} connections closed cleanly",
+                            s.held.as_secs_f64(),
+                            s.deleted,
+                            s.closed,
+                            s.connections
+                        );
+                        for e in &s.errors {
+                            eprintln!("idle: {e}");
+                        }
+                        let clean = s.errors.is_empty()
+                            && s.closed == s.connections
+                            && (keep || s.deleted == queues);
+                        if clean {
+                            0
+                        } else {
+                            1
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("warren-perf idle: {e}");
+                        1
+                    }
                 }
-                if let Some(p) = o.port {
-                    target.port = p;
-                }
+            }
+            None => {
+                let o = cli.opts;
+                let target = match o.target.target() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return 2;
+                    }
+                };
                 if o.queues == 0 {
                     eprintln!("--queues must be at least 1");
                     return 2;

@@ -91,6 +91,9 @@ pub struct Summary {
     pub confirmed: u64,
     pub nacked: u64,
     pub consumed: u64,
+    /// Consume rate of each measured second, msg/s (stability under
+    /// back-pressure: compare the minimum with the average).
+    pub consume_per_second: Vec<u64>,
     /// Latency percentiles in µs: p50, p75, p95, p99, p99.9, max; `None` without samples.
     pub latency_us: Option<[u64; 6]>,
     pub error: Option<String>,
@@ -117,6 +120,9 @@ impl Summary {
             self.consumed,
             self.rate(self.consumed),
         );
+        if let Some(m) = self.consume_per_second.iter().min() {
+            s += &format!("  consumed per second: min {m} msg/s\n");
+        }
         match self.latency_us {
             Some(l) => {
                 s += &format!(
@@ -140,12 +146,22 @@ impl Summary {
             ),
             None => "null".into(),
         };
+        let per_sec = self
+            .consume_per_second
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let per_sec_min = match self.consume_per_second.iter().min() {
+            Some(m) => m.to_string(),
+            None => "null".into(),
+        };
         let err = match &self.error {
             Some(e) => format!("\"{}\"", e.replace('\\', "\\\\").replace('"', "\\\"")),
             None => "null".into(),
         };
         format!(
-            "{{\"seconds\":{:.3},\"producers\":{},\"consumers\":{},\"queues\":{},\"size\":{},\"persistent\":{},\"confirm\":{},\"published\":{},\"confirmed\":{},\"nacked\":{},\"consumed\":{},\"publish_rate\":{:.0},\"confirm_rate\":{:.0},\"consume_rate\":{:.0},\"latency_us\":{},\"error\":{}}}",
+            "{{\"seconds\":{:.3},\"producers\":{},\"consumers\":{},\"queues\":{},\"size\":{},\"persistent\":{},\"confirm\":{},\"published\":{},\"confirmed\":{},\"nacked\":{},\"consumed\":{},\"publish_rate\":{:.0},\"confirm_rate\":{:.0},\"consume_rate\":{:.0},\"consume_per_second\":[{}],\"consume_per_second_min\":{},\"latency_us\":{},\"error\":{}}}",
             self.seconds,
             cfg.producers,
             cfg.consumers,
@@ -160,6 +176,8 @@ impl Summary {
             self.rate(self.published),
             self.rate(self.confirmed),
             self.rate(self.consumed),
+            per_sec,
+            per_sec_min,
             lat,
             err
         )
@@ -550,6 +568,7 @@ pub async fn run(cfg: Config) -> Res<Summary> {
     let mut last_at = start;
     let end = cfg.warmup + cfg.seconds;
     let mut measured = if cfg.warmup == 0 { 0.0 } else { -1.0 };
+    let mut consume_per_second = Vec::with_capacity(cfg.seconds as usize);
     for s in 1..=end {
         tick.tick().await;
         let now = Instant::now();
@@ -564,6 +583,7 @@ pub async fn run(cfg: Config) -> Res<Summary> {
         let warm = s <= cfg.warmup;
         if !warm {
             let _ = total.add(&sec);
+            consume_per_second.push(((cur[3] - prev[3]) as f64 / dt).round() as u64);
         }
         if cfg.progress {
             let r = |k: usize| (cur[k] - prev[k]) as f64 / dt;
@@ -621,6 +641,7 @@ pub async fn run(cfg: Config) -> Res<Summary> {
         confirmed: fin[1] - base[1],
         nacked: fin[2] - base[2],
         consumed: fin[3] - base[3],
+        consume_per_second,
         latency_us: percentiles(&total),
         error,
     })
@@ -649,6 +670,7 @@ mod tests {
         let s = Summary {
             seconds: 1.0,
             published: 10,
+            consume_per_second: vec![9, 7, 8],
             latency_us: Some([1, 2, 3, 4, 5, 6]),
             error: Some("a \"b\"".into()),
             ..Default::default()
@@ -676,6 +698,15 @@ mod tests {
         assert!(!j.contains('\n'));
         assert!(j.contains("\"publish_rate\":10,"), "{j}");
         assert!(j.contains("\"p999\":5"), "{j}");
+        assert!(
+            j.contains("\"consume_per_second\":[9,7,8],\"consume_per_second_min\":7,"),
+            "{j}"
+        );
+        let none = Summary::default().json(&cfg);
+        assert!(
+            none.contains("\"consume_per_second\":[],\"consume_per_second_min\":null,"),
+            "{none}"
+        );
         assert!(j.contains("\"error\":\"a \\\"b\\\"\""), "{j}");
     }
 }

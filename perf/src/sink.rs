@@ -16,7 +16,13 @@ const FRAME_MAX: u32 = 131072;
 #[derive(Default)]
 pub struct SinkStats {
     pub published: AtomicU64,
+    /// Connections accepted.
     pub connections: AtomicU64,
+    /// `connection.close` received (clean closes).
+    pub closes: AtomicU64,
+    pub channels: AtomicU64,
+    pub queues_declared: AtomicU64,
+    pub queues_deleted: AtomicU64,
 }
 
 /// Accept connections forever.
@@ -93,11 +99,13 @@ async fn connection(mut sock: TcpStream, stats: &SinkStats) -> Res<()> {
                         })
                     }
                     wire::CONNECTION_CLOSE => {
+                        stats.closes.fetch_add(1, Relaxed);
                         wire::method(&mut wbuf, 0, wire::CONNECTION_CLOSE_OK, |_| {});
                         closing = true;
                     }
                     wire::CHANNEL_OPEN => {
                         confirms[chi] = (0, 0);
+                        stats.channels.fetch_add(1, Relaxed);
                         wire::method(&mut wbuf, ch, wire::CHANNEL_OPEN_OK, |b| wire::long(b, b""))
                     }
                     wire::CHANNEL_CLOSE => {
@@ -110,6 +118,7 @@ async fn connection(mut sock: TcpStream, stats: &SinkStats) -> Res<()> {
                         wire::method(&mut wbuf, ch, wire::EXCHANGE_DELETE_OK, |_| {})
                     }
                     wire::QUEUE_DECLARE => {
+                        stats.queues_declared.fetch_add(1, Relaxed);
                         let mut a = Args(args);
                         a.u16();
                         let name = a.short().unwrap_or_default();
@@ -124,9 +133,12 @@ async fn connection(mut sock: TcpStream, stats: &SinkStats) -> Res<()> {
                         })
                     }
                     wire::QUEUE_BIND => wire::method(&mut wbuf, ch, wire::QUEUE_BIND_OK, |_| {}),
-                    wire::QUEUE_DELETE => wire::method(&mut wbuf, ch, wire::QUEUE_DELETE_OK, |b| {
-                        b.extend_from_slice(&[0; 4])
-                    }),
+                    wire::QUEUE_DELETE => {
+                        stats.queues_deleted.fetch_add(1, Relaxed);
+                        wire::method(&mut wbuf, ch, wire::QUEUE_DELETE_OK, |b| {
+                            b.extend_from_slice(&[0; 4])
+                        })
+                    }
                     wire::BASIC_QOS => wire::method(&mut wbuf, ch, wire::BASIC_QOS_OK, |_| {}),
                     wire::BASIC_CONSUME => {
                         let mut a = Args(args);

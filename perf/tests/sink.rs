@@ -42,6 +42,7 @@ async fn producers_and_consumer_against_the_sink() {
     assert!(s.confirmed <= s.published + 2 * 64, "{s:?}");
     assert_eq!(s.nacked, 0);
     assert_eq!(s.consumed, 0, "the sink never delivers");
+    assert_eq!(s.consume_per_second, vec![0], "one measured second");
     assert!(stats.published.load(Relaxed) >= s.published);
     // setup + 2 producers + 1 consumer + cleanup
     assert_eq!(stats.connections.load(Relaxed), 5);
