@@ -66,6 +66,16 @@ pub const PAGE_WINDOW: usize = 4096;
 pub const PAGE_WINDOW_BYTES: u64 = 16 << 20;
 /// Messages read back per page.
 const PAGE_READ: usize = 1024;
+/// A queue whose consumers are taking messages holds publishers back (keeps
+/// their mailbox slots) while this many messages, or body bytes, wait in
+/// its memory: the consumers set the pace, through TCP back-pressure on the
+/// publishing connections, instead of the backlog growing until the memory
+/// alarm. A queue without consumers is a buffer and is never held.
+const HOLD_MESSAGES: usize = 4 * PAGE_WINDOW;
+const HOLD_BYTES: u64 = 64 << 20;
+/// ... unless its consumers have taken nothing for this long (stalled:
+/// prefetch full and no acks); then publishers go on and the queue grows.
+const HOLD_STALL_MS: u64 = 200;
 
 /// Shared facts about a queue, immutable after declaration.
 #[derive(Debug)]
@@ -579,6 +589,10 @@ struct Actor {
     deleted: bool,
     /// Mailbox slots of publishes taken in this wake-up, given back at once.
     freed: usize,
+    /// Mailbox slots held back from publishers (see `HOLD_MESSAGES`).
+    held: usize,
+    /// When a consumer last took a message (coarse clock).
+    last_delivery: u64,
 }
 
 /// Start a queue actor; returns its handle. `vhost` routes its dead letters.
@@ -621,6 +635,8 @@ pub fn spawn(
         pending: Vec::new(),
         deleted: false,
         freed: 0,
+        held: 0,
+        last_delivery: 0,
     };
     let span = tracing::debug_span!("queue", name = %info.name);
     tokio::spawn(tracing::Instrument::instrument(
@@ -677,14 +693,18 @@ impl Actor {
                     }
                 }
             }
-            if self.freed > 0 {
-                permits.add_permits(std::mem::take(&mut self.freed));
-            }
             self.dispatch();
             self.expire_heads();
             self.flush_store();
             // After the flush: a read waits for every write submitted so far.
             self.page_in();
+            // Mailbox slots go back to publishers, or are held (see HOLD_*).
+            let slots = std::mem::take(&mut self.freed) + std::mem::take(&mut self.held);
+            if self.holding() {
+                self.held = slots;
+            } else if slots > 0 {
+                permits.add_permits(slots);
+            }
             let next = self.next_deadline();
             if next != armed {
                 if let Some(at) = next {
@@ -712,10 +732,23 @@ impl Actor {
         self.now = self.epoch.elapsed().as_millis() as u64;
     }
 
-    /// When the timer should next fire: the earliest head expiry, or the
-    /// moment an unused `x-expires` queue runs out.
+    /// Whether publishers are held back: consumers are taking messages,
+    /// and the backlog in memory is over the bound.
+    fn holding(&self) -> bool {
+        !self.consumers.is_empty()
+            && (self.ready.len() >= HOLD_MESSAGES || self.ready.bytes >= HOLD_BYTES)
+            && self.now < self.last_delivery.saturating_add(HOLD_STALL_MS)
+    }
+
+    /// When the timer should next fire: the earliest head expiry, the
+    /// moment an unused `x-expires` queue runs out, or when held publishers
+    /// are let go if the consumers stall.
     fn next_deadline(&self) -> Option<Instant> {
         let mut at = self.ready.next_expiry().saturating_add(1);
+        if self.held > 0 {
+            // Let publishers go if the consumers stall.
+            at = at.min(self.last_delivery.saturating_add(HOLD_STALL_MS));
+        }
         if let Some(ms) = self.args.expires {
             if self.consumers.is_empty() {
                 at = at.min(self.last_used.saturating_add(ms));
@@ -1124,6 +1157,7 @@ impl Actor {
                 self.ready.push_front(entry);
                 break;
             }
+            self.last_delivery = self.now;
             if c.no_ack {
                 self.forget(&entry);
             } else {
