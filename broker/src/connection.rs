@@ -23,7 +23,7 @@ use crate::message::{Message, MessageRef};
 use crate::queue::{self, ConfirmTicket, Consumer, Control, QueueHandle, FLOW_WINDOW};
 use crate::server::Broker;
 use crate::vhost::{QueueSpec, Routed, VHost};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use std::net::SocketAddr;
@@ -109,6 +109,9 @@ fn hard(code: u16, text: impl Into<String>) -> Fault {
 const EVENT_BATCH: usize = 512;
 /// Bytes read per wake-up at most before events get a turn.
 const READ_BATCH: usize = 256 * 1024;
+/// Bodies at least this large are written from the message itself (see
+/// `Connection::put_content`); smaller ones are cheaper to copy.
+const SHARED_BODY: usize = 4096;
 
 pub struct Connection {
     id: u64,
@@ -117,6 +120,10 @@ pub struct Connection {
     stream: TcpStream,
     inbuf: BytesMut,
     out: BytesMut,
+    /// Output queued ahead of `out` when large bodies are sent: encoded
+    /// bytes cut off `out`, and bodies shared with their message (never
+    /// copied), in order; written with vectored writes.
+    segs: std::collections::VecDeque<Bytes>,
     frame_max: u32,
     channel_max: u16,
     heartbeat: u16,
@@ -154,6 +161,7 @@ impl Connection {
             stream,
             inbuf: BytesMut::with_capacity(16 * 1024),
             out: BytesMut::with_capacity(16 * 1024),
+            segs: std::collections::VecDeque::new(),
             frame_max: crate::config::PRE_TUNE_FRAME_MAX,
             channel_max: 0,
             heartbeat: 0,
@@ -202,12 +210,83 @@ impl Connection {
     // ------------------------------------------------------------ plumbing
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.out.is_empty() {
+        if !self.segs.is_empty() {
+            self.write_segments().await?;
+        } else if !self.out.is_empty() {
             self.stream.write_all(&self.out).await?;
             self.out.clear();
             self.last_write = Instant::now();
         }
         Ok(())
+    }
+
+    /// Write `segs`, then `out`, with vectored writes.
+    async fn write_segments(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.segs.push_back(self.out.split().freeze());
+        }
+        while !self.segs.is_empty() {
+            let slices: SmallVec<[std::io::IoSlice<'_>; 64]> = self
+                .segs
+                .iter()
+                .take(64)
+                .map(|b| std::io::IoSlice::new(b))
+                .collect();
+            let mut n = self.stream.write_vectored(&slices).await?;
+            drop(slices);
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let Some(front) = self.segs.front_mut() else {
+                    break;
+                };
+                if n >= front.len() {
+                    n -= front.len();
+                    self.segs.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        self.last_write = Instant::now();
+        Ok(())
+    }
+
+    /// A message's content header and body frames. Bodies of at least
+    /// `SHARED_BODY` bytes are not copied: their frames' payloads are
+    /// slices of the message's own body, written in place.
+    fn put_content(&mut self, channel: u16, msg: &Message) {
+        if msg.body.len() < SHARED_BODY {
+            method::put_content(
+                &mut self.out,
+                channel,
+                msg.header.raw(),
+                &msg.body,
+                self.frame_max,
+            );
+            return;
+        }
+        method::put_content(
+            &mut self.out,
+            channel,
+            msg.header.raw(),
+            &[],
+            self.frame_max,
+        );
+        let chunk = (self.frame_max as usize)
+            .saturating_sub(frame::OVERHEAD)
+            .max(1);
+        let mut at = 0;
+        while at < msg.body.len() {
+            let end = (at + chunk).min(msg.body.len());
+            frame::put_header(&mut self.out, frame::BODY, channel, end - at);
+            self.segs.push_back(self.out.split().freeze());
+            self.segs.push_back(msg.body.slice(at..end));
+            self.out.put_u8(frame::FRAME_END);
+            at = end;
+        }
     }
 
     fn send_method(&mut self, channel: u16, m: AMQPClass) {
@@ -569,7 +648,7 @@ impl Connection {
                         if !self.blocked && self.last_read.elapsed() > hb * 2 {
                             return Err(Fault::Drop(format!("missed heartbeats from client, timeout: {}s", self.heartbeat)));
                         }
-                        if self.last_write.elapsed() >= tick && self.out.is_empty() {
+                        if self.last_write.elapsed() >= tick && self.out.is_empty() && self.segs.is_empty() {
                             frame::put_heartbeat(&mut self.out);
                         }
                     }
@@ -1407,7 +1486,6 @@ impl Connection {
                                 },
                             );
                         }
-                        let fm = self.frame_max;
                         let msg = &got.msg;
                         method::put_get_ok(
                             &mut self.out,
@@ -1418,7 +1496,8 @@ impl Connection {
                             msg.routing_key.as_bytes(),
                             got.remaining,
                         );
-                        method::put_content(&mut self.out, ch, msg.header.raw(), &msg.body, fm);
+                        let msg = msg.clone();
+                        self.put_content(ch, &msg);
                     }
                 }
             }
@@ -1923,8 +2002,7 @@ impl Connection {
                 routing_key: short(msg.routing_key.as_str()),
             })),
         );
-        let fm = self.frame_max;
-        method::put_content(&mut self.out, ch, msg.header.raw(), &msg.body, fm);
+        self.put_content(ch, msg);
     }
 
     // -------------------------------------------------------------- events
@@ -1975,13 +2053,7 @@ impl Connection {
                     msg.exchange.as_bytes(),
                     msg.routing_key.as_bytes(),
                 );
-                method::put_content(
-                    &mut self.out,
-                    channel,
-                    msg.header.raw(),
-                    &msg.body,
-                    self.frame_max,
-                );
+                self.put_content(channel, &msg);
             }
             ConnEvent::Reply {
                 chan_key,
@@ -2006,13 +2078,7 @@ impl Connection {
                     msg.exchange.as_bytes(),
                     msg.routing_key.as_bytes(),
                 );
-                method::put_content(
-                    &mut self.out,
-                    channel,
-                    msg.header.raw(),
-                    &msg.body,
-                    self.frame_max,
-                );
+                self.put_content(channel, &msg);
             }
             ConnEvent::Confirm {
                 chan_key,

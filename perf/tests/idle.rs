@@ -61,7 +61,9 @@ async fn holds_connections_channels_and_queues_then_cleans_up() {
                 st.queues_declared.load(Relaxed),
             ))
         },
-        tokio::time::sleep(Duration::from_millis(200)),
+        // (An async block: the sleep starts when the hold does, not when
+        // this future is built before the connections are opened.)
+        async { tokio::time::sleep(Duration::from_millis(200)).await },
     )
     .await
     .unwrap();

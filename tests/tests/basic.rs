@@ -275,6 +275,59 @@ async fn small_frame_max_splits_bodies() {
     broker.stop().await;
 }
 
+/// Bodies of every size around the ones Warren writes from the message
+/// itself (4 KiB and up) and around a frame's payload (131,064 bytes),
+/// mixed with small ones, arrive whole and in order through a consumer
+/// and through basic.get.
+#[tokio::test]
+async fn bodies_of_every_size_arrive_whole_and_in_order() {
+    let broker = TestBroker::start().await;
+    let (conn, ch) = broker.channel().await;
+    let q = unique("sizes");
+    declare_queue(&ch, &q).await;
+    let sizes = [
+        0usize, 1, 16, 4095, 4096, 4097, 65536, 131_063, 131_064, 131_065, 262_128, 300_001, 7,
+    ];
+    let body =
+        |n: usize, k: usize| -> Vec<u8> { (0..n).map(|i| ((i * 7 + k) % 251) as u8).collect() };
+    let mut c = consume(&ch, &q, "", true).await;
+    for round in 0..3 {
+        for (k, &n) in sizes.iter().enumerate() {
+            publish(&ch, "", &q, &body(n, k + round)).await;
+        }
+    }
+    for round in 0..3 {
+        for (k, &n) in sizes.iter().enumerate() {
+            let d = next_delivery(&mut c).await;
+            assert!(
+                d.data == body(n, k + round),
+                "body of {n} bytes (round {round})"
+            );
+        }
+    }
+    ch.basic_cancel(c.tag(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    for (k, &n) in sizes.iter().enumerate() {
+        publish(&ch, "", &q, &body(n, k)).await;
+    }
+    for (k, &n) in sizes.iter().enumerate() {
+        let got = within("a message", async {
+            loop {
+                if let Some(b) = get_body(&ch, &q).await {
+                    return b;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(got == body(n, k), "basic.get body of {n} bytes");
+    }
+    delete(&ch, &q).await;
+    conn.close(200, "bye".into()).await.unwrap();
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn max_message_size_is_406() {
     let broker = TestBroker::start_with(|c| c.max_message_size = 1024).await;
