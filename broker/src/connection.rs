@@ -23,7 +23,7 @@ use crate::message::{Message, MessageRef};
 use crate::queue::{self, ConfirmTicket, Consumer, Control, QueueHandle, FLOW_WINDOW};
 use crate::server::Broker;
 use crate::vhost::{QueueSpec, Routed, VHost};
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 use std::net::SocketAddr;
@@ -268,25 +268,18 @@ impl Connection {
             );
             return;
         }
-        method::put_content(
+        let segs = &mut self.segs;
+        method::put_content_parts(
             &mut self.out,
             channel,
             msg.header.raw(),
-            &[],
+            msg.body.len(),
             self.frame_max,
+            |out, r| {
+                segs.push_back(out.split().freeze());
+                segs.push_back(msg.body.slice(r));
+            },
         );
-        let chunk = (self.frame_max as usize)
-            .saturating_sub(frame::OVERHEAD)
-            .max(1);
-        let mut at = 0;
-        while at < msg.body.len() {
-            let end = (at + chunk).min(msg.body.len());
-            frame::put_header(&mut self.out, frame::BODY, channel, end - at);
-            self.segs.push_back(self.out.split().freeze());
-            self.segs.push_back(msg.body.slice(at..end));
-            self.out.put_u8(frame::FRAME_END);
-            at = end;
-        }
     }
 
     fn send_method(&mut self, channel: u16, m: AMQPClass) {

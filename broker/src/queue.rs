@@ -152,16 +152,16 @@ impl QueueHandle {
     /// full (back-pressure). False if the queue is gone. The slot travels
     /// with the message ([`QueueHandle::send`] with `permit: true`).
     pub async fn reserve(&self) -> bool {
-        let permit = match self.permits.try_acquire() {
-            Ok(p) => p,
-            Err(TryAcquireError::Closed) => return false,
-            Err(TryAcquireError::NoPermits) => match self.permits.acquire().await {
-                Ok(p) => p,
-                Err(_) => return false,
-            },
-        };
-        permit.forget();
-        true
+        if let Some(taken) = self.try_reserve() {
+            return taken;
+        }
+        match self.permits.acquire().await {
+            Ok(p) => {
+                p.forget();
+                true
+            }
+            Err(_) => false,
+        }
     }
     /// Take the sequence number of the next message. The caller must hand
     /// the message over with [`QueueHandle::send`] without awaiting anything

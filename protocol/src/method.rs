@@ -523,14 +523,33 @@ pub fn put_content(
     body: &[u8],
     frame_max: u32,
 ) {
+    put_content_parts(buf, channel, raw_header, body.len(), frame_max, |buf, r| {
+        buf.put_slice(&body[r])
+    });
+}
+
+/// [`put_content`] with the body's payloads left to `part`, called with
+/// each body frame's byte range between its header and its frame end
+/// (a caller that writes bodies without copying them cuts `buf` there).
+pub fn put_content_parts(
+    buf: &mut BytesMut,
+    channel: u16,
+    raw_header: &[u8],
+    body_len: usize,
+    frame_max: u32,
+    mut part: impl FnMut(&mut BytesMut, std::ops::Range<usize>),
+) {
     frame::put_header(buf, frame::HEADER, channel, raw_header.len());
     buf.put_slice(raw_header);
     buf.put_u8(FRAME_END);
     let chunk = (frame_max as usize).saturating_sub(frame::OVERHEAD).max(1);
-    for part in body.chunks(chunk) {
-        frame::put_header(buf, frame::BODY, channel, part.len());
-        buf.put_slice(part);
+    let mut at = 0;
+    while at < body_len {
+        let end = (at + chunk).min(body_len);
+        frame::put_header(buf, frame::BODY, channel, end - at);
+        part(buf, at..end);
         buf.put_u8(FRAME_END);
+        at = end;
     }
 }
 
@@ -991,5 +1010,21 @@ mod tests {
         }
         assert_eq!(kinds, vec![2, 3, 3, 3]);
         assert_eq!(total, 10_000);
+    }
+
+    #[test]
+    fn content_parts_cut_around_body_payloads_give_the_same_bytes() {
+        let raw = [0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0x27, 0x10, 0, 0];
+        let body: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut whole = BytesMut::new();
+        put_content(&mut whole, 1, &raw, &body, 4096);
+        let mut segs: Vec<Bytes> = Vec::new();
+        let mut buf = BytesMut::new();
+        put_content_parts(&mut buf, 1, &raw, body.len(), 4096, |buf, r| {
+            segs.push(buf.split().freeze());
+            segs.push(Bytes::copy_from_slice(&body[r]));
+        });
+        segs.push(buf.freeze());
+        assert_eq!(segs.concat(), &whole[..]);
     }
 }
