@@ -20,8 +20,9 @@ use crate::channel::{ChanConsumer, Channel, Confirms, Content, Deliveries, Deliv
 use crate::error::{precondition, AmqpError, AmqpResult};
 use crate::exchange::Dest;
 use crate::message::{Message, MessageRef};
-use crate::queue::{self, ConfirmTicket, Consumer, Control, QueueHandle, FLOW_WINDOW};
-use crate::server::Broker;
+use crate::events::{ConfirmTicket, ConnEvent};
+use crate::queue::{self, Consumer, QueueCmd, QueueHandle, FLOW_WINDOW};
+use crate::broker::Broker;
 use crate::vhost::{QueueSpec, Routed, VHost};
 use bytes::{Buf, Bytes, BytesMut};
 use rustc_hash::FxHashMap;
@@ -43,34 +44,6 @@ use warren_protocol::method::{self, short, Method, Publish};
 use warren_protocol::reply;
 use warren_protocol::types::{AMQPValue, FieldTable, LongString};
 use warren_storage::MessageOp;
-
-/// What queues (and confirm tickets) tell a connection.
-pub enum ConnEvent {
-    Deliver {
-        chan_key: u64,
-        channel: u16,
-        tag: Arc<str>,
-        msg: MessageRef,
-        redelivered: bool,
-        seq: u64,
-        queue: u64,
-        in_flight: Arc<AtomicU32>,
-    },
-    /// A publish is enqueued on every queue it was routed to (`nack`: a
-    /// queue refused it, e.g. `x-overflow: reject-publish`).
-    Confirm { chan_key: u64, seq: u64, nack: bool },
-    /// The queue removed a consumer at the client's request.
-    CancelOk { chan_key: u64, tag: Arc<str> },
-    /// The queue went away under a consumer.
-    Cancelled { chan_key: u64, tag: Arc<str> },
-    /// A direct reply-to message for this connection's reply consumer.
-    Reply {
-        chan_key: u64,
-        channel: u16,
-        tag: Arc<str>,
-        msg: MessageRef,
-    },
-}
 
 /// The pseudo-queue of direct reply-to.
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -892,7 +865,7 @@ impl Connection {
             }
         }
         for q in queues {
-            q.control(Control::ChannelClosed { chan_key: c.key });
+            q.control(QueueCmd::ChannelClosed { chan_key: c.key });
         }
     }
 
@@ -1029,7 +1002,7 @@ impl Connection {
                         .limit
                         .store(prefetch_count as u32, Ordering::Release);
                     for cons in c.consumers.values() {
-                        cons.queue.control(Control::Wake);
+                        cons.queue.control(QueueCmd::Wake);
                     }
                 } else {
                     c.prefetch = prefetch_count;
@@ -1231,7 +1204,7 @@ impl Connection {
                 self.chan(ch)?.last_queue = Some(name.clone());
                 if !d.nowait {
                     let (messages, consumers) = handle
-                        .ask(|reply| Control::Stats { reply })
+                        .ask(|reply| QueueCmd::Stats { reply })
                         .await
                         .unwrap_or((0, 0));
                     self.send_method(
@@ -1282,7 +1255,7 @@ impl Connection {
                 let name = self.queue_name(ch, p.queue.as_str())?;
                 let handle = v.queue(&name, self.id)?;
                 let n = handle
-                    .ask(|reply| Control::Purge { reply })
+                    .ask(|reply| QueueCmd::Purge { reply })
                     .await
                     .unwrap_or(0);
                 if !p.nowait {
@@ -1368,7 +1341,7 @@ impl Connection {
                     unacked: 0,
                 };
                 match handle
-                    .ask(|reply| Control::Consume { consumer, reply })
+                    .ask(|reply| QueueCmd::Consume { consumer, reply })
                     .await
                 {
                     Some(r) => r?,
@@ -1417,7 +1390,7 @@ impl Connection {
                     Some(cons) if !cons.cancelling => {
                         cons.cancelling = true;
                         cons.cancel_nowait = cm.nowait;
-                        if !cons.queue.control(Control::Cancel {
+                        if !cons.queue.control(QueueCmd::Cancel {
                             chan_key: key,
                             tag: tag.clone(),
                         }) {
@@ -1452,7 +1425,7 @@ impl Connection {
                 let handle = v.queue(&name, self.id)?;
                 let key = self.chan(ch)?.key;
                 let got = handle
-                    .ask(|reply| Control::Get {
+                    .ask(|reply| QueueCmd::Get {
                         chan_key: key,
                         no_ack: g.no_ack,
                         reply,
@@ -1533,7 +1506,7 @@ impl Connection {
             return Err(precondition("reply consumer already set"));
         }
         let name = generated_name(REPLY_TO_PREFIX);
-        let target = crate::server::ReplyTarget {
+        let target = crate::broker::ReplyTarget {
             events,
             chan_key: c.key,
             channel: ch,
@@ -1567,10 +1540,10 @@ impl Connection {
             }
         }
         for q in queues {
-            q.control(Control::Recover { chan_key: c.key });
+            q.control(QueueCmd::Recover { chan_key: c.key });
         }
         for cons in c.consumers.values() {
-            cons.queue.control(Control::Wake);
+            cons.queue.control(QueueCmd::Wake);
         }
         Ok(())
     }
@@ -1671,7 +1644,7 @@ impl Connection {
     /// of each batch of input.
     fn flush_acks(&mut self) {
         for (q, chan_key, seqs) in self.acks.drain(..) {
-            q.control(Control::Ack { chan_key, seqs });
+            q.control(QueueCmd::Ack { chan_key, seqs });
         }
     }
 
@@ -1709,7 +1682,7 @@ impl Connection {
                     }
                 }
                 for (q, seqs) in groups {
-                    q.control(Control::Reject {
+                    q.control(QueueCmd::Reject {
                         chan_key: key,
                         seqs,
                         requeue,
@@ -1720,7 +1693,7 @@ impl Connection {
         let c = self.chan(ch)?;
         if c.credit.release(counted) {
             for cons in c.consumers.values() {
-                cons.queue.control(Control::Wake);
+                cons.queue.control(QueueCmd::Wake);
             }
         }
         Ok(())
@@ -2035,7 +2008,7 @@ impl Connection {
                     );
                 }
                 if wake {
-                    cons.queue.control(Control::Wake);
+                    cons.queue.control(QueueCmd::Wake);
                 }
                 method::put_deliver(
                     &mut self.out,

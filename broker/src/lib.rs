@@ -29,11 +29,13 @@
 //! connection assigns a delivery tag and writes deliver + raw header + body.
 
 pub mod alarm;
+pub mod broker;
 pub mod channel;
 pub mod config;
 pub mod connection;
 pub mod dead_letter;
 pub mod error;
+pub mod events;
 pub mod exchange;
 pub mod message;
 pub mod persist;

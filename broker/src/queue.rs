@@ -38,7 +38,7 @@
 //! start-up a durable queue is only told its range: no body is read until a
 //! consumer needs it.
 
-use crate::connection::ConnEvent;
+use crate::events::{ConfirmTicket, ConnEvent};
 use crate::dead_letter::{self, Reason};
 use crate::error::{access_refused, precondition, AmqpError};
 use crate::message::MessageRef;
@@ -101,7 +101,7 @@ pub struct HandleInner {
     /// Mailbox slots for publishes (back-pressure). A publisher forgets the
     /// permit it takes; the actor adds them back once per wake-up.
     permits: Arc<Semaphore>,
-    control: mpsc::UnboundedSender<Control>,
+    control: mpsc::UnboundedSender<QueueCmd>,
     /// The next sequence number: publishers take one per message, right
     /// before handing it over (so the sequences a queue receives are dense).
     seqs: AtomicU64,
@@ -184,7 +184,7 @@ impl QueueHandle {
         confirm: Option<Arc<ConfirmTicket>>,
         permit: bool,
     ) {
-        let _ = self.control.send(Control::Publish(Publish {
+        let _ = self.control.send(QueueCmd::Publish(Publish {
             seq,
             msg,
             confirm,
@@ -192,11 +192,11 @@ impl QueueHandle {
         }));
     }
     /// Send a control message; false if the queue is gone.
-    pub fn control(&self, c: Control) -> bool {
+    pub fn control(&self, c: QueueCmd) -> bool {
         self.control.send(c).is_ok()
     }
     /// Ask something and wait for the answer; None if the queue is gone.
-    pub async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Control) -> Option<T> {
+    pub async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> QueueCmd) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         if !self.control(make(tx)) {
             return None;
@@ -214,34 +214,6 @@ pub struct Publish {
     confirm: Option<Arc<ConfirmTicket>>,
     /// It holds a mailbox slot (dead-lettered messages do not).
     permit: bool,
-}
-
-/// A publisher confirm outstanding on one or more queues: when the last
-/// queue drops its clone, the publishing connection hears about it.
-pub struct ConfirmTicket {
-    pub conn: mpsc::UnboundedSender<ConnEvent>,
-    pub chan_key: u64,
-    pub seq: u64,
-    /// Set by a queue that refused the message (`x-overflow` reject-publish):
-    /// the publisher then gets `basic.nack` instead of `basic.ack`.
-    pub nacked: AtomicBool,
-}
-
-impl ConfirmTicket {
-    /// Mark the publish refused: the confirm becomes a `basic.nack`.
-    pub fn nack(&self) {
-        self.nacked.store(true, Ordering::Relaxed);
-    }
-}
-
-impl Drop for ConfirmTicket {
-    fn drop(&mut self) {
-        let _ = self.conn.send(ConnEvent::Confirm {
-            chan_key: self.chan_key,
-            seq: self.seq,
-            nack: *self.nacked.get_mut(),
-        });
-    }
 }
 
 /// The prefetch shared by all consumers of a channel (`basic.qos global=true`).
@@ -315,7 +287,7 @@ pub struct Got {
 pub type Seqs = smallvec::SmallVec<[u64; 2]>;
 
 /// What a queue's mailbox carries.
-pub enum Control {
+pub enum QueueCmd {
     /// At start-up: the queue holds `count` stored messages with sequences
     /// in `first..end`, to be read back as consumers need them.
     Recovered {
@@ -568,7 +540,7 @@ struct Actor {
     parked_gets: VecDeque<(u64, bool, oneshot::Sender<Option<Got>>)>,
     /// The actor's own mailbox, for page-read replies (weak: the mailbox
     /// still closes when every handle is gone).
-    myself: mpsc::WeakUnboundedSender<Control>,
+    myself: mpsc::WeakUnboundedSender<QueueCmd>,
     /// Whether a consumer ever subscribed (auto-delete needs one first).
     had_consumer: bool,
     on_auto_delete: Option<OnAutoDelete>,
@@ -655,7 +627,7 @@ pub fn spawn(
 const BATCH: usize = 256;
 
 impl Actor {
-    async fn run(mut self, mut mailbox: mpsc::UnboundedReceiver<Control>, permits: Arc<Semaphore>) {
+    async fn run(mut self, mut mailbox: mpsc::UnboundedReceiver<QueueCmd>, permits: Arc<Semaphore>) {
         // One timer, re-armed for the next deadline (head expiry, x-expires).
         let timer = tokio::time::sleep_until(self.epoch + Duration::from_secs(3600));
         tokio::pin!(timer);
@@ -939,7 +911,7 @@ impl Actor {
             t.end,
             limit,
             Box::new(move |page| {
-                let _ = me.send(Control::Paged { generation, page });
+                let _ = me.send(QueueCmd::Paged { generation, page });
             }),
         );
     }
@@ -1247,10 +1219,10 @@ impl Actor {
     }
 
     /// Returns true when the actor should stop.
-    fn on_control(&mut self, c: Control) -> bool {
+    fn on_control(&mut self, c: QueueCmd) -> bool {
         match c {
-            Control::Publish(p) => self.enqueue(p),
-            Control::Consume { consumer, reply } => {
+            QueueCmd::Publish(p) => self.enqueue(p),
+            QueueCmd::Consume { consumer, reply } => {
                 let name = &self.info.name;
                 let vhost = &self.info.vhost;
                 if consumer.exclusive && !self.consumers.is_empty()
@@ -1269,7 +1241,7 @@ impl Actor {
                 self.had_consumer = true;
                 let _ = reply.send(Ok(()));
             }
-            Control::Cancel { chan_key, tag } => {
+            QueueCmd::Cancel { chan_key, tag } => {
                 if let Some(pos) = self
                     .consumers
                     .iter()
@@ -1281,14 +1253,14 @@ impl Actor {
                 }
                 return self.maybe_auto_delete();
             }
-            Control::Ack { chan_key, seqs } => {
+            QueueCmd::Ack { chan_key, seqs } => {
                 for s in seqs {
                     if let Some(e) = self.settle(chan_key, s) {
                         self.forget(&e);
                     }
                 }
             }
-            Control::Reject {
+            QueueCmd::Reject {
                 chan_key,
                 seqs,
                 requeue,
@@ -1306,12 +1278,12 @@ impl Actor {
                     }
                 }
             }
-            Control::Get {
+            QueueCmd::Get {
                 chan_key,
                 no_ack,
                 reply,
             } => self.get(chan_key, no_ack, reply),
-            Control::ChannelClosed { chan_key } => {
+            QueueCmd::ChannelClosed { chan_key } => {
                 let before = self.consumers.len();
                 self.consumers.retain(|c| c.chan_key != chan_key);
                 if self.consumers.len() != before {
@@ -1321,18 +1293,18 @@ impl Actor {
                 self.requeue(back);
                 return self.maybe_auto_delete();
             }
-            Control::Recover { chan_key } => {
+            QueueCmd::Recover { chan_key } => {
                 let back = self.take_channel_unacked(chan_key);
                 self.requeue(back);
             }
-            Control::Wake => {}
-            Control::Touch => self.last_used = self.now,
-            Control::Stats { reply } => {
+            QueueCmd::Wake => {}
+            QueueCmd::Touch => self.last_used = self.now,
+            QueueCmd::Stats { reply } => {
                 self.expire_heads();
                 let ready = self.ready_count().min(u32::MAX as u64) as u32;
                 let _ = reply.send((ready, self.consumers.len() as u32));
             }
-            Control::Purge { reply } => {
+            QueueCmd::Purge { reply } => {
                 let mut n: u64 = 0;
                 while let Some(e) = self.ready.pop_front() {
                     self.forget(&e);
@@ -1363,14 +1335,14 @@ impl Actor {
                 }
                 let _ = reply.send(n.min(u32::MAX as u64) as u32);
             }
-            Control::Recovered { first, end, count } => {
+            QueueCmd::Recovered { first, end, count } => {
                 self.recovered_below = end;
                 self.max_seen = self.max_seen.max(end.saturating_sub(1));
                 self.generations += 1;
                 self.tail = Some(Tail::new(first, end, count, self.generations));
             }
-            Control::Paged { generation, page } => self.paged(generation, page),
-            Control::Delete {
+            QueueCmd::Paged { generation, page } => self.paged(generation, page),
+            QueueCmd::Delete {
                 if_unused,
                 if_empty,
                 reply,

@@ -340,7 +340,7 @@ impl VHost {
         let name = s.name;
         if s.passive {
             return self.queue(name, conn).inspect(|q| {
-                q.control(queue::Control::Touch);
+                q.control(queue::QueueCmd::Touch);
             });
         }
         crate::queue_args::validate(name, vh, s.arguments)?;
@@ -383,7 +383,7 @@ impl VHost {
                     return Err(ineq(arg, describe(got), describe(cur)));
                 }
             }
-            q.control(queue::Control::Touch);
+            q.control(queue::QueueCmd::Touch);
             return Ok(q.clone());
         }
         let id = self.next_queue_id.fetch_add(1, Ordering::AcqRel);
@@ -489,7 +489,7 @@ impl VHost {
         if_empty: bool,
     ) -> AmqpResult<u32> {
         let n = q
-            .ask(|reply| queue::Control::Delete {
+            .ask(|reply| queue::QueueCmd::Delete {
                 if_unused,
                 if_empty,
                 reply,

@@ -56,7 +56,7 @@ impl TestBroker {
     }
 
     /// The in-process broker's shared state (None for an external broker).
-    pub fn broker(&self) -> Option<std::sync::Arc<warren_broker::server::Broker>> {
+    pub fn broker(&self) -> Option<std::sync::Arc<warren_broker::broker::Broker>> {
         self.running.as_ref().map(|r| r.broker.clone())
     }
 

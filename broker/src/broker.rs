@@ -1,0 +1,77 @@
+//! The broker handle: state shared by every connection (configuration,
+//! virtual hosts, the store service, resource alarms, the direct reply-to
+//! registry, id sources). Cheap to share through an `Arc`; it knows nothing
+//! of connections or the listener, which sit above it.
+
+use crate::alarm::Alarms;
+use crate::config::Config;
+use crate::events::ConnEvent;
+use crate::persist::Persister;
+use crate::vhost::VHost;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, watch};
+
+/// Broker-wide state shared by every connection (cheap to clone via `Arc`).
+pub struct Broker {
+    pub config: Config,
+    /// Virtual hosts by name. Fixed at start-up for now (only "/").
+    pub(crate) vhosts: HashMap<String, Arc<VHost>>,
+    /// Source of connection ids.
+    pub(crate) next_conn: AtomicU64,
+    /// Source of channel keys (unique per channel incarnation).
+    pub(crate) next_chan: AtomicU64,
+    /// The group-commit writer of the message store.
+    pub persister: Persister,
+    /// Flips to true once, at shutdown.
+    pub shutdown: watch::Receiver<bool>,
+    /// Direct reply-to consumers by their `amq.rabbitmq.reply-to.*` name.
+    /// A std mutex held only for a map operation, never across `.await`.
+    pub reply_to: Mutex<HashMap<String, ReplyTarget>>,
+    /// Resource alarms (memory, disk): block publishers; paging signal.
+    pub alarms: Arc<Alarms>,
+}
+
+/// Where a direct reply goes: a consumer on some connection's channel.
+pub struct ReplyTarget {
+    pub events: mpsc::UnboundedSender<ConnEvent>,
+    pub chan_key: u64,
+    pub channel: u16,
+    pub tag: Arc<str>,
+}
+
+impl Broker {
+    pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
+        self.vhosts.get(name).cloned()
+    }
+    pub fn next_message_id(&self) -> u64 {
+        self.persister.next_id()
+    }
+    pub fn next_chan_key(&self) -> u64 {
+        self.next_chan.fetch_add(1, Ordering::Relaxed)
+    }
+    /// Log the caches' hit and miss counts.
+    pub fn log_cache_stats(&self) {
+        let b = &self.persister.body_stats;
+        for v in self.vhosts.values() {
+            tracing::info!(
+                vhost = %v.name,
+                hits = v.route_stats.hits.load(Ordering::Relaxed),
+                misses = v.route_stats.misses.load(Ordering::Relaxed),
+                "route cache"
+            );
+        }
+        tracing::info!(
+            hits = b.hits.load(Ordering::Relaxed),
+            misses = b.misses.load(Ordering::Relaxed),
+            "message body cache (page reads)"
+        );
+    }
+
+    pub fn replies(&self) -> std::sync::MutexGuard<'_, HashMap<String, ReplyTarget>> {
+        // Map operations never panic half-way: a poisoned lock is consistent.
+        self.reply_to.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
