@@ -11,7 +11,7 @@ use crate::vhost::VHost;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 /// Broker-wide state shared by every connection (cheap to clone via `Arc`).
 pub struct Broker {
@@ -33,12 +33,17 @@ pub struct Broker {
     pub alarms: Arc<Alarms>,
 }
 
-/// Where a direct reply goes: a consumer on some connection's channel.
+/// Where a direct reply goes: a reply consumer on some connection's
+/// channel (see `channel::reply_to`).
+#[derive(Clone)]
 pub struct ReplyTarget {
     pub events: mpsc::UnboundedSender<ConnEvent>,
     pub chan_key: u64,
     pub channel: u16,
     pub tag: Arc<str>,
+    /// Replies the consumer may still take before its connection has
+    /// written the earlier ones.
+    pub credit: Arc<Semaphore>,
 }
 
 impl Broker {
@@ -74,4 +79,3 @@ impl Broker {
         self.reply_to.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
-

@@ -68,3 +68,7 @@ pub fn precondition(text: impl Into<String>) -> AmqpError {
 pub fn access_refused(text: impl Into<String>) -> AmqpError {
     AmqpError::new(reply::ACCESS_REFUSED, text)
 }
+
+pub fn internal_error(text: impl Into<String>) -> AmqpError {
+    AmqpError::new(reply::INTERNAL_ERROR, text)
+}

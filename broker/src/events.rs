@@ -36,31 +36,68 @@ pub enum ConnEvent {
     },
 }
 
-/// A publisher confirm outstanding on one or more queues: when the last
-/// queue drops its clone, the publishing connection hears about it.
+/// A publisher confirm outstanding on one or more holders: every queue the
+/// message was routed to holds a clone until it has taken the message, and
+/// the store writer one until the message is synced. Each holder calls
+/// [`ConfirmTicket::settle`] when its part is done; the last one sends the
+/// confirm (an ack, or a nack if anyone refused the message).
+///
+/// A ticket dropped without `settle` (a queue deleted with the message still
+/// in its mailbox, the store shut down under it) settles as its holder would
+/// have, so a publisher is never left waiting; that is the teardown path, and
+/// every ordinary path settles explicitly.
 pub struct ConfirmTicket {
     pub conn: mpsc::UnboundedSender<ConnEvent>,
     pub chan_key: u64,
     pub seq: u64,
-    /// Set by a queue that refused the message (`x-overflow` reject-publish):
-    /// the publisher then gets `basic.nack` instead of `basic.ack`.
+    /// Set by a holder that refused the message (`x-overflow`
+    /// reject-publish, a failed store write): the publisher then gets
+    /// `basic.nack` instead of `basic.ack`.
     pub nacked: AtomicBool,
+    /// The confirm went out (through `settle`).
+    sent: bool,
 }
 
 impl ConfirmTicket {
+    pub fn new(conn: mpsc::UnboundedSender<ConnEvent>, chan_key: u64, seq: u64) -> Self {
+        ConfirmTicket {
+            conn,
+            chan_key,
+            seq,
+            nacked: AtomicBool::new(false),
+            sent: false,
+        }
+    }
+
     /// Mark the publish refused: the confirm becomes a `basic.nack`.
     pub fn nack(&self) {
         self.nacked.store(true, Ordering::Relaxed);
+    }
+
+    /// This holder is done with the message; the last holder to settle
+    /// sends the confirm.
+    pub fn settle(self: Arc<Self>) {
+        if let Some(mut t) = Arc::into_inner(self) {
+            t.send();
+            t.sent = true;
+        }
+    }
+
+    fn send(&self) {
+        let _ = self.conn.send(ConnEvent::Confirm {
+            chan_key: self.chan_key,
+            seq: self.seq,
+            nack: self.nacked.load(Ordering::Relaxed),
+        });
     }
 }
 
 impl Drop for ConfirmTicket {
     fn drop(&mut self) {
-        let _ = self.conn.send(ConnEvent::Confirm {
-            chan_key: self.chan_key,
-            seq: self.seq,
-            nack: *self.nacked.get_mut(),
-        });
+        // Reached only when the last holder dropped its clone without
+        // settling (teardown): confirm all the same.
+        if !self.sent {
+            self.send();
+        }
     }
 }
-

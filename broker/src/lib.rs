@@ -1,46 +1,50 @@
 //! Warren, an AMQP 0-9-1 broker.
 //!
-//! Layout (one file per concern):
-//! - [`server`] — listener, connection limit, shutdown, broker-wide state.
-//! - [`connection`] — one task per connection: handshake, frame loop, channel
-//!   methods, publish assembly, deliveries, confirms, heartbeats.
-//! - [`channel`] — per-channel state owned by the connection task.
-//! - [`vhost`] — exchanges, queues and bindings; routing with a moka cache.
-//! - [`exchange`] — binding indexes and matching (direct, fanout, topic trie,
-//!   headers).
-//! - [`queue`] — queue handles and the per-queue actor that owns queue state,
-//!   including paging: beyond a window, a queue keeps only the range of
-//!   sequences it has on disk and reads them back in order.
-//! - [`queue_args`] — queue arguments (TTL, expiry, limits, priorities):
-//!   validation at declare, decoding for the actor.
-//! - [`dead_letter`] — dead-lettered messages (`x-death`) and cycle checks.
+//! Layers, top to bottom; a module uses only those below it:
+//! - [`server`] — the listener, the connection limit, shutdown; builds the
+//!   broker at start-up (store, recovery).
+//! - [`connection`] — one task per connection: handshake, the `select!`
+//!   loop over socket, mailbox, heartbeat and shutdown, the writer.
+//! - [`channel`] — channel state and every method's behaviour, one file per
+//!   method family (topology, publish, consume, ack, confirm, tx, direct
+//!   reply-to), over a narrow context the connection gives it.
+//! - [`broker`] — the broker handle shared by every connection: config,
+//!   vhosts, the store service, alarms, the direct reply-to registry.
+//! - [`vhost`] — exchanges, queues and bindings; definition changes on one
+//!   thread, never holding the topology lock across a store write; routing
+//!   with a moka cache.
+//! - [`exchange`] — binding indexes and matching per exchange type.
+//! - [`queue`] — queue handles and the per-queue actor that owns queue state
+//!   (ready messages, consumers, paging, TTL, limits, dead-lettering).
+//! - [`events`] — what queues tell connections (deliveries, confirms,
+//!   cancellations): below both, so neither imports the other.
 //! - [`persist`] — the store service: the group-commit writer thread, the
 //!   page reader thread, message ids, the moka cache of hot bodies.
-//! - [`message`] — the shared message.
-//! - [`error`] — errors shaped as channel.close / connection.close.
 //! - [`alarm`] — resource alarms (memory high watermark, free disk limit)
 //!   that block publishing connections, and the paging signal for queues.
-//! - [`config`] — settings.
+//! - [`message`], [`error`], [`config`] — the shared message, errors shaped
+//!   as channel.close / connection.close, settings.
 //!
-//! A `basic.publish`: socket -> frame check -> method decode -> the channel
-//! gathers header and body -> the vhost routes (cache, then trie/index) ->
-//! each queue's handle gets the `Arc<Message>` over a bounded channel -> the
-//! queue actor enqueues it and dispatches to a consumer with credit -> that
-//! connection assigns a delivery tag and writes deliver + raw header + body.
+//! A `basic.publish`: socket -> frame check -> method decode (connection)
+//! -> the channel gathers header and body (`channel/publish.rs`) -> the
+//! vhost routes (cache, then the exchanges' indexes) -> each queue's handle
+//! gets the `Arc<Message>` over a bounded mailbox -> the queue actor
+//! enqueues it and dispatches to a consumer with credit -> that
+//! connection's channel assigns a delivery tag and the writer sends deliver
+//! + raw header + body (`channel/consume.rs`).
 
 pub mod alarm;
 pub mod broker;
 pub mod channel;
 pub mod config;
 pub mod connection;
-pub mod dead_letter;
 pub mod error;
 pub mod events;
 pub mod exchange;
+pub mod fields;
 pub mod message;
 pub mod persist;
 pub mod queue;
-pub mod queue_args;
 pub mod server;
 pub mod vhost;
 

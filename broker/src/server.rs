@@ -4,9 +4,8 @@
 //! at start-up: opens the store and recovers definitions and messages.
 
 use crate::alarm::Alarms;
-use crate::config::Config;
 use crate::broker::Broker;
-use crate::connection::Connection;
+use crate::config::Config;
 use crate::persist::Persister;
 use crate::queue::QueueCmd;
 use crate::vhost::VHost;
@@ -41,7 +40,7 @@ fn recover_messages(
             continue;
         };
         handle.set_next_seq(b.last + 1);
-        handle.control(QueueCmd::Recovered {
+        handle.tell(QueueCmd::Recovered {
             first: b.first,
             end: b.last + 1,
             count: b.count,
@@ -176,10 +175,10 @@ impl Server {
             };
             let id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
             let span = tracing::info_span!("conn", id, %peer, name = tracing::field::Empty);
-            let c = Connection::new(id, stream, peer, broker.clone());
+            let b = broker.clone();
             tasks.spawn(
                 async move {
-                    c.run().await;
+                    crate::connection::serve(id, stream, peer, b).await;
                     drop(permit);
                 }
                 .instrument(span),

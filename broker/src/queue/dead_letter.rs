@@ -87,7 +87,7 @@ pub fn make(
             let count = t
                 .inner()
                 .get("count")
-                .and_then(crate::exchange::as_int)
+                .and_then(crate::fields::as_int)
                 .unwrap_or(0);
             t.insert(
                 "count".into(),

@@ -1,0 +1,377 @@
+//! `basic.publish`, top to bottom: the method frame starts a [`Content`];
+//! header and body frames complete it ([`Channel::on_content`]); the
+//! complete message is checked and built ([`Channel::publish`]), buffered by
+//! an open transaction or routed ([`Channel::route`]): to a direct reply-to
+//! consumer, or through the vhost to queues, which take it if each has room
+//! now ([`hand_over`], the common case, with no await). Otherwise the routed
+//! message comes back as a [`Pending`], and the connection awaits
+//! [`Channel::finish_publish`], which waits for room (this is where a
+//! publisher that outruns its queues waits, and its socket stops being read).
+//! A transaction's commit goes through the same two steps.
+
+use super::{reply_to, Channel, Ctx};
+use crate::broker::Broker;
+use crate::error::{precondition, AmqpError, AmqpResult};
+use crate::events::ConfirmTicket;
+use crate::message::{Message, MessageRef};
+use crate::queue::QueueHandle;
+use crate::vhost::Routed;
+use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
+use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
+use warren_protocol::amqp::{basic, AMQPClass};
+use warren_protocol::content::{ContentError, ContentHeader};
+use warren_protocol::frame;
+use warren_protocol::method::{short, Publish};
+use warren_protocol::reply;
+use warren_storage::MessageOp;
+
+/// A `basic.publish` waiting for its header and body frames.
+pub struct Content {
+    pub publish: Publish,
+    pub header: Option<ContentHeader>,
+    /// Single-frame bodies are kept as the frame's own bytes (no copy);
+    /// multi-frame bodies are gathered here.
+    pub body: Option<Bytes>,
+    pub gathered: BytesMut,
+    pub received: u64,
+}
+
+/// A routed message that must wait for room before it is handed over.
+pub enum Pending {
+    /// Room in one of its queues' mailboxes, or at the store writer.
+    Queues {
+        msg: MessageRef,
+        routed: Routed,
+        ticket: Option<Arc<ConfirmTicket>>,
+    },
+    /// Credit at a direct reply-to consumer that is behind.
+    Reply {
+        target: reply_to::Target,
+        msg: MessageRef,
+        mandatory: bool,
+        confirm: Option<u64>,
+    },
+}
+
+impl Channel {
+    /// The `basic.publish` method frame: header and body frames follow.
+    pub(super) fn start_publish(&mut self, p: Publish) -> AmqpResult<()> {
+        if p.immediate {
+            return Err(AmqpError::new(reply::NOT_IMPLEMENTED, "immediate=true"));
+        }
+        self.content = Some(Content {
+            publish: p,
+            header: None,
+            body: None,
+            gathered: BytesMut::new(),
+            received: 0,
+        });
+        Ok(())
+    }
+
+    /// A content frame (header or body). Once the message is complete it is
+    /// published. `Some`: routed, but it must wait for room. Errors with a
+    /// hard code close the connection.
+    pub fn on_content(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        kind: u8,
+        payload: Bytes,
+    ) -> AmqpResult<Option<Pending>> {
+        if self.closing {
+            return Ok(None);
+        }
+        let max = cx.session.broker.config.max_message_size;
+        let Some(content) = self.content.as_mut() else {
+            return Err(AmqpError::new(
+                reply::UNEXPECTED_FRAME,
+                "expected method frame, got non method frame instead",
+            ));
+        };
+        if kind == frame::HEADER {
+            if content.header.is_some() {
+                return Err(AmqpError::new(
+                    reply::UNEXPECTED_FRAME,
+                    "expected content body, got content header instead",
+                )
+                .at(60, 40));
+            }
+            let h = ContentHeader::parse(payload).map_err(|e| match e {
+                ContentError::WrongClass(c) => AmqpError::new(
+                    reply::UNEXPECTED_FRAME,
+                    format!("expected content header for class 60, got one for class {c} instead"),
+                ),
+                e => AmqpError::new(reply::FRAME_ERROR, e.to_string()),
+            });
+            let h = h.map_err(|e| e.at(60, 40))?;
+            if h.body_size() > max {
+                self.content = None;
+                return Err(precondition(format!(
+                    "message size {} is larger than configured max size {max}",
+                    h.body_size()
+                ))
+                .at(60, 40));
+            }
+            content.header = Some(h);
+        } else {
+            let Some(h) = content.header.as_ref() else {
+                return Err(AmqpError::new(
+                    reply::UNEXPECTED_FRAME,
+                    "expected content header for class 60, got non content header frame instead",
+                )
+                .at(60, 40));
+            };
+            let size = h.body_size();
+            content.received += payload.len() as u64;
+            if content.received > size {
+                return Err(AmqpError::new(
+                    reply::FRAME_ERROR,
+                    format!("content body larger than declared size {size}"),
+                ));
+            }
+            if content.received == size && content.body.is_none() && content.gathered.is_empty() {
+                content.body = Some(payload);
+            } else {
+                if content.gathered.is_empty() {
+                    content.gathered.reserve(size as usize);
+                }
+                content.gathered.extend_from_slice(&payload);
+            }
+        }
+        let h = content.header.as_ref().map(|h| h.body_size());
+        if h != Some(content.received) {
+            return Ok(None);
+        }
+        let Some(content) = self.content.take() else {
+            return Ok(None);
+        };
+        let body = content.body.unwrap_or_else(|| content.gathered.freeze());
+        let Some(header) = content.header else {
+            return Ok(None);
+        };
+        self.publish(cx, content.publish, header, body)
+            .map_err(|e| e.at(60, 40))
+    }
+
+    /// A complete message: checked (`user_id`), its direct reply-to address
+    /// filled in, then buffered by the transaction or routed.
+    fn publish(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        p: Publish,
+        header: ContentHeader,
+        body: Bytes,
+    ) -> AmqpResult<Option<Pending>> {
+        let user = &cx.session.user;
+        if let Some(uid) = header.user_id() {
+            if uid != user {
+                return Err(precondition(format!(
+                    "user_id property set to '{uid}' but authenticated user was '{user}'"
+                )));
+            }
+        }
+        let header = self.fill_reply_to(header)?;
+        let stored = header
+            .is_persistent()
+            .then(|| cx.session.broker.next_message_id());
+        let msg = Arc::new(Message {
+            exchange: p.exchange,
+            routing_key: p.routing_key,
+            header,
+            body,
+            stored,
+        });
+        if let Some(t) = self.tx.as_mut() {
+            // Check the exchange now (as RabbitMQ does), route at commit.
+            cx.session
+                .vhost
+                .route(&msg.exchange, &msg.routing_key, &msg.header)?;
+            t.publishes.push((p.mandatory, msg));
+            return Ok(None);
+        }
+        self.route(cx, p.mandatory, msg)
+    }
+
+    /// Route a message and hand it over if there is room now; otherwise
+    /// it comes back for [`Channel::finish_publish`]. The confirm sequence
+    /// is assigned here, in publish order.
+    pub(super) fn route(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        mandatory: bool,
+        msg: MessageRef,
+    ) -> AmqpResult<Option<Pending>> {
+        if let Some(target) = reply_to::target_of(&cx.session.broker, &msg) {
+            let confirm = self.confirms.as_mut().map(|c| c.assign());
+            return Ok(self.send_reply(cx, target, msg, mandatory, confirm));
+        }
+        let vhost = &cx.session.vhost;
+        let routed = vhost.route_memo(
+            &mut cx.shared.route_memo,
+            &msg.exchange,
+            &msg.routing_key,
+            &msg.header,
+        )?;
+        let ticket = self.confirms.as_mut().map(|cf| {
+            let t = ConfirmTicket::new(cx.session.events.clone(), self.key, cf.assign());
+            Arc::new(t)
+        });
+        if routed.queues().is_empty() {
+            if mandatory {
+                self.send_return(cx, &msg);
+            }
+            // Unroutable: confirmed at once (after the return, as RabbitMQ).
+            if let Some(t) = ticket {
+                t.settle();
+            }
+            return Ok(None);
+        }
+        // Room in every queue and at the writer, taken without waiting; or
+        // none of it (what was taken is given back) and the slow path.
+        let broker = &cx.session.broker;
+        let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();
+        let mut full = false;
+        for q in routed.queues() {
+            match q.try_reserve() {
+                Some(true) => slots.push(q),
+                Some(false) => {}
+                None => {
+                    full = true;
+                    break;
+                }
+            }
+        }
+        let stored = msg.stored.filter(|_| slots.iter().any(|q| q.persisted()));
+        let writer = match (full, stored) {
+            (true, _) => None,
+            (false, None) => Some(None),
+            (false, Some(_)) => broker.persister.try_reserve(),
+        };
+        let Some(writer) = writer else {
+            slots.iter().for_each(|q| q.unreserve());
+            drop(slots);
+            return Ok(Some(Pending::Queues {
+                msg,
+                routed,
+                ticket,
+            }));
+        };
+        hand_over(broker, msg, ticket, &slots, stored, writer);
+        Ok(None)
+    }
+
+    /// Hand over a routed message that had to wait: wait for room in its
+    /// queues and at the store writer (or for reply-to credit), then hand it
+    /// over as [`Channel::route`] would have.
+    pub async fn finish_publish(&mut self, cx: &mut Ctx<'_>, p: Pending) -> AmqpResult<()> {
+        match p {
+            Pending::Queues {
+                msg,
+                routed,
+                ticket,
+            } => {
+                let broker = &cx.session.broker;
+                let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();
+                for q in routed.queues() {
+                    if q.reserve().await {
+                        slots.push(q);
+                    }
+                }
+                let stored = msg.stored.filter(|_| slots.iter().any(|q| q.persisted()));
+                let writer = match stored {
+                    Some(_) => broker.persister.reserve().await,
+                    None => None,
+                };
+                hand_over(broker, msg, ticket, &slots, stored, writer);
+            }
+            Pending::Reply {
+                target,
+                msg,
+                mandatory,
+                confirm,
+            } => {
+                let delivered = target.send_waiting(msg.clone()).await;
+                self.reply_sent(cx, delivered, &msg, mandatory, confirm);
+            }
+        }
+        Ok(())
+    }
+
+    /// `basic.return` 312 NO_ROUTE with the message.
+    pub(super) fn send_return(&mut self, cx: &mut Ctx<'_>, msg: &Message) {
+        cx.out.send_method(
+            self.number,
+            AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: reply::NO_ROUTE,
+                reply_text: short("NO_ROUTE"),
+                exchange: short(msg.exchange.as_str()),
+                routing_key: short(msg.routing_key.as_str()),
+            })),
+        );
+        cx.out.put_content(self.number, msg);
+    }
+}
+
+/// Hand a routed message to the queues that gave it a slot (and `writer`,
+/// the store's slot, for a persistent one). Each queue's sequence is taken
+/// and its message sent with no await in between, so the sequences a queue
+/// receives are dense; the store write is submitted before any queue sees
+/// the message (a queue's page reads wait for it).
+fn hand_over(
+    broker: &Broker,
+    msg: MessageRef,
+    ticket: Option<Arc<ConfirmTicket>>,
+    slots: &[&QueueHandle],
+    stored: Option<u64>,
+    writer: Option<OwnedSemaphorePermit>,
+) {
+    let seqs: SmallVec<[u64; 4]> = slots.iter().map(|q| q.take_seq()).collect();
+    if let Some(id) = stored {
+        // Persistent: written once for every durable queue it reached; the
+        // confirm waits for the sync too.
+        let refs = slots.iter().filter(|q| q.persisted()).count() as u32;
+        let mut ops = Vec::with_capacity(refs as usize + 1);
+        ops.push(MessageOp::PutMessage {
+            id,
+            refs,
+            message: msg.to_stored(),
+        });
+        for (q, &seq) in slots.iter().zip(&seqs) {
+            if q.persisted() {
+                ops.push(MessageOp::Enqueue {
+                    queue: q.id(),
+                    seq,
+                    id,
+                });
+            }
+        }
+        let t = ticket.clone();
+        let done: crate::persist::Done = Box::new(move |synced| {
+            if let Some(t) = t {
+                if !synced {
+                    t.nack();
+                }
+                t.settle();
+            }
+        });
+        broker.persister.submit_reserved(writer, ops, done);
+    }
+    if slots.is_empty() {
+        // Every queue it was routed to went away meanwhile.
+        if let Some(t) = ticket {
+            t.settle();
+        }
+        return;
+    }
+    // (The last queue takes the message and ticket without a clone.)
+    let last = slots.len() - 1;
+    for (i, (q, seq)) in slots.iter().zip(seqs).enumerate() {
+        if i == last {
+            q.send(seq, msg, ticket, true);
+            break;
+        }
+        q.send(seq, msg.clone(), ticket.clone(), true);
+    }
+}

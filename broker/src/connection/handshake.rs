@@ -1,0 +1,303 @@
+//! The opening handshake: protocol header, `connection.start` /
+//! `start-ok` (authentication with PLAIN or AMQPLAIN, the client's
+//! capabilities), `tune` / `tune-ok` (limits checked as RabbitMQ checks
+//! them), `open` / `open-ok` (the vhost). Frames are capped at
+//! `PRE_TUNE_FRAME_MAX` until tune-ok, so an unauthenticated peer cannot make
+//! Warren buffer much.
+
+use super::{conn_error, AtMethod, Fault, Io};
+use crate::broker::Broker;
+use crate::channel::ClientCaps;
+use crate::channel::Output;
+use crate::error::AmqpError;
+use crate::vhost::VHost;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use warren_protocol::amqp::{connection as conn, AMQPClass};
+use warren_protocol::frame;
+use warren_protocol::method::{self, Method};
+use warren_protocol::reply;
+use warren_protocol::types::{AMQPValue, FieldTable, LongString};
+
+/// What the handshake settled.
+pub struct Opened {
+    pub user: String,
+    pub caps: ClientCaps,
+    pub vhost: Arc<VHost>,
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: u16,
+}
+
+/// Run the handshake. `Ok(None)`: the client spoke another protocol (it got
+/// our header back).
+pub async fn handshake(io: &mut Io, broker: &Broker) -> Result<Option<Opened>, Fault> {
+    let mut header = [0u8; 8];
+    io.stream.read_exact(&mut header).await?;
+    if &header != frame::PROTOCOL_HEADER {
+        io.stream.write_all(frame::PROTOCOL_HEADER).await?;
+        return Ok(None);
+    }
+    io.out.send_method(
+        0,
+        AMQPClass::Connection(conn::AMQPMethod::Start(conn::Start {
+            version_major: 0,
+            version_minor: 9,
+            server_properties: server_properties(),
+            mechanisms: LongString::from("PLAIN AMQPLAIN"),
+            locales: LongString::from("en_US"),
+        })),
+    );
+    io.flush().await?;
+
+    let start_ok = match read_method(io).await? {
+        AMQPClass::Connection(conn::AMQPMethod::StartOk(s)) => s,
+        _ => {
+            return Err(
+                conn_error(reply::COMMAND_INVALID, "expected connection.start-ok")
+                    .at_method(10, 11),
+            )
+        }
+    };
+    let caps = read_client_properties(io, &start_ok.client_properties);
+    let user = authenticate(io, broker, &start_ok, caps)?;
+
+    let cfg = &broker.config;
+    let (channel_max, frame_max, heartbeat) = (cfg.channel_max, cfg.frame_max, cfg.heartbeat);
+    io.out.send_method(
+        0,
+        AMQPClass::Connection(conn::AMQPMethod::Tune(conn::Tune {
+            channel_max,
+            frame_max,
+            heartbeat,
+        })),
+    );
+    io.flush().await?;
+    let tune_ok = match read_method(io).await? {
+        AMQPClass::Connection(conn::AMQPMethod::TuneOk(t)) => t,
+        _ => {
+            return Err(
+                conn_error(reply::COMMAND_INVALID, "expected connection.tune-ok").at_method(10, 31),
+            )
+        }
+    };
+    if tune_ok.frame_max < crate::config::FRAME_MIN || tune_ok.frame_max > frame_max {
+        return Err(conn_error(
+            reply::NOT_ALLOWED,
+            format!(
+                "negotiated frame_max = {} is outside the allowed range {}..{}",
+                tune_ok.frame_max,
+                crate::config::FRAME_MIN,
+                frame_max
+            ),
+        )
+        .at_method(10, 31));
+    }
+    // channel_max 0 means "no limit of the client's own": ours applies (as RabbitMQ).
+    let client_channel_max = match tune_ok.channel_max {
+        0 => channel_max,
+        n => n,
+    };
+    if client_channel_max > channel_max {
+        return Err(conn_error(
+            reply::NOT_ALLOWED,
+            format!(
+                "negotiated channel_max = {client_channel_max} is outside the allowed range 1..{channel_max}"
+            ),
+        )
+        .at_method(10, 31));
+    }
+    io.set_frame_max(tune_ok.frame_max);
+
+    let open = match read_method(io).await? {
+        AMQPClass::Connection(conn::AMQPMethod::Open(o)) => o,
+        _ => {
+            return Err(
+                conn_error(reply::COMMAND_INVALID, "expected connection.open").at_method(10, 40),
+            )
+        }
+    };
+    let vh = open.virtual_host.as_str();
+    let Some(vhost) = broker.vhost(vh) else {
+        return Err(
+            conn_error(reply::NOT_ALLOWED, format!("vhost {vh} not found")).at_method(10, 40),
+        );
+    };
+    io.out.send_method(
+        0,
+        AMQPClass::Connection(conn::AMQPMethod::OpenOk(conn::OpenOk {})),
+    );
+    io.flush().await?;
+    tracing::info!(peer = %io.peer, user = %user, vhost = vh, "connection opened");
+    Ok(Some(Opened {
+        user,
+        caps,
+        vhost,
+        channel_max: client_channel_max,
+        frame_max: tune_ok.frame_max,
+        heartbeat: tune_ok.heartbeat,
+    }))
+}
+
+/// Check the credentials of `start-ok`; a refusal is 403 through
+/// `connection.close` if the client announced `authentication_failure_close`,
+/// else a dropped socket (as RabbitMQ).
+fn authenticate(
+    io: &Io,
+    broker: &Broker,
+    start_ok: &conn::StartOk,
+    caps: ClientCaps,
+) -> Result<String, Fault> {
+    let mechanism = start_ok.mechanism.as_str();
+    let creds = match mechanism {
+        "PLAIN" => parse_plain(start_ok.response.as_bytes()),
+        "AMQPLAIN" => parse_amqplain(start_ok.response.as_bytes()),
+        other => {
+            return Err(conn_error(
+                reply::COMMAND_INVALID,
+                format!("unknown authentication mechanism '{other}'"),
+            )
+            .at_method(10, 11))
+        }
+    };
+    let refused = |why: &str| {
+        tracing::warn!(peer = %io.peer, mechanism, why, "login refused");
+    };
+    let user = match creds {
+        None => {
+            refused("malformed response");
+            None
+        }
+        Some((u, p)) => {
+            let known = broker
+                .config
+                .users
+                .iter()
+                .any(|(n, pw)| n == &u && pw == &p);
+            if !known {
+                refused(&format!("invalid credentials for user '{u}'"));
+                None
+            } else if u == "guest" && !io.peer.ip().is_loopback() {
+                refused("user 'guest' can only connect via localhost");
+                None
+            } else {
+                Some(u)
+            }
+        }
+    };
+    match user {
+        Some(u) => Ok(u),
+        None if caps.authentication_failure_close => Err(Fault::Connection(
+            AmqpError::new(
+                reply::ACCESS_REFUSED,
+                format!("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
+            )
+            .at(10, 11),
+        )),
+        None => Err(Fault::Drop("login refused".into())),
+    }
+}
+
+/// Read the next method of the handshake on channel 0.
+async fn read_method(io: &mut Io) -> Result<AMQPClass, Fault> {
+    let (h, payload) = io.read_frame().await?;
+    if h.kind != frame::METHOD || h.channel != 0 {
+        return Err(conn_error(
+            reply::UNEXPECTED_FRAME,
+            "expected a connection method on channel 0",
+        ));
+    }
+    match method::decode(&payload) {
+        Ok(Method::Other(m)) => Ok(m),
+        Ok(_) => Err(conn_error(
+            reply::COMMAND_INVALID,
+            "expected a connection method",
+        )),
+        Err(e) => Err(Fault::Connection(
+            AmqpError::new(e.reply_code(), e.to_string()).at(e.ids().0, e.ids().1),
+        )),
+    }
+}
+
+/// The client's capabilities, and its name for the connection's log span.
+fn read_client_properties(io: &Io, props: &FieldTable) -> ClientCaps {
+    let mut caps = ClientCaps::default();
+    if let Some(AMQPValue::FieldTable(t)) = props.inner().get("capabilities") {
+        let on = |k: &str| matches!(t.inner().get(k), Some(AMQPValue::Boolean(true)));
+        caps = ClientCaps {
+            consumer_cancel_notify: on("consumer_cancel_notify"),
+            connection_blocked: on("connection.blocked"),
+            authentication_failure_close: on("authentication_failure_close"),
+        };
+    }
+    let name = match props.inner().get("connection_name") {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    };
+    let product = match props.inner().get("product") {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        _ => String::new(),
+    };
+    tracing::debug!(peer = %io.peer, connection_name = ?name, %product, ?caps, "client properties");
+    if let Some(n) = name {
+        tracing::Span::current().record("name", n.as_str());
+    }
+    caps
+}
+
+fn server_properties() -> FieldTable {
+    let mut caps = FieldTable::default();
+    for c in [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "consumer_priorities",
+        "authentication_failure_close",
+        "per_consumer_qos",
+        "direct_reply_to",
+    ] {
+        caps.insert(c.into(), AMQPValue::Boolean(true));
+    }
+    let s = |v: &str| AMQPValue::LongString(v.into());
+    let mut p = FieldTable::default();
+    p.insert("product".into(), s("Warren"));
+    p.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
+    p.insert("platform".into(), s("Rust"));
+    p.insert("cluster_name".into(), s("warren"));
+    p.insert("copyright".into(), s("Copyright the Warren authors"));
+    p.insert(
+        "information".into(),
+        s("Licensed under the Apache License 2.0"),
+    );
+    p.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+    p
+}
+
+/// PLAIN: "\0user\0password" (an authorization identity before the first NUL is ignored).
+fn parse_plain(resp: &[u8]) -> Option<(String, String)> {
+    let mut parts = resp.split(|b| *b == 0);
+    let _authz = parts.next()?;
+    let user = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    let pass = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((user, pass))
+}
+
+/// AMQPLAIN: a field table body (no length prefix) with LOGIN and PASSWORD.
+fn parse_amqplain(resp: &[u8]) -> Option<(String, String)> {
+    let mut framed = Vec::with_capacity(resp.len() + 4);
+    framed.extend_from_slice(&(resp.len() as u32).to_be_bytes());
+    framed.extend_from_slice(resp);
+    warren_protocol::table::skip_table(&framed).ok()?;
+    let (_, t) = warren_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
+    let get = |k: &str| match t.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    Some((get("LOGIN")?, get("PASSWORD")?))
+}

@@ -1,0 +1,72 @@
+//! The connection's mailbox: events from queues (deliveries, cancellations),
+//! direct replies and publisher confirms, each handed to the channel it is
+//! for. A channel number can be reused after close, so events carry the
+//! channel's key too, and events for an older incarnation are dropped.
+
+use super::{ctx, Connection};
+use crate::channel::consume::{took_in_flight, Deliver};
+use crate::channel::Ctx;
+use crate::events::ConnEvent;
+
+impl Connection {
+    pub(super) fn on_event(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Deliver {
+                chan_key,
+                channel,
+                tag,
+                msg,
+                redelivered,
+                seq,
+                queue: _,
+                in_flight,
+            } => {
+                let reopened = took_in_flight(&in_flight);
+                if let Some(c) = self.channels.get_mut(&channel) {
+                    let d = Deliver {
+                        chan_key,
+                        tag: &tag,
+                        msg: &msg,
+                        redelivered,
+                        seq,
+                    };
+                    c.deliver(&mut ctx!(self), d, reopened);
+                }
+            }
+            ConnEvent::Reply {
+                chan_key,
+                channel,
+                tag,
+                msg,
+            } => {
+                if let Some(c) = self.channels.get_mut(&channel) {
+                    c.deliver_reply(&mut ctx!(self), chan_key, &tag, &msg);
+                }
+            }
+            ConnEvent::Confirm {
+                chan_key,
+                seq,
+                nack,
+            } => {
+                let c = self.channels.values_mut().find(|c| c.key == chan_key);
+                if let Some(cf) = c.and_then(|c| c.confirms.as_mut()) {
+                    if nack {
+                        cf.nack(seq);
+                    } else {
+                        cf.confirm(seq);
+                    }
+                }
+            }
+            ConnEvent::CancelOk { chan_key, tag } => {
+                if let Some(c) = self.channels.values_mut().find(|c| c.key == chan_key) {
+                    c.cancel_done(&mut ctx!(self), &tag);
+                }
+            }
+            ConnEvent::Cancelled { chan_key, tag } => {
+                if let Some(c) = self.channels.values_mut().find(|c| c.key == chan_key) {
+                    c.cancelled_by_queue(&mut ctx!(self), &tag);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The fanout exchange: a message goes to every bound destination, once,
+//! whatever its routing key. No index: the bindings are the list.
+
+use super::{any_arguments, Binding, Dest, ExchangeType, Index};
+use warren_protocol::types::FieldTable;
+
+pub static TYPE: ExchangeType = ExchangeType {
+    name: "fanout",
+    uses_headers: false,
+    new_index: || Box::new(Fanout),
+    check_binding: any_arguments,
+};
+
+#[derive(Debug)]
+struct Fanout;
+
+impl Index for Fanout {
+    fn bind(&mut self, _: &Binding) {}
+
+    fn unbind(&mut self, _: &Binding) {}
+
+    fn route(&self, bindings: &[Binding], _: &str, _: Option<&FieldTable>, out: &mut Vec<Dest>) {
+        let mut seen: Vec<&Dest> = Vec::with_capacity(bindings.len());
+        for b in bindings {
+            if !seen.contains(&&b.dest) {
+                seen.push(&b.dest);
+                out.push(b.dest.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Exchanges: their bindings and, per exchange type, the index that routes
+//! over them. Owned by the vhost's topology; routing appends destinations
+//! to a caller's scratch vector.
+//!
+//! One file per exchange type, each exporting an [`ExchangeType`]: its name,
+//! how to make its [`Index`], how to check a binding's arguments, and
+//! whether its routes depend on message headers. [`TYPES`] lists them:
+//! adding a type is a new file and one line there.
+
+mod direct;
+mod fanout;
+mod headers;
+mod topic;
+
+use crate::error::AmqpResult;
+use std::sync::Arc;
+use warren_protocol::types::FieldTable;
+
+/// Every exchange type the broker knows, by name.
+pub static TYPES: &[&ExchangeType] = &[&direct::TYPE, &fanout::TYPE, &topic::TYPE, &headers::TYPE];
+
+/// An exchange type.
+pub struct ExchangeType {
+    /// The name clients declare it by (`exchange.declare` `type`).
+    pub name: &'static str,
+    /// Routes depend on message headers: they are never cached.
+    pub uses_headers: bool,
+    /// A fresh, empty index for an exchange of this type.
+    pub new_index: fn() -> Box<dyn Index>,
+    /// Check a binding's arguments before it is made (406 if refused).
+    pub check_binding: fn(&FieldTable) -> AmqpResult<()>,
+}
+
+impl PartialEq for ExchangeType {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl std::fmt::Debug for ExchangeType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// An exchange's type, by reference into [`TYPES`].
+pub type Kind = &'static ExchangeType;
+
+/// The type called `name`, if there is one.
+pub fn kind(name: &str) -> Option<Kind> {
+    TYPES.iter().copied().find(|t| t.name == name)
+}
+
+/// Bindings accepted whatever their arguments.
+fn any_arguments(_: &FieldTable) -> AmqpResult<()> {
+    Ok(())
+}
+
+/// How an exchange type finds destinations: an index over the exchange's
+/// bindings, kept up to date by [`Exchange::bind`] and
+/// [`Exchange::unbind`].
+pub trait Index: Send + Sync + std::fmt::Debug {
+    /// A binding was added (not a duplicate).
+    fn bind(&mut self, b: &Binding);
+    /// The last binding with this key and destination went.
+    fn unbind(&mut self, b: &Binding);
+    /// Append the destinations of a message to `out` (duplicates allowed).
+    /// `bindings` are all of the exchange's bindings.
+    fn route(
+        &self,
+        bindings: &[Binding],
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut Vec<Dest>,
+    );
+}
+
+/// Where a binding leads.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dest {
+    Queue(Arc<str>),
+    Exchange(Arc<str>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Binding {
+    pub dest: Dest,
+    pub key: String,
+    pub args: FieldTable,
+}
+
+#[derive(Debug)]
+pub struct Exchange {
+    pub name: Arc<str>,
+    pub kind: Kind,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+    /// The `alternate-exchange` argument, if any.
+    pub alternate: Option<String>,
+    /// Every binding with this exchange as source (the source of truth).
+    pub bindings: Vec<Binding>,
+    /// The type's routing index over `bindings`.
+    index: Box<dyn Index>,
+}
+
+impl Exchange {
+    pub fn new(
+        name: &str,
+        kind: Kind,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: FieldTable,
+    ) -> Self {
+        let alternate = arguments
+            .inner()
+            .get("alternate-exchange")
+            .and_then(crate::fields::as_string);
+        Exchange {
+            name: name.into(),
+            kind,
+            durable,
+            auto_delete,
+            internal,
+            arguments,
+            alternate,
+            bindings: Vec::new(),
+            index: (kind.new_index)(),
+        }
+    }
+
+    /// Add a binding; false if it already existed.
+    pub fn bind(&mut self, b: Binding) -> bool {
+        if self.bindings.contains(&b) {
+            return false;
+        }
+        self.index.bind(&b);
+        self.bindings.push(b);
+        true
+    }
+
+    /// Remove a binding; false if there was none.
+    pub fn unbind(&mut self, b: &Binding) -> bool {
+        let Some(pos) = self.bindings.iter().position(|x| x == b) else {
+            return false;
+        };
+        self.bindings.remove(pos);
+        // Another binding with the same key and destination but other
+        // arguments keeps the index entry.
+        let still = self
+            .bindings
+            .iter()
+            .any(|x| x.dest == b.dest && x.key == b.key);
+        if !still {
+            self.index.unbind(b);
+        }
+        true
+    }
+
+    /// Remove every binding to `dest`; returns how many went.
+    pub fn unbind_dest(&mut self, dest: &Dest) -> usize {
+        let gone: Vec<Binding> = self
+            .bindings
+            .iter()
+            .filter(|b| &b.dest == dest)
+            .cloned()
+            .collect();
+        for b in &gone {
+            self.unbind(b);
+        }
+        gone.len()
+    }
+
+    /// Append the destinations for a message to `out` (may contain duplicates).
+    pub fn route(&self, routing_key: &str, headers: Option<&FieldTable>, out: &mut Vec<Dest>) {
+        self.index.route(&self.bindings, routing_key, headers, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_is_found_by_its_name() {
+        for t in TYPES {
+            assert!(std::ptr::eq(kind(t.name).unwrap(), *t));
+        }
+        assert!(kind("x-unknown").is_none());
+    }
+
+    #[test]
+    fn a_binding_with_other_arguments_keeps_the_index_entry() {
+        let mut e = Exchange::new("d", &direct::TYPE, false, false, false, Default::default());
+        let mut args = FieldTable::default();
+        args.insert("k".into(), warren_protocol::types::AMQPValue::LongInt(1));
+        let a = Binding {
+            dest: Dest::Queue("q".into()),
+            key: "k".into(),
+            args: FieldTable::default(),
+        };
+        let b = Binding { args, ..a.clone() };
+        assert!(e.bind(a.clone()));
+        assert!(!e.bind(a.clone()), "a duplicate is not added");
+        assert!(e.bind(b));
+        assert!(e.unbind(&a));
+        let mut out = vec![];
+        e.route("k", None, &mut out);
+        assert_eq!(out, vec![Dest::Queue("q".into())]);
+    }
+}

@@ -1,0 +1,255 @@
+//! Actor-level tests: commands fed to one queue's state directly, with no
+//! task and no connection, so that the choices the actor makes (which
+//! consumer, when to hold publishers, what goes to disk and comes back) are
+//! checked where they are made. Protocol behaviour is tested over TCP in
+//! `tests/`.
+
+use super::actor::Actor;
+use super::handle::{ChannelCredit, Consumer, Publish, QueueCmd};
+use super::{DeadLetterRouter, QueueHandle, QueueInfo};
+use super::{FLOW_WINDOW, HOLD_MESSAGES, HOLD_STALL_MS, PAGE_WINDOW};
+use crate::error::AmqpResult;
+use crate::events::ConnEvent;
+use crate::message::Message;
+use bytes::{BufMut, Bytes};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use warren_protocol::amqp::basic::{gen_properties, AMQPProperties};
+use warren_protocol::content::ContentHeader;
+use warren_protocol::method::ShortStr;
+use warren_protocol::types::{AMQPValue, FieldTable};
+
+/// Dead letters go nowhere in these tests.
+struct NoRouter;
+
+impl DeadLetterRouter for NoRouter {
+    fn route_dead_letter(&self, _: &Message) -> AmqpResult<Vec<QueueHandle>> {
+        Ok(Vec::new())
+    }
+}
+
+/// A queue's state, and the receiving end of its own mailbox (page reads
+/// answer there).
+struct Fixture {
+    actor: Actor,
+    mailbox: mpsc::UnboundedReceiver<QueueCmd>,
+    _tx: mpsc::UnboundedSender<QueueCmd>,
+}
+
+fn fixture(args: FieldTable, persister: Option<crate::persist::Persister>) -> Fixture {
+    let info = Arc::new(QueueInfo {
+        name: "q".into(),
+        id: 7,
+        vhost: "/".into(),
+        durable: false,
+        exclusive_owner: None,
+        auto_delete: false,
+        arguments: args,
+    });
+    let (tx, mailbox) = mpsc::unbounded_channel();
+    let router: Weak<dyn DeadLetterRouter> = Weak::<NoRouter>::new();
+    let actor = Actor::new(info, router, persister, Box::new(|_| {}), &tx);
+    Fixture {
+        actor,
+        mailbox,
+        _tx: tx,
+    }
+}
+
+fn message(body: String) -> Arc<Message> {
+    let mut raw = Vec::new();
+    raw.put_u16(60);
+    raw.put_u16(0);
+    raw.put_u64(body.len() as u64);
+    let raw = cookie_factory::gen_simple(gen_properties(&AMQPProperties::default()), raw)
+        .expect("encodes");
+    Arc::new(Message {
+        exchange: ShortStr::truncating(""),
+        routing_key: ShortStr::truncating("q"),
+        header: ContentHeader::parse(Bytes::from(raw)).expect("parses"),
+        body: Bytes::from(body),
+        stored: None,
+    })
+}
+
+fn publish(a: &mut Actor, seq: u64) {
+    let p = Publish {
+        seq,
+        msg: message(seq.to_string()),
+        confirm: None,
+        permit: true,
+    };
+    assert!(!a.on_cmd(QueueCmd::Publish(p)));
+}
+
+/// A consumer on channel key `chan_key`, and its connection's mailbox.
+fn consume(
+    a: &mut Actor,
+    chan_key: u64,
+    tag: &str,
+    priority: i32,
+    prefetch: u32,
+) -> (Arc<AtomicU32>, mpsc::UnboundedReceiver<ConnEvent>) {
+    let (conn, events) = mpsc::unbounded_channel();
+    let in_flight = Arc::new(AtomicU32::new(0));
+    let consumer = Consumer {
+        tag: tag.into(),
+        chan_key,
+        channel: 1,
+        no_ack: false,
+        exclusive: false,
+        prefetch,
+        channel_credit: Arc::new(ChannelCredit::default()),
+        in_flight: in_flight.clone(),
+        conn,
+        priority,
+        unacked: 0,
+    };
+    let (reply, mut answer) = oneshot::channel();
+    assert!(!a.on_cmd(QueueCmd::Consume { consumer, reply }));
+    assert!(matches!(answer.try_recv(), Ok(Ok(()))));
+    (in_flight, events)
+}
+
+/// The sequences delivered so far on a consumer's connection.
+fn delivered(events: &mut mpsc::UnboundedReceiver<ConnEvent>) -> Vec<u64> {
+    std::iter::from_fn(|| match events.try_recv() {
+        Ok(ConnEvent::Deliver { seq, .. }) => Some(seq),
+        Ok(_) => Some(0),
+        Err(_) => None,
+    })
+    .collect()
+}
+
+#[test]
+fn higher_priority_consumers_go_first_round_robin_within_a_level() {
+    let mut f = fixture(FieldTable::default(), None);
+    let a = &mut f.actor;
+    let (_, mut high1) = consume(a, 1, "high1", 5, 2);
+    let (_, mut low) = consume(a, 3, "low", 0, 0);
+    let (_, mut high2) = consume(a, 2, "high2", 5, 2);
+    for seq in 1..=10 {
+        publish(a, seq);
+    }
+    a.end_wakeup();
+    // The two priority-5 consumers take turns until their prefetch is
+    // full; the rest goes to the priority-0 one.
+    assert_eq!(delivered(&mut high1), vec![1, 3]);
+    assert_eq!(delivered(&mut high2), vec![2, 4]);
+    assert_eq!(delivered(&mut low), vec![5, 6, 7, 8, 9, 10]);
+    // An ack makes room at a high-priority consumer: it gets the next one.
+    let ack = QueueCmd::Ack {
+        chan_key: 1,
+        seqs: [1].into_iter().collect(),
+    };
+    assert!(!a.on_cmd(ack));
+    publish(a, 11);
+    a.end_wakeup();
+    assert_eq!(delivered(&mut high1), vec![11]);
+    assert!(delivered(&mut low).is_empty());
+}
+
+#[test]
+fn a_consumer_whose_connection_is_behind_is_skipped() {
+    let mut f = fixture(FieldTable::default(), None);
+    let a = &mut f.actor;
+    let (behind, mut slow) = consume(a, 1, "slow", 0, 0);
+    let (_, mut fast) = consume(a, 2, "fast", 0, 0);
+    behind.store(FLOW_WINDOW, Ordering::Release);
+    for seq in 1..=4 {
+        publish(a, seq);
+    }
+    a.end_wakeup();
+    assert!(delivered(&mut slow).is_empty());
+    assert_eq!(delivered(&mut fast), vec![1, 2, 3, 4]);
+    // Its connection wrote the window out: it is served again.
+    behind.store(0, Ordering::Release);
+    publish(a, 5);
+    publish(a, 6);
+    a.end_wakeup();
+    assert_eq!(delivered(&mut slow).len(), 1);
+    assert_eq!(delivered(&mut fast).len(), 1);
+}
+
+#[test]
+fn publishers_are_held_while_consumers_take_messages_and_let_go_when_they_stall() {
+    let n = HOLD_MESSAGES as u64 + 1;
+    // No consumer: the queue is a buffer, every slot goes back at once.
+    let mut f = fixture(FieldTable::default(), None);
+    for seq in 1..=n {
+        publish(&mut f.actor, seq);
+    }
+    assert_eq!(f.actor.end_wakeup(), n as usize);
+
+    // A consumer that takes messages (prefetch 1): the backlog is over the
+    // bound, so the slots are held.
+    let mut f = fixture(FieldTable::default(), None);
+    let a = &mut f.actor;
+    let (_, mut events) = consume(a, 1, "c", 0, 1);
+    a.now = 1_000;
+    for seq in 1..=n {
+        publish(a, seq);
+    }
+    assert_eq!(a.end_wakeup(), 0, "held while the consumer takes messages");
+    assert_eq!(delivered(&mut events), vec![1]);
+    a.now += HOLD_STALL_MS / 2;
+    assert_eq!(a.end_wakeup(), 0, "still held: not stalled yet");
+    // The consumer took nothing for longer than the stall limit: let go.
+    a.now += HOLD_STALL_MS;
+    assert_eq!(a.end_wakeup(), n as usize);
+}
+
+#[tokio::test]
+async fn a_lazy_queue_pages_its_tail_out_and_reads_it_back_in_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let alarms = crate::alarm::Alarms::start(dir.path(), 1 << 60, 0);
+    let store = Arc::new(warren_storage::mem::MemStore::new());
+    let persister =
+        crate::persist::Persister::start(store, 0, 1 << 20, alarms).expect("store service");
+    let mut args = FieldTable::default();
+    args.insert("x-queue-mode".into(), AMQPValue::LongString("lazy".into()));
+    let mut f = fixture(args, Some(persister));
+    let n = PAGE_WINDOW as u64 + 1_500;
+    for seq in 1..=n {
+        publish(&mut f.actor, seq);
+    }
+    f.actor.end_wakeup();
+    // The window is full; the rest is on disk, remembered as a range.
+    assert_eq!(f.actor.ready.len(), PAGE_WINDOW);
+    let tail = f.actor.tail.as_ref().expect("paging");
+    assert_eq!(tail.len, n - PAGE_WINDOW as u64);
+    assert_eq!(f.actor.ready_count(), n);
+
+    // Drain with basic.get: every message comes back once, in order, the
+    // paged ones read back from the store as the window runs low.
+    let mut got = Vec::new();
+    while (got.len() as u64) < n {
+        let (reply, mut answer) = oneshot::channel();
+        f.actor.get(1, true, reply);
+        f.actor.end_wakeup();
+        loop {
+            match answer.try_recv() {
+                Ok(Some(g)) => {
+                    got.push(String::from_utf8_lossy(&g.msg.body).parse::<u64>().unwrap());
+                    break;
+                }
+                Ok(None) => panic!("get-empty after {} of {n}", got.len()),
+                Err(_) => {
+                    let cmd = tokio::time::timeout(Duration::from_secs(10), f.mailbox.recv())
+                        .await
+                        .expect("a page read answers")
+                        .expect("mailbox open");
+                    assert!(matches!(cmd, QueueCmd::Paged { .. }));
+                    f.actor.on_cmd(cmd);
+                    f.actor.end_wakeup();
+                }
+            }
+        }
+    }
+    assert_eq!(got, (1..=n).collect::<Vec<_>>());
+    f.actor.end_wakeup();
+    assert!(f.actor.tail.is_none(), "back to memory once drained");
+    assert_eq!(f.actor.ready_count(), 0);
+}

@@ -1,0 +1,610 @@
+//! Definition changes: declare and delete exchanges and queues, bind and
+//! unbind. Each public method does what needs no change at once (argument
+//! checks, passive declares) and sends the rest to the definitions thread
+//! (see the module comment of `vhost`), where it is checked under the read
+//! lock, stored with no lock held, and applied under the write lock.
+
+use super::{check_owner, encode_table, locked, Topology, VHost};
+use crate::error::{access_refused, not_found, precondition, AmqpError, AmqpResult};
+use crate::exchange::{self, Binding, Dest, Exchange};
+use crate::queue::{QueueCmd, QueueHandle, QueueInfo};
+use std::sync::atomic::Ordering;
+use warren_protocol::reply;
+use warren_protocol::types::{AMQPValue, FieldTable};
+use warren_storage::{BindingDef, ExchangeDef, QueueDef};
+
+/// What an exchange.declare asks for.
+pub struct ExchangeSpec<'a> {
+    pub name: &'a str,
+    pub kind: &'a str,
+    pub passive: bool,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: &'a FieldTable,
+}
+
+/// What a queue.declare asks for.
+pub struct QueueSpec<'a> {
+    pub name: &'a str,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: &'a FieldTable,
+}
+
+/// A queue.declare taken to the definitions thread.
+struct NewQueue {
+    name: String,
+    durable: bool,
+    exclusive: bool,
+    auto_delete: bool,
+    arguments: FieldTable,
+}
+
+/// Queue arguments whose values must match on redeclaration (as RabbitMQ).
+const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-type",
+    "x-single-active-consumer",
+];
+
+fn describe(v: Option<&AMQPValue>) -> String {
+    match v {
+        None => "none".into(),
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        Some(v) => format!("{v:?}"),
+    }
+}
+
+fn default_exchange_refused() -> AmqpError {
+    access_refused("operation not permitted on the default exchange")
+}
+
+impl VHost {
+    // ------------------------------------------------------------ exchanges
+
+    pub async fn declare_exchange(&self, s: ExchangeSpec<'_>) -> AmqpResult<()> {
+        if s.name.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        if s.passive {
+            return if self.read().exchanges.contains_key(s.name) {
+                Ok(())
+            } else {
+                Err(not_found("exchange", s.name, &self.name))
+            };
+        }
+        let Some(kind) = exchange::kind(s.kind) else {
+            return Err(AmqpError::new(
+                reply::COMMAND_INVALID,
+                format!("invalid exchange type '{}'", s.kind),
+            ));
+        };
+        let x = Exchange::new(
+            s.name,
+            kind,
+            s.durable,
+            s.auto_delete,
+            s.internal,
+            s.arguments.clone(),
+        );
+        self.change(move |v| v.add_exchange(x)).await
+    }
+
+    /// Add a declared exchange, or check it against the one there is.
+    fn add_exchange(&self, x: Exchange) -> AmqpResult<()> {
+        let vh = &self.name;
+        let name = x.name.to_string();
+        let name = name.as_str();
+        if let Some(e) = self.read().exchanges.get(name) {
+            let ineq = |arg: &str, got: &str, cur: &str| {
+                precondition(format!(
+                    "inequivalent arg '{arg}' for exchange '{name}' in vhost '{vh}': received '{got}' but current is '{cur}'"
+                ))
+            };
+            let flag = |b: bool| b.to_string();
+            if e.kind != x.kind {
+                return Err(ineq("type", x.kind.name, e.kind.name));
+            }
+            if e.durable != x.durable {
+                return Err(ineq("durable", &flag(x.durable), &flag(e.durable)));
+            }
+            if e.auto_delete != x.auto_delete {
+                return Err(ineq(
+                    "auto_delete",
+                    &flag(x.auto_delete),
+                    &flag(e.auto_delete),
+                ));
+            }
+            if e.internal != x.internal {
+                return Err(ineq("internal", &flag(x.internal), &flag(e.internal)));
+            }
+            return Ok(());
+        }
+        if name.starts_with("amq.") {
+            return Err(access_refused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        if x.durable {
+            self.store(self.meta.put_exchange(&ExchangeDef {
+                vhost: vh.clone(),
+                name: name.into(),
+                kind: x.kind.name.into(),
+                auto_delete: x.auto_delete,
+                internal: x.internal,
+                arguments: encode_table(&x.arguments),
+            }))?;
+        }
+        self.write().exchanges.insert(name.into(), x);
+        self.changed();
+        Ok(())
+    }
+
+    pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(access_refused(
+                format!("operation not permitted on exchange '{name}'")
+                    .replace("exchange ''", "the default exchange"),
+            ));
+        }
+        let name = name.to_owned();
+        self.change(move |v| v.remove_exchange(&name, if_unused))
+            .await
+    }
+
+    fn remove_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
+        let durable = match self.read().exchanges.get(name) {
+            None => return Ok(()),
+            Some(e) if if_unused && !e.bindings.is_empty() => {
+                return Err(precondition(format!(
+                    "exchange '{name}' in vhost '{}' in use",
+                    self.name
+                )))
+            }
+            Some(e) => e.durable,
+        };
+        if durable {
+            self.store(self.meta.delete_exchange(&self.name, name))?;
+        }
+        let gone = {
+            let mut t = self.write();
+            t.exchanges.remove(name);
+            unbind_everywhere(&mut t, Dest::Exchange(name.into()))
+        };
+        self.changed();
+        self.forget_stored_exchanges(gone);
+        Ok(())
+    }
+
+    /// Delete the stored definitions of exchanges that went with the last
+    /// of their bindings (best effort: a failure is logged).
+    fn forget_stored_exchanges(&self, names: Vec<String>) {
+        for n in names {
+            let _ = self.store(self.meta.delete_exchange(&self.name, &n));
+        }
+    }
+
+    // --------------------------------------------------------------- queues
+
+    /// Declare (or find, or check) a queue.
+    pub async fn declare_queue(&self, s: QueueSpec<'_>, conn: u64) -> AmqpResult<QueueHandle> {
+        if s.passive {
+            return self.queue(s.name, conn).inspect(|q| {
+                q.tell(QueueCmd::Touch);
+            });
+        }
+        crate::queue::args::validate(s.name, &self.name, s.arguments)?;
+        // A redeclaration (the common case) changes nothing.
+        let existing = self.read().queues.get(s.name).cloned();
+        if let Some(q) = existing {
+            self.check_equivalent(&q, &s, conn)?;
+            q.tell(QueueCmd::Touch);
+            return Ok(q);
+        }
+        let q = NewQueue {
+            name: s.name.to_owned(),
+            durable: s.durable,
+            exclusive: s.exclusive,
+            auto_delete: s.auto_delete,
+            arguments: s.arguments.clone(),
+        };
+        self.change(move |v| v.add_queue(q, conn)).await
+    }
+
+    fn add_queue(&self, s: NewQueue, conn: u64) -> AmqpResult<QueueHandle> {
+        let existing = self.read().queues.get(&s.name).cloned();
+        if let Some(q) = existing {
+            // Declared meanwhile by someone else.
+            let spec = QueueSpec {
+                name: &s.name,
+                passive: false,
+                durable: s.durable,
+                exclusive: s.exclusive,
+                auto_delete: s.auto_delete,
+                arguments: &s.arguments,
+            };
+            self.check_equivalent(&q, &spec, conn)?;
+            q.tell(QueueCmd::Touch);
+            return Ok(q);
+        }
+        let id = self.next_queue_id.fetch_add(1, Ordering::AcqRel);
+        if s.durable && !s.exclusive {
+            self.store(self.meta.put_queue(&QueueDef {
+                vhost: self.name.clone(),
+                name: s.name.clone(),
+                id,
+                auto_delete: s.auto_delete,
+                arguments: encode_table(&s.arguments),
+            }))?;
+        }
+        let q = self.spawn_queue(QueueInfo {
+            name: s.name.as_str().into(),
+            id,
+            vhost: self.name.clone(),
+            durable: s.durable,
+            exclusive_owner: s.exclusive.then_some(conn),
+            auto_delete: s.auto_delete,
+            arguments: s.arguments,
+        });
+        self.write().queues.insert(s.name, q.clone());
+        self.changed();
+        Ok(q)
+    }
+
+    /// A redeclaration must match the queue's flags and arguments (406, or
+    /// 405 for exclusivity, as RabbitMQ).
+    fn check_equivalent(&self, q: &QueueHandle, s: &QueueSpec<'_>, conn: u64) -> AmqpResult<()> {
+        let (vh, name) = (&self.name, s.name);
+        check_owner(q, conn, vh)?;
+        let i = &q.info;
+        let ineq = |arg: &str, got: String, cur: String| {
+            precondition(format!(
+                "inequivalent arg '{arg}' for queue '{name}' in vhost '{vh}': received '{got}' but current is '{cur}'"
+            ))
+        };
+        if i.durable != s.durable {
+            return Err(ineq(
+                "durable",
+                s.durable.to_string(),
+                i.durable.to_string(),
+            ));
+        }
+        if i.exclusive_owner.is_some() != s.exclusive {
+            // RabbitMQ answers an exclusive mismatch, even from the owner, with 405.
+            return Err(locked(q, vh));
+        }
+        if i.auto_delete != s.auto_delete {
+            return Err(ineq(
+                "auto_delete",
+                s.auto_delete.to_string(),
+                i.auto_delete.to_string(),
+            ));
+        }
+        for arg in EQUIVALENT_QUEUE_ARGS {
+            let got = s.arguments.inner().get(*arg);
+            let cur = i.arguments.inner().get(*arg);
+            let same = match (got, cur) {
+                (None, None) => true,
+                (Some(a), Some(b)) => crate::fields::values_equal(a, b),
+                _ => false,
+            };
+            if !same {
+                return Err(ineq(arg, describe(got), describe(cur)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Delete a queue through its actor (which checks the conditions), then
+    /// forget it. Returns the number of ready messages it held.
+    pub async fn delete_queue(
+        &self,
+        q: &QueueHandle,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> AmqpResult<u32> {
+        let n = q
+            .ask(|reply| QueueCmd::Delete {
+                if_unused,
+                if_empty,
+                reply,
+            })
+            .await
+            .unwrap_or(Ok(0))?;
+        let (name, id) = (q.name().to_owned(), q.id());
+        self.change(move |v| {
+            v.remove_queue(&name, id);
+            Ok(())
+        })
+        .await?;
+        Ok(n)
+    }
+
+    /// A queue stopped by itself (auto-delete, `x-expires`): remove it and
+    /// its bindings, on the definitions thread, without waiting.
+    pub fn forget_queue(&self, name: &str, id: u64) {
+        let name = name.to_owned();
+        self.change_later(move |v| v.remove_queue(&name, id));
+    }
+
+    /// Remove a queue (already stopped) and its bindings.
+    fn remove_queue(&self, name: &str, id: u64) {
+        let stored = match self.read().queues.get(name) {
+            Some(q) if q.id() == id => q.persisted(),
+            _ => return,
+        };
+        if stored {
+            let _ = self.store(self.meta.delete_queue(&self.name, name));
+        }
+        let gone = {
+            let mut t = self.write();
+            t.queues.remove(name);
+            unbind_everywhere(&mut t, Dest::Queue(name.into()))
+        };
+        self.changed();
+        self.forget_stored_exchanges(gone);
+    }
+
+    // ------------------------------------------------------------- bindings
+
+    /// Bind or unbind `dest` to `source`.
+    pub async fn set_binding(
+        &self,
+        bind: bool,
+        source: &str,
+        dest: Dest,
+        key: &str,
+        args: &FieldTable,
+        conn: u64,
+    ) -> AmqpResult<()> {
+        if source.is_empty() || matches!(&dest, Dest::Exchange(n) if n.is_empty()) {
+            return Err(default_exchange_refused());
+        }
+        let source = source.to_owned();
+        let b = Binding {
+            dest,
+            key: key.to_owned(),
+            args: args.clone(),
+        };
+        self.change(move |v| v.apply_binding(bind, &source, b, conn))
+            .await
+    }
+
+    fn apply_binding(&self, bind: bool, source: &str, b: Binding, conn: u64) -> AmqpResult<()> {
+        let vh = &self.name;
+        let durable = {
+            let t = self.read();
+            let dest_durable = match &b.dest {
+                Dest::Queue(n) => {
+                    let q = t
+                        .queues
+                        .get(&**n)
+                        .ok_or_else(|| not_found("queue", n, vh))?;
+                    check_owner(q, conn, vh)?;
+                    q.persisted()
+                }
+                Dest::Exchange(n) => {
+                    t.exchanges
+                        .get(&**n)
+                        .ok_or_else(|| not_found("exchange", n, vh))?
+                        .durable
+                }
+            };
+            let src = t
+                .exchanges
+                .get(source)
+                .ok_or_else(|| not_found("exchange", source, vh))?;
+            if bind {
+                (src.kind.check_binding)(&b.args)?;
+            }
+            if src.bindings.contains(&b) == bind {
+                return Ok(()); // already bound, or not bound
+            }
+            src.durable && dest_durable
+        };
+        if durable {
+            let def = BindingDef {
+                vhost: vh.clone(),
+                source: source.into(),
+                destination: match &b.dest {
+                    Dest::Queue(n) | Dest::Exchange(n) => n.to_string(),
+                },
+                to_queue: matches!(b.dest, Dest::Queue(_)),
+                routing_key: b.key.clone(),
+                arguments: encode_table(&b.args),
+            };
+            let r = if bind {
+                self.meta.put_binding(&def)
+            } else {
+                self.meta.delete_binding(&def)
+            };
+            self.store(r)?;
+        }
+        let gone = {
+            let mut t = self.write();
+            let Some(src) = t.exchanges.get_mut(source) else {
+                return Ok(());
+            };
+            if bind {
+                src.bind(b);
+                Vec::new()
+            } else {
+                src.unbind(&b);
+                if src.auto_delete && src.bindings.is_empty() {
+                    let durable = src.durable;
+                    t.exchanges.remove(source);
+                    let mut gone = unbind_everywhere(&mut t, Dest::Exchange(source.into()));
+                    if durable {
+                        gone.push(source.to_owned());
+                    }
+                    gone
+                } else {
+                    Vec::new()
+                }
+            }
+        };
+        self.changed();
+        self.forget_stored_exchanges(gone);
+        Ok(())
+    }
+}
+
+/// Remove every binding to `dest`. An auto-delete exchange this leaves
+/// without bindings goes too, and the bindings to it, and so on. Returns the
+/// durable exchanges removed (their stored definitions are to be deleted).
+fn unbind_everywhere(t: &mut Topology, dest: Dest) -> Vec<String> {
+    let mut durable_gone = Vec::new();
+    let mut dests = vec![dest];
+    while let Some(d) = dests.pop() {
+        let mut emptied = Vec::new();
+        for (n, x) in t.exchanges.iter_mut() {
+            if x.unbind_dest(&d) > 0 && x.auto_delete && x.bindings.is_empty() {
+                emptied.push(n.clone());
+            }
+        }
+        for n in emptied {
+            if let Some(x) = t.exchanges.remove(&n) {
+                if x.durable {
+                    durable_gone.push(n.clone());
+                }
+                dests.push(Dest::Exchange(n.as_str().into()));
+            }
+        }
+    }
+    durable_gone
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vhost::VHost;
+    use bytes::Bytes;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::time::Duration;
+    use warren_protocol::content::ContentHeader;
+    use warren_protocol::method::ShortStr;
+    use warren_storage::mem::MemStore;
+    use warren_storage::{Definitions, MetaStore};
+
+    /// A definition store whose queue writes wait at a gate, as a slow
+    /// fsync would.
+    #[derive(Default)]
+    struct GatedStore {
+        inner: MemStore,
+        /// While set, `put_queue` reports on `entered` and waits on `release`.
+        gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+    }
+
+    impl MetaStore for GatedStore {
+        fn put_exchange(&self, d: &ExchangeDef) -> warren_storage::Result<()> {
+            self.inner.put_exchange(d)
+        }
+        fn delete_exchange(&self, v: &str, n: &str) -> warren_storage::Result<()> {
+            self.inner.delete_exchange(v, n)
+        }
+        fn put_queue(&self, d: &QueueDef) -> warren_storage::Result<()> {
+            if let Some((entered, release)) = self.gate.lock().unwrap().take() {
+                let _ = entered.send(());
+                let _ = release.recv_timeout(Duration::from_secs(30));
+            }
+            self.inner.put_queue(d)
+        }
+        fn delete_queue(&self, v: &str, n: &str) -> warren_storage::Result<()> {
+            self.inner.delete_queue(v, n)
+        }
+        fn put_binding(&self, d: &BindingDef) -> warren_storage::Result<()> {
+            self.inner.put_binding(d)
+        }
+        fn delete_binding(&self, d: &BindingDef) -> warren_storage::Result<()> {
+            self.inner.delete_binding(d)
+        }
+        fn load(&self) -> warren_storage::Result<Definitions> {
+            self.inner.load()
+        }
+    }
+
+    fn spec<'a>(name: &'a str, durable: bool, args: &'a FieldTable) -> QueueSpec<'a> {
+        QueueSpec {
+            name,
+            passive: false,
+            durable,
+            exclusive: false,
+            auto_delete: false,
+            arguments: args,
+        }
+    }
+
+    /// While one connection's durable declare waits for its store write,
+    /// routing (a cache miss) and lookups in the same vhost go on. Before
+    /// definition changes moved off the topology lock, the declare held the
+    /// write lock across the store write and routing waited for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_durable_declare_does_not_hold_up_routing() {
+        let store = Arc::new(GatedStore::default());
+        let vhost = VHost::new("/", store.clone(), Arc::new(AtomicU64::new(1)), None);
+        let args = FieldTable::default();
+        vhost
+            .declare_queue(spec("ready", false, &args), 1)
+            .await
+            .unwrap();
+
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        *store.gate.lock().unwrap() = Some((entered_tx, release_rx));
+        let v = vhost.clone();
+        let declaring = tokio::spawn(async move {
+            let args = FieldTable::default();
+            v.declare_queue(spec("slow", true, &args), 1)
+                .await
+                .map(|q| q.id())
+        });
+        tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the durable declare reached the store");
+
+        // The store write is under way (and waiting): route and look up.
+        let v = vhost.clone();
+        let routed = tokio::task::spawn_blocking(move || {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let header = ContentHeader::parse(Bytes::from_static(&[
+                    0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0,
+                ]))
+                .unwrap();
+                let r = v.route(
+                    &ShortStr::truncating(""),
+                    &ShortStr::truncating("ready"),
+                    &header,
+                );
+                let found = v.queue("ready", 1).is_ok();
+                let _ = tx.send((r.map(|r| r.queues().len()), found));
+            });
+            rx.recv_timeout(Duration::from_secs(5))
+        })
+        .await
+        .unwrap();
+        let _ = release.send(());
+        let (queues, found) = routed.expect("routing answered while a declare was being stored");
+        assert_eq!(queues.unwrap(), 1);
+        assert!(found);
+        assert!(declaring.await.unwrap().is_ok());
+        assert!(
+            vhost.queue("slow", 1).is_ok(),
+            "the durable queue was declared"
+        );
+        assert_eq!(store.load().unwrap().queues.len(), 1);
+    }
+}
