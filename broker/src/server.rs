@@ -17,14 +17,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument;
-use warren_storage::rocks::RocksStore;
-use warren_storage::{Definitions, MessageOp, MessageStore, MetaStore};
+use warren_storage::{Definitions, MessageOp, Store};
+use warren_storage_rocksdb::RocksStore;
 
 /// Tell every durable queue what it holds on disk (it reads its messages
 /// back in order as consumers need them: no body is read here), and drop
 /// index entries of queues that no longer exist.
 fn recover_messages(
-    store: &RocksStore,
+    store: &dyn Store,
     persister: &Persister,
     vhost: &VHost,
     defs: &Definitions,
@@ -70,7 +70,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Open the store, recover durable definitions, bind the listener.
+    /// Open the RocksDB store in the data directory, then
+    /// [`Server::bind_with_store`].
     pub async fn bind(config: Config) -> std::io::Result<Server> {
         let err = |e: String| std::io::Error::other(e);
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
@@ -80,11 +81,16 @@ impl Server {
             ))
         })?;
         let opening = std::time::Instant::now();
-        let store = Arc::new(
-            RocksStore::open(&config.data_dir.join("store"), config.fsync)
-                .map_err(|e| err(e.to_string()))?,
-        );
+        let store = RocksStore::open(&config.data_dir.join("store"), config.fsync)
+            .map_err(|e| err(e.to_string()))?;
         tracing::info!(elapsed = ?opening.elapsed(), "opened the store");
+        Server::bind_with_store(config, Arc::new(store)).await
+    }
+
+    /// Recover durable definitions and messages from `store`, bind the
+    /// listener. The data directory still holds the alarms' disk check.
+    pub async fn bind_with_store(config: Config, store: Arc<dyn Store>) -> std::io::Result<Server> {
+        let err = |e: String| std::io::Error::other(e);
         let defs = store
             .load()
             .map_err(|e| err(format!("cannot read stored definitions: {e}")))?;
@@ -104,7 +110,7 @@ impl Server {
         let root = VHost::new("/", store.clone(), queue_ids, Some(persister.clone()));
         root.recover(&defs)
             .map_err(|e| err(format!("cannot recover definitions: {e}")))?;
-        recover_messages(&store, &persister, &root, &defs).map_err(err)?;
+        recover_messages(&*store, &persister, &root, &defs).map_err(err)?;
         tracing::info!(
             exchanges = defs.exchanges.len(),
             queues = defs.queues.len(),

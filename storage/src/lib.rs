@@ -5,15 +5,16 @@
 //! - [`MessageStore`]: persistent messages and per-queue index entries, keyed
 //!   big-endian `(queue id, sequence)` ([`keys`]) so iteration is queue order.
 //!   A message routed to several queues is written once and referenced by id.
-//! - [`rocks`] — the RocksDB engine (column families `meta`, `messages`,
-//!   `index`), with a format version and an exclusive lock on its directory.
 //! - [`mem`] — the in-memory engine (definitions and messages live as long as
-//!   the process). The RocksDB engine implements the same traits.
+//!   the process).
+//! - The RocksDB engine is a crate of its own (`storage/rocksdb`,
+//!   `warren-storage-rocksdb`), so that this one does not depend on it.
+//! - [`contract`] (feature `contract`) — the behaviour every engine must
+//!   show, as functions each engine's tests call.
 
 pub mod codec;
 pub mod keys;
 pub mod mem;
-pub mod rocks;
 
 use bytes::Bytes;
 
@@ -192,9 +193,16 @@ pub trait MessageStore: Send + Sync + 'static {
     }
 }
 
-/// The contract every engine keeps, checked against each of them.
-#[cfg(test)]
-pub(crate) mod contract {
+/// A store that keeps both definitions and messages: what the broker runs
+/// on, as a trait object.
+pub trait Store: MetaStore + MessageStore {}
+
+impl<T: MetaStore + MessageStore> Store for T {}
+
+/// The contract every engine keeps, checked against each of them (this
+/// crate's tests for [`mem`], the RocksDB crate's for its engine).
+#[cfg(any(test, feature = "contract"))]
+pub mod contract {
     use super::*;
 
     pub fn msg(body: &'static str) -> StoredMessage {

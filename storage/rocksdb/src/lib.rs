@@ -1,11 +1,13 @@
-//! The RocksDB engine.
+//! Warren's RocksDB engine: implements `warren_storage`'s traits. The only
+//! crate that depends on RocksDB; the broker opens it at start-up and
+//! otherwise sees the traits.
 //!
 //! Column families:
 //! - `meta`: durable definitions, keyed `kind ‖ part ‖ part ...` (each part
 //!   length-prefixed, so names may hold any byte), plus the format version.
 //! - `messages`: message id (big-endian) → the message, written once however
 //!   many queues hold it.
-//! - `index`: `queue id ‖ sequence` (big-endian, [`crate::keys`]) → message
+//! - `index`: `queue id ‖ sequence` (big-endian, [`warren_storage::keys`]) → message
 //!   id, so a queue's entries iterate in order.
 //! - `refs`: message id → remaining references, only for bodies held by more
 //!   than one queue.
@@ -16,8 +18,7 @@
 //! the index. Every `apply` is one atomic `WriteBatch`, synced to the WAL
 //! when `sync` is on.
 
-use crate::codec::{Reader, Writer};
-use crate::*;
+use bytes::Bytes;
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions,
     WriteBatch, WriteOptions, DB,
@@ -25,6 +26,8 @@ use rocksdb::{
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
+use warren_storage::codec::{Reader, Writer};
+use warren_storage::*;
 
 const META: &str = "meta";
 const MESSAGES: &str = "messages";
@@ -559,14 +562,14 @@ mod tests {
     fn message_contract() {
         let dir = tempfile::tempdir().unwrap();
         let s = RocksStore::open(dir.path(), true).unwrap();
-        crate::contract::messages(&s, &|| s.body_count());
+        warren_storage::contract::messages(&s, &|| s.body_count());
     }
 
     #[test]
     fn definitions_contract() {
         let dir = tempfile::tempdir().unwrap();
         let s = RocksStore::open(dir.path(), true).unwrap();
-        crate::contract::definitions(&s);
+        warren_storage::contract::definitions(&s);
     }
 
     #[test]
@@ -574,10 +577,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = RocksStore::open(dir.path(), true).unwrap();
-            crate::contract::fill(&s);
+            warren_storage::contract::fill(&s);
         }
         let s = RocksStore::open(dir.path(), true).unwrap();
-        crate::contract::check_filled(&s, &|| s.body_count());
+        warren_storage::contract::check_filled(&s, &|| s.body_count());
     }
 
     #[test]
@@ -585,7 +588,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = RocksStore::open(dir.path(), true).unwrap();
-            crate::contract::fill(&s);
+            warren_storage::contract::fill(&s);
             // As a store from before the `refs` family: no counts, no flag.
             let mut b = WriteBatch::default();
             b.delete_cf(s.cf(META), REFS_READY_KEY);
@@ -593,7 +596,7 @@ mod tests {
             s.write(b).unwrap();
         }
         let s = RocksStore::open(dir.path(), true).unwrap();
-        crate::contract::check_filled(&s, &|| s.body_count());
+        warren_storage::contract::check_filled(&s, &|| s.body_count());
     }
 
     #[test]
