@@ -19,6 +19,8 @@
 
 mod definitions;
 mod routing;
+#[cfg(test)]
+mod tests;
 
 pub use definitions::{ExchangeSpec, QueueSpec};
 pub use routing::{Route, Routed};
