@@ -176,6 +176,16 @@ def test_exchange_to_exchange_binding_routes(conn, ch, names):
     assert drain(ch, q) == []
 
 
+def test_exchange_unbind_what_is_gone_is_ok(ch, names):
+    # As queue.unbind: a missing source, destination or both is unbind-ok.
+    x = names.exchange()
+    ch.exchange_declare(x, "direct")
+    ch.exchange_unbind(destination=x, source=names.exchange(), routing_key="k")
+    ch.exchange_unbind(destination=names.exchange(), source=x, routing_key="k")
+    ch.exchange_unbind(destination=names.exchange(), source=names.exchange(), routing_key="k")
+    ch.exchange_declare(x, "direct", passive=True)  # the channel is still open
+
+
 def test_exchange_binding_chain_delivers_once(conn, ch, names):
     a, b, q = names.exchange(), names.exchange(), names.queue()
     ch.exchange_declare(a, "fanout")

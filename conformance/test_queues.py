@@ -137,6 +137,19 @@ def test_bind_unbind(conn, ch, names):
     ch.queue_unbind(q, x, "never-bound")  # unbinding a missing binding is ok
 
 
+def test_unbind_what_is_gone_is_ok(ch, names):
+    # RabbitMQ 3.10 answers unbind-ok when the queue, the exchange or both
+    # are missing; an RPC client's reply queue may auto-delete before it
+    # unbinds it.
+    q, x = names.queue(), names.exchange()
+    ch.exchange_declare(x, "direct")
+    ch.queue_declare(q)
+    ch.queue_unbind(names.queue(), x, "k")
+    ch.queue_unbind(q, names.exchange(), "k")
+    ch.queue_unbind(names.queue(), names.exchange(), "k")
+    ch.queue_declare(q, passive=True)  # the channel is still open
+
+
 def test_bind_missing_exchange_404(ch, names):
     q = names.queue()
     ch.queue_declare(q)

@@ -385,26 +385,29 @@ impl VHost {
         let vh = &self.name;
         let durable = {
             let t = self.read();
+            // Unbinding from or to something that is gone is done already:
+            // unbind-ok, as RabbitMQ answers (an RPC client's reply queue
+            // may auto-delete before it unbinds it). Binding needs both.
             let dest_durable = match &b.dest {
-                Dest::Queue(n) => {
-                    let q = t
-                        .queues
-                        .get(&**n)
-                        .ok_or_else(|| not_found("queue", n, vh))?;
-                    check_owner(q, conn, vh)?;
-                    q.persisted()
-                }
-                Dest::Exchange(n) => {
-                    t.exchanges
-                        .get(&**n)
-                        .ok_or_else(|| not_found("exchange", n, vh))?
-                        .durable
-                }
+                Dest::Queue(n) => match t.queues.get(&**n) {
+                    Some(q) => {
+                        check_owner(q, conn, vh)?;
+                        q.persisted()
+                    }
+                    None if bind => return Err(not_found("queue", n, vh)),
+                    None => return Ok(()),
+                },
+                Dest::Exchange(n) => match t.exchanges.get(&**n) {
+                    Some(x) => x.durable,
+                    None if bind => return Err(not_found("exchange", n, vh)),
+                    None => return Ok(()),
+                },
             };
-            let src = t
-                .exchanges
-                .get(source)
-                .ok_or_else(|| not_found("exchange", source, vh))?;
+            let src = match t.exchanges.get(source) {
+                Some(x) => x,
+                None if bind => return Err(not_found("exchange", source, vh)),
+                None => return Ok(()),
+            };
             if bind {
                 (src.kind.check_binding)(&b.args)?;
             }
