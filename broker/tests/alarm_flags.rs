@@ -2,19 +2,20 @@
 //! are clear command-line errors, and a limit the process is already over
 //! blocks a publisher with `connection.blocked`.
 
-mod common;
-
-use common::*;
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::{BasicProperties, Event};
 use std::process::Command;
 use std::time::Duration;
+use warren_tests::daemon::{free_port, Daemon};
+
+/// The daemon under test.
+const WARREN: &str = env!("CARGO_BIN_EXE_warren");
 
 /// Run the daemon with `args`; it must refuse them before starting.
 fn refused(args: &[&str]) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(env!("CARGO_BIN_EXE_warren"))
+    let out = Command::new(WARREN)
         .args(["--port", "0", "--data-dir"])
         .arg(dir.path())
         .args(args)
@@ -46,7 +47,7 @@ fn bad_limits_are_command_line_errors() {
 
 #[test]
 fn help_lists_the_limits() {
-    let out = Command::new(env!("CARGO_BIN_EXE_warren"))
+    let out = Command::new(WARREN)
         .arg("--help")
         .output()
         .expect("run warren");
@@ -59,7 +60,7 @@ fn help_lists_the_limits() {
 async fn a_memory_limit_below_rss_blocks_publishers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let d = Daemon::start_with(dir.path(), port, &["--memory-limit", "1MiB"]);
+    let d = Daemon::start_with(WARREN, dir.path(), port, &["--memory-limit", "1MiB"]);
     let (conn, ch) = d.channel().await;
     let mut ev = Box::pin(conn.events_listener());
     ch.queue_declare(

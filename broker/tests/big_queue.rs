@@ -11,15 +11,16 @@
 //!     --test big_queue -- --nocapture
 //! ```
 
-mod common;
-
-use common::{free_port, Daemon};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+use warren_tests::daemon::{free_port, Daemon};
+
+/// The daemon under test.
+const WARREN: &str = env!("CARGO_BIN_EXE_warren");
 
 const QUEUE: &str = "big";
 const BODY: usize = 1024;
@@ -83,7 +84,7 @@ async fn a_queue_far_larger_than_memory_survives_a_crash_in_order() {
     let flags = ["--log-level", "info", "--memory-limit", &limit_flag];
 
     // Life 1: fill the queue.
-    let d = Daemon::start_with(dir.path(), port, &flags);
+    let d = Daemon::start_with(WARREN, dir.path(), port, &flags);
     let (c, ch) = d.channel().await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -132,7 +133,7 @@ async fn a_queue_far_larger_than_memory_survives_a_crash_in_order() {
 
     // Life 2: recover and drain in order.
     let restarted = Instant::now();
-    let d = Daemon::start_with(dir.path(), port, &flags);
+    let d = Daemon::start_with(WARREN, dir.path(), port, &flags);
     let listening = restarted.elapsed();
     assert_eq!(count(&d).await as u64, n, "every message recovered");
     let (_c, ch) = d.channel().await;

@@ -4,9 +4,6 @@
 //! whose confirm arrived must be there after the restart. Duplicates and
 //! unconfirmed-but-present messages are allowed and reported separately.
 
-mod common;
-
-use common::{free_port, Daemon};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -14,6 +11,10 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use warren_tests::daemon::{free_port, Daemon};
+
+/// The daemon under test.
+const WARREN: &str = env!("CARGO_BIN_EXE_warren");
 
 const QUEUE: &str = "crash";
 const PUBLISHERS: usize = 3;
@@ -122,13 +123,13 @@ async fn every_confirmed_message_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     {
-        let d = Daemon::start(dir.path(), port);
+        let d = Daemon::start(WARREN, dir.path(), port);
         let (_c, ch) = d.channel().await;
         declare(&ch).await;
     }
     let mut totals = (0usize, 0usize, 0usize); // confirmed, duplicates, unconfirmed present
     for round in 0..ROUNDS {
-        let d = Daemon::start(dir.path(), port);
+        let d = Daemon::start(WARREN, dir.path(), port);
         let confirmed = Arc::new(Mutex::new(HashSet::new()));
         let tasks: Vec<_> = (0..PUBLISHERS)
             .map(|p| tokio::spawn(publisher(port, round, p, confirmed.clone())))
@@ -140,7 +141,7 @@ async fn every_confirmed_message_survives_sigkill() {
         }
         let confirmed = confirmed.lock().unwrap().clone();
 
-        let d = Daemon::start(dir.path(), port);
+        let d = Daemon::start(WARREN, dir.path(), port);
         let (_c, ch) = d.channel().await;
         let got = drain(&ch).await;
         let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -188,7 +189,7 @@ async fn every_confirmed_message_survives_sigkill() {
 async fn unacked_messages_come_back_redelivered() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let d = Daemon::start(dir.path(), port);
+    let d = Daemon::start(WARREN, dir.path(), port);
     {
         let (_c, ch) = d.channel().await;
         declare(&ch).await;
@@ -223,7 +224,7 @@ async fn unacked_messages_come_back_redelivered() {
         }
     }
     d.kill();
-    let d = Daemon::start(dir.path(), port);
+    let d = Daemon::start(WARREN, dir.path(), port);
     let (_c, ch) = d.channel().await;
     let mut bodies = Vec::new();
     while let Some(m) = ch

@@ -2,28 +2,21 @@
 //! SIGKILL (they are synced before declare-ok/bind-ok), transient ones do not,
 //! and a second process on the same directory is refused with a clear message.
 
-mod common;
-
-use common::{code, free_port, Daemon};
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use warren_tests::daemon::{free_port, Daemon};
+use warren_tests::lapin_util::{code, passive_queue};
+
+/// The daemon under test.
+const WARREN: &str = env!("CARGO_BIN_EXE_warren");
 
 fn max_length(n: i32) -> FieldTable {
     let mut t = FieldTable::default();
     t.insert("x-max-length".into(), AMQPValue::LongInt(n));
     t
-}
-
-async fn passive_queue(ch: &Channel, name: &str) -> lapin::Result<lapin::Queue> {
-    let opts = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    ch.queue_declare(name.into(), opts, FieldTable::default())
-        .await
 }
 
 async fn passive_exchange(ch: &Channel, name: &str) -> lapin::Result<()> {
@@ -44,7 +37,7 @@ async fn passive_exchange(ch: &Channel, name: &str) -> lapin::Result<()> {
 async fn durable_definitions_survive_sigkill_and_transient_ones_do_not() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let d = Daemon::start(dir.path(), port);
+    let d = Daemon::start(WARREN, dir.path(), port);
     {
         let (_c, ch) = d.channel().await;
         let durable = ExchangeDeclareOptions {
@@ -133,7 +126,7 @@ async fn durable_definitions_survive_sigkill_and_transient_ones_do_not() {
     }
     d.kill();
 
-    let d = Daemon::start(dir.path(), port);
+    let d = Daemon::start(WARREN, dir.path(), port);
     let (_c, ch) = d.channel().await;
     passive_exchange(&ch, "dx")
         .await
@@ -217,7 +210,7 @@ async fn durable_definitions_survive_sigkill_and_transient_ones_do_not() {
 async fn dead_letters_into_a_durable_queue_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let d = Daemon::start(dir.path(), port);
+    let d = Daemon::start(WARREN, dir.path(), port);
     let (_c, ch) = d.channel().await;
     let durable = QueueDeclareOptions {
         durable: true,
@@ -278,7 +271,7 @@ async fn dead_letters_into_a_durable_queue_survive_sigkill() {
     assert!(publish(b"marker").await.is_ack());
     d.kill();
 
-    let d = Daemon::start(dir.path(), port);
+    let d = Daemon::start(WARREN, dir.path(), port);
     let (_c, ch) = d.channel().await;
     let dead = ch
         .basic_get("dlq".into(), BasicGetOptions { no_ack: true })
@@ -315,7 +308,7 @@ async fn sigterm_stops_cleanly_and_keeps_what_was_confirmed() {
     let rounds = 8u32;
     let per_round = 50u32;
     for round in 0..rounds {
-        let d = Daemon::start(dir.path(), port);
+        let d = Daemon::start(WARREN, dir.path(), port);
         if round % 2 == 0 {
             let (c, ch) = d.channel().await;
             let durable = QueueDeclareOptions {
@@ -356,7 +349,7 @@ async fn sigterm_stops_cleanly_and_keeps_what_was_confirmed() {
             "round {round}: warren exited with {status} on SIGTERM; its log:\n{log}"
         );
     }
-    let d = Daemon::start(dir.path(), port);
+    let d = Daemon::start(WARREN, dir.path(), port);
     let (_c, ch) = d.channel().await;
     let q = passive_queue(&ch, "term-q").await.unwrap();
     assert_eq!(q.message_count(), rounds / 2 * per_round);
@@ -371,8 +364,8 @@ async fn sigterm_stops_cleanly_and_keeps_what_was_confirmed() {
 #[test]
 fn a_second_daemon_on_the_same_data_dir_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let _first = Daemon::start(dir.path(), free_port());
-    let out = Command::new(env!("CARGO_BIN_EXE_warren"))
+    let _first = Daemon::start(WARREN, dir.path(), free_port());
+    let out = Command::new(WARREN)
         .args([
             "--bind",
             "127.0.0.1",

@@ -1,10 +1,10 @@
 //! A minimal AMQP 0-9-1 client connection: the handshake and synchronous
 //! setup methods; the hot loops (in `run`) take over the socket afterwards.
 
-use crate::wire::{self, Args, Frame};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use warren_protocol::client::{self as wire, Args, Frame};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub type Res<T> = Result<T, Error>;
@@ -101,7 +101,9 @@ impl Conn {
         };
         c.stream.write_all(wire::PROTOCOL_HEADER).await?;
         c.expect(0, wire::CONNECTION_START).await?;
-        wire::start_ok(&mut c.wbuf, &t.user, &t.pass);
+        let mut props = BytesMut::new();
+        wire::table(&mut props, &[("product", "warren-perf")]);
+        wire::start_ok(&mut c.wbuf, &props, &t.user, &t.pass);
         c.flush().await?;
         let tune = c.expect(0, wire::CONNECTION_TUNE).await?;
         let mut a = Args(&tune);

@@ -15,7 +15,6 @@
 //!   `connection.close`, waiting for `close-ok`.
 
 use crate::client::{Conn, Res, Target};
-use crate::wire::{self, Frame};
 use bytes::{Buf, BytesMut};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -23,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
+use warren_protocol::client::{self as wire, Frame};
 
 /// What to hold.
 #[derive(Clone, Debug)]

@@ -2,7 +2,6 @@
 //! a once-a-second reporter and the final summary.
 
 use crate::client::{Conn, Res, Target};
-use crate::wire::{self, Args, Frame};
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
 use std::collections::BTreeSet;
@@ -11,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
+use warren_protocol::client::{self as wire, Args, Frame};
 
 /// What to run.
 #[derive(Clone, Debug)]

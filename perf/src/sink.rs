@@ -4,12 +4,12 @@
 //! to see what the client alone can push.
 
 use crate::client::Res;
-use crate::wire::{self, Args, Frame};
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use warren_protocol::client::{self as wire, Args, Frame};
 
 const FRAME_MAX: u32 = 131072;
 
@@ -71,7 +71,7 @@ async fn connection(mut sock: TcpStream, stats: &SinkStats) -> Res<()> {
     }
     let mut rbuf = BytesMut::with_capacity(1 << 17);
     let mut wbuf = BytesMut::with_capacity(1 << 12);
-    wire::start(&mut wbuf);
+    start(&mut wbuf);
     sock.write_all(&wbuf).await?;
     wbuf.clear();
     // Per channel: next confirm tag (0 = not in confirm mode) and last acked.
@@ -92,7 +92,7 @@ async fn connection(mut sock: TcpStream, stats: &SinkStats) -> Res<()> {
                             confirms[chi].0 += 1;
                         }
                     }
-                    wire::CONNECTION_START_OK => wire::tune(&mut wbuf, 2047, FRAME_MAX, 0),
+                    wire::CONNECTION_START_OK => tune(&mut wbuf, 2047, FRAME_MAX, 0),
                     wire::CONNECTION_OPEN => {
                         wire::method(&mut wbuf, 0, wire::CONNECTION_OPEN_OK, |b| {
                             wire::short(b, b"")
@@ -185,5 +185,86 @@ async fn connection(mut sock: TcpStream, stats: &SinkStats) -> Res<()> {
         if sock.read_buf(&mut rbuf).await? == 0 {
             return Ok(());
         }
+    }
+}
+
+// ---- server → client ----
+
+fn start(buf: &mut BytesMut) {
+    wire::method(buf, 0, wire::CONNECTION_START, |b| {
+        b.put_u8(0);
+        b.put_u8(9);
+        wire::table(b, &[("product", "warren-perf sink")]);
+        wire::long(b, b"PLAIN");
+        wire::long(b, b"en_US");
+    });
+}
+
+fn tune(buf: &mut BytesMut, channel_max: u16, frame_max: u32, heartbeat: u16) {
+    wire::method(buf, 0, wire::CONNECTION_TUNE, |b| {
+        b.put_u16(channel_max);
+        b.put_u32(frame_max);
+        b.put_u16(heartbeat);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_protocol::amqp::{channel, connection, queue, AMQPClass};
+    use warren_protocol::method::put_method;
+    use wire::{long, method, short, CHANNEL_OPEN_OK, CONNECTION_OPEN_OK, QUEUE_DECLARE_OK};
+
+    #[test]
+    fn server_methods_match_amq_protocol() {
+        let theirs = |class: AMQPClass| {
+            let mut b = BytesMut::new();
+            put_method(&mut b, 1, &class);
+            b
+        };
+        let mut b = BytesMut::new();
+        tune(&mut b, 2047, 131072, 0);
+        b[1..3].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(
+            b,
+            theirs(AMQPClass::Connection(connection::AMQPMethod::Tune(
+                connection::Tune {
+                    channel_max: 2047,
+                    frame_max: 131072,
+                    heartbeat: 0
+                }
+            )))
+        );
+        let mut b = BytesMut::new();
+        method(&mut b, 1, QUEUE_DECLARE_OK, |b| {
+            short(b, b"perf-q0");
+            b.extend_from_slice(&[0; 8]);
+        });
+        assert_eq!(
+            b,
+            theirs(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(
+                queue::DeclareOk {
+                    queue: "perf-q0".into(),
+                    message_count: 0,
+                    consumer_count: 0
+                }
+            )))
+        );
+        let mut b = BytesMut::new();
+        method(&mut b, 1, CHANNEL_OPEN_OK, |b| long(b, b""));
+        assert_eq!(
+            b,
+            theirs(AMQPClass::Channel(channel::AMQPMethod::OpenOk(
+                channel::OpenOk {}
+            )))
+        );
+        let mut b = BytesMut::new();
+        method(&mut b, 1, CONNECTION_OPEN_OK, |b| short(b, b""));
+        assert_eq!(
+            b,
+            theirs(AMQPClass::Connection(connection::AMQPMethod::OpenOk(
+                connection::OpenOk {}
+            )))
+        );
     }
 }

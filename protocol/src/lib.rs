@@ -9,10 +9,13 @@
 //!   methods, guarded amq-protocol for the rest) and outbound encoding.
 //! - [`content`] — the content header kept as raw bytes with lazy getters.
 //! - [`reply`] — reply codes.
+//! - [`client`] — client-side encoding for Warren's load generator and tests
+//!   (never used by the broker), and an incremental frame parser.
 //!
 //! The broker talks to this crate only; amq-protocol types appear in the API
 //! solely as the decoded form of rare (non hot-path) methods.
 
+pub mod client;
 pub mod content;
 pub mod frame;
 pub mod method;

@@ -3,9 +3,31 @@
 //!
 //! Set `WARREN_TEST_AMQP_URL` to run the same tests against another broker
 //! (for example a reference RabbitMQ) instead of an in-process Warren.
+//!
+//! - [`lapin_util`]: reply codes out of lapin errors, asynchronous errors,
+//!   short-hands for the common round trips.
+//! - [`raw`]: a raw AMQP client for what lapin cannot or will not send.
+//! - [`daemon`]: the `warren` binary as a child process (crash and restart
+//!   tests).
+
+pub mod daemon;
+pub mod lapin_util;
+pub mod raw;
 
 use lapin::{Channel, Connection, ConnectionProperties};
+use std::time::Duration;
 use warren_broker::{Config, RunningBroker};
+
+/// How long any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// Run `fut` with the test timeout.
+pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
 
 /// A broker under test: an in-process Warren, or an external URL.
 pub struct TestBroker {

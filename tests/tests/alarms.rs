@@ -6,9 +6,6 @@
 //! in-process broker's `Alarms` (these tests skip themselves against an
 //! external broker).
 
-mod common;
-
-use common::*;
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -17,7 +14,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use warren_broker::alarm::Alarms;
-use warren_tests::{unique, TestBroker};
+use warren_protocol::client;
+use warren_protocol::frame::BODY;
+use warren_tests::lapin_util::*;
+use warren_tests::raw::{encode, frame, Raw};
+use warren_tests::{unique, within, TestBroker};
 
 /// A limit so high that no alarm is on.
 const HIGH: u64 = 1 << 60;
@@ -316,9 +317,11 @@ async fn without_the_capability_a_publisher_is_blocked_silently() {
     raw.open_channel(1).await;
     raw.declare_queue(1, &q).await;
     alarms.set_memory_limit(1);
-    let mut p = basic_publish(1, "", &q, false, false);
-    p.extend(content_header(1, 2));
-    p.extend(frame(BODY, 1, b"hi"));
+    let p = encode(|b| {
+        client::publish(b, 1, "", &q);
+        client::content_header(b, 1, 2, false);
+        b.extend_from_slice(&frame(BODY, 1, b"hi"));
+    });
     raw.send(&p).await;
     let (_c, cch) = broker.channel().await;
     assert_no_delivery_count(&cch, &q, 0).await;

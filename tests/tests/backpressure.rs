@@ -4,9 +4,6 @@
 //! does not hold anybody. Warren's own policy (RabbitMQ lets the queue grow
 //! until its memory alarm), so these tests skip themselves elsewhere.
 
-mod common;
-
-use common::*;
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -14,7 +11,8 @@ use lapin::BasicProperties;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use warren_tests::{unique, TestBroker};
+use warren_tests::lapin_util::*;
+use warren_tests::{unique, within, TestBroker};
 
 /// The queue's bound (4 page windows) plus a mailbox's worth of publishes
 /// that may already be on their way in.

@@ -1,15 +1,22 @@
 //! The basic class: publish, consume, get, ack/nack/reject, qos, cancel,
 //! recover, returns, and message contents (properties and bodies) end to end.
 
-mod common;
-
-use common::*;
+use bytes::{BufMut, BytesMut};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 use std::time::Duration;
-use warren_tests::{unique, TestBroker};
+use warren_protocol::client::{
+    self, BASIC_CANCEL, BASIC_CONSUME_OK, BASIC_DELIVER, BASIC_QOS, QUEUE_DECLARE_OK,
+};
+use warren_protocol::frame::{BODY, HEADER};
+use warren_protocol::reply::{
+    ACCESS_REFUSED, NOT_ALLOWED, NOT_FOUND, NOT_IMPLEMENTED, NO_ROUTE, PRECONDITION_FAILED,
+};
+use warren_tests::lapin_util::*;
+use warren_tests::raw::{frame, Handshake, Raw};
+use warren_tests::{unique, within, TestBroker, WAIT};
 
 // ------------------------------------------------------------------ helpers
 
@@ -170,45 +177,44 @@ async fn content_header_bytes_are_forwarded_verbatim() {
     raw.open_channel(1).await;
     raw.declare_queue(1, &q).await;
 
-    let mut table = Vec::new();
-    put_sstr(&mut table, "short");
-    table.push(b's');
-    table.extend_from_slice(&(-2i16).to_be_bytes());
-    put_sstr(&mut table, "longlong");
-    table.push(b'l');
-    table.extend_from_slice(&(-3i64).to_be_bytes());
-    put_sstr(&mut table, "bytes");
-    table.push(b'x');
-    put_lstr(&mut table, &[1, 2, 3]);
-    put_sstr(&mut table, "nested");
-    table.push(b'F');
-    table.extend_from_slice(&0u32.to_be_bytes());
-    put_sstr(&mut table, "array");
-    table.push(b'A');
-    table.extend_from_slice(&5u32.to_be_bytes());
-    table.push(b'I');
-    table.extend_from_slice(&9i32.to_be_bytes());
-    put_sstr(&mut table, "same-key-order-kept");
-    table.push(b't');
-    table.push(1);
+    let mut table = BytesMut::new();
+    client::short(&mut table, b"short");
+    table.put_u8(b's');
+    table.put_i16(-2);
+    client::short(&mut table, b"longlong");
+    table.put_u8(b'l');
+    table.put_i64(-3);
+    client::short(&mut table, b"bytes");
+    table.put_u8(b'x');
+    client::long(&mut table, &[1, 2, 3]);
+    client::short(&mut table, b"nested");
+    table.put_u8(b'F');
+    table.put_u32(0);
+    client::short(&mut table, b"array");
+    table.put_u8(b'A');
+    table.put_u32(5);
+    table.put_u8(b'I');
+    table.put_i32(9);
+    client::short(&mut table, b"same-key-order-kept");
+    table.put_u8(b't');
+    table.put_u8(1);
 
-    let mut header = Vec::new();
-    header.extend_from_slice(&60u16.to_be_bytes());
-    header.extend_from_slice(&0u16.to_be_bytes());
-    header.extend_from_slice(&5u64.to_be_bytes());
-    header.extend_from_slice(&(0x8000u16 | 0x2000 | 0x0040).to_be_bytes()); // content-type, headers, timestamp
-    put_sstr(&mut header, "text/plain");
-    header.extend_from_slice(&(table.len() as u32).to_be_bytes());
-    header.extend_from_slice(&table);
-    header.extend_from_slice(&1234567u64.to_be_bytes());
+    let mut header = BytesMut::new();
+    header.put_u16(60);
+    header.put_u16(0);
+    header.put_u64(5);
+    header.put_u16(0x8000 | 0x2000 | 0x0040); // content-type, headers, timestamp
+    client::short(&mut header, b"text/plain");
+    client::long(&mut header, &table);
+    header.put_u64(1234567);
 
-    raw.send(&basic_publish(1, "", &q, false, false)).await;
+    raw.send_with(|b| client::publish(b, 1, "", &q)).await;
     raw.send(&frame(HEADER, 1, &header)).await;
     raw.send(&frame(BODY, 1, b"hello")).await;
 
     let (got_header, got_body) = raw.get_message(1, &q).await;
     assert_eq!(got_body, b"hello");
-    assert_eq!(got_header, header, "content header changed in transit");
+    assert_eq!(got_header, &header[..], "content header changed in transit");
     raw.delete_queue(1, &q).await;
     raw.close().await;
     broker.stop().await;
@@ -897,11 +903,14 @@ async fn prefetch_size_is_not_implemented() {
     let broker = TestBroker::start().await;
     let mut raw = Raw::open(&broker).await;
     raw.open_channel(1).await;
-    let mut a = Vec::new();
-    a.extend_from_slice(&4096u32.to_be_bytes());
-    a.extend_from_slice(&10u16.to_be_bytes());
-    a.push(0);
-    raw.send(&method_frame(1, 60, 10, &a)).await;
+    raw.send_with(|b| {
+        client::method(b, 1, BASIC_QOS, |b| {
+            b.put_u32(4096);
+            b.put_u16(10);
+            b.put_u8(0);
+        })
+    })
+    .await;
     let close = raw.expect_connection_close().await;
     assert_eq!(close.reply_code, NOT_IMPLEMENTED, "{close:?}");
     assert_eq!((close.class_id, close.method_id), (60, 10), "{close:?}");
@@ -1097,43 +1106,35 @@ async fn server_cancel_on_raw_connection_with_capability() {
     // (with the consumer tag) when its queue is deleted.
     let broker = TestBroker::start().await;
     let q = unique("rawcancel");
-    let mut caps = Vec::new();
-    put_sstr(&mut caps, "consumer_cancel_notify");
-    caps.push(b't');
-    caps.push(1);
-    let mut t = Vec::new();
-    put_sstr(&mut t, "capabilities");
-    t.push(b'F');
-    t.extend_from_slice(&(caps.len() as u32).to_be_bytes());
-    t.extend_from_slice(&caps);
-    let mut props = (t.len() as u32).to_be_bytes().to_vec();
-    props.extend_from_slice(&t);
+    let mut caps = BytesMut::new();
+    client::short(&mut caps, b"consumer_cancel_notify");
+    caps.put_u8(b't');
+    caps.put_u8(1);
+    let mut t = BytesMut::new();
+    client::short(&mut t, b"capabilities");
+    t.put_u8(b'F');
+    client::long(&mut t, &caps);
+    let mut props = BytesMut::new();
+    client::long(&mut props, &t);
     let mut raw = Raw::open_with(
         &broker,
         Handshake {
-            client_properties: props,
+            client_properties: props.to_vec(),
             ..Handshake::default()
         },
     )
     .await;
     raw.open_channel(1).await;
-    let mut a = vec![0, 0];
-    put_sstr(&mut a, &q);
-    a.push(0);
-    a.extend_from_slice(&0u32.to_be_bytes());
-    raw.send(&method_frame(1, 50, 10, &a)).await;
-    raw.expect_method(1, 50, 11).await;
-    let mut a = vec![0, 0];
-    put_sstr(&mut a, &q);
-    put_sstr(&mut a, "raw-tag");
-    a.push(0);
-    a.extend_from_slice(&0u32.to_be_bytes());
-    raw.send(&method_frame(1, 60, 20, &a)).await;
-    raw.expect_method(1, 60, 21).await;
+    raw.send_with(|b| client::queue_declare(b, 1, &q, false))
+        .await;
+    raw.expect_method(1, QUEUE_DECLARE_OK).await;
+    raw.send_with(|b| client::consume(b, 1, &q, "raw-tag", false))
+        .await;
+    raw.expect_method(1, BASIC_CONSUME_OK).await;
 
     let (conn, ch) = broker.channel().await;
     delete(&ch, &q).await;
-    let cancel = raw.expect_method(1, 60, 30).await;
+    let cancel = raw.expect_method(1, BASIC_CANCEL).await;
     let p = &cancel.payload[4..];
     let n = p[0] as usize;
     assert_eq!(&p[1..1 + n], b"raw-tag");
@@ -1653,15 +1654,11 @@ async fn unacked_go_back_when_the_tcp_connection_drops() {
     {
         let mut raw = Raw::open(&broker).await;
         raw.open_channel(1).await;
-        let mut a = vec![0, 0];
-        put_sstr(&mut a, &q);
-        put_sstr(&mut a, "raw");
-        a.push(0); // manual ack
-        a.extend_from_slice(&0u32.to_be_bytes());
-        raw.send(&method_frame(1, 60, 20, &a)).await;
-        raw.expect_method(1, 60, 21).await;
+        raw.send_with(|b| client::consume(b, 1, &q, "raw", false)) // manual ack
+            .await;
+        raw.expect_method(1, BASIC_CONSUME_OK).await;
         for _ in 0..3 {
-            raw.expect_method(1, 60, 60).await;
+            raw.expect_method(1, BASIC_DELIVER).await;
             assert_eq!(raw.frame().await.kind, HEADER);
             assert_eq!(raw.frame().await.kind, BODY);
         }

@@ -1,12 +1,16 @@
 //! Publisher confirms and transactions.
 
-mod common;
-
-use common::*;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation};
-use warren_tests::{unique, TestBroker};
+use warren_protocol::client::{
+    self, BASIC_ACK, CONFIRM_SELECT_OK, QUEUE_DECLARE_OK, QUEUE_DELETE_OK,
+};
+use warren_protocol::frame::BODY;
+use warren_protocol::reply::{NOT_FOUND, PRECONDITION_FAILED};
+use warren_tests::lapin_util::*;
+use warren_tests::raw::{frame, Raw};
+use warren_tests::{unique, within, TestBroker};
 
 async fn passive_count(ch: &Channel, q: &str) -> u32 {
     ch.queue_declare(
@@ -154,23 +158,21 @@ async fn raw_confirm_tags_count_from_one() {
     let q = unique("rawconfirm");
     let mut raw = Raw::open(&broker).await;
     raw.open_channel(1).await;
-    raw.send(&method_frame(1, 85, 10, &[0])).await;
-    raw.expect_method(1, 85, 11).await;
-    let mut a = vec![0, 0];
-    put_sstr(&mut a, &q);
-    a.push(0);
-    a.extend_from_slice(&0u32.to_be_bytes());
-    raw.send(&method_frame(1, 50, 10, &a)).await;
-    raw.expect_method(1, 50, 11).await;
+    raw.send_with(|b| client::confirm_select(b, 1)).await;
+    raw.expect_method(1, CONFIRM_SELECT_OK).await;
+    raw.send_with(|b| client::queue_declare(b, 1, &q, false))
+        .await;
+    raw.expect_method(1, QUEUE_DECLARE_OK).await;
     for _ in 0..3 {
-        raw.send(&basic_publish(1, "", &q, false, false)).await;
-        raw.send(&content_header(1, 2)).await;
+        raw.send_with(|b| client::publish(b, 1, "", &q)).await;
+        raw.send_with(|b| client::content_header(b, 1, 2, false))
+            .await;
         raw.send(&frame(BODY, 1, b"hi")).await;
     }
     // Acks may be batched with `multiple`, but must cover 1..=3 exactly once.
     let mut confirmed = 0u64;
     while confirmed < 3 {
-        let f = raw.expect_method(1, 60, 80).await;
+        let f = raw.expect_method(1, BASIC_ACK).await;
         let p = &f.payload[4..];
         let tag = u64::from_be_bytes(p[0..8].try_into().unwrap());
         let multiple = p[8] & 1 == 1;
@@ -185,11 +187,8 @@ async fn raw_confirm_tags_count_from_one() {
         confirmed = tag;
     }
     assert_eq!(confirmed, 3);
-    let mut d = vec![0, 0];
-    put_sstr(&mut d, &q);
-    d.push(0);
-    raw.send(&method_frame(1, 50, 40, &d)).await;
-    let ok = raw.expect_method(1, 50, 41).await;
+    raw.send_with(|b| client::queue_delete(b, 1, &q)).await;
+    let ok = raw.expect_method(1, QUEUE_DELETE_OK).await;
     assert_eq!(u32::from_be_bytes(ok.payload[4..8].try_into().unwrap()), 3);
     raw.close().await;
     broker.stop().await;

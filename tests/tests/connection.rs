@@ -2,14 +2,19 @@
 //! authentication, vhosts, channel_max / frame_max / heartbeat negotiation,
 //! and channel-error isolation.
 
-mod common;
-
-use common::*;
+use bytes::BufMut;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 use std::time::Duration;
-use warren_tests::{unique, TestBroker};
+use warren_protocol::client::{
+    self, CHANNEL_CLOSE, CHANNEL_CLOSE_OK, CONNECTION_CLOSE, CONNECTION_TUNE,
+};
+use warren_protocol::frame::HEARTBEAT;
+use warren_protocol::reply::{ACCESS_REFUSED, CHANNEL_ERROR, NOT_ALLOWED, NOT_FOUND};
+use warren_tests::lapin_util::*;
+use warren_tests::raw::{Close, Handshake, Next, Raw};
+use warren_tests::{unique, TestBroker, WAIT};
 
 fn url_with(broker: &TestBroker, query: &str) -> String {
     let sep = if broker.url.contains('?') { '&' } else { '?' };
@@ -126,12 +131,9 @@ async fn login_failure_without_capability_just_drops_the_socket() {
     // connection.close: the socket is simply closed.
     let broker = TestBroker::start().await;
     let (mut raw, _) = Raw::start(&broker).await;
-    raw.send(&start_ok(
-        &Handshake::default().client_properties,
-        "guest",
-        "wrong",
-    ))
-    .await;
+    let props = Handshake::default().client_properties;
+    raw.send_with(|b| client::start_ok(b, &props, "guest", "wrong"))
+        .await;
     match raw.next(WAIT).await {
         Next::Eof => {}
         other => panic!("expected the socket to close, got {other:?}"),
@@ -198,13 +200,10 @@ async fn default_negotiation_takes_the_server_proposal() {
 async fn server_tune_proposal() {
     let broker = TestBroker::start().await;
     let (mut raw, _) = Raw::start(&broker).await;
-    raw.send(&start_ok(
-        &Handshake::default().client_properties,
-        "guest",
-        "guest",
-    ))
-    .await;
-    let tune = raw.expect_method(0, 10, 30).await;
+    let props = Handshake::default().client_properties;
+    raw.send_with(|b| client::start_ok(b, &props, "guest", "guest"))
+        .await;
+    let tune = raw.expect_method(0, CONNECTION_TUNE).await;
     let a = &tune.payload[4..];
     assert_eq!(u16::from_be_bytes([a[0], a[1]]), 2047, "channel_max");
     assert_eq!(
@@ -229,7 +228,7 @@ async fn broker_enforces_negotiated_channel_max() {
     .await;
     raw.open_channel(1).await;
     raw.open_channel(2).await;
-    raw.send(&channel_open(3)).await;
+    raw.send_with(|b| client::channel_open(b, 3)).await;
     let close = raw.expect_connection_close().await;
     assert_eq!(close.reply_code, NOT_ALLOWED, "{close:?}");
     if broker.is_warren() {
@@ -247,7 +246,7 @@ async fn expect_tune_refused(broker: &TestBroker, raw: &mut Raw, what: &str) {
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match raw.next(left).await {
-            Next::Frame(f) if f.ids() == Some((10, 50)) => {
+            Next::Frame(f) if f.ids() == Some(CONNECTION_CLOSE) => {
                 let close = Close::parse(&f.payload);
                 assert_eq!(close.reply_code, NOT_ALLOWED, "{what}: {close:?}");
                 assert_eq!(
@@ -269,18 +268,12 @@ async fn tune_ok_frame_max_out_of_bounds_is_530() {
     let broker = TestBroker::start().await;
     for frame_max in [1024u32, 0, 131072 * 2] {
         let (mut raw, _) = Raw::start(&broker).await;
-        raw.send(&start_ok(
-            &Handshake::default().client_properties,
-            "guest",
-            "guest",
-        ))
-        .await;
-        raw.expect_method(0, 10, 30).await;
-        let mut t = Vec::new();
-        t.extend_from_slice(&2047u16.to_be_bytes());
-        t.extend_from_slice(&frame_max.to_be_bytes());
-        t.extend_from_slice(&0u16.to_be_bytes());
-        raw.send(&method_frame(0, 10, 31, &t)).await;
+        let props = Handshake::default().client_properties;
+        raw.send_with(|b| client::start_ok(b, &props, "guest", "guest"))
+            .await;
+        raw.expect_method(0, CONNECTION_TUNE).await;
+        raw.send_with(|b| client::tune_ok(b, 2047, frame_max, 0))
+            .await;
         expect_tune_refused(&broker, &mut raw, &format!("frame_max {frame_max}")).await;
     }
     broker.stop().await;
@@ -290,18 +283,11 @@ async fn tune_ok_frame_max_out_of_bounds_is_530() {
 async fn tune_ok_channel_max_above_server_is_530() {
     let broker = TestBroker::start().await;
     let (mut raw, _) = Raw::start(&broker).await;
-    raw.send(&start_ok(
-        &Handshake::default().client_properties,
-        "guest",
-        "guest",
-    ))
-    .await;
-    raw.expect_method(0, 10, 30).await;
-    let mut t = Vec::new();
-    t.extend_from_slice(&4000u16.to_be_bytes());
-    t.extend_from_slice(&131072u32.to_be_bytes());
-    t.extend_from_slice(&0u16.to_be_bytes());
-    raw.send(&method_frame(0, 10, 31, &t)).await;
+    let props = Handshake::default().client_properties;
+    raw.send_with(|b| client::start_ok(b, &props, "guest", "guest"))
+        .await;
+    raw.expect_method(0, CONNECTION_TUNE).await;
+    raw.send_with(|b| client::tune_ok(b, 4000, 131072, 0)).await;
     expect_tune_refused(&broker, &mut raw, "channel_max 4000").await;
     broker.stop().await;
 }
@@ -416,7 +402,7 @@ async fn second_channel_open_on_same_id_is_504() {
     let broker = TestBroker::start().await;
     let mut raw = Raw::open(&broker).await;
     raw.open_channel(1).await;
-    raw.send(&channel_open(1)).await;
+    raw.send_with(|b| client::channel_open(b, 1)).await;
     let close = raw.expect_connection_close().await;
     assert_eq!(close.reply_code, CHANNEL_ERROR, "{close:?}");
     broker.stop().await;
@@ -427,12 +413,15 @@ async fn channel_close_then_reopen_same_id() {
     let broker = TestBroker::start().await;
     let mut raw = Raw::open(&broker).await;
     raw.open_channel(1).await;
-    let mut a = Vec::new();
-    a.extend_from_slice(&200u16.to_be_bytes());
-    put_sstr(&mut a, "bye");
-    a.extend_from_slice(&[0, 0, 0, 0]);
-    raw.send(&method_frame(1, 20, 40, &a)).await;
-    raw.expect_method(1, 20, 41).await;
+    raw.send_with(|b| {
+        client::method(b, 1, CHANNEL_CLOSE, |b| {
+            b.put_u16(200);
+            client::short(b, b"bye");
+            b.put_slice(&[0, 0, 0, 0]);
+        })
+    })
+    .await;
+    raw.expect_method(1, CHANNEL_CLOSE_OK).await;
     raw.open_channel(1).await;
     raw.close().await;
     broker.stop().await;

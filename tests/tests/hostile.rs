@@ -2,11 +2,19 @@
 //! protocol violations, deep tables. The broker must answer with the right
 //! connection.close (or close the socket) and keep serving everyone else.
 
-mod common;
-
-use common::*;
+use bytes::BufMut;
 use std::time::Duration;
-use warren_tests::{unique, TestBroker};
+use warren_protocol::client::{
+    self, BASIC_CONSUME_OK, CHANNEL_FLOW, CONNECTION_CLOSE, CONNECTION_TUNE, QUEUE_DECLARE,
+    QUEUE_DECLARE_OK, QUEUE_DELETE_OK,
+};
+use warren_protocol::frame::{BODY, HEADER, HEARTBEAT, METHOD, PROTOCOL_HEADER};
+use warren_protocol::reply::{
+    CHANNEL_ERROR, COMMAND_INVALID, FRAME_ERROR, NOT_IMPLEMENTED, SYNTAX_ERROR, UNEXPECTED_FRAME,
+};
+use warren_tests::lapin_util::assert_broker_healthy;
+use warren_tests::raw::{encode, frame, Close, Handshake, Next, Raw};
+use warren_tests::{unique, TestBroker, WAIT};
 
 /// Open a connection and channel 1, send `bytes`, and return the
 /// connection.close the broker answers with.
@@ -21,14 +29,6 @@ async fn close_after(broker: &TestBroker, bytes: &[u8]) -> Close {
         "socket still open after connection.close-ok"
     );
     close
-}
-
-fn declare_args(queue: &str, table: &[u8]) -> Vec<u8> {
-    let mut a = vec![0, 0];
-    put_sstr(&mut a, queue);
-    a.push(0);
-    a.extend_from_slice(table);
-    a
 }
 
 // ------------------------------------------------------------ protocol header
@@ -64,7 +64,7 @@ async fn wrong_protocol_header_gets_ours_back() {
 async fn frame_before_protocol_header_is_refused() {
     let broker = TestBroker::start().await;
     let mut raw = Raw::connect(&broker).await;
-    raw.send(&channel_open(1)).await;
+    raw.send_with(|b| client::channel_open(b, 1)).await;
     let reply = raw.read_bytes(8, WAIT).await;
     assert_eq!(reply, PROTOCOL_HEADER);
     assert!(raw.wait_eof(WAIT).await);
@@ -98,7 +98,7 @@ async fn silent_peer_is_dropped_after_handshake_timeout() {
 #[tokio::test]
 async fn bad_frame_end_is_501() {
     let broker = TestBroker::start().await;
-    let mut f = method_frame(1, 20, 10, &[0]);
+    let mut f = encode(|b| client::channel_open(b, 1));
     *f.last_mut().unwrap() = 0x00;
     let mut raw = Raw::open(&broker).await;
     raw.send(&f).await;
@@ -156,8 +156,9 @@ async fn frame_at_exactly_frame_max_is_fine() {
     raw.open_channel(1).await;
     raw.declare_queue(1, &q).await;
     let body: Vec<u8> = (0..4096 - 8).map(|i| i as u8).collect();
-    raw.send(&basic_publish(1, "", &q, false, false)).await;
-    raw.send(&content_header(1, body.len() as u64)).await;
+    raw.send_with(|b| client::publish(b, 1, "", &q)).await;
+    raw.send_with(|b| client::content_header(b, 1, body.len() as u64, false))
+        .await;
     raw.send(&frame(BODY, 1, &body)).await;
     let (_, got) = raw.get_message(1, &q).await;
     assert!(got == body, "body changed");
@@ -179,7 +180,7 @@ async fn method_on_unopened_channel_is_504() {
     let broker = TestBroker::start().await;
     let close = close_after(
         &broker,
-        &method_frame(7, 50, 10, &declare_args("x", &0u32.to_be_bytes())),
+        &encode(|b| client::queue_declare(b, 7, "x", false)),
     )
     .await;
     assert_eq!(close.reply_code, CHANNEL_ERROR, "{close:?}");
@@ -189,7 +190,7 @@ async fn method_on_unopened_channel_is_504() {
 #[tokio::test]
 async fn content_header_without_publish_is_505() {
     let broker = TestBroker::start().await;
-    let close = close_after(&broker, &content_header(1, 3)).await;
+    let close = close_after(&broker, &encode(|b| client::content_header(b, 1, 3, false))).await;
     assert_eq!(close.reply_code, UNEXPECTED_FRAME, "{close:?}");
     broker.stop().await;
 }
@@ -205,10 +206,12 @@ async fn body_without_header_is_505() {
 #[tokio::test]
 async fn method_in_the_middle_of_content_is_505() {
     let broker = TestBroker::start().await;
-    let mut bytes = basic_publish(1, "", "nowhere", false, false);
-    bytes.extend_from_slice(&content_header(1, 10));
-    bytes.extend_from_slice(&frame(BODY, 1, b"12345"));
-    bytes.extend_from_slice(&method_frame(1, 60, 10, &[0, 0, 0, 0, 0, 1, 0]));
+    let bytes = encode(|b| {
+        client::publish(b, 1, "", "nowhere");
+        client::content_header(b, 1, 10, false);
+        b.put_slice(&frame(BODY, 1, b"12345"));
+        client::qos(b, 1, 1);
+    });
     let close = close_after(&broker, &bytes).await;
     assert_eq!(close.reply_code, UNEXPECTED_FRAME, "{close:?}");
     broker.stop().await;
@@ -222,9 +225,11 @@ async fn body_longer_than_declared_is_an_error() {
     if !broker.is_warren() {
         return;
     }
-    let mut bytes = basic_publish(1, "", "nowhere", false, false);
-    bytes.extend_from_slice(&content_header(1, 3));
-    bytes.extend_from_slice(&frame(BODY, 1, b"123456"));
+    let bytes = encode(|b| {
+        client::publish(b, 1, "", "nowhere");
+        client::content_header(b, 1, 3, false);
+        b.put_slice(&frame(BODY, 1, b"123456"));
+    });
     let close = close_after(&broker, &bytes).await;
     assert_eq!(close.reply_code, FRAME_ERROR, "{close:?}");
     broker.stop().await;
@@ -268,7 +273,8 @@ async fn unknown_class_or_method_is_540() {
         if channel != 0 {
             raw.open_channel(channel).await;
         }
-        raw.send(&method_frame(channel, class, method, &[])).await;
+        raw.send_with(|b| client::method(b, channel, (class, method), |_| {}))
+            .await;
         if let Some(close) = raw.expect_close_or_drop(NOT_IMPLEMENTED, lenient).await {
             assert_eq!(
                 (close.class_id, close.method_id),
@@ -285,15 +291,18 @@ async fn unknown_class_or_method_is_540() {
 async fn server_only_method_from_client_is_503() {
     let broker = TestBroker::start().await;
     // basic.consume-ok sent by a client.
-    let mut a = Vec::new();
-    put_sstr(&mut a, "ctag");
-    let close = close_after(&broker, &method_frame(1, 60, 21, &a)).await;
+    let consume_ok =
+        encode(|b| client::method(b, 1, BASIC_CONSUME_OK, |b| client::short(b, b"ctag")));
+    let close = close_after(&broker, &consume_ok).await;
     assert_eq!(close.reply_code, COMMAND_INVALID, "{close:?}");
     // queue.declare-ok sent by a client.
-    let mut a = Vec::new();
-    put_sstr(&mut a, "q");
-    a.extend_from_slice(&[0; 8]);
-    let close = close_after(&broker, &method_frame(1, 50, 11, &a)).await;
+    let declare_ok = encode(|b| {
+        client::method(b, 1, QUEUE_DECLARE_OK, |b| {
+            client::short(b, b"q");
+            b.put_slice(&[0; 8]);
+        })
+    });
+    let close = close_after(&broker, &declare_ok).await;
     assert_eq!(close.reply_code, COMMAND_INVALID, "{close:?}");
     broker.stop().await;
 }
@@ -301,12 +310,15 @@ async fn server_only_method_from_client_is_503() {
 #[tokio::test]
 async fn channel_methods_on_channel_zero_are_504() {
     let broker = TestBroker::start().await;
-    for (class, method, args) in [
-        (20u16, 10u16, vec![0u8]),
-        (50, 10, declare_args("x", &0u32.to_be_bytes())),
+    for ((class, method), bytes) in [
+        (client::CHANNEL_OPEN, encode(|b| client::channel_open(b, 0))),
+        (
+            QUEUE_DECLARE,
+            encode(|b| client::queue_declare(b, 0, "x", false)),
+        ),
     ] {
         let mut raw = Raw::open(&broker).await;
-        raw.send(&method_frame(0, class, method, &args)).await;
+        raw.send(&bytes).await;
         let close = raw.expect_connection_close().await;
         assert_eq!(
             close.reply_code, CHANNEL_ERROR,
@@ -322,7 +334,11 @@ async fn truncated_method_is_501() {
     // queue.declare cut short: the queue name claims 200 bytes.
     let mut a = vec![0, 0, 200];
     a.extend_from_slice(b"short");
-    let close = close_after(&broker, &method_frame(1, 50, 10, &a)).await;
+    let close = close_after(
+        &broker,
+        &encode(|b| client::method(b, 1, QUEUE_DECLARE, |b| b.put_slice(&a))),
+    )
+    .await;
     assert_eq!(close.reply_code, FRAME_ERROR, "{close:?}");
     assert_eq!((close.class_id, close.method_id), (50, 10), "{close:?}");
     broker.stop().await;
@@ -333,7 +349,11 @@ async fn malformed_utf8_in_short_string_is_501() {
     let broker = TestBroker::start().await;
     let mut a = vec![0, 0, 2, 0xff, 0xfe, 0];
     a.extend_from_slice(&0u32.to_be_bytes());
-    let close = close_after(&broker, &method_frame(1, 50, 10, &a)).await;
+    let close = close_after(
+        &broker,
+        &encode(|b| client::method(b, 1, QUEUE_DECLARE, |b| b.put_slice(&a))),
+    )
+    .await;
     assert_eq!(close.reply_code, FRAME_ERROR, "{close:?}");
     broker.stop().await;
 }
@@ -342,19 +362,12 @@ async fn malformed_utf8_in_short_string_is_501() {
 async fn method_before_connection_open_is_505() {
     let broker = TestBroker::start().await;
     let (mut raw, _) = Raw::start(&broker).await;
-    raw.send(&start_ok(
-        &Handshake::default().client_properties,
-        "guest",
-        "guest",
-    ))
-    .await;
-    raw.expect_method(0, 10, 30).await;
-    let mut t = Vec::new();
-    t.extend_from_slice(&2047u16.to_be_bytes());
-    t.extend_from_slice(&131072u32.to_be_bytes());
-    t.extend_from_slice(&0u16.to_be_bytes());
-    raw.send(&method_frame(0, 10, 31, &t)).await;
-    raw.send(&channel_open(1)).await;
+    let props = Handshake::default().client_properties;
+    raw.send_with(|b| client::start_ok(b, &props, "guest", "guest"))
+        .await;
+    raw.expect_method(0, CONNECTION_TUNE).await;
+    raw.send_with(|b| client::tune_ok(b, 2047, 131072, 0)).await;
+    raw.send_with(|b| client::channel_open(b, 1)).await;
     let close = raw.expect_connection_close().await;
     assert_eq!(close.reply_code, UNEXPECTED_FRAME, "{close:?}");
     broker.stop().await;
@@ -365,7 +378,8 @@ async fn client_flow_inactive_is_540() {
     let broker = TestBroker::start().await;
     let mut raw = Raw::open(&broker).await;
     raw.open_channel(1).await;
-    raw.send(&method_frame(1, 20, 20, &[0])).await;
+    raw.send_with(|b| client::method(b, 1, CHANNEL_FLOW, |b| b.put_u8(0)))
+        .await;
     let close = raw.expect_connection_close().await;
     assert_eq!(close.reply_code, NOT_IMPLEMENTED, "{close:?}");
     broker.stop().await;
@@ -398,13 +412,13 @@ fn nested_array_table(depth: usize) -> Vec<u8> {
         outer.extend_from_slice(&arr);
         arr = outer;
     }
-    let mut t = Vec::new();
-    put_sstr(&mut t, "a");
-    t.push(b'A');
-    t.extend_from_slice(&arr);
-    let mut out = (t.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&t);
-    out
+    let mut t = bytes::BytesMut::new();
+    client::short(&mut t, b"a");
+    t.put_u8(b'A');
+    t.put_slice(&arr);
+    let mut out = bytes::BytesMut::new();
+    client::long(&mut out, &t);
+    out.to_vec()
 }
 
 /// What the broker did with a hostile start-ok.
@@ -422,15 +436,17 @@ enum Outcome {
 /// Hanging (no answer within the timeout) fails the test.
 async fn hostile_start_ok(broker: &TestBroker, props: &[u8]) -> Outcome {
     let (mut raw, _) = Raw::start(broker).await;
-    let _ = raw.try_send(&start_ok(props, "guest", "guest")).await;
+    let _ = raw
+        .try_send(&encode(|b| client::start_ok(b, props, "guest", "guest")))
+        .await;
     loop {
         match raw.next(WAIT).await {
             Next::Eof => return Outcome::Dropped,
             Next::Timeout => panic!("no answer to a hostile start-ok"),
-            Next::Frame(f) if f.ids() == Some((10, 50)) => {
+            Next::Frame(f) if f.ids() == Some(CONNECTION_CLOSE) => {
                 return Outcome::Closed(Close::parse(&f.payload).reply_code)
             }
-            Next::Frame(f) if f.ids() == Some((10, 30)) => return Outcome::Tuned,
+            Next::Frame(f) if f.ids() == Some(CONNECTION_TUNE) => return Outcome::Tuned,
             Next::Frame(f) if f.kind == HEARTBEAT => continue,
             Next::Frame(f) => panic!("unexpected frame {f:?}"),
         }
@@ -483,21 +499,13 @@ async fn deeply_nested_queue_arguments_do_not_crash_the_broker() {
     let mut raw = Raw::open(&broker).await;
     raw.open_channel(1).await;
     // queue.declare arguments nested 20000 levels (about 120 KB).
-    raw.send(&method_frame(
-        1,
-        50,
-        10,
-        &declare_args(&q, &nested_table(20000)),
-    ))
-    .await;
+    raw.send_with(|b| client::queue_declare_with(b, 1, &q, 0, &nested_table(20000)))
+        .await;
     // declare-ok (RabbitMQ copes with it), a close, or a dropped socket.
     if let Next::Frame(f) = raw.next(WAIT).await {
-        if f.ids() == Some((50, 11)) {
-            let mut d = vec![0, 0];
-            put_sstr(&mut d, &q);
-            d.push(0);
-            raw.send(&method_frame(1, 50, 40, &d)).await;
-            raw.expect_method(1, 50, 41).await;
+        if f.ids() == Some(QUEUE_DECLARE_OK) {
+            raw.send_with(|b| client::queue_delete(b, 1, &q)).await;
+            raw.expect_method(1, QUEUE_DELETE_OK).await;
         }
     }
     assert_broker_healthy(&broker).await;
@@ -511,26 +519,19 @@ async fn publish_deep_headers(exchange: &str) {
     let q = unique("deep-headers");
     let mut raw = Raw::open(&broker).await;
     raw.open_channel(1).await;
-    raw.send(&method_frame(
-        1,
-        50,
-        10,
-        &declare_args(&q, &0u32.to_be_bytes()),
-    ))
-    .await;
-    raw.expect_method(1, 50, 11).await;
+    raw.send_with(|b| client::queue_declare(b, 1, &q, false))
+        .await;
+    raw.expect_method(1, QUEUE_DECLARE_OK).await;
     let header = header_with_table(&nested_table(20000), 1);
     let _ = raw
-        .try_send(&basic_publish(1, exchange, &q, false, false))
+        .try_send(&encode(|b| client::publish(b, 1, exchange, &q)))
         .await;
     let _ = raw.try_send(&frame(HEADER, 1, &header)).await;
     let _ = raw.try_send(&frame(BODY, 1, b"x")).await;
     // A round trip (or the broker's refusal).
-    let mut p = vec![0, 0];
-    put_sstr(&mut p, &q);
-    p.push(1);
-    p.extend_from_slice(&0u32.to_be_bytes());
-    let _ = raw.try_send(&method_frame(1, 50, 10, &p)).await;
+    let passive =
+        encode(|b| client::queue_declare_with(b, 1, &q, client::PASSIVE, &0u32.to_be_bytes()));
+    let _ = raw.try_send(&passive).await;
     let _ = raw.next(WAIT).await;
     drop(raw);
     assert_broker_healthy(&broker).await;

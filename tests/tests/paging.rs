@@ -3,15 +3,13 @@
 //! order, counts, `basic.get`, purge and concurrent publishers behave as for
 //! a short queue. (These tests pass against RabbitMQ too.)
 
-mod common;
-
-use common::*;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
-use warren_tests::{unique, TestBroker};
+use warren_tests::lapin_util::*;
+use warren_tests::{unique, within, TestBroker};
 
 /// Well beyond a paging queue's window of 4,096 messages.
 const N: usize = 10_000;

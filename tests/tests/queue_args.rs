@@ -3,14 +3,13 @@
 //! reject-publish-dlx), dead-lettering with x-death, priority queues, and
 //! the 406s for invalid values.
 
-mod common;
-
-use common::*;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
 use std::time::Duration;
-use warren_tests::{unique, TestBroker};
+use warren_protocol::reply::{NOT_FOUND, PRECONDITION_FAILED};
+use warren_tests::lapin_util::*;
+use warren_tests::{unique, within, TestBroker};
 
 // ------------------------------------------------------------------ helpers
 

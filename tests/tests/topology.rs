@@ -1,13 +1,16 @@
 //! Exchanges, queues, bindings and routing.
 
-mod common;
-
-use common::*;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 use std::time::Duration;
-use warren_tests::{unique, TestBroker};
+use warren_protocol::client::{self, QUEUE_DECLARE_OK};
+use warren_protocol::reply::{
+    ACCESS_REFUSED, COMMAND_INVALID, NOT_FOUND, PRECONDITION_FAILED, RESOURCE_LOCKED,
+};
+use warren_tests::lapin_util::*;
+use warren_tests::raw::Raw;
+use warren_tests::{unique, within, TestBroker};
 
 // ------------------------------------------------------------------ helpers
 
@@ -1370,12 +1373,11 @@ async fn exclusive_queue_goes_when_connection_drops() {
     {
         let mut raw = Raw::open(&broker).await;
         raw.open_channel(1).await;
-        let mut a = vec![0, 0];
-        put_sstr(&mut a, &q);
-        a.push(0b0100); // exclusive
-        a.extend_from_slice(&0u32.to_be_bytes());
-        raw.send(&method_frame(1, 50, 10, &a)).await;
-        raw.expect_method(1, 50, 11).await;
+        raw.send_with(|b| {
+            client::queue_declare_with(b, 1, &q, client::EXCLUSIVE, &0u32.to_be_bytes())
+        })
+        .await;
+        raw.expect_method(1, QUEUE_DECLARE_OK).await;
         drop(raw);
     }
     let other = broker.connect().await;

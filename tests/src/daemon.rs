@@ -1,12 +1,15 @@
 //! A `warren` daemon process for tests: started on a loopback port and a
-//! data directory, killed with SIGKILL.
-#![allow(dead_code)]
+//! data directory, killed with SIGKILL. The binary's path is an argument:
+//! `env!("CARGO_BIN_EXE_warren")` exists only in the broker crate's own
+//! integration tests.
 
 use lapin::{Channel, Connection, ConnectionProperties};
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+/// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -22,17 +25,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(dir: &Path, port: u16) -> Daemon {
-        Daemon::start_with(dir, port, &["--log-level", "warn"])
+    /// Start the `warren` binary at `bin` on `dir` and `port`.
+    pub fn start(bin: impl AsRef<OsStr>, dir: &Path, port: u16) -> Daemon {
+        Daemon::start_with(bin, dir, port, &["--log-level", "warn"])
     }
 
     /// Start with extra command-line flags (after the defaults, which they
     /// must not repeat).
-    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Daemon {
+    pub fn start_with(bin: impl AsRef<OsStr>, dir: &Path, port: u16, extra: &[&str]) -> Daemon {
         // Logs (stdout) and errors (stderr) go to one file, shown on failure.
         let log = std::env::temp_dir().join(format!("warren-test-daemon-{port}.log"));
         let out = std::fs::File::create(&log).expect("daemon log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_warren"))
+        let child = Command::new(bin)
             .args([
                 "--bind",
                 "127.0.0.1",
@@ -109,13 +113,6 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-pub fn code(e: &lapin::Error) -> Option<u16> {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(a) => Some(a.get_id()),
-        _ => None,
     }
 }
 

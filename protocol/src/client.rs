@@ -1,16 +1,20 @@
-//! The few AMQP 0-9-1 frames a load generator (and the sink) needs, hand-encoded
-//! into one `BytesMut` so a whole batch goes out in one write, and an
-//! incremental frame parser that borrows from the read buffer.
+//! Client-side encoding for Warren's load generator and tests: the frames a
+//! client sends, hand-encoded into one `BytesMut` so that a whole batch goes
+//! out in one write, and an incremental frame parser that borrows from the
+//! read buffer.
 //!
-//! Frame header checks and the frame constants come from `warren-protocol`.
+//! The broker never uses this module (it decodes with [`crate::method`]);
+//! warren-perf's producers and consumers run on it, its fake sink broker
+//! reuses the framing, and the integration tests' raw client builds its
+//! frames with it.
 
+use crate::frame::{self, FrameError, FRAME_END, HEADER_LEN};
 use bytes::{BufMut, BytesMut};
-use warren_protocol::frame::{self, FrameError, FRAME_END, HEADER_LEN};
 
-pub use warren_protocol::frame::PROTOCOL_HEADER;
-pub use warren_protocol::method::{put_ack, put_nack};
+pub use crate::frame::PROTOCOL_HEADER;
+pub use crate::method::put_ack;
 
-// (class, method) pairs used below.
+// (class, method) pairs.
 pub const CONNECTION_START: (u16, u16) = (10, 10);
 pub const CONNECTION_START_OK: (u16, u16) = (10, 11);
 pub const CONNECTION_TUNE: (u16, u16) = (10, 30);
@@ -19,10 +23,9 @@ pub const CONNECTION_OPEN: (u16, u16) = (10, 40);
 pub const CONNECTION_OPEN_OK: (u16, u16) = (10, 41);
 pub const CONNECTION_CLOSE: (u16, u16) = (10, 50);
 pub const CONNECTION_CLOSE_OK: (u16, u16) = (10, 51);
-pub const CONNECTION_BLOCKED: (u16, u16) = (10, 60);
-pub const CONNECTION_UNBLOCKED: (u16, u16) = (10, 61);
 pub const CHANNEL_OPEN: (u16, u16) = (20, 10);
 pub const CHANNEL_OPEN_OK: (u16, u16) = (20, 11);
+pub const CHANNEL_FLOW: (u16, u16) = (20, 20);
 pub const CHANNEL_CLOSE: (u16, u16) = (20, 40);
 pub const CHANNEL_CLOSE_OK: (u16, u16) = (20, 41);
 pub const EXCHANGE_DECLARE: (u16, u16) = (40, 10);
@@ -41,8 +44,10 @@ pub const BASIC_CONSUME: (u16, u16) = (60, 20);
 pub const BASIC_CONSUME_OK: (u16, u16) = (60, 21);
 pub const BASIC_CANCEL: (u16, u16) = (60, 30);
 pub const BASIC_PUBLISH: (u16, u16) = (60, 40);
-pub const BASIC_RETURN: (u16, u16) = (60, 50);
 pub const BASIC_DELIVER: (u16, u16) = (60, 60);
+pub const BASIC_GET: (u16, u16) = (60, 70);
+pub const BASIC_GET_OK: (u16, u16) = (60, 71);
+pub const BASIC_GET_EMPTY: (u16, u16) = (60, 72);
 pub const BASIC_ACK: (u16, u16) = (60, 80);
 pub const BASIC_NACK: (u16, u16) = (60, 120);
 pub const CONFIRM_SELECT: (u16, u16) = (85, 10);
@@ -60,18 +65,20 @@ pub fn method(buf: &mut BytesMut, ch: u16, id: (u16, u16), args: impl FnOnce(&mu
     buf.put_u8(FRAME_END);
 }
 
+/// Append a short string (cut at 255 bytes).
 pub fn short(buf: &mut BytesMut, s: &[u8]) {
     let s = &s[..s.len().min(255)];
     buf.put_u8(s.len() as u8);
     buf.put_slice(s);
 }
 
+/// Append a long string.
 pub fn long(buf: &mut BytesMut, s: &[u8]) {
     buf.put_u32(s.len() as u32);
     buf.put_slice(s);
 }
 
-/// A field table of long-string values.
+/// Append a field table of long-string values, length prefix included.
 pub fn table(buf: &mut BytesMut, entries: &[(&str, &str)]) {
     let mut t = BytesMut::new();
     for (k, v) in entries {
@@ -84,9 +91,12 @@ pub fn table(buf: &mut BytesMut, entries: &[(&str, &str)]) {
 
 // ---- client → server ----
 
-pub fn start_ok(buf: &mut BytesMut, user: &str, pass: &str) {
+/// `connection.start-ok` with PLAIN credentials; `client_properties` is an
+/// encoded field table (length prefix included, see [`table`]), written as
+/// given.
+pub fn start_ok(buf: &mut BytesMut, client_properties: &[u8], user: &str, pass: &str) {
     method(buf, 0, CONNECTION_START_OK, |b| {
-        table(b, &[("product", "warren-perf")]);
+        b.put_slice(client_properties);
         short(b, b"PLAIN");
         long(b, format!("\0{user}\0{pass}").as_bytes());
         short(b, b"en_US");
@@ -140,12 +150,24 @@ pub fn exchange_delete(buf: &mut BytesMut, ch: u16, name: &str) {
     });
 }
 
+/// `queue.declare` flag bits (the `flags` of [`queue_declare_with`]).
+pub const PASSIVE: u8 = 1;
+pub const DURABLE: u8 = 2;
+pub const EXCLUSIVE: u8 = 4;
+
 pub fn queue_declare(buf: &mut BytesMut, ch: u16, name: &str, durable: bool) {
+    let flags = if durable { DURABLE } else { 0 };
+    queue_declare_with(buf, ch, name, flags, &0u32.to_be_bytes());
+}
+
+/// `queue.declare` with any flags and an encoded arguments table (length
+/// prefix included), which is written as given.
+pub fn queue_declare_with(buf: &mut BytesMut, ch: u16, name: &str, flags: u8, arguments: &[u8]) {
     method(buf, ch, QUEUE_DECLARE, |b| {
         b.put_u16(0);
         short(b, name.as_bytes());
-        b.put_u8(if durable { 2 } else { 0 });
-        b.put_u32(0);
+        b.put_u8(flags);
+        b.put_slice(arguments);
     });
 }
 
@@ -190,6 +212,33 @@ pub fn confirm_select(buf: &mut BytesMut, ch: u16) {
     method(buf, ch, CONFIRM_SELECT, |b| b.put_u8(0));
 }
 
+/// `basic.publish` (not mandatory, not immediate).
+pub fn publish(buf: &mut BytesMut, ch: u16, exchange: &str, routing_key: &str) {
+    method(buf, ch, BASIC_PUBLISH, |b| {
+        b.put_u16(0);
+        short(b, exchange.as_bytes());
+        short(b, routing_key.as_bytes());
+        b.put_u8(0);
+    });
+}
+
+/// A `basic` content header frame with no properties but, if `persistent`,
+/// delivery-mode 2.
+pub fn content_header(buf: &mut BytesMut, ch: u16, body_size: u64, persistent: bool) {
+    let size = 2 + 2 + 8 + 2 + persistent as usize;
+    frame::put_header(buf, frame::HEADER, ch, size);
+    buf.put_u16(60);
+    buf.put_u16(0);
+    buf.put_u64(body_size);
+    if persistent {
+        buf.put_u16(0x1000); // delivery-mode present
+        buf.put_u8(2);
+    } else {
+        buf.put_u16(0);
+    }
+    buf.put_u8(FRAME_END);
+}
+
 /// The bytes in front of every message body: the basic.publish method frame
 /// and the content header frame, identical for every message of a producer.
 pub fn publish_prefix(
@@ -200,24 +249,8 @@ pub fn publish_prefix(
     persistent: bool,
 ) -> BytesMut {
     let mut buf = BytesMut::new();
-    method(&mut buf, ch, BASIC_PUBLISH, |b| {
-        b.put_u16(0);
-        short(b, exchange.as_bytes());
-        short(b, routing_key.as_bytes());
-        b.put_u8(0);
-    });
-    let size = 2 + 2 + 8 + 2 + persistent as usize;
-    frame::put_header(&mut buf, frame::HEADER, ch, size);
-    buf.put_u16(60);
-    buf.put_u16(0);
-    buf.put_u64(body_size as u64);
-    if persistent {
-        buf.put_u16(0x1000); // delivery-mode present
-        buf.put_u8(2);
-    } else {
-        buf.put_u16(0);
-    }
-    buf.put_u8(FRAME_END);
+    publish(&mut buf, ch, exchange, routing_key);
+    content_header(&mut buf, ch, body_size as u64, persistent);
     buf
 }
 
@@ -246,26 +279,6 @@ pub fn put_message(
         first = false;
         buf.put_u8(FRAME_END);
     }
-}
-
-// ---- server → client (sink) ----
-
-pub fn start(buf: &mut BytesMut) {
-    method(buf, 0, CONNECTION_START, |b| {
-        b.put_u8(0);
-        b.put_u8(9);
-        table(b, &[("product", "warren-perf sink")]);
-        long(b, b"PLAIN");
-        long(b, b"en_US");
-    });
-}
-
-pub fn tune(buf: &mut BytesMut, channel_max: u16, frame_max: u32, heartbeat: u16) {
-    method(buf, 0, CONNECTION_TUNE, |b| {
-        b.put_u16(channel_max);
-        b.put_u32(frame_max);
-        b.put_u16(heartbeat);
-    });
 }
 
 // ---- parsing ----
@@ -350,6 +363,7 @@ pub fn parse(buf: &[u8], frame_max: u32) -> Result<Option<(Frame<'_>, usize)>, P
 pub struct Args<'a>(pub &'a [u8]);
 
 impl<'a> Args<'a> {
+    #[inline]
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
@@ -358,26 +372,27 @@ impl<'a> Args<'a> {
         self.0 = b;
         Some(a)
     }
+    #[inline]
     pub fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
+    #[inline]
     pub fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
+    #[inline]
     pub fn u32(&mut self) -> Option<u32> {
         self.take(4)
             .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
     }
+    #[inline]
     pub fn u64(&mut self) -> Option<u64> {
         self.take(8)
             .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
     }
+    #[inline]
     pub fn short(&mut self) -> Option<&'a [u8]> {
         let n = self.u8()? as usize;
-        self.take(n)
-    }
-    pub fn long(&mut self) -> Option<&'a [u8]> {
-        let n = self.u32()? as usize;
         self.take(n)
     }
 }
@@ -395,11 +410,11 @@ pub fn close_reason(args: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::content::ContentHeader;
+    use crate::method::{decode, put_content, put_deliver, Method};
+    use amq_protocol::protocol::{basic, channel, confirm, connection, exchange, queue, AMQPClass};
+    use amq_protocol::types::{AMQPValue, FieldTable, LongString};
     use bytes::{Buf, Bytes};
-    use warren_protocol::amqp::{basic, channel, confirm, connection, exchange, queue, AMQPClass};
-    use warren_protocol::content::ContentHeader;
-    use warren_protocol::method::{decode, put_content, put_deliver, put_method, Method};
-    use warren_protocol::types::{AMQPValue, FieldTable, LongString};
 
     /// Parse exactly one method frame and decode it with Warren's own
     /// (the broker's) decoder.
@@ -421,8 +436,10 @@ mod tests {
 
     #[test]
     fn client_methods_decode_in_the_broker() {
+        let mut props = BytesMut::new();
+        table(&mut props, &[("product", "warren-perf")]);
         let mut b = BytesMut::new();
-        start_ok(&mut b, "guest", "pw");
+        start_ok(&mut b, &props, "guest", "pw");
         match other(broker_decodes(&b)) {
             AMQPClass::Connection(connection::AMQPMethod::StartOk(s)) => {
                 assert_eq!(s.mechanism.as_str(), "PLAIN");
@@ -436,6 +453,13 @@ mod tests {
             c => panic!("{c:?}"),
         }
 
+        let mut args = BytesMut::new();
+        table(&mut args, &[("x-queue-type", "classic")]);
+        let mut want_args = FieldTable::default();
+        want_args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("classic")),
+        );
         type Enc = Box<dyn Fn(&mut BytesMut)>;
         let cases: Vec<(Enc, AMQPClass)> = vec![
             (
@@ -492,6 +516,18 @@ mod tests {
                 })),
             ),
             (
+                Box::new(move |b| queue_declare_with(b, 1, "q", PASSIVE | EXCLUSIVE, &args)),
+                AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                    queue: "q".into(),
+                    passive: true,
+                    durable: false,
+                    exclusive: true,
+                    auto_delete: false,
+                    nowait: false,
+                    arguments: want_args.clone(),
+                })),
+            ),
+            (
                 Box::new(|b| queue_delete(b, 1, "perf-q0")),
                 AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
                     queue: "perf-q0".into(),
@@ -540,6 +576,17 @@ mod tests {
             let mut b = BytesMut::new();
             enc(&mut b);
             assert_eq!(other(broker_decodes(&b)), want);
+        }
+
+        let mut b = BytesMut::new();
+        publish(&mut b, 1, "ex", "a.b");
+        match broker_decodes(&b) {
+            Method::Publish(p) => {
+                assert_eq!(p.exchange.as_str(), "ex");
+                assert_eq!(p.routing_key.as_str(), "a.b");
+                assert!(!p.mandatory && !p.immediate);
+            }
+            m => panic!("{m:?}"),
         }
 
         let mut b = BytesMut::new();
@@ -605,59 +652,6 @@ mod tests {
     }
 
     #[test]
-    fn server_methods_match_amq_protocol() {
-        let theirs = |class: AMQPClass| {
-            let mut b = BytesMut::new();
-            put_method(&mut b, 1, &class);
-            b
-        };
-        let mut b = BytesMut::new();
-        tune(&mut b, 2047, 131072, 0);
-        b[1..3].copy_from_slice(&1u16.to_be_bytes());
-        assert_eq!(
-            b,
-            theirs(AMQPClass::Connection(connection::AMQPMethod::Tune(
-                connection::Tune {
-                    channel_max: 2047,
-                    frame_max: 131072,
-                    heartbeat: 0
-                }
-            )))
-        );
-        let mut b = BytesMut::new();
-        method(&mut b, 1, QUEUE_DECLARE_OK, |b| {
-            short(b, b"perf-q0");
-            b.extend_from_slice(&[0; 8]);
-        });
-        assert_eq!(
-            b,
-            theirs(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(
-                queue::DeclareOk {
-                    queue: "perf-q0".into(),
-                    message_count: 0,
-                    consumer_count: 0
-                }
-            )))
-        );
-        let mut b = BytesMut::new();
-        method(&mut b, 1, CHANNEL_OPEN_OK, |b| long(b, b""));
-        assert_eq!(
-            b,
-            theirs(AMQPClass::Channel(channel::AMQPMethod::OpenOk(
-                channel::OpenOk {}
-            )))
-        );
-        let mut b = BytesMut::new();
-        method(&mut b, 1, CONNECTION_OPEN_OK, |b| short(b, b""));
-        assert_eq!(
-            b,
-            theirs(AMQPClass::Connection(connection::AMQPMethod::OpenOk(
-                connection::OpenOk {}
-            )))
-        );
-    }
-
-    #[test]
     fn incremental_parse_of_canned_server_bytes() {
         // What a broker sends a consumer: deliver + header + body, a confirm
         // ack, a heartbeat, then a connection.close.
@@ -667,7 +661,7 @@ mod tests {
         raw[4..12].copy_from_slice(&16u64.to_be_bytes());
         put_content(&mut b, 1, &raw, &[9u8; 16], 131072);
         put_ack(&mut b, 1, 7, true);
-        warren_protocol::frame::put_heartbeat(&mut b);
+        crate::frame::put_heartbeat(&mut b);
         method(&mut b, 0, CONNECTION_CLOSE, |b| {
             b.put_u16(320);
             short(b, b"CONNECTION_FORCED");
