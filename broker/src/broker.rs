@@ -31,6 +31,11 @@ pub struct Broker {
     pub reply_to: Mutex<HashMap<String, ReplyTarget>>,
     /// Resource alarms (memory, disk): block publishers; paging signal.
     pub alarms: Arc<Alarms>,
+    /// Open connections' slots (`max_connections`), taken at
+    /// connection.open and held until the connection ends.
+    pub connection_slots: Arc<Semaphore>,
+    /// Refused logins by source: slows a source that keeps failing.
+    pub login_failures: crate::logins::LoginFailures,
 }
 
 /// Where a direct reply goes: a reply consumer on some connection's

@@ -20,10 +20,21 @@ pub struct Config {
     pub frame_max: u32,
     /// Heartbeat (seconds) proposed in connection.tune.
     pub heartbeat: u16,
-    /// Concurrent connections accepted; more wait in the listen backlog.
+    /// Open (authenticated) connections at most; one more is refused at
+    /// connection.open with 530, as RabbitMQ's node connection limit.
     pub max_connections: usize,
+    /// Connections still in the handshake (not yet authenticated) at most,
+    /// apart from `max_connections`: sockets that never authenticate cannot
+    /// lock real clients out. One more is closed at once.
+    pub max_handshakes: usize,
+    /// Connections in the handshake from one source address at most.
+    pub max_handshakes_per_source: usize,
     /// Time allowed from TCP accept to connection.open.
     pub handshake_timeout: Duration,
+    /// A connection whose socket takes no bytes for this long is closed
+    /// (its unacked messages go back to their queues); with heartbeats on,
+    /// two heartbeat intervals instead. RabbitMQ's send timeout is 15 s.
+    pub write_timeout: Duration,
     /// Sync the store's write-ahead log on every write. Off only for benchmarks.
     pub fsync: bool,
     /// Bytes of hot message bodies kept in memory for messages that live on
@@ -54,7 +65,10 @@ impl Default for Config {
             frame_max: 131072,
             heartbeat: 60,
             max_connections: 65536,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 128,
             handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(15),
             fsync: true,
             body_cache_bytes: 64 << 20,
             memory_limit: MemoryLimit::Fraction(crate::alarm::DEFAULT_MEMORY_FRACTION)

@@ -42,6 +42,7 @@ pub mod error;
 pub mod events;
 pub mod exchange;
 pub mod fields;
+pub mod logins;
 pub mod message;
 pub mod persist;
 pub mod queue;

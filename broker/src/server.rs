@@ -6,6 +6,7 @@
 use crate::alarm::Alarms;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::connection::admission::Admission;
 use crate::persist::Persister;
 use crate::queue::QueueCmd;
 use crate::vhost::VHost;
@@ -119,6 +120,7 @@ impl Server {
         );
         vhosts.insert("/".to_owned(), root);
         let listener = TcpListener::bind(config.listen).await?;
+        let max_connections = config.max_connections;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let broker = Arc::new(Broker {
             config,
@@ -129,6 +131,8 @@ impl Server {
             shutdown,
             reply_to: Mutex::new(HashMap::new()),
             alarms,
+            connection_slots: Arc::new(Semaphore::new(max_connections)),
+            login_failures: Default::default(),
         });
         Ok(Server {
             listener,
@@ -157,17 +161,10 @@ impl Server {
             broker,
             shutdown_tx,
         } = self;
-        let limit = Arc::new(Semaphore::new(broker.config.max_connections));
+        let admission = Admission::new(&broker.config);
         let mut tasks = tokio::task::JoinSet::new();
         tokio::pin!(stop);
         loop {
-            let permit = tokio::select! {
-                _ = &mut stop => break,
-                p = limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
             let (stream, peer) = tokio::select! {
                 _ = &mut stop => break,
                 r = listener.accept() => match r {
@@ -179,13 +176,18 @@ impl Server {
                     }
                 },
             };
+            let Some(handshake) = admission.admit(peer.ip()) else {
+                // Over the handshake budget: closed at once (logged at most
+                // once a second, so that a flood is not a log flood).
+                admission.refused(peer);
+                continue;
+            };
             let id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
             let span = tracing::info_span!("conn", id, %peer, name = tracing::field::Empty);
             let b = broker.clone();
             tasks.spawn(
                 async move {
-                    crate::connection::serve(id, stream, peer, b).await;
-                    drop(permit);
+                    crate::connection::serve(id, stream, peer, b, handshake).await;
                 }
                 .instrument(span),
             );

@@ -269,6 +269,10 @@ fn validate(layout: &[F], mut p: &[u8]) -> Result<(), String> {
         }
         p = &p[n..];
     }
+    if !p.is_empty() {
+        // As RabbitMQ: 501 "cannot decode" rather than ignore them.
+        return Err(format!("{} bytes after the method's arguments", p.len()));
+    }
     Ok(())
 }
 
@@ -396,6 +400,12 @@ pub fn decode(payload: &Bytes) -> Result<Method, DecodeError> {
         _ => Err(String::new()),
     };
     match hot {
+        Ok(_) if c.pos != payload.len() => {
+            return Err(malformed(format!(
+                "{} bytes after the method's arguments",
+                payload.len() - c.pos
+            )))
+        }
         Ok(m) => return Ok(m),
         Err(reason) if !reason.is_empty() => return Err(malformed(reason)),
         Err(_) => {}
@@ -590,6 +600,32 @@ mod tests {
                 immediate: false,
             })
         );
+    }
+
+    #[test]
+    fn trailing_bytes_after_the_arguments_are_malformed() {
+        let with_tail = |class: AMQPClass| {
+            let mut p = payload(class).to_vec();
+            p.extend_from_slice(&[0, 0, 0]);
+            Bytes::from(p)
+        };
+        // A hot-path method and one decoded through amq-protocol.
+        let ack = with_tail(AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: 1,
+            multiple: false,
+        })));
+        let open = with_tail(AMQPClass::Channel(channel::AMQPMethod::Open(
+            channel::Open {},
+        )));
+        for (p, ids) in [(ack, (60, 80)), (open, (20, 10))] {
+            match decode(&p) {
+                Err(e @ DecodeError::Malformed { .. }) => {
+                    assert_eq!(e.reply_code(), crate::reply::FRAME_ERROR);
+                    assert_eq!(e.ids(), ids);
+                }
+                other => panic!("expected malformed, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -25,9 +25,11 @@ struct Args {
     /// Largest accepted message body in bytes.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     max_message_size: u64,
-    /// Most concurrent client connections.
-    #[arg(long, default_value_t = 65536)]
-    max_connections: usize,
+    /// Most open client connections (one more is refused with 530 at
+    /// connection.open). Default: what the open-file limit allows, after
+    /// raising its soft limit to the hard one.
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Sync the write-ahead log on every write (turn off only for benchmarks).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     fsync: bool,
@@ -75,11 +77,25 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let max_connections = match connection_capacity() {
+        Some(capacity) => {
+            let n = args.max_connections.unwrap_or(capacity);
+            if n > capacity {
+                tracing::warn!(
+                    max_connections = n,
+                    capacity,
+                    "--max-connections is above what the open-file limit allows"
+                );
+            }
+            n
+        }
+        None => args.max_connections.unwrap_or(65536),
+    };
     let config = Config {
         listen: SocketAddr::new(args.bind, args.port),
         data_dir: args.data_dir,
         max_message_size: args.max_message_size,
-        max_connections: args.max_connections.max(1),
+        max_connections: max_connections.max(1),
         fsync: args.fsync,
         memory_limit,
         disk_free_limit: args.disk_free_limit,
@@ -127,6 +143,40 @@ fn main() -> std::process::ExitCode {
     }
     tracing::info!("stopped");
     code
+}
+
+/// Raise the soft open-file limit to the hard one, and say how many
+/// connections that leaves room for: one descriptor each, after a reserve
+/// for the store's files and the process's own. None if the limit cannot
+/// be read.
+fn connection_capacity() -> Option<usize> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    let files = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    let reserve = (files / 4).min(1024);
+    let capacity = files.saturating_sub(reserve).max(1);
+    tracing::info!(
+        open_files = files,
+        connections = capacity,
+        "open-file limit (soft raised to hard)"
+    );
+    Some(capacity)
 }
 
 async fn shutdown_signal() {

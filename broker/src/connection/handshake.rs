@@ -27,6 +27,8 @@ pub struct Opened {
     pub channel_max: u16,
     pub frame_max: u32,
     pub heartbeat: u16,
+    /// The connection's slot under `max_connections`, held while it lives.
+    pub slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Run the handshake. `Ok(None)`: the client spoke another protocol (it got
@@ -60,7 +62,22 @@ pub async fn handshake(io: &mut Io, broker: &Broker) -> Result<Option<Opened>, F
         }
     };
     let caps = read_client_properties(io, &start_ok.client_properties);
-    let user = authenticate(io, broker, &start_ok, caps)?;
+    let user = match authenticate(io, broker, &start_ok, caps) {
+        Ok(u) => {
+            broker.login_failures.succeeded(io.peer.ip());
+            u
+        }
+        Err(Refused { fault, why }) => {
+            let r = broker.login_failures.failed(io.peer.ip());
+            if let Some(unlogged) = r.log {
+                let mechanism = start_ok.mechanism.as_str();
+                tracing::warn!(peer = %io.peer, mechanism, why, unlogged, "login refused");
+            }
+            // A source that keeps failing waits for its answer.
+            tokio::time::sleep(r.delay).await;
+            return Err(fault);
+        }
+    };
 
     let cfg = &broker.config;
     let (channel_max, frame_max, heartbeat) = (cfg.channel_max, cfg.frame_max, cfg.heartbeat);
@@ -123,6 +140,16 @@ pub async fn handshake(io: &mut Io, broker: &Broker) -> Result<Option<Opened>, F
             conn_error(reply::NOT_ALLOWED, format!("vhost {vh} not found")).at_method(10, 40),
         );
     };
+    let Ok(slot) = broker.connection_slots.clone().try_acquire_owned() else {
+        return Err(conn_error(
+            reply::NOT_ALLOWED,
+            format!(
+                "connection refused: node connection limit ({}) is reached",
+                cfg.max_connections
+            ),
+        )
+        .at_method(10, 40));
+    };
     io.out.send_method(
         0,
         AMQPClass::Connection(conn::AMQPMethod::OpenOk(conn::OpenOk {})),
@@ -136,38 +163,42 @@ pub async fn handshake(io: &mut Io, broker: &Broker) -> Result<Option<Opened>, F
         channel_max: client_channel_max,
         frame_max: tune_ok.frame_max,
         heartbeat: tune_ok.heartbeat,
+        slot,
     }))
 }
 
 /// Check the credentials of `start-ok`; a refusal is 403 through
 /// `connection.close` if the client announced `authentication_failure_close`,
 /// else a dropped socket (as RabbitMQ).
+/// A refused login: how to answer it, and why (for the log).
+struct Refused {
+    fault: Fault,
+    why: String,
+}
+
 fn authenticate(
     io: &Io,
     broker: &Broker,
     start_ok: &conn::StartOk,
     caps: ClientCaps,
-) -> Result<String, Fault> {
+) -> Result<String, Refused> {
     let mechanism = start_ok.mechanism.as_str();
     let creds = match mechanism {
         "PLAIN" => parse_plain(start_ok.response.as_bytes()),
         "AMQPLAIN" => parse_amqplain(start_ok.response.as_bytes()),
         other => {
-            return Err(conn_error(
-                reply::COMMAND_INVALID,
-                format!("unknown authentication mechanism '{other}'"),
-            )
-            .at_method(10, 11))
+            return Err(Refused {
+                fault: conn_error(
+                    reply::COMMAND_INVALID,
+                    format!("unknown authentication mechanism '{other}'"),
+                )
+                .at_method(10, 11),
+                why: format!("unknown mechanism '{other}'"),
+            })
         }
     };
-    let refused = |why: &str| {
-        tracing::warn!(peer = %io.peer, mechanism, why, "login refused");
-    };
-    let user = match creds {
-        None => {
-            refused("malformed response");
-            None
-        }
+    let why = match creds {
+        None => "malformed response".to_owned(),
         Some((u, p)) => {
             let known = broker
                 .config
@@ -175,27 +206,26 @@ fn authenticate(
                 .iter()
                 .any(|(n, pw)| n == &u && pw == &p);
             if !known {
-                refused(&format!("invalid credentials for user '{u}'"));
-                None
+                format!("invalid credentials for user '{u}'")
             } else if u == "guest" && !io.peer.ip().is_loopback() {
-                refused("user 'guest' can only connect via localhost");
-                None
+                "user 'guest' can only connect via localhost".to_owned()
             } else {
-                Some(u)
+                return Ok(u);
             }
         }
     };
-    match user {
-        Some(u) => Ok(u),
-        None if caps.authentication_failure_close => Err(Fault::Connection(
+    let fault = if caps.authentication_failure_close {
+        Fault::Connection(
             AmqpError::new(
                 reply::ACCESS_REFUSED,
                 format!("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
             )
             .at(10, 11),
-        )),
-        None => Err(Fault::Drop("login refused".into())),
-    }
+        )
+    } else {
+        Fault::Drop("login refused".into())
+    };
+    Err(Refused { fault, why })
 }
 
 /// Read the next method of the handshake on channel 0.

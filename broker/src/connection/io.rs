@@ -41,6 +41,12 @@ impl Io {
         }
     }
 
+    /// How long a write may make no progress before the connection is
+    /// closed.
+    pub(super) fn set_stall_limit(&mut self, stall: Duration) {
+        self.out.set_stall_limit(stall);
+    }
+
     pub(super) fn set_frame_max(&mut self, frame_max: u32) {
         self.frame_max = frame_max;
         self.out.set_frame_max(frame_max);
@@ -67,6 +73,7 @@ impl Io {
         loop {
             if let Some(f) = self.next_frame()? {
                 if f.0.kind == frame::HEARTBEAT {
+                    check_heartbeat(f.0.channel, &f.1)?;
                     continue;
                 }
                 return Ok(f);
@@ -89,6 +96,27 @@ impl Io {
             })),
         );
         self.flush().await.is_ok()
+    }
+
+    /// The client closed the connection and close-ok is written: send our
+    /// FIN, then read and discard until the client closes its end (or
+    /// `linger` passes). Closing with input unread would make the kernel
+    /// reset the connection, and a client whose publishes were still on
+    /// the wire behind its connection.close would lose the close-ok.
+    pub(super) async fn finish(&mut self, linger: Duration) {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.stream.shutdown().await;
+        self.inbuf.clear();
+        let mut scratch = vec![0u8; 16 * 1024];
+        let drain = async {
+            loop {
+                match self.stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(linger, drain).await;
     }
 
     /// After sending connection.close: discard frames until close-ok.
@@ -124,4 +152,22 @@ impl Io {
         };
         let _ = tokio::time::timeout(limit, wait).await;
     }
+}
+
+/// A heartbeat frame is on channel 0 (505 otherwise) and empty (501
+/// otherwise), as RabbitMQ checks it, in the handshake and after.
+pub(super) fn check_heartbeat(channel: u16, payload: &[u8]) -> Result<(), Fault> {
+    if channel != 0 {
+        return Err(conn_error(
+            reply::UNEXPECTED_FRAME,
+            format!("heartbeat frame on channel {channel}"),
+        ));
+    }
+    if !payload.is_empty() {
+        return Err(conn_error(
+            reply::FRAME_ERROR,
+            format!("heartbeat frame with a {}-byte payload", payload.len()),
+        ));
+    }
+    Ok(())
 }

@@ -18,6 +18,7 @@
 //! the frames it had already buffered. A connection that never publishes is
 //! never blocked, so consumers can drain queues.
 
+pub mod admission;
 mod channels;
 pub mod handshake;
 mod inbox;
@@ -89,16 +90,28 @@ impl AtMethod for Fault {
     }
 }
 
+/// How long a connection the client closed keeps reading (and discarding)
+/// for the client to close its end.
+const CLOSE_LINGER: Duration = Duration::from_secs(3);
 /// Events handled per wake-up before the socket gets a turn.
 const EVENT_BATCH: usize = 512;
 /// Bytes read per wake-up at most before events get a turn.
 const READ_BATCH: usize = 256 * 1024;
 
 /// Serve a client connection to its end: the task body.
-pub async fn serve(id: u64, stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
+pub async fn serve(
+    id: u64,
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    handshake_slot: admission::HandshakeSlot,
+) {
     let mut io = Io::new(stream, peer);
     let timeout = broker.config.handshake_timeout;
-    match tokio::time::timeout(timeout, handshake::handshake(&mut io, &broker)).await {
+    let done = tokio::time::timeout(timeout, handshake::handshake(&mut io, &broker)).await;
+    // Authenticated (or not, and closing): out of the handshake budget.
+    drop(handshake_slot);
+    match done {
         Ok(Ok(Some(opened))) => Connection::new(id, io, opened, broker).run().await,
         Ok(Ok(None)) => {
             let _ = io.stream.shutdown().await;
@@ -141,6 +154,8 @@ struct Connection {
     blocked: bool,
     /// `connection.blocked` went out and `connection.unblocked` is owed.
     blocked_sent: bool,
+    /// This connection's slot under `max_connections`.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// What a frame leaves for the async path.
@@ -167,7 +182,11 @@ macro_rules! ctx {
 use ctx;
 
 impl Connection {
-    fn new(id: u64, io: Io, o: handshake::Opened, broker: Arc<Broker>) -> Connection {
+    fn new(id: u64, mut io: Io, o: handshake::Opened, broker: Arc<Broker>) -> Connection {
+        io.set_stall_limit(match o.heartbeat {
+            0 => broker.config.write_timeout,
+            hb => Duration::from_secs(2 * hb as u64),
+        });
         let (events_tx, events) = mpsc::unbounded_channel();
         let alarm = broker.alarms.subscribe();
         Connection {
@@ -189,15 +208,24 @@ impl Connection {
             alarm,
             blocked: false,
             blocked_sent: false,
+            _slot: o.slot,
         }
     }
 
     async fn run(mut self) {
-        if let Err(f) = self.serve().await {
-            self.fail(f).await;
+        match self.serve().await {
+            Ok(()) => {
+                // The client closed and has its close-ok: leave closing the
+                // socket to it, as RabbitMQ does (see `Io::finish`).
+                self.release_all().await;
+                self.io.finish(CLOSE_LINGER).await;
+            }
+            Err(f) => {
+                self.fail(f).await;
+                self.release_all().await;
+                let _ = self.io.stream.shutdown().await;
+            }
         }
-        self.release_all().await;
-        let _ = self.io.stream.shutdown().await;
     }
 
     /// Report a fault to the client as its kind requires, then wait briefly
@@ -240,6 +268,17 @@ impl Connection {
         self.last_read = Instant::now();
         let mut alarm = self.alarm.clone();
         alarm.mark_unchanged();
+        // Frames that came in the same reads as the handshake (a pipelining
+        // client sends channel.open right behind connection.open) are
+        // handled now, not when more bytes arrive.
+        if !self.io.inbuf.is_empty() {
+            let closed = self.process_input().await?;
+            self.io.flush().await?;
+            if closed {
+                return Ok(());
+            }
+            self.flush_confirms();
+        }
         loop {
             tokio::select! {
                 biased;
@@ -386,15 +425,7 @@ impl Connection {
     fn on_frame(&mut self, h: FrameHeader, payload: Bytes) -> Result<Option<Deferred>, Fault> {
         let ch = h.channel;
         match h.kind {
-            frame::HEARTBEAT => {
-                if ch != 0 {
-                    return Err(conn_error(
-                        reply::UNEXPECTED_FRAME,
-                        format!("heartbeat frame on channel {ch}"),
-                    ));
-                }
-                Ok(None)
-            }
+            frame::HEARTBEAT => io::check_heartbeat(ch, &payload).map(|()| None),
             frame::METHOD => {
                 let m = match method::decode(&payload) {
                     Ok(m) => m,

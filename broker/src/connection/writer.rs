@@ -9,7 +9,7 @@ use crate::message::Message;
 use bytes::{Buf, Bytes, BytesMut};
 use smallvec::SmallVec;
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use warren_protocol::amqp::AMQPClass;
@@ -30,6 +30,10 @@ pub struct Writer {
     frame_max: u32,
     /// When the socket last took bytes (heartbeats are sent after silence).
     pub last_write: Instant,
+    /// A write that makes no progress for this long fails (`TimedOut`): a
+    /// peer that stopped reading cannot hold the connection, and the
+    /// messages it was sent, for ever.
+    stall: Duration,
 }
 
 impl Writer {
@@ -39,7 +43,13 @@ impl Writer {
             segs: VecDeque::new(),
             frame_max,
             last_write: Instant::now(),
+            stall: Duration::from_secs(15),
         }
+    }
+
+    /// How long a write may make no progress (see `stall`).
+    pub fn set_stall_limit(&mut self, stall: Duration) {
+        self.stall = stall;
     }
 
     pub fn set_frame_max(&mut self, frame_max: u32) {
@@ -56,7 +66,10 @@ impl Writer {
         if !self.segs.is_empty() {
             self.write_segments(stream).await?;
         } else if !self.out.is_empty() {
-            stream.write_all(&self.out).await?;
+            let mut at = 0;
+            while at < self.out.len() {
+                at += write_or_stall(self.stall, stream.write(&self.out[at..])).await?;
+            }
             self.out.clear();
             self.last_write = Instant::now();
         }
@@ -75,11 +88,8 @@ impl Writer {
                 .take(64)
                 .map(|b| std::io::IoSlice::new(b))
                 .collect();
-            let mut n = stream.write_vectored(&slices).await?;
+            let mut n = write_or_stall(self.stall, stream.write_vectored(&slices)).await?;
             drop(slices);
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
             while n > 0 {
                 let Some(front) = self.segs.front_mut() else {
                     break;
@@ -95,6 +105,22 @@ impl Writer {
         }
         self.last_write = Instant::now();
         Ok(())
+    }
+}
+
+/// One write, failed with `TimedOut` if the socket takes nothing for
+/// `stall`; a write of nothing is an error too (the peer is gone).
+async fn write_or_stall(
+    stall: Duration,
+    write: impl std::future::Future<Output = std::io::Result<usize>>,
+) -> std::io::Result<usize> {
+    match tokio::time::timeout(stall, write).await {
+        Ok(Ok(0)) => Err(std::io::ErrorKind::WriteZero.into()),
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the client read nothing for {stall:?}"),
+        )),
     }
 }
 
