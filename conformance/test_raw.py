@@ -627,6 +627,50 @@ def test_content_header_bytes_delivered_verbatim():
         c.close()
 
 
+@pytest.mark.parametrize("flag", [0x8000, 0x4000, 0x0400, 0x0200, 0x0080, 0x0020, 0x0008])
+def test_non_utf8_short_string_property_is_carried_as_bytes(flag):
+    """content-type, content-encoding, correlation-id, message-id, type, app-id
+    (and reply-to) as bytes that are not UTF-8: RabbitMQ accepts the message
+    and delivers the bytes unchanged."""
+    c = opened()
+    try:
+        c.open_channel(1)
+        q = uname("raw")
+        c.send(R.method_frame(1, R.QUEUE_DECLARE, _queue_declare_args(q)))
+        c.expect_method(R.QUEUE_DECLARE_OK)
+        body = b"latin-1"
+        header_payload = struct.pack(">HHQH", 60, 0, len(body), flag) + R.shortstr(b"caf\xe9 \xff")
+        c.send(R.method_frame(1, R.BASIC_PUBLISH, _publish_args("", q)))
+        c.send(R.frame(R.FRAME_HEADER, 1, header_payload))
+        c.send(R.body_frame(1, body))
+        c.send(R.method_frame(1, R.BASIC_GET, struct.pack(">H", 0) + R.shortstr(q) + b"\x01"))
+        c.expect_method(R.BASIC_GET_OK)
+        h = c.read_frame()
+        assert h.type == R.FRAME_HEADER and h.payload == header_payload
+        assert c.read_frame().payload == body
+        c.send(R.method_frame(1, (50, 40), struct.pack(">H", 0) + R.shortstr(q) + b"\x00"))
+        c.expect_method((50, 41))
+    finally:
+        c.close()
+
+
+def test_non_utf8_user_id_is_refused_406():
+    """user-id is compared with the login as bytes: bytes that are not UTF-8
+    never match it."""
+    c = opened()
+    try:
+        c.open_channel(1)
+        header_payload = struct.pack(">HHQH", 60, 0, 1, 0x0010) + R.shortstr(b"gu\xe9st")
+        c.send(R.method_frame(1, R.BASIC_PUBLISH, _publish_args("", "nowhere")))
+        c.send(R.frame(R.FRAME_HEADER, 1, header_payload))
+        c.send(R.body_frame(1, b"x"))
+        # A channel error (406), not a connection error.
+        f = c.expect_method(R.CHANNEL_CLOSE)
+        assert R.Close(f.args).reply_code == 406
+    finally:
+        c.close()
+
+
 def test_empty_body_has_no_body_frame():
     c = opened()
     try:
@@ -805,5 +849,38 @@ def test_no_auth_failure_close_capability_just_drops():
         # RabbitMQ: no connection.close for clients without authentication_failure_close
         f = c.read_method(timeout=6)
         assert f is None, f
+    finally:
+        c.close()
+
+
+def test_heartbeat_with_payload_501():
+    c = opened()
+    try:
+        c.send(R.frame(R.FRAME_HEARTBEAT, 0, b"\x00\x01"))
+        expect_close(c, 501)  # RabbitMQ: 501 FRAME_ERROR
+    finally:
+        c.close()
+
+
+def test_heartbeat_on_nonzero_channel_in_handshake_closes_at_once():
+    c = R.RawAMQP(AMQP_URL)
+    try:
+        c.send_header()
+        c.read_start()
+        c.send(R.frame(R.FRAME_HEARTBEAT, 1, b""))
+        # RabbitMQ drops the socket (it sends no connection.close before
+        # connection.open), well before its 10 s handshake timeout.
+        started = time.monotonic()
+        assert c.wait_eof(timeout=6.0), "the broker waited for the handshake timeout"
+        assert time.monotonic() - started < 5.0
+    finally:
+        c.close()
+
+
+def test_trailing_bytes_after_method_arguments():
+    c = opened()
+    try:
+        c.send(R.method_frame(1, R.CHANNEL_OPEN, R.shortstr("") + b"\x00\x00\x00"))
+        expect_close(c, 501)  # RabbitMQ: 501 "FRAME_ERROR - cannot decode <<0,0,0,0>>"
     finally:
         c.close()

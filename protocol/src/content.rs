@@ -118,7 +118,10 @@ impl ContentHeader {
                     8
                 }
                 _ => {
-                    let n = table::skip_short_str(rest).map_err(|e| match e {
+                    // Any bytes: RabbitMQ accepts and forwards short-string
+                    // properties that are not UTF-8 (the getters below
+                    // read only those that are).
+                    let n = table::skip_short_bytes(rest).map_err(|e| match e {
                         TableError::Truncated => ContentError::Truncated,
                         e => ContentError::BadProperty(e),
                     })?;
@@ -180,6 +183,11 @@ impl ContentHeader {
     pub fn user_id(&self) -> Option<&str> {
         self.text(self.user_id)
     }
+    /// The user-id property's bytes, UTF-8 or not (it is checked against
+    /// the login byte for byte).
+    pub fn user_id_bytes(&self) -> Option<&[u8]> {
+        self.user_id.map(|(a, b)| &self.raw[a as usize..b as usize])
+    }
     pub fn has_headers(&self) -> bool {
         self.flags & HEADERS != 0
     }
@@ -190,6 +198,65 @@ impl ContentHeader {
             .ok()
             .map(|(_, t)| t)
     }
+    /// The byte range of each present property, by flag, in wire order.
+    fn extents(&self) -> Vec<(u16, usize, usize)> {
+        let p = &self.raw[..];
+        let mut out = Vec::with_capacity(14);
+        let mut pos = PROPS_AT;
+        for bit in (2..16).rev() {
+            let flag = 1u16 << bit;
+            if self.flags & flag == 0 {
+                continue;
+            }
+            let rest = &p[pos..];
+            // Validated by `parse`: every length is in bounds.
+            let n = match flag {
+                HEADERS => 4 + u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize,
+                DELIVERY_MODE | PRIORITY => 1,
+                TIMESTAMP => 8,
+                _ => 1 + rest[0] as usize,
+            };
+            out.push((flag, pos, pos + n));
+            pos += n;
+        }
+        out
+    }
+
+    /// The same header with the headers table replaced by `headers` (an
+    /// encoded field table, length prefix included) and, if
+    /// `drop_expiration`, without the expiration property. Every other
+    /// property keeps the publisher's bytes, whatever they are (the broker
+    /// never re-encodes what it does not change).
+    pub fn rebuilt(
+        &self,
+        headers: Option<&[u8]>,
+        drop_expiration: bool,
+    ) -> Result<ContentHeader, ContentError> {
+        let mut flags = self.flags & !HEADERS;
+        if headers.is_some() {
+            flags |= HEADERS;
+        }
+        if drop_expiration {
+            flags &= !EXPIRATION;
+        }
+        let extents = self.extents();
+        let mut raw = Vec::with_capacity(self.raw.len() + headers.map_or(0, |h| h.len()));
+        raw.extend_from_slice(&self.raw[..12]);
+        raw.extend_from_slice(&flags.to_be_bytes());
+        for bit in (2..16).rev() {
+            let flag = 1u16 << bit;
+            if flags & flag == 0 {
+                continue;
+            }
+            if flag == HEADERS {
+                raw.extend_from_slice(headers.unwrap_or_default());
+            } else if let Some(&(_, a, b)) = extents.iter().find(|e| e.0 == flag) {
+                raw.extend_from_slice(&self.raw[a..b]);
+            }
+        }
+        ContentHeader::parse(Bytes::from(raw))
+    }
+
     /// All properties decoded (for tests and diagnostics, not the hot path).
     pub fn properties(&self) -> Option<AMQPProperties> {
         parse_properties(&self.raw[12..]).ok().map(|(_, p)| p)
@@ -216,6 +283,39 @@ mod tests {
         )
         .unwrap();
         Bytes::copy_from_slice(&f[7..f.len() - 1])
+    }
+
+    #[test]
+    fn rebuilt_replaces_headers_drops_expiration_and_keeps_other_bytes() {
+        // content-type (not UTF-8), expiration, message-id, app-id.
+        let mut raw = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        let flags: u16 = 0x8000 | 0x0100 | 0x0080 | 0x0008;
+        raw.extend_from_slice(&flags.to_be_bytes());
+        for s in [&b"caf\xe9"[..], b"6000", b"m-1", b"app"] {
+            raw.push(s.len() as u8);
+            raw.extend_from_slice(s);
+        }
+        let h = ContentHeader::parse(Bytes::from(raw)).expect("accepted as bytes");
+        assert_eq!(h.expiration(), Some("6000"));
+        let mut t = FieldTable::default();
+        t.insert("x".into(), AMQPValue::LongLongInt(1));
+        let table = cookie_factory::gen_simple(
+            amq_protocol::types::generation::gen_field_table(&t),
+            Vec::new(),
+        )
+        .unwrap();
+        let r = h.rebuilt(Some(&table), true).unwrap();
+        assert_eq!(r.expiration(), None);
+        assert_eq!(r.headers(), Some(t));
+        assert_eq!(r.body_size(), 5);
+        let mut want = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        want.extend_from_slice(&(0x8000u16 | 0x2000 | 0x0080 | 0x0008).to_be_bytes());
+        want.extend_from_slice(b"\x04caf\xe9");
+        want.extend_from_slice(&table);
+        want.extend_from_slice(b"\x03m-1\x03app");
+        assert_eq!(&r.raw()[..], &want[..]);
+        // Unchanged when nothing changes.
+        assert_eq!(h.rebuilt(None, false).unwrap(), h);
     }
 
     #[test]

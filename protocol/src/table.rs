@@ -51,6 +51,14 @@ pub fn skip_short_str(buf: &[u8]) -> Result<usize, TableError> {
     Ok(1 + l[0] as usize)
 }
 
+/// A short string's extent, whatever its bytes (message properties are
+/// carried as bytes, as RabbitMQ carries them); returns bytes consumed.
+pub fn skip_short_bytes(buf: &[u8]) -> Result<usize, TableError> {
+    let (l, rest) = take(buf, 1)?;
+    take(rest, l[0] as usize)?;
+    Ok(1 + l[0] as usize)
+}
+
 /// Validate a field table (u32 length, then key/value pairs) at the front of
 /// `buf`; returns the bytes it occupies including its length prefix.
 pub fn skip_table(buf: &[u8]) -> Result<usize, TableError> {

@@ -165,8 +165,9 @@ impl Channel {
         body: Bytes,
     ) -> AmqpResult<Option<Pending>> {
         let user = &cx.session.user;
-        if let Some(uid) = header.user_id() {
-            if uid != user {
+        if let Some(uid) = header.user_id_bytes() {
+            if uid != user.as_bytes() {
+                let uid = String::from_utf8_lossy(uid);
                 return Err(precondition(format!(
                     "user_id property set to '{uid}' but authenticated user was '{user}'"
                 )));

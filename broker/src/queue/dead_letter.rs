@@ -6,16 +6,19 @@
 //! (RabbitMQ's rule: a message that would come back to a queue it already died
 //! in, with no rejection on the way, is dropped).
 //!
-//! Used by the queue actor only; no I/O here. The re-encoded header is the one
-//! place Warren changes a publisher's properties (the `expiration` property is
-//! removed and kept as `original-expiration`, as RabbitMQ does).
+//! Used by the queue actor only; no I/O here. The rebuilt header is the one
+//! place Warren changes a publisher's properties: the headers table gets the
+//! death headers, and the `expiration` property is removed and kept as
+//! `original-expiration`, as RabbitMQ does; every other property keeps the
+//! publisher's bytes.
 
 use crate::message::Message;
-use bytes::{BufMut, Bytes};
-use warren_protocol::amqp::basic::{gen_properties, AMQPProperties};
-use warren_protocol::content::ContentHeader;
 use warren_protocol::method::ShortStr;
 use warren_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
+
+/// Dead letters dropped because their header could not be rebuilt (each one
+/// is also logged). Expected to stay 0.
+pub static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Why a message died (the `reason` of its `x-death` entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,8 +56,10 @@ fn text_of(v: Option<&AMQPValue>) -> Option<&[u8]> {
 /// The message to republish: `msg` dead in `queue` for `reason`, addressed to
 /// `exchange` with `routing_key` (the dead-letter routing key, or None for
 /// the original one). `now` is the time in seconds since the Unix epoch.
-/// None if the publisher's header cannot be decoded (never expected: it was
-/// validated on arrival).
+/// The new header keeps every property's bytes but the headers table (x-death
+/// added) and `expiration` (removed, kept in x-death). None only if the
+/// rebuilt header is refused, which a header that was valid on arrival
+/// cannot be (the caller logs and counts it all the same).
 pub fn make(
     msg: &Message,
     reason: Reason,
@@ -63,9 +68,8 @@ pub fn make(
     routing_key: Option<&str>,
     now: u64,
 ) -> Option<Message> {
-    let props = msg.header.properties()?;
-    let mut headers = props.headers().clone().unwrap_or_default();
-    let original_expiration = props.expiration().clone();
+    let mut headers = msg.header.headers().unwrap_or_default();
+    let original_expiration = msg.header.expiration();
 
     let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
@@ -104,14 +108,18 @@ pub fn make(
             t.insert("exchange".into(), long_str(msg.exchange.as_str()));
             let mut keys = FieldArray::default();
             keys.push(long_str(msg.routing_key.as_str()));
+            // The keys it was routed with: CC's strings (RabbitMQ routes on
+            // those only; anything else in CC, however deep, stays out).
             if let Some(AMQPValue::FieldArray(cc)) = headers.inner().get("CC") {
                 for k in cc.as_slice() {
-                    keys.push(k.clone());
+                    if text_of(Some(k)).is_some() {
+                        keys.push(k.clone());
+                    }
                 }
             }
             t.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
-            if let Some(e) = &original_expiration {
-                t.insert("original-expiration".into(), long_str(e.as_str()));
+            if let Some(e) = original_expiration {
+                t.insert("original-expiration".into(), long_str(e));
             }
             t
         }
@@ -129,8 +137,12 @@ pub fn make(
         }
         headers.insert(format!("x-last-death-{key}").into(), long_str(value));
     }
-    let props = without_expiration(&props).with_headers(headers);
-    let header = encode_header(&props, msg.header.body_size())?;
+    let table = cookie_factory::gen_simple(
+        warren_protocol::types::generation::gen_field_table(&headers),
+        Vec::new(),
+    )
+    .ok()?;
+    let header = msg.header.rebuilt(Some(&table), true).ok()?;
     Some(Message {
         exchange: ShortStr::truncating(exchange),
         routing_key: match routing_key {
@@ -142,43 +154,6 @@ pub fn make(
         // Dead letters are not written to the store yet.
         stored: None,
     })
-}
-
-/// The same properties without `expiration` (amq-protocol has no unsetter).
-fn without_expiration(p: &AMQPProperties) -> AMQPProperties {
-    let mut q = AMQPProperties::default();
-    macro_rules! copy {
-        ($($get:ident => $set:ident),*) => {
-            $(if let Some(v) = p.$get().clone() {
-                q = q.$set(v);
-            })*
-        };
-    }
-    copy!(
-        content_type => with_content_type,
-        content_encoding => with_content_encoding,
-        delivery_mode => with_delivery_mode,
-        priority => with_priority,
-        correlation_id => with_correlation_id,
-        reply_to => with_reply_to,
-        message_id => with_message_id,
-        timestamp => with_timestamp,
-        kind => with_type,
-        user_id => with_user_id,
-        app_id => with_app_id,
-        cluster_id => with_cluster_id
-    );
-    q
-}
-
-/// A content-header payload (class, weight, body size, properties).
-fn encode_header(props: &AMQPProperties, body_size: u64) -> Option<ContentHeader> {
-    let mut raw = Vec::with_capacity(64);
-    raw.put_u16(60);
-    raw.put_u16(0);
-    raw.put_u64(body_size);
-    let raw = cookie_factory::gen_simple(gen_properties(props), raw).ok()?;
-    ContentHeader::parse(Bytes::from(raw)).ok()
 }
 
 /// Whether delivering `msg` (already dead-lettered, so its `x-death` is up to
@@ -212,6 +187,19 @@ pub fn is_cycle(msg: &Message, reason: Reason, target: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::{BufMut, Bytes};
+    use warren_protocol::amqp::basic::{gen_properties, AMQPProperties};
+    use warren_protocol::content::ContentHeader;
+
+    /// A content-header payload (class, weight, body size, properties).
+    fn encode_header(props: &AMQPProperties, body_size: u64) -> Option<ContentHeader> {
+        let mut raw = Vec::with_capacity(64);
+        raw.put_u16(60);
+        raw.put_u16(0);
+        raw.put_u64(body_size);
+        let raw = cookie_factory::gen_simple(gen_properties(props), raw).ok()?;
+        ContentHeader::parse(Bytes::from(raw)).ok()
+    }
 
     fn message(props: AMQPProperties) -> Message {
         Message {
@@ -310,5 +298,62 @@ mod tests {
             h.inner().get("x-last-death-reason"),
             Some(&long_str("expired"))
         );
+    }
+
+    /// A CC header may hold anything (a table nested near the depth limit,
+    /// say): RabbitMQ routes on its strings only, and so does x-death's
+    /// routing-keys, so the dead letter stays valid. (Warren used to copy
+    /// the whole CC into x-death, went past its own depth limit, and
+    /// dropped the dead letter.)
+    #[test]
+    fn a_deep_cc_header_does_not_make_the_dead_letter_invalid() {
+        let mut deep = AMQPValue::LongString("leaf".into());
+        for _ in 0..29 {
+            let mut t = FieldTable::default();
+            t.insert("n".into(), deep);
+            deep = AMQPValue::FieldTable(t);
+        }
+        let mut cc = FieldArray::default();
+        cc.push(AMQPValue::LongString("also".into()));
+        cc.push(deep);
+        let mut headers = FieldTable::default();
+        headers.insert("CC".into(), AMQPValue::FieldArray(cc));
+        let m = message(AMQPProperties::default().with_headers(headers));
+        let dead = make(&m, Reason::Rejected, "q1", "dlx", None, 1).expect("dead letter");
+        let Some(AMQPValue::FieldArray(keys)) =
+            death(&dead, 0).inner().get("routing-keys").cloned()
+        else {
+            panic!("no routing-keys");
+        };
+        let keys: Vec<_> = keys
+            .as_slice()
+            .iter()
+            .map(|k| text_of(Some(k)).map(<[u8]>::to_vec))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![Some(b"orig-rk".to_vec()), Some(b"also".to_vec())]
+        );
+    }
+
+    /// Properties that are not UTF-8 are carried as bytes on arrival, and
+    /// through dead-lettering too.
+    #[test]
+    fn properties_that_are_not_utf8_survive_dead_lettering() {
+        let mut raw = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4];
+        raw.extend_from_slice(&(0x8000u16 | 0x0080).to_be_bytes());
+        raw.extend_from_slice(b"\x04caf\xe9\x02\xff\xfe");
+        let m = Message {
+            exchange: ShortStr::truncating("orig-x"),
+            routing_key: ShortStr::truncating("orig-rk"),
+            header: ContentHeader::parse(Bytes::from(raw)).expect("accepted"),
+            body: Bytes::from_static(b"body"),
+            stored: None,
+        };
+        let dead = make(&m, Reason::Expired, "q1", "dlx", None, 1).expect("dead letter");
+        let r = dead.header.raw();
+        assert_eq!(&r[14..19], b"\x04caf\xe9", "content-type bytes kept");
+        assert!(r.ends_with(b"\x02\xff\xfe"), "message-id bytes kept");
+        assert_eq!(text(&death(&dead, 0), "reason"), "expired");
     }
 }

@@ -116,6 +116,13 @@ impl Actor {
             .map_or(0, |d| d.as_secs());
         let rk = self.args.dead_letter_routing_key.as_deref();
         let Some(mut dead) = dead_letter::make(msg, reason, &self.info.name, dlx, rk, now) else {
+            // Never silently: counted, and logged.
+            dead_letter::DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                reason = reason.as_str(),
+                dead_letter_exchange = dlx,
+                "dead letter dropped: its header could not be rebuilt"
+            );
             return;
         };
         let routed = match router.route_dead_letter(&dead) {
