@@ -176,6 +176,14 @@ impl Alarms {
         self.refresh();
     }
 
+    /// Sample the disk now (the store's writer calls this as it writes, so
+    /// that publishers are blocked before the disk is full, not up to a
+    /// second later).
+    pub fn refresh_disk(&self) {
+        let free = self.sample_disk();
+        self.apply(self.rss(), free);
+    }
+
     /// Sample memory and disk now and update the alarms.
     pub fn refresh(&self) {
         let free = self.sample_disk();

@@ -154,6 +154,11 @@ pub struct Persister {
     _joiner: Arc<Joiner>,
 }
 
+/// The store writer checks free disk space after writing this much ...
+const DISK_CHECK_BYTES: u64 = 1 << 20;
+/// ... or this long after its last check.
+const DISK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl Persister {
     /// Start the writer and reader threads; they stop when the last handle
     /// is dropped. Message ids continue after `max_id`; the body cache holds
@@ -171,8 +176,14 @@ impl Persister {
         let writer_store = store.clone();
         let writer_progress = progress.clone();
         let threads = StoreThreads::default();
+        let writer_alarms = alarms.clone();
         let writer = std::thread::Builder::new().name("warren-store".into()).spawn(move || {
             let mut ops = Vec::new();
+            // Free disk space is checked as writes are made (not only by the
+            // alarm monitor, once a second): after every DISK_CHECK_BYTES
+            // written, or DISK_CHECK_EVERY, whichever comes first.
+            let mut unchecked: u64 = 0;
+            let mut checked = std::time::Instant::now();
             while let Some(first) = rx.blocking_recv() {
                 let mut jobs = vec![first];
                 let mut n = jobs[0].ops.len();
@@ -197,6 +208,20 @@ impl Persister {
                         false
                     }
                 };
+                unchecked += ops
+                    .iter()
+                    .map(|op| match op {
+                        MessageOp::PutMessage { message, .. } => {
+                            (message.body.len() + message.header.len() + 64) as u64
+                        }
+                        _ => 32,
+                    })
+                    .sum::<u64>();
+                if unchecked >= DISK_CHECK_BYTES || checked.elapsed() >= DISK_CHECK_EVERY {
+                    writer_alarms.refresh_disk();
+                    unchecked = 0;
+                    checked = std::time::Instant::now();
+                }
                 writer_progress.add_applied(jobs.len() as u64);
                 for j in jobs {
                     if let Some(done) = j.done {

@@ -63,6 +63,31 @@ fn recover_messages(
     Ok(())
 }
 
+/// A file in the data directory that holds disk space back for a start on a
+/// full disk (see `Server::bind`).
+const RESERVE_FILE: &str = "reserve";
+const RESERVE_BYTES: u64 = 16 << 20;
+
+/// Make sure the reserve file holds its space (allocated, not sparse); on a
+/// disk too full for it, say so and go on without.
+fn keep_reserve(path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == RESERVE_BYTES) {
+        return;
+    }
+    let made = std::fs::File::create(path).and_then(|f| {
+        // SAFETY: posix_fallocate on a file descriptor we own.
+        match unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, RESERVE_BYTES as libc::off_t) } {
+            0 => f.sync_all(),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    });
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(path);
+        tracing::warn!(path = %path.display(), error = %e, "cannot reserve disk space for a start on a full disk");
+    }
+}
+
 /// A bound, not yet running, broker.
 pub struct Server {
     listener: TcpListener,
@@ -82,8 +107,26 @@ impl Server {
             ))
         })?;
         let opening = std::time::Instant::now();
-        let store = RocksStore::open(&config.data_dir.join("store"), config.fsync)
-            .map_err(|e| err(e.to_string()))?;
+        let store_dir = config.data_dir.join("store");
+        let reserve = config.data_dir.join(RESERVE_FILE);
+        let store = match RocksStore::open(&store_dir, config.fsync) {
+            Err(e) if e.to_string().contains("No space left") && reserve.exists() => {
+                // Stopped on a full disk: give RocksDB the reserved space to
+                // open in. The disk alarm then blocks publishers while
+                // consumers drain.
+                tracing::warn!(
+                    error = %e,
+                    "the disk is full: releasing the {} MiB reserve to start",
+                    RESERVE_BYTES >> 20
+                );
+                std::fs::remove_file(&reserve)
+                    .map_err(|e| err(format!("cannot release {}: {e}", reserve.display())))?;
+                RocksStore::open(&store_dir, config.fsync)
+            }
+            r => r,
+        }
+        .map_err(|e| err(e.to_string()))?;
+        keep_reserve(&reserve);
         tracing::info!(elapsed = ?opening.elapsed(), "opened the store");
         Server::bind_with_store(config, Arc::new(store)).await
     }

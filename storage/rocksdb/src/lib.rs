@@ -125,6 +125,12 @@ impl RocksStore {
         // old WAL files alive, and a restart after a crash would replay them
         // all: past this size, the families holding the oldest WAL flush.
         opts.set_max_total_wal_size(128 << 20);
+        // Recovery replays the WAL into memtables and writes no table file:
+        // a broker that stopped on a full disk can start again (and drain).
+        // (The Rust binding has no setter for it: an options string.)
+        let opts = opts
+            .get_options_from_string("avoid_flush_during_recovery=true")
+            .map_err(|e| StoreError::Io(format!("rocksdb options: {e}")))?;
         let cache = rocksdb::Cache::new_lru_cache(32 << 20);
         let family = |write_buffer: usize| {
             let mut o = Options::default();
