@@ -214,6 +214,73 @@ pub mod contract {
         }
     }
 
+    /// One batch is applied in order: a message removed from a queue and the
+    /// queue then dropped in the same batch is released once, not twice (a
+    /// body shared with another queue stays); entries written and dropped in
+    /// the same batch free their body; a removal after a drop in the same
+    /// batch releases nothing more.
+    pub fn batch_order(s: &dyn MessageStore, bodies: &dyn Fn() -> usize) {
+        let put = |id, refs| MessageOp::PutMessage {
+            id,
+            refs,
+            message: msg("b"),
+        };
+        let enq = |queue, seq, id| MessageOp::Enqueue { queue, seq, id };
+        s.apply(&[put(20, 2), enq(21, 1, 20), enq(22, 1, 20)])
+            .unwrap();
+        // Removed from 21, then 21 dropped: 22 still holds the body.
+        s.apply(&[
+            MessageOp::Remove {
+                queue: 21,
+                seq: 1,
+                id: 20,
+            },
+            MessageOp::DropQueue { queue: 21 },
+        ])
+        .unwrap();
+        assert_eq!(bodies(), 1, "the body 22 holds is kept");
+        let r = s.read(22, 0, 10).unwrap();
+        assert_eq!(r.len(), 1, "queue 22's message is readable");
+        // The same with a range removal (a purge).
+        s.apply(&[put(30, 2), enq(31, 1, 30), enq(32, 1, 30)])
+            .unwrap();
+        s.apply(&[
+            MessageOp::Remove {
+                queue: 31,
+                seq: 1,
+                id: 30,
+            },
+            MessageOp::RemoveRange {
+                queue: 31,
+                from: 0,
+                to: 10,
+            },
+        ])
+        .unwrap();
+        assert_eq!(bodies(), 2);
+        assert_eq!(s.read(32, 0, 10).unwrap().len(), 1);
+        // Written and dropped in one batch: freed; a later removal of the
+        // same entry in that batch releases nothing more.
+        s.apply(&[
+            put(40, 1),
+            enq(41, 1, 40),
+            MessageOp::DropQueue { queue: 41 },
+            MessageOp::Remove {
+                queue: 41,
+                seq: 1,
+                id: 40,
+            },
+        ])
+        .unwrap();
+        assert_eq!(bodies(), 2, "the dropped queue's body is freed");
+        s.apply(&[
+            MessageOp::DropQueue { queue: 22 },
+            MessageOp::DropQueue { queue: 32 },
+        ])
+        .unwrap();
+        assert_eq!(bodies(), 0);
+    }
+
     /// Messages: written once, read in queue order, freed with their last entry.
     pub fn messages(s: &dyn MessageStore, bodies: &dyn Fn() -> usize) {
         s.apply(&[

@@ -194,6 +194,8 @@ mod tests {
     fn message_contract() {
         let s = MemStore::new();
         crate::contract::messages(&s, &|| lock(&s.messages).bodies.len());
+        let s = MemStore::new();
+        crate::contract::batch_order(&s, &|| lock(&s.messages).bodies.len());
     }
 
     #[test]

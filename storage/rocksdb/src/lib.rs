@@ -108,6 +108,24 @@ fn id_value(v: &[u8]) -> Result<MessageId> {
     Ok(u64::from_be_bytes(a))
 }
 
+/// Index entries changed by the batch being built (see `apply`).
+#[derive(Default)]
+struct BatchIndex {
+    /// `(queue, seq)` written (`Some(id)`) or removed (`None`) in the batch.
+    entries: HashMap<(QueueId, u64), Option<MessageId>>,
+    /// `(queue, first, end)` ranges removed in the batch, `end` exclusive
+    /// (`u64::MAX`: the whole queue).
+    ranges: Vec<(QueueId, u64, u64)>,
+}
+
+impl BatchIndex {
+    fn removed_by_range(&self, queue: QueueId, seq: u64) -> bool {
+        self.ranges
+            .iter()
+            .any(|&(q, first, end)| q == queue && seq >= first && (seq < end || end == u64::MAX))
+    }
+}
+
 impl RocksStore {
     /// Open (or create) the store in `dir`. Fails clearly if another process
     /// holds it, if it is unreadable, or if it was written by an incompatible
@@ -397,6 +415,12 @@ impl MessageStore for RocksStore {
                 *n -= 1;
             }
         };
+        // What this batch has done to index entries so far: a range removal
+        // iterates the database, which does not see the batch yet, so it
+        // must skip entries the batch already removed (or they would be
+        // released twice, and a body another queue holds deleted) and
+        // release the ones the batch added.
+        let mut batch = BatchIndex::default();
         for op in ops {
             match op {
                 MessageOp::PutMessage { id, refs, message } => {
@@ -405,22 +429,31 @@ impl MessageStore for RocksStore {
                 }
                 MessageOp::Enqueue { queue, seq, id } => {
                     b.put_cf(index, keys::queue_entry(*queue, *seq), id.to_be_bytes());
+                    batch.entries.insert((*queue, *seq), Some(*id));
                 }
                 MessageOp::Remove { queue, seq, id } => {
                     b.delete_cf(index, keys::queue_entry(*queue, *seq));
-                    release(&mut b, &mut counts, *id);
+                    let gone = match batch.entries.insert((*queue, *seq), None) {
+                        Some(state) => state.is_none(),
+                        None => batch.removed_by_range(*queue, *seq),
+                    };
+                    if !gone {
+                        release(&mut b, &mut counts, *id);
+                    }
                 }
                 MessageOp::RemoveRange { .. } | MessageOp::DropQueue { .. } => {
-                    let (from, to) = match op {
-                        MessageOp::RemoveRange { queue, from, to } if from < to => (
-                            keys::queue_entry(*queue, *from),
-                            keys::queue_entry(*queue, *to),
-                        ),
-                        MessageOp::DropQueue { queue } => (
-                            keys::queue_entry(*queue, 0),
-                            keys::queue_entry(queue.wrapping_add(1), 0),
-                        ),
+                    let (queue, first, end) = match *op {
+                        MessageOp::RemoveRange { queue, from, to } if from < to => {
+                            (queue, from, to)
+                        }
+                        MessageOp::DropQueue { queue } => (queue, 0, u64::MAX),
                         _ => continue,
+                    };
+                    let from = keys::queue_entry(queue, first);
+                    let to = if end == u64::MAX {
+                        keys::queue_entry(queue.wrapping_add(1), 0)
+                    } else {
+                        keys::queue_entry(queue, end)
                     };
                     let mut ro = ReadOptions::default();
                     ro.set_iterate_upper_bound(to);
@@ -429,10 +462,26 @@ impl MessageStore for RocksStore {
                         ro,
                         IteratorMode::From(&from, Direction::Forward),
                     ) {
-                        let (_, v) = item.map_err(io)?;
+                        let (k, v) = item.map_err(io)?;
+                        let Some(entry) = keys::parse_queue_entry(&k) else {
+                            continue;
+                        };
+                        if batch.entries.contains_key(&entry)
+                            || batch.removed_by_range(entry.0, entry.1)
+                        {
+                            continue; // decided by this batch already
+                        }
                         release(&mut b, &mut counts, id_value(&v)?);
                     }
+                    for (&(q, seq), state) in batch.entries.iter_mut() {
+                        if q == queue && seq >= first && seq < end {
+                            if let Some(id) = state.take() {
+                                release(&mut b, &mut counts, id);
+                            }
+                        }
+                    }
                     b.delete_range_cf(index, from, to);
+                    batch.ranges.push((queue, first, end));
                 }
             }
         }
@@ -569,6 +618,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RocksStore::open(dir.path(), true).unwrap();
         warren_storage::contract::messages(&s, &|| s.body_count());
+    }
+
+    #[test]
+    fn batch_order_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), true).unwrap();
+        warren_storage::contract::batch_order(&s, &|| s.body_count());
     }
 
     #[test]
