@@ -290,11 +290,19 @@ fn known(v: u64) -> Option<u64> {
 /// The monitor loop: runs until the `Alarms` is dropped.
 fn monitor(weak: Weak<Alarms>) {
     let mut until_disk = DISK_EVERY;
+    let mut trimmed = std::time::Instant::now();
     loop {
         std::thread::sleep(MEMORY_INTERVAL);
         let Some(alarms) = weak.upgrade() else {
             return;
         };
+        // Above half the limit, give memory the broker freed back to the
+        // system (at most once a second): otherwise the allocator keeps it,
+        // RSS never falls, and an alarm set by a burst never clears.
+        if alarms.paging() && trimmed.elapsed() >= TRIM_EVERY {
+            trim_heap();
+            trimmed = std::time::Instant::now();
+        }
         until_disk -= 1;
         let free = if until_disk == 0 {
             until_disk = DISK_EVERY;
@@ -303,6 +311,19 @@ fn monitor(weak: Weak<Alarms>) {
             None
         };
         alarms.apply(process_rss(), free);
+    }
+}
+
+/// How often, at most, freed heap memory is handed back to the system.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// Return free heap memory to the system (glibc's `malloc_trim`: free pages
+/// anywhere in the heap, not only at its top). A no-op elsewhere.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's free memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

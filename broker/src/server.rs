@@ -109,7 +109,11 @@ impl Server {
         let opening = std::time::Instant::now();
         let store_dir = config.data_dir.join("store");
         let reserve = config.data_dir.join(RESERVE_FILE);
-        let store = match RocksStore::open(&store_dir, config.fsync) {
+        // RocksDB's memory counts against the memory limit: a quarter of it
+        // at most (96 MiB from a 384 MiB limit up).
+        let rocks_memory = config.memory_limit / 4;
+        let open = || RocksStore::open_with_memory(&store_dir, config.fsync, rocks_memory);
+        let store = match open() {
             Err(e) if e.to_string().contains("No space left") && reserve.exists() => {
                 // Stopped on a full disk: give RocksDB the reserved space to
                 // open in. The disk alarm then blocks publishers while
@@ -121,7 +125,7 @@ impl Server {
                 );
                 std::fs::remove_file(&reserve)
                     .map_err(|e| err(format!("cannot release {}: {e}", reserve.display())))?;
-                RocksStore::open(&store_dir, config.fsync)
+                open()
             }
             r => r,
         }

@@ -29,6 +29,12 @@ use std::sync::Mutex;
 use warren_storage::codec::{Reader, Writer};
 use warren_storage::*;
 
+/// RocksDB's memory budget unless told otherwise: 64 MiB of memtables and
+/// a 32 MiB block cache.
+pub const DEFAULT_MEMORY: u64 = 96 << 20;
+/// The smallest budget it is given.
+const MIN_MEMORY: u64 = 12 << 20;
+
 const META: &str = "meta";
 const MESSAGES: &str = "messages";
 const INDEX: &str = "index";
@@ -131,14 +137,24 @@ impl RocksStore {
     /// holds it, if it is unreadable, or if it was written by an incompatible
     /// version.
     pub fn open(dir: &Path, sync: bool) -> Result<RocksStore> {
+        RocksStore::open_with_memory(dir, sync, DEFAULT_MEMORY)
+    }
+
+    /// [`RocksStore::open`] with RocksDB's memory held to about `memory`
+    /// bytes: two thirds for memtables (shared by the families in
+    /// proportion), one third for the block cache.
+    pub fn open_with_memory(dir: &Path, sync: bool, memory: u64) -> Result<RocksStore> {
+        let memory = memory.clamp(MIN_MEMORY, DEFAULT_MEMORY) as usize;
+        let memtables = memory / 3 * 2;
         let path = dir.display().to_string();
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         // Bounded memory: memtables of all families together stay under
-        // 64 MiB, and one 32 MiB block cache serves every family.
-        opts.set_db_write_buffer_size(64 << 20);
+        // two thirds of the budget (64 MiB by default), and one block cache
+        // of the rest (32 MiB) serves every family.
+        opts.set_db_write_buffer_size(memtables);
         // Rarely written families (definitions, shared counts) would keep
         // old WAL files alive, and a restart after a crash would replay them
         // all: past this size, the families holding the oldest WAL flush.
@@ -149,7 +165,7 @@ impl RocksStore {
         let opts = opts
             .get_options_from_string("avoid_flush_during_recovery=true")
             .map_err(|e| StoreError::Io(format!("rocksdb options: {e}")))?;
-        let cache = rocksdb::Cache::new_lru_cache(32 << 20);
+        let cache = rocksdb::Cache::new_lru_cache(memory - memtables);
         let family = |write_buffer: usize| {
             let mut o = Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -159,11 +175,13 @@ impl RocksStore {
             o.set_block_based_table_factory(&t);
             o
         };
+        // Per family, in proportion: 4, 32, 16 and 4 MiB of 64 by default.
+        let share = |parts: usize| (memtables / 16 * parts).max(1 << 20);
         let cfs = [
-            (META, 4 << 20),
-            (MESSAGES, 32 << 20),
-            (INDEX, 16 << 20),
-            (REFS, 4 << 20),
+            (META, share(1)),
+            (MESSAGES, share(8)),
+            (INDEX, share(4)),
+            (REFS, share(1)),
         ]
         .map(|(n, wb)| ColumnFamilyDescriptor::new(n, family(wb)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
