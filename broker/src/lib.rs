@@ -3,8 +3,9 @@
 //! Layers, top to bottom; a module uses only those below it:
 //! - [`server`] — the listener, the connection limit, shutdown; builds the
 //!   broker at start-up (store, recovery).
-//! - [`connection`] — one task per connection: handshake, the `select!`
-//!   loop over socket, mailbox, heartbeat and shutdown, the writer.
+//! - [`connection`] — one task per connection: admission (the handshake
+//!   budget), handshake, the `select!` loop over socket, mailbox, heartbeat
+//!   and shutdown, the writer.
 //! - [`channel`] — channel state and every method's behaviour, one file per
 //!   method family (topology, publish, consume, ack, confirm, tx, direct
 //!   reply-to), over a narrow context the connection gives it.
@@ -22,8 +23,9 @@
 //!   page reader thread, message ids, the moka cache of hot bodies.
 //! - [`alarm`] — resource alarms (memory high watermark, free disk limit)
 //!   that block publishing connections, and the paging signal for queues.
-//! - [`message`], [`error`], [`config`] — the shared message, errors shaped
-//!   as channel.close / connection.close, settings.
+//! - [`message`], [`error`], [`config`], [`fields`], [`logins`] — the shared
+//!   message, errors shaped as channel.close / connection.close, settings,
+//!   field values compared as RabbitMQ does, failed-login accounting.
 //!
 //! A `basic.publish`: socket -> frame check -> method decode (connection)
 //! -> the channel gathers header and body (`channel/publish.rs`) -> the

@@ -117,6 +117,8 @@ fn id_value(v: &[u8]) -> Result<MessageId> {
 /// Index entries changed by the batch being built (see `apply`).
 #[derive(Default)]
 struct BatchIndex {
+    /// The batch has a range removal: entries are tracked.
+    track: bool,
     /// `(queue, seq)` written (`Some(id)`) or removed (`None`) in the batch.
     entries: HashMap<(QueueId, u64), Option<MessageId>>,
     /// `(queue, first, end)` ranges removed in the batch, `end` exclusive
@@ -438,7 +440,17 @@ impl MessageStore for RocksStore {
         // must skip entries the batch already removed (or they would be
         // released twice, and a body another queue holds deleted) and
         // release the ones the batch added.
-        let mut batch = BatchIndex::default();
+        // (Only a batch with a range removal needs it: the common batch of
+        // enqueues and removals skips the bookkeeping.)
+        let mut batch = BatchIndex {
+            track: ops.iter().any(|op| {
+                matches!(
+                    op,
+                    MessageOp::RemoveRange { .. } | MessageOp::DropQueue { .. }
+                )
+            }),
+            ..BatchIndex::default()
+        };
         for op in ops {
             match op {
                 MessageOp::PutMessage { id, refs, message } => {
@@ -447,14 +459,17 @@ impl MessageStore for RocksStore {
                 }
                 MessageOp::Enqueue { queue, seq, id } => {
                     b.put_cf(index, keys::queue_entry(*queue, *seq), id.to_be_bytes());
-                    batch.entries.insert((*queue, *seq), Some(*id));
+                    if batch.track {
+                        batch.entries.insert((*queue, *seq), Some(*id));
+                    }
                 }
                 MessageOp::Remove { queue, seq, id } => {
                     b.delete_cf(index, keys::queue_entry(*queue, *seq));
-                    let gone = match batch.entries.insert((*queue, *seq), None) {
-                        Some(state) => state.is_none(),
-                        None => batch.removed_by_range(*queue, *seq),
-                    };
+                    let gone = batch.track
+                        && match batch.entries.insert((*queue, *seq), None) {
+                            Some(state) => state.is_none(),
+                            None => batch.removed_by_range(*queue, *seq),
+                        };
                     if !gone {
                         release(&mut b, &mut counts, *id);
                     }
