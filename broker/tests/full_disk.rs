@@ -16,7 +16,11 @@ use std::time::Duration;
 use warren_tests::daemon::{free_port, Daemon};
 use warren_tests::within;
 
-const BIN: &str = env!("CARGO_BIN_EXE_warren");
+/// The broker under test: this build's, or `WARREN_TEST_BIN` (to check
+/// that an older build fails this test).
+fn bin() -> String {
+    std::env::var("WARREN_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_warren").into())
+}
 
 /// A tmpfs mounted for the test, unmounted when dropped.
 struct Tmpfs(PathBuf);
@@ -74,7 +78,7 @@ async fn a_broker_stopped_on_a_full_disk_starts_drains_and_resumes() {
     let n = 200u32;
     let q = "full-disk";
     {
-        let d = Daemon::start_with(BIN, &data, port, &flags);
+        let d = Daemon::start_with(bin(), &data, port, &flags);
         let (_c, ch) = d.channel().await;
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
@@ -108,7 +112,7 @@ async fn a_broker_stopped_on_a_full_disk_starts_drains_and_resumes() {
     let filler = fill(&fs.0);
 
     // It starts on the full disk ...
-    let d = Daemon::start_with(BIN, &data, port, &full_flags);
+    let d = Daemon::start_with(bin(), &data, port, &full_flags);
     let (_c, ch) = d.channel().await;
     // ... with publishers blocked: a confirm does not come while the alarm is
     // on. (The publish that finds the alarm on is taken, as RabbitMQ takes
