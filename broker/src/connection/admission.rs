@@ -56,12 +56,13 @@ impl Admission {
 
     pub fn admit(&self, source: IpAddr) -> Option<HandshakeSlot> {
         let mut m = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(source).or_insert(0);
-        if *n >= self.max_per_source {
+        if m.get(&source).is_some_and(|&n| n >= self.max_per_source) {
             return None;
         }
+        // The global slot first: a refused source leaves no entry behind
+        // (sources that never got in cannot grow the map).
         let slot = self.slots.clone().try_acquire_owned().ok()?;
-        *n += 1;
+        *m.entry(source).or_insert(0) += 1;
         Some(HandshakeSlot {
             _slot: slot,
             source,
@@ -80,5 +81,30 @@ impl Admission {
             );
             *l = (Some(std::time::Instant::now()), 0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_in_all_and_per_source_and_nothing_kept_for_the_refused() {
+        let c = Config {
+            max_handshakes: 3,
+            max_handshakes_per_source: 2,
+            ..Config::default()
+        };
+        let a = Admission::new(&c);
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let s1 = a.admit(ip(1)).expect("first from 1");
+        let s2 = a.admit(ip(1)).expect("second from 1");
+        assert!(a.admit(ip(1)).is_none(), "per-source budget");
+        let s3 = a.admit(ip(2)).expect("first from 2");
+        assert!(a.admit(ip(3)).is_none(), "global budget");
+        assert_eq!(a.per_source.lock().unwrap().len(), 2, "no entry for 3");
+        drop((s1, s2, s3));
+        assert!(a.per_source.lock().unwrap().is_empty());
+        assert!(a.admit(ip(3)).is_some());
     }
 }
