@@ -82,8 +82,29 @@ pub struct Definitions {
     pub bindings: Vec<BindingDef>,
 }
 
+/// A record of the broker's own settings (users, vhosts, permissions,
+/// policies, limits): an opaque value under `(kind, key)`. The broker
+/// chooses kinds and encodes values; engines only keep them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub kind: String,
+    pub key: String,
+    pub value: Bytes,
+}
+
+/// One change to the records; a batch of them is applied atomically.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordOp {
+    Put(Record),
+    Delete { kind: String, key: String },
+}
+
 /// Durable definitions. Each call returns once the change is durable.
 pub trait MetaStore: Send + Sync + 'static {
+    /// Apply record changes in order, all or none, durably.
+    fn apply_records(&self, ops: &[RecordOp]) -> Result<()>;
+    /// Every record, ordered by kind then key.
+    fn load_records(&self) -> Result<Vec<Record>>;
     fn put_exchange(&self, def: &ExchangeDef) -> Result<()>;
     fn delete_exchange(&self, vhost: &str, name: &str) -> Result<()>;
     fn put_queue(&self, def: &QueueDef) -> Result<()>;
@@ -486,6 +507,57 @@ pub mod contract {
             d.bindings
         );
         s.delete_binding(&binding("e1", "q1", true)).unwrap();
+    }
+
+    /// Records: put, overwrite, delete, in batches applied in order; keys
+    /// of different kinds do not collide, and any byte may be in a key.
+    pub fn records(s: &dyn MetaStore) {
+        let put = |kind: &str, key: &str, v: &'static str| {
+            RecordOp::Put(Record {
+                kind: kind.into(),
+                key: key.into(),
+                value: Bytes::from_static(v.as_bytes()),
+            })
+        };
+        let del = |kind: &str, key: &str| RecordOp::Delete {
+            kind: kind.into(),
+            key: key.into(),
+        };
+        assert!(s.load_records().unwrap().is_empty());
+        s.apply_records(&[put("user", "a", "1"), put("user", "b\0x", "2")])
+            .unwrap();
+        s.apply_records(&[put("vhost", "a", "3"), put("user", "a", "4")])
+            .unwrap();
+        // In order within a batch: the put after the delete stays.
+        s.apply_records(&[
+            put("perm", "k", "5"),
+            del("perm", "k"),
+            put("perm", "k", "6"),
+        ])
+        .unwrap();
+        s.apply_records(&[del("user", "b\0x"), del("user", "missing")])
+            .unwrap();
+        let got: Vec<(String, String, Bytes)> = s
+            .load_records()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.kind, r.key, r.value))
+            .collect();
+        let want = |k: &str, key: &str, v: &'static str| {
+            (
+                k.to_owned(),
+                key.to_owned(),
+                Bytes::from_static(v.as_bytes()),
+            )
+        };
+        assert_eq!(
+            got,
+            vec![
+                want("perm", "k", "6"),
+                want("user", "a", "4"),
+                want("vhost", "a", "3")
+            ]
+        );
     }
 
     /// State for a reopen test: definitions and a body shared by two queues.

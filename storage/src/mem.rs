@@ -9,6 +9,7 @@ use std::sync::Mutex;
 #[derive(Default)]
 pub struct MemStore {
     meta: Mutex<Definitions>,
+    records: Mutex<BTreeMap<(String, String), Bytes>>,
     messages: Mutex<Messages>,
 }
 
@@ -31,6 +32,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MetaStore for MemStore {
+    fn apply_records(&self, ops: &[RecordOp]) -> Result<()> {
+        let mut r = lock(&self.records);
+        for op in ops {
+            match op {
+                RecordOp::Put(rec) => {
+                    r.insert((rec.kind.clone(), rec.key.clone()), rec.value.clone());
+                }
+                RecordOp::Delete { kind, key } => {
+                    r.remove(&(kind.clone(), key.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+    fn load_records(&self) -> Result<Vec<Record>> {
+        Ok(lock(&self.records)
+            .iter()
+            .map(|((kind, key), value)| Record {
+                kind: kind.clone(),
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect())
+    }
     fn put_exchange(&self, def: &ExchangeDef) -> Result<()> {
         let mut m = lock(&self.meta);
         m.exchanges
@@ -201,5 +226,10 @@ mod tests {
     #[test]
     fn definitions_contract() {
         crate::contract::definitions(&MemStore::new());
+    }
+
+    #[test]
+    fn records_contract() {
+        crate::contract::records(&MemStore::new());
     }
 }

@@ -22,6 +22,12 @@ struct GatedStore {
 }
 
 impl MetaStore for GatedStore {
+    fn apply_records(&self, ops: &[warren_storage::RecordOp]) -> warren_storage::Result<()> {
+        self.inner.apply_records(ops)
+    }
+    fn load_records(&self) -> warren_storage::Result<Vec<warren_storage::Record>> {
+        self.inner.load_records()
+    }
     fn put_exchange(&self, d: &ExchangeDef) -> warren_storage::Result<()> {
         self.inner.put_exchange(d)
     }

@@ -4,7 +4,8 @@
 //!
 //! Column families:
 //! - `meta`: durable definitions, keyed `kind ‖ part ‖ part ...` (each part
-//!   length-prefixed, so names may hold any byte), plus the format version.
+//!   length-prefixed, so names may hold any byte), plus the format version,
+//!   and the broker's records (users, vhosts, permissions...) under `r`.
 //! - `messages`: message id (big-endian) → the message, written once however
 //!   many queues hold it.
 //! - `index`: `queue id ‖ sequence` (big-endian, [`warren_storage::keys`]) → message
@@ -48,6 +49,7 @@ pub const FORMAT: &str = "warren-store-1";
 const EXCHANGE: u8 = b'x';
 const QUEUE: u8 = b'q';
 const BINDING: u8 = b'b';
+const RECORD: u8 = b'r';
 
 pub struct RocksStore {
     db: DB,
@@ -334,6 +336,51 @@ fn decode_binding(v: &[u8]) -> Result<BindingDef> {
 }
 
 impl MetaStore for RocksStore {
+    fn apply_records(&self, ops: &[RecordOp]) -> Result<()> {
+        let meta = self.cf(META);
+        let mut b = WriteBatch::default();
+        for op in ops {
+            match op {
+                RecordOp::Put(r) => {
+                    let mut w = Writer::default();
+                    w.str(&r.kind).str(&r.key).bytes(&r.value);
+                    b.put_cf(
+                        meta,
+                        key(RECORD, &[r.kind.as_bytes(), r.key.as_bytes()]),
+                        w.0,
+                    );
+                }
+                RecordOp::Delete { kind, key: k } => {
+                    b.delete_cf(meta, key(RECORD, &[kind.as_bytes(), k.as_bytes()]));
+                }
+            }
+        }
+        self.write(b)
+    }
+
+    fn load_records(&self) -> Result<Vec<Record>> {
+        let meta = self.cf(META);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(meta, IteratorMode::From(&[RECORD], Direction::Forward))
+        {
+            let (k, v) = item.map_err(io)?;
+            if k.first() != Some(&RECORD) {
+                break;
+            }
+            let mut r = Reader(&v);
+            out.push(Record {
+                kind: r.string()?,
+                key: r.string()?,
+                value: Bytes::copy_from_slice(r.bytes()?),
+            });
+        }
+        // Keys are length-prefixed: put them in name order.
+        out.sort_by(|a, b| (&a.kind, &a.key).cmp(&(&b.kind, &b.key)));
+        Ok(out)
+    }
+
     fn put_exchange(&self, d: &ExchangeDef) -> Result<()> {
         let mut w = Writer::default();
         w.str(&d.vhost)
@@ -665,6 +712,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RocksStore::open(dir.path(), true).unwrap();
         warren_storage::contract::definitions(&s);
+    }
+
+    #[test]
+    fn records_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), true).unwrap();
+        warren_storage::contract::records(&s);
+        drop(s);
+        // And they survive a reopen.
+        let s = RocksStore::open(dir.path(), true).unwrap();
+        assert_eq!(s.load_records().unwrap().len(), 3);
     }
 
     #[test]
