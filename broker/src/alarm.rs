@@ -1,30 +1,40 @@
 //! Resource alarms, as RabbitMQ's memory high watermark and free disk limit.
 //!
-//! A monitor thread samples the process's resident memory (RSS, from
-//! `/proc/self/statm`) every 100 ms and the free space of the data directory
-//! (`statvfs`) every second. While RSS is at or above the memory limit, or
+//! A monitor thread samples the memory Warren uses every 100 ms: the
+//! allocator's resident memory ([`crate::heap::used`]) plus the anonymous
+//! memory the process holds outside the allocator (thread stacks, other
+//! mappings: anonymous RSS minus the allocator's memory, re-measured every
+//! second). The binary's own code pages are not counted: they are
+//! file-backed, and the kernel drops and re-reads them as it needs. The
+//! measure falls as soon as freed pages go back to the system; without
+//! jemalloc it is the anonymous RSS. Memory is also sampled at once whenever connections
+//! have read more bytes since the last sample than a quarter of the room
+//! left below the limit ([`Alarms::note_ingress`]), so a fast publisher
+//! cannot overshoot the limit by 100 ms worth of input before it is
+//! blocked. The free space of the data directory (`statvfs`) is sampled
+//! every second. While the memory used is at or above the memory limit, or
 //! the free space is below the disk free limit, an alarm is on and
 //! connections that publish are blocked (see `connection.rs`): they get
 //! `connection.blocked` with RabbitMQ's reason text ("low on memory",
 //! "low on disk") and stop reading their sockets until every alarm clears.
 //!
 //! Hysteresis: an alarm is set as soon as its threshold is crossed, but is
-//! cleared only with a margin of 2% of the limit (memory: RSS below 98% of
-//! the limit; disk: free space at or above 102% of the limit), so a process
+//! cleared only with a margin of 2% of the limit (memory: below 98% of the
+//! limit; disk: free space at or above 102% of the limit), so a process
 //! that hovers around its limit does not flap between blocked and unblocked
 //! every sample.
 //!
-//! [`Alarms::paging`] is true while RSS is at or above half the memory limit
+//! [`Alarms::paging`] is true while memory used is at or above half the limit
 //! (RabbitMQ's paging ratio): queues may use it to move transient messages
 //! out of memory. It is an atomic load, cheap enough for every enqueue.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// How often RSS is sampled.
+/// How often memory is sampled (more often under fast input).
 pub const MEMORY_INTERVAL: Duration = Duration::from_millis(100);
 /// Free disk space is sampled every this many memory samples (1 s).
 const DISK_EVERY: u32 = 10;
@@ -34,11 +44,13 @@ pub const DEFAULT_MEMORY_FRACTION: f64 = 0.4;
 pub const DEFAULT_DISK_FREE_LIMIT: u64 = 50_000_000;
 /// RabbitMQ's `vm_memory_high_watermark_paging_ratio`.
 pub const PAGING_RATIO: f64 = 0.5;
+/// The least input between two input-triggered memory samples.
+const MIN_INGRESS_BUDGET: u64 = 256 << 10;
 
 /// Which alarms are on. Connections watch this through [`Alarms::subscribe`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Blocked {
-    /// RSS reached the memory limit.
+    /// Memory used reached the memory limit.
     pub memory: bool,
     /// Free disk space fell below the disk free limit.
     pub disk: bool,
@@ -74,6 +86,20 @@ pub struct Alarms {
     on: AtomicBool,
     /// Last samples (`u64::MAX`: unknown).
     rss: AtomicU64,
+    /// Anonymous resident memory the allocator does not manage (thread
+    /// stacks, other mappings): anonymous RSS minus the allocator's resident
+    /// memory, sampled every second and added to every memory sample.
+    overhead: AtomicU64,
+    /// Bytes read by connections since the last memory sample, and how many
+    /// may be read before the next one is taken at once.
+    ingress: AtomicU64,
+    ingress_budget: AtomicU64,
+    /// An input-triggered sample was asked for and not yet taken.
+    wake_pending: AtomicBool,
+    /// The monitor thread, to wake it early.
+    monitor: OnceLock<std::thread::Thread>,
+    /// The monitor's regular sampling interval ([`MEMORY_INTERVAL`]).
+    interval: Duration,
     disk_free: AtomicU64,
     state: watch::Sender<Blocked>,
     /// Serialises evaluation (monitor thread and setters), so that state
@@ -86,23 +112,40 @@ pub struct Alarms {
 impl Alarms {
     /// Take first samples and start the monitor thread.
     pub fn start(data_dir: &Path, memory_limit: u64, disk_free_limit: u64) -> Arc<Alarms> {
-        let alarms = Arc::new(Alarms::new(data_dir, memory_limit, disk_free_limit));
+        Alarms::start_every(data_dir, memory_limit, disk_free_limit, MEMORY_INTERVAL)
+    }
+
+    fn start_every(
+        data_dir: &Path,
+        memory_limit: u64,
+        disk_free_limit: u64,
+        interval: Duration,
+    ) -> Arc<Alarms> {
+        let mut alarms = Alarms::new(data_dir, memory_limit, disk_free_limit);
+        alarms.interval = interval;
+        let alarms = Arc::new(alarms);
         alarms.refresh();
         tracing::info!(
             memory_limit,
             disk_free_limit,
-            rss = alarms.rss(),
+            memory_used = alarms.rss(),
             disk_free = alarms.disk_free(),
-            "resource limits: memory high watermark {} bytes, disk free limit {} bytes",
+            "resource limits: memory high watermark {} bytes (measured as {}), disk free limit {} bytes",
             memory_limit,
+            crate::heap::MEASURE,
             disk_free_limit
         );
         let weak = Arc::downgrade(&alarms);
         let spawned = std::thread::Builder::new()
             .name("warren-alarms".into())
             .spawn(move || monitor(weak));
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the resource monitor; alarms stay as first sampled");
+        match spawned {
+            Ok(handle) => {
+                let _ = alarms.monitor.set(handle.thread().clone());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the resource monitor; alarms stay as first sampled");
+            }
         }
         alarms
     }
@@ -116,6 +159,12 @@ impl Alarms {
             paging: AtomicBool::new(false),
             on: AtomicBool::new(false),
             rss: AtomicU64::new(u64::MAX),
+            overhead: AtomicU64::new(0),
+            ingress: AtomicU64::new(0),
+            ingress_budget: AtomicU64::new(MIN_INGRESS_BUDGET),
+            wake_pending: AtomicBool::new(false),
+            monitor: OnceLock::new(),
+            interval: MEMORY_INTERVAL,
             disk_free: AtomicU64::new(u64::MAX),
             state: watch::channel(Blocked::default()).0,
             eval: Mutex::new(()),
@@ -123,7 +172,7 @@ impl Alarms {
         }
     }
 
-    /// True while RSS is at or above half the memory limit: queues should
+    /// True while memory used is at or above half the limit: queues should
     /// page transient messages out of memory.
     pub fn paging(&self) -> bool {
         self.paging.load(Ordering::Relaxed)
@@ -154,7 +203,8 @@ impl Alarms {
         self.disk_free_limit.load(Ordering::Relaxed)
     }
 
-    /// Last sampled RSS in bytes (`None` if it cannot be read).
+    /// Last sampled memory use in bytes, as the alarm counts it
+    /// ([`crate::heap::used`]; `None` if it cannot be read).
     pub fn rss(&self) -> Option<u64> {
         known(self.rss.load(Ordering::Relaxed))
     }
@@ -176,6 +226,21 @@ impl Alarms {
         self.refresh();
     }
 
+    /// Count `bytes` read from a client socket. Once the input since the
+    /// last sample exceeds a quarter of the room left below the memory
+    /// limit, the monitor samples memory at once (one relaxed atomic add
+    /// per read otherwise).
+    pub fn note_ingress(&self, bytes: usize) {
+        let total = self.ingress.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        if total >= self.ingress_budget.load(Ordering::Relaxed)
+            && !self.wake_pending.swap(true, Ordering::AcqRel)
+        {
+            if let Some(t) = self.monitor.get() {
+                t.unpark();
+            }
+        }
+    }
+
     /// Sample the disk now (the store's writer calls this as it writes, so
     /// that publishers are blocked before the disk is full, not up to a
     /// second later).
@@ -187,7 +252,25 @@ impl Alarms {
     /// Sample memory and disk now and update the alarms.
     pub fn refresh(&self) {
         let free = self.sample_disk();
-        self.apply(process_rss(), free);
+        self.sample_overhead();
+        self.apply(self.sample_memory(), free);
+    }
+
+    /// The memory used now: the allocator's resident memory plus the last
+    /// sampled overhead (RSS itself without jemalloc).
+    fn sample_memory(&self) -> Option<u64> {
+        crate::heap::used().map(|u| u + self.overhead.load(Ordering::Relaxed))
+    }
+
+    /// Re-measure what anonymous RSS holds beyond the allocator's memory.
+    fn sample_overhead(&self) {
+        if !cfg!(feature = "jemalloc") {
+            return; // the measure is anonymous RSS itself
+        }
+        if let (Some(rss), Some(heap)) = (crate::heap::process_anon_rss(), crate::heap::used()) {
+            self.overhead
+                .store(rss.saturating_sub(heap), Ordering::Relaxed);
+        }
     }
 
     fn sample_disk(&self) -> Option<u64> {
@@ -206,11 +289,17 @@ impl Alarms {
     }
 
     /// Update the alarms from samples (`None`: unknown, keep the previous
-    /// sample for the disk; no memory alarm when RSS cannot be read).
+    /// sample for the disk; no memory alarm when memory cannot be read).
     fn apply(&self, rss: Option<u64>, free: Option<u64>) {
         let _guard = self.eval.lock().unwrap_or_else(|e| e.into_inner());
         let rss = rss.unwrap_or(u64::MAX);
         self.rss.store(rss, Ordering::Relaxed);
+        // The next input-triggered sample: after a quarter of the room left.
+        let room = self.memory_limit().saturating_sub(rss);
+        self.ingress_budget
+            .store((room / 4).max(MIN_INGRESS_BUDGET), Ordering::Relaxed);
+        self.ingress.store(0, Ordering::Relaxed);
+        self.wake_pending.store(false, Ordering::Release);
         if let Some(f) = free {
             self.disk_free.store(f, Ordering::Relaxed);
         }
@@ -246,7 +335,8 @@ impl Alarms {
             tracing::warn!(
                 rss,
                 limit = mem_limit,
-                "memory resource limit alarm set: RSS {} >= limit {}; publishers are blocked",
+                "memory resource limit alarm set: {} {} >= limit {}; publishers are blocked",
+                crate::heap::MEASURE,
                 rss,
                 mem_limit
             );
@@ -254,7 +344,8 @@ impl Alarms {
             tracing::info!(
                 rss,
                 limit = mem_limit,
-                "memory resource limit alarm cleared: RSS {} < limit {}",
+                "memory resource limit alarm cleared: {} {} < limit {}",
+                crate::heap::MEASURE,
                 rss,
                 mem_limit
             );
@@ -287,64 +378,51 @@ fn known(v: u64) -> Option<u64> {
     (v != u64::MAX).then_some(v)
 }
 
-/// The monitor loop: runs until the `Alarms` is dropped.
+/// The monitor loop: runs until the `Alarms` is dropped. It wakes every
+/// [`MEMORY_INTERVAL`], or early when input asks for a sample.
 fn monitor(weak: Weak<Alarms>) {
+    let Some(interval) = weak.upgrade().map(|a| a.interval) else {
+        return;
+    };
+    let mut next_tick = Instant::now() + interval;
     let mut until_disk = DISK_EVERY;
-    let mut trimmed = std::time::Instant::now();
+    let mut released = Instant::now();
     loop {
-        std::thread::sleep(MEMORY_INTERVAL);
+        let now = Instant::now();
+        if now < next_tick {
+            std::thread::park_timeout(next_tick - now);
+        }
         let Some(alarms) = weak.upgrade() else {
             return;
         };
-        // Above half the limit, give memory the broker freed back to the
-        // system (at most once a second): otherwise the allocator keeps it,
-        // RSS never falls, and an alarm set by a burst never clears.
-        if alarms.paging() && trimmed.elapsed() >= TRIM_EVERY {
-            trim_heap();
-            trimmed = std::time::Instant::now();
+        let ticked = Instant::now() >= next_tick;
+        if !ticked && !alarms.wake_pending.load(Ordering::Acquire) {
+            continue; // a spurious wake-up
         }
-        until_disk -= 1;
-        let free = if until_disk == 0 {
-            until_disk = DISK_EVERY;
-            alarms.sample_disk()
-        } else {
-            None
-        };
-        alarms.apply(process_rss(), free);
+        let mut free = None;
+        if ticked {
+            next_tick = Instant::now() + interval;
+            // Above half the limit, give freed memory back to the system (at
+            // most once a second) where the allocator does not on its own.
+            if alarms.paging() && released.elapsed() >= RELEASE_EVERY {
+                crate::heap::release();
+                released = Instant::now();
+            }
+            until_disk -= 1;
+            if until_disk == 0 {
+                until_disk = DISK_EVERY;
+                free = alarms.sample_disk();
+                alarms.sample_overhead();
+            }
+        }
+        alarms.apply(alarms.sample_memory(), free);
     }
 }
 
 /// How often, at most, freed heap memory is handed back to the system.
-const TRIM_EVERY: Duration = Duration::from_secs(1);
-
-/// Return free heap memory to the system (glibc's `malloc_trim`: free pages
-/// anywhere in the heap, not only at its top). A no-op elsewhere.
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks and releases the allocator's free memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
+const RELEASE_EVERY: Duration = Duration::from_secs(1);
 
 // ------------------------------------------------------------ system probes
-
-/// Resident set size of this process in bytes (Linux: `/proc/self/statm`).
-pub fn process_rss() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages.saturating_mul(page_size()))
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as u64
-    } else {
-        4096
-    }
-}
 
 /// Bytes available to unprivileged users on the file system holding `dir`.
 pub fn disk_free(dir: &Path) -> std::io::Result<u64> {
@@ -517,8 +595,31 @@ mod tests {
     }
 
     #[test]
+    fn fast_input_triggers_a_sample_before_the_tick() {
+        // A limit far above use: the budget is a quarter of the room. The
+        // monitor's tick is an hour away: only input can wake it.
+        let a = Alarms::start_every(Path::new("."), 1 << 40, 0, Duration::from_secs(3600));
+        let budget = a.ingress_budget.load(Ordering::Relaxed);
+        assert!(budget >= (1 << 40) / 5, "budget {budget}");
+        // Within the budget: no early sample asked for.
+        a.note_ingress(1000);
+        assert!(!a.wake_pending.load(Ordering::Relaxed));
+        // Over it: a sample is asked for, and the monitor takes it (which
+        // resets the count).
+        a.note_ingress(budget as usize);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while a.wake_pending.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the monitor did not wake");
+            std::thread::yield_now();
+        }
+        assert_eq!(a.ingress.load(Ordering::Relaxed), 0);
+        // Near the limit the budget shrinks to its floor.
+        a.set_memory_limit(a.rss().unwrap() + 1);
+        assert_eq!(a.ingress_budget.load(Ordering::Relaxed), MIN_INGRESS_BUDGET);
+    }
+
+    #[test]
     fn probes_read_this_machine() {
-        assert!(process_rss().is_some_and(|r| r > 0));
         assert!(disk_free(Path::new(".")).is_ok());
         assert!(disk_free(Path::new("/definitely/not/here")).is_err());
         assert!(total_memory().is_some_and(|t| t > 0));

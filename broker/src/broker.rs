@@ -3,6 +3,7 @@
 //! registry, id sources). Cheap to share through an `Arc`; it knows nothing
 //! of connections or the listener, which sit above it.
 
+use crate::access::Access;
 use crate::alarm::Alarms;
 use crate::config::Config;
 use crate::events::ConnEvent;
@@ -10,14 +11,20 @@ use crate::persist::Persister;
 use crate::vhost::VHost;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 /// Broker-wide state shared by every connection (cheap to clone via `Arc`).
 pub struct Broker {
     pub config: Config,
-    /// Virtual hosts by name. Fixed at start-up for now (only "/").
-    pub(crate) vhosts: HashMap<String, Arc<VHost>>,
+    /// Virtual hosts by name.
+    pub(crate) vhosts: RwLock<HashMap<String, Arc<VHost>>>,
+    /// Users, vhosts and permissions.
+    pub access: Access,
+    /// Durable definitions and the source of queue ids, for vhosts made
+    /// after start-up.
+    pub(crate) meta: Arc<dyn warren_storage::MetaStore>,
+    pub(crate) queue_ids: Arc<AtomicU64>,
     /// Source of connection ids.
     pub(crate) next_conn: AtomicU64,
     /// Source of channel keys (unique per channel incarnation).
@@ -53,7 +60,40 @@ pub struct ReplyTarget {
 
 impl Broker {
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
-        self.vhosts.get(name).cloned()
+        self.vhosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The vhost called `name`, made (empty, with the `amq.*` exchanges)
+    /// if there is none yet.
+    pub fn ensure_vhost(&self, name: &str) -> Arc<VHost> {
+        let mut map = self.vhosts.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(name.to_owned())
+            .or_insert_with(|| {
+                VHost::new(
+                    name,
+                    self.meta.clone(),
+                    self.queue_ids.clone(),
+                    Some(self.persister.clone()),
+                )
+            })
+            .clone()
+    }
+
+    /// Every vhost, in name order.
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        let mut v: Vec<_> = self
+            .vhosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
     pub fn next_message_id(&self) -> u64 {
         self.persister.next_id()
@@ -64,7 +104,7 @@ impl Broker {
     /// Log the caches' hit and miss counts.
     pub fn log_cache_stats(&self) {
         let b = &self.persister.body_stats;
-        for v in self.vhosts.values() {
+        for v in self.vhosts() {
             tracing::info!(
                 vhost = %v.name,
                 hits = v.route_stats.hits.load(Ordering::Relaxed),

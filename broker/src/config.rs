@@ -6,12 +6,25 @@ use std::time::Duration;
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Address to listen on (port 0 picks a free one).
+    /// Address to listen on for plain AMQP (port 0 picks a free one).
     pub listen: SocketAddr,
+    /// Serve plain AMQP on `listen` (off: TLS only).
+    pub plain: bool,
+    /// The AMQPS listener, if any.
+    pub tls: Option<TlsListener>,
     /// Where durable state lives.
     pub data_dir: PathBuf,
-    /// Users and their passwords. `guest` may only connect from loopback.
-    pub users: Vec<(String, String)>,
+    /// The user a blank node is given (administrator, full permissions on
+    /// the vhost `/`), as RabbitMQ's `default_user` / `default_pass`. Not
+    /// created when definitions are imported at boot.
+    pub default_user: Option<(String, String)>,
+    /// Users who may connect only from a loopback address (RabbitMQ's
+    /// `loopback_users`).
+    pub loopback_users: Vec<String>,
+    /// A definitions file (RabbitMQ's JSON) imported at every start, as
+    /// RabbitMQ's `load_definitions`. A blank node given one gets no
+    /// default user.
+    pub definitions: Option<PathBuf>,
     /// Largest accepted message body (RabbitMQ's default: 16 MiB); 406 above.
     pub max_message_size: u64,
     /// channel_max proposed in connection.tune.
@@ -48,6 +61,13 @@ pub struct Config {
     pub disk_free_limit: u64,
 }
 
+/// The AMQPS listener: where, and its certificates.
+#[derive(Clone, Debug)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    pub settings: crate::tls::TlsSettings,
+}
+
 /// Smallest frame_max a client may choose (AMQP 0-9-1 frame-min-size).
 pub const FRAME_MIN: u32 = 4096;
 /// Largest frame accepted before tune-ok: an unauthenticated peer cannot make
@@ -58,8 +78,12 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:5672".parse().expect("valid address"),
+            plain: true,
+            tls: None,
             data_dir: PathBuf::from("data"),
-            users: vec![("guest".into(), "guest".into())],
+            default_user: Some(("guest".into(), "guest".into())),
+            loopback_users: vec!["guest".into()],
+            definitions: None,
             max_message_size: 16 * 1024 * 1024,
             channel_max: 2047,
             frame_max: 131072,

@@ -2,7 +2,9 @@
 //!
 //! Layers, top to bottom; a module uses only those below it:
 //! - [`server`] — the listener, the connection limit, shutdown; builds the
-//!   broker at start-up (store, recovery).
+//!   broker at start-up (store, recovery, definitions imported at boot).
+//! - [`definitions`] — RabbitMQ's definitions JSON: import (all or
+//!   nothing, never overwriting) and export.
 //! - [`connection`] — one task per connection: admission (the handshake
 //!   budget), handshake, the `select!` loop over socket, mailbox, heartbeat
 //!   and shutdown, the writer.
@@ -21,11 +23,19 @@
 //!   cancellations): below both, so neither imports the other.
 //! - [`persist`] — the store service: the group-commit writer thread, the
 //!   page reader thread, message ids, the moka cache of hot bodies.
+//! - [`access`] — users (RabbitMQ's password hashes), vhosts, permissions
+//!   and topic permissions, stored as records; checked at login,
+//!   `connection.open` and every guarded channel method.
 //! - [`alarm`] — resource alarms (memory high watermark, free disk limit)
 //!   that block publishing connections, and the paging signal for queues.
-//! - [`message`], [`error`], [`config`], [`fields`], [`logins`] — the shared
-//!   message, errors shaped as channel.close / connection.close, settings,
-//!   field values compared as RabbitMQ does, failed-login accounting.
+//! - [`tls`] — rustls for the AMQPS listener: certificates, client
+//!   verification, reload, the user a client certificate names.
+//! - [`config_file`] — the daemon's settings from a TOML file and `WARREN_*`
+//!   variables, under its flags.
+//! - [`message`], [`error`], [`config`], [`fields`], [`logins`], [`heap`] —
+//!   the shared message, errors shaped as channel.close / connection.close,
+//!   settings, field values compared as RabbitMQ does, failed-login
+//!   accounting, the allocator and its statistics.
 //!
 //! A `basic.publish`: socket -> frame check -> method decode (connection)
 //! -> the channel gathers header and body (`channel/publish.rs`) -> the
@@ -35,20 +45,25 @@
 //! connection's channel assigns a delivery tag and the writer sends deliver
 //! + raw header + body (`channel/consume.rs`).
 
+pub mod access;
 pub mod alarm;
 pub mod broker;
 pub mod channel;
 pub mod config;
+pub mod config_file;
 pub mod connection;
+pub mod definitions;
 pub mod error;
 pub mod events;
 pub mod exchange;
 pub mod fields;
+pub mod heap;
 pub mod logins;
 pub mod message;
 pub mod persist;
 pub mod queue;
 pub mod server;
+pub mod tls;
 pub mod vhost;
 
 pub use config::Config;

@@ -3,17 +3,20 @@
 //! (320 CONNECTION_FORCED) and waits for them briefly. Also builds the broker
 //! at start-up: opens the store and recovers definitions and messages.
 
+use crate::access::Access;
 use crate::alarm::Alarms;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection::admission::Admission;
+use crate::connection::Stream;
 use crate::persist::Persister;
 use crate::queue::QueueCmd;
+use crate::tls::Tls;
 use crate::vhost::VHost;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -21,15 +24,9 @@ use tracing::Instrument;
 use warren_storage::{Definitions, MessageOp, Store};
 use warren_storage_rocksdb::RocksStore;
 
-/// Tell every durable queue what it holds on disk (it reads its messages
-/// back in order as consumers need them: no body is read here), and drop
-/// index entries of queues that no longer exist.
-fn recover_messages(
-    store: &dyn Store,
-    persister: &Persister,
-    vhost: &VHost,
-    defs: &Definitions,
-) -> Result<(), String> {
+/// Tell every durable queue of `vhost` what it holds on disk (it reads its
+/// messages back in order as consumers need them: no body is read here).
+fn recover_messages(store: &dyn Store, vhost: &VHost, defs: &Definitions) -> Result<(), String> {
     let started = std::time::Instant::now();
     let mut total = 0u64;
     for q in defs.queues.iter().filter(|q| q.vhost == vhost.name) {
@@ -47,8 +44,20 @@ fn recover_messages(
             count: b.count,
         });
         total += b.count;
-        tracing::info!(queue = %q.name, messages = b.count, elapsed = ?started.elapsed(), "recovered queue");
+        tracing::info!(vhost = %vhost.name, queue = %q.name, messages = b.count, elapsed = ?started.elapsed(), "recovered queue");
     }
+    if total > 0 {
+        tracing::info!(vhost = %vhost.name, messages = total, elapsed = ?started.elapsed(), "recovered persistent messages");
+    }
+    Ok(())
+}
+
+/// Drop the index entries of queues that no longer exist.
+fn drop_orphans(
+    store: &dyn Store,
+    persister: &Persister,
+    defs: &Definitions,
+) -> Result<(), String> {
     let known: std::collections::HashSet<u64> = defs.queues.iter().map(|q| q.id).collect();
     for id in store.queue_ids().map_err(|e| e.to_string())? {
         if !known.contains(&id) {
@@ -59,7 +68,6 @@ fn recover_messages(
             persister.submit_nowait(vec![MessageOp::DropQueue { queue: id }]);
         }
     }
-    tracing::info!(messages = total, elapsed = ?started.elapsed(), "recovered persistent messages");
     Ok(())
 }
 
@@ -90,7 +98,10 @@ fn keep_reserve(path: &std::path::Path) {
 
 /// A bound, not yet running, broker.
 pub struct Server {
-    listener: TcpListener,
+    /// Plain AMQP (None: TLS only).
+    listener: Option<TcpListener>,
+    /// AMQPS, with its certificates.
+    tls: Option<(TcpListener, Arc<Tls>)>,
     broker: Arc<Broker>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -155,23 +166,85 @@ impl Server {
         // Hot bodies take at most an eighth of the memory limit.
         let cache_bytes = config.body_cache_bytes.min(config.memory_limit / 8);
         let persister = Persister::start(store.clone(), max_message, cache_bytes, alarms.clone())?;
-        let root = VHost::new("/", store.clone(), queue_ids, Some(persister.clone()));
-        root.recover(&defs)
-            .map_err(|e| err(format!("cannot recover definitions: {e}")))?;
-        recover_messages(&*store, &persister, &root, &defs).map_err(err)?;
+        let default_user = config
+            .default_user
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str()));
+        let access = Access::load(
+            store.clone(),
+            config.loopback_users.clone(),
+            default_user,
+            config.definitions.is_none(),
+        )
+        .map_err(err)?;
+        // Read the definitions file before anything starts: a missing or
+        // unreadable file stops the start.
+        let definitions = match &config.definitions {
+            Some(path) => Some((
+                path.clone(),
+                std::fs::read(path).map_err(|e| {
+                    err(format!(
+                        "cannot read definitions file {}: {e}",
+                        path.display()
+                    ))
+                })?,
+            )),
+            None => None,
+        };
+        // Every vhost access control knows, and any that stored definitions
+        // name (so that nothing stored is ever out of reach).
+        let mut names: std::collections::BTreeSet<String> =
+            access.snapshot().vhosts.keys().cloned().collect();
+        names.extend(defs.exchanges.iter().map(|e| e.vhost.clone()));
+        names.extend(defs.queues.iter().map(|q| q.vhost.clone()));
+        for name in names {
+            let vhost = VHost::new(
+                &name,
+                store.clone(),
+                queue_ids.clone(),
+                Some(persister.clone()),
+            );
+            vhost
+                .recover(&defs)
+                .map_err(|e| err(format!("cannot recover definitions of vhost '{name}': {e}")))?;
+            recover_messages(&*store, &vhost, &defs).map_err(err)?;
+            vhosts.insert(name, vhost);
+        }
+        drop_orphans(&*store, &persister, &defs).map_err(err)?;
         tracing::info!(
+            vhosts = vhosts.len(),
             exchanges = defs.exchanges.len(),
             queues = defs.queues.len(),
             bindings = defs.bindings.len(),
             "recovered durable definitions"
         );
-        vhosts.insert("/".to_owned(), root);
-        let listener = TcpListener::bind(config.listen).await?;
+        let listener = match config.plain {
+            true => Some(TcpListener::bind(config.listen).await?),
+            false => None,
+        };
+        let tls = match &config.tls {
+            Some(t) => {
+                let tls = Tls::load(t.settings.clone()).map_err(err)?;
+                let l = TcpListener::bind(t.listen)
+                    .await
+                    .map_err(|e| err(format!("cannot listen for AMQPS on {}: {e}", t.listen)))?;
+                Some((l, Arc::new(tls)))
+            }
+            None => None,
+        };
+        if listener.is_none() && tls.is_none() {
+            return Err(err(
+                "no listener: plain AMQP is off and TLS is not configured".into(),
+            ));
+        }
         let max_connections = config.max_connections;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let broker = Arc::new(Broker {
             config,
-            vhosts,
+            vhosts: RwLock::new(vhosts),
+            access,
+            meta: store.clone(),
+            queue_ids,
             next_conn: AtomicU64::new(1),
             next_chan: AtomicU64::new(1),
             persister,
@@ -181,8 +254,26 @@ impl Server {
             connection_slots: Arc::new(Semaphore::new(max_connections)),
             login_failures: Default::default(),
         });
+        if let Some((path, json)) = definitions {
+            match crate::definitions::import(&broker, &json).await {
+                Ok(report) => tracing::info!(
+                    file = %path.display(),
+                    created = report.created.len(),
+                    skipped = report.skipped.len(),
+                    "imported definitions"
+                ),
+                Err(problems) => {
+                    return Err(err(format!(
+                        "definitions file {} was not imported (nothing changed):\n  {}",
+                        path.display(),
+                        problems.join("\n  ")
+                    )))
+                }
+            }
+        }
         Ok(Server {
             listener,
+            tls,
             broker,
             shutdown_tx,
         })
@@ -193,8 +284,22 @@ impl Server {
         self.broker.persister.threads.clone()
     }
 
+    /// The broker this server serves.
+    pub fn broker(&self) -> Arc<Broker> {
+        self.broker.clone()
+    }
+
+    /// The plain AMQP listener's address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(l) => l.local_addr(),
+            None => Err(std::io::Error::other("plain AMQP is off")),
+        }
+    }
+
+    /// The AMQPS listener's address, if TLS is configured.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn alarms(&self) -> Arc<Alarms> {
@@ -205,23 +310,31 @@ impl Server {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let Server {
             listener,
+            tls,
             broker,
             shutdown_tx,
         } = self;
         let admission = Admission::new(&broker.config);
         let mut tasks = tokio::task::JoinSet::new();
         tokio::pin!(stop);
+        let (tls_listener, tls) = match tls {
+            Some((l, t)) => (Some(l), Some(t)),
+            None => (None, None),
+        };
+        let reload = tls.clone().map(|t| tokio::spawn(reload_on_sighup(t)));
         loop {
-            let (stream, peer) = tokio::select! {
+            let (accepted, is_tls) = tokio::select! {
                 _ = &mut stop => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                r = accept(&listener) => (r, false),
+                r = accept(&tls_listener) => (r, true),
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let Some(handshake) = admission.admit(peer.ip()) else {
                 // Over the handshake budget: closed at once (logged at most
@@ -232,8 +345,26 @@ impl Server {
             let id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
             let span = tracing::info_span!("conn", id, %peer, name = tracing::field::Empty);
             let b = broker.clone();
+            let acceptor = tls.as_ref().filter(|_| is_tls).map(|t| t.acceptor());
             tasks.spawn(
                 async move {
+                    let stream = match acceptor {
+                        None => Stream::Plain(stream),
+                        Some(acceptor) => {
+                            let timeout = b.config.handshake_timeout;
+                            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => Stream::Tls(Box::new(s)),
+                                Ok(Err(e)) => {
+                                    tracing::info!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::info!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            }
+                        }
+                    };
                     crate::connection::serve(id, stream, peer, b, handshake).await;
                 }
                 .instrument(span),
@@ -243,6 +374,10 @@ impl Server {
         tracing::info!("shutting down: closing {} connection(s)", tasks.len());
         broker.log_cache_stats();
         drop(listener);
+        drop(tls_listener);
+        if let Some(r) = reload {
+            r.abort();
+        }
         let _ = shutdown_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while tasks.join_next().await.is_some() {}
@@ -251,9 +386,40 @@ impl Server {
     }
 }
 
+/// Accept on `l`, or never if there is no such listener.
+async fn accept(l: &Option<TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Re-read the TLS files on every SIGHUP: new connections get them, open
+/// ones keep theirs; files that do not load leave the old ones in use.
+async fn reload_on_sighup(tls: Arc<Tls>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot watch SIGHUP: TLS certificates reload only at restart");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate and key"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; the old ones stay in use")
+                }
+            }
+        }
+    }
+}
+
 /// A broker running in the background of the current runtime (tests, tools).
 pub struct RunningBroker {
     pub addr: SocketAddr,
+    /// The AMQPS listener's address, if TLS is configured.
+    pub tls_addr: Option<SocketAddr>,
     /// The broker's shared state (tests read its counters).
     pub broker: Arc<Broker>,
     pub alarms: Arc<Alarms>,
@@ -266,6 +432,7 @@ impl RunningBroker {
     pub async fn start(config: Config) -> std::io::Result<RunningBroker> {
         let server = Server::bind(config).await?;
         let addr = server.local_addr()?;
+        let tls_addr = server.tls_local_addr();
         let broker = server.broker.clone();
         let alarms = server.alarms();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -274,6 +441,7 @@ impl RunningBroker {
         }));
         Ok(RunningBroker {
             addr,
+            tls_addr,
             broker,
             alarms,
             stop: Some(tx),

@@ -77,6 +77,17 @@ impl Daemon {
         status_kib(self.child.id(), "VmHWM:") * 1024
     }
 
+    /// Anonymous resident memory of the process now (RssAnon: heap, stacks;
+    /// not the binary's file-backed pages), in bytes.
+    pub fn anon_rss(&self) -> u64 {
+        status_kib(self.child.id(), "RssAnon:") * 1024
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Resident memory of the process now (VmRSS), in bytes.
     pub fn rss(&self) -> u64 {
         status_kib(self.child.id(), "VmRSS:") * 1024
@@ -100,6 +111,12 @@ impl Daemon {
         };
         let log = std::env::temp_dir().join(format!("warren-test-daemon-{}.log", self.port));
         (status, std::fs::read_to_string(log).unwrap_or_default())
+    }
+
+    /// Send a signal (SIGHUP: reload TLS files).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
     /// SIGKILL: no chance to flush anything.

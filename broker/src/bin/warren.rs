@@ -1,6 +1,6 @@
 //! The Warren daemon.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use warren_broker::config::{parse_memory_limit, parse_size, MemoryLimit};
@@ -8,14 +8,46 @@ use warren_broker::{Config, Server};
 
 /// Warren: an AMQP 0-9-1 message broker.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// A TOML file of settings: each key is a flag's name ("memory-limit =
+    /// \"1GiB\""). Every flag may also be set by a WARREN_* environment
+    /// variable (WARREN_MEMORY_LIMIT). Flags win over the environment, the
+    /// environment over the file. See warren.example.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     bind: IpAddr,
-    /// AMQP port.
+    /// AMQP port (plain TCP). 0 turns plain AMQP off (TLS only).
     #[arg(long, default_value_t = 5672)]
     port: u16,
+    /// AMQPS (TLS) port. Default: 5671 when a certificate is configured.
+    #[arg(long, value_name = "PORT")]
+    tls_port: Option<u16>,
+    /// The server's certificate chain (PEM). Turns the AMQPS listener on.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Ask TLS clients for a certificate and verify it against --tls-ca
+    /// (RabbitMQ's verify_peer). Verified certificates can log in with the
+    /// EXTERNAL mechanism.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    tls_verify_peer: bool,
+    /// With --tls-verify-peer: refuse TLS clients without a certificate.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    tls_fail_if_no_peer_cert: bool,
+    /// Which part of a client certificate names the user for EXTERNAL:
+    /// common_name (the subject's CN) or distinguished_name (RFC 4514).
+    #[arg(long, default_value = "common_name", value_name = "PART")]
+    tls_login_from: warren_broker::tls::LoginFrom,
     /// Directory for durable state.
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
@@ -43,10 +75,85 @@ struct Args {
     /// less free space than this ("50MB", "1GiB", bytes). 0 disables.
     #[arg(long, default_value = "50MB", value_parser = parse_size, value_name = "SIZE")]
     disk_free_limit: u64,
+    /// A definitions file (RabbitMQ's JSON format) to import at start:
+    /// users, vhosts, permissions, exchanges, queues, bindings. Nothing that
+    /// exists is overwritten; a file with an invalid item stops the start
+    /// and changes nothing. A blank node given one gets no guest user.
+    #[arg(long, value_name = "FILE")]
+    definitions: Option<PathBuf>,
+    /// Users who may connect only from loopback addresses (comma-separated;
+    /// "" for none).
+    #[arg(long, default_value = "guest", value_name = "USERS")]
+    loopback_users: String,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Write the definitions stored in a data directory (users with their
+    /// password hashes, vhosts, permissions, durable exchanges, queues and
+    /// bindings) in RabbitMQ's JSON format. The broker must be stopped.
+    ExportDefinitions {
+        /// The broker's data directory.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// Where to write them ("-": standard output).
+        #[arg(default_value = "-")]
+        file: PathBuf,
+    },
+}
+
+/// `warren export-definitions`.
+fn export_definitions(data_dir: &std::path::Path, file: &std::path::Path) -> Result<(), String> {
+    use warren_storage::MetaStore;
+    let store_dir = data_dir.join("store");
+    if !store_dir.exists() {
+        return Err(format!("{} holds no Warren store", data_dir.display()));
+    }
+    let store = warren_storage_rocksdb::RocksStore::open(&store_dir, true)
+        .map_err(|e| format!("cannot open {}: {e}", store_dir.display()))?;
+    let (state, _) = warren_broker::access::read_state(&store)?;
+    let defs = store
+        .load()
+        .map_err(|e| format!("cannot read definitions: {e}"))?;
+    let json = warren_broker::definitions::export(&state, &defs);
+    let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+    if file.as_os_str() == "-" {
+        println!("{text}");
+        Ok(())
+    } else {
+        std::fs::write(file, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", file.display()))
+    }
+}
+
+/// Parse the flags over the environment over the config file.
+fn parse_args() -> Result<Args, String> {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = warren_broker::config_file::with_env(Args::command());
+    if let Some(path) = warren_broker::config_file::config_path(&raw) {
+        cmd = warren_broker::config_file::apply_file(cmd, &path)?;
+    }
+    let matches = cmd.get_matches_from(raw);
+    Ok(Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if let Some(Command::ExportDefinitions { data_dir, file }) = &args.command {
+        return match export_definitions(data_dir, file) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("warren export-definitions: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|e| {
         eprintln!(
             "warren: bad --log-level '{}': {e}; using info",
@@ -91,14 +198,48 @@ fn main() -> std::process::ExitCode {
         }
         None => args.max_connections.unwrap_or(65536),
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(warren_broker::config::TlsListener {
+            listen: SocketAddr::new(args.bind, args.tls_port.unwrap_or(5671)),
+            settings: warren_broker::tls::TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: args.tls_ca.clone(),
+                verify_peer: args.tls_verify_peer,
+                fail_if_no_peer_cert: args.tls_fail_if_no_peer_cert,
+                login_from: args.tls_login_from,
+            },
+        }),
+        _ => None,
+    };
+    if tls.is_none() && (args.tls_port.is_some() || args.tls_ca.is_some() || args.tls_verify_peer) {
+        eprintln!(
+            "warren: --tls-port, --tls-ca and --tls-verify-peer need --tls-cert and --tls-key"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    if args.port == 0 && tls.is_none() {
+        eprintln!("warren: --port 0 turns plain AMQP off, and no TLS listener is configured (--tls-cert, --tls-key)");
+        return std::process::ExitCode::FAILURE;
+    }
     let config = Config {
         listen: SocketAddr::new(args.bind, args.port),
+        plain: args.port != 0,
+        tls,
         data_dir: args.data_dir,
         max_message_size: args.max_message_size,
         max_connections: max_connections.max(1),
         fsync: args.fsync,
         memory_limit,
         disk_free_limit: args.disk_free_limit,
+        definitions: args.definitions,
+        loopback_users: args
+            .loopback_users
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect(),
         ..Config::default()
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -122,8 +263,9 @@ fn main() -> std::process::ExitCode {
             }
         };
         store_threads = Some(server.store_threads());
-        let addr = server.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(%addr, data_dir = %config.data_dir.display(), "Warren {} listening", env!("CARGO_PKG_VERSION"));
+        let addr = server.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "off".into());
+        let tls_addr = server.tls_local_addr().map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+        tracing::info!(%addr, %tls_addr, data_dir = %config.data_dir.display(), "Warren {} listening on {addr} (AMQPS: {tls_addr})", env!("CARGO_PKG_VERSION"));
         server.run(shutdown_signal()).await;
         std::process::ExitCode::SUCCESS
     });

@@ -11,6 +11,7 @@
 use super::ack::Delivery;
 use super::reply_to::REPLY_TO;
 use super::{generated_name, not_from_client, Channel, Ctx};
+use crate::access::{Kind, Perm};
 use crate::error::{not_found, precondition, AmqpError, AmqpResult};
 use crate::message::Message;
 use crate::queue::{Consumer, QueueCmd, QueueHandle, FLOW_WINDOW};
@@ -122,6 +123,7 @@ impl Channel {
         if name == REPLY_TO {
             return self.consume_replies(cx, tag, cm.no_ack, cm.nowait);
         }
+        cx.session.check(Kind::Queue, &name, Perm::Read)?;
         let vhost = &cx.session.vhost;
         let handle = vhost.queue(&name, cx.session.conn_id)?;
         let priority = match cm.arguments.inner().get("x-priority") {
@@ -285,6 +287,7 @@ impl Channel {
     /// `basic.get`: one message, or get-empty.
     async fn get(&mut self, cx: &mut Ctx<'_>, queue: &str, no_ack: bool) -> AmqpResult<()> {
         let name = self.queue_name(queue)?;
+        cx.session.check(Kind::Queue, &name, Perm::Read)?;
         let handle = cx.session.vhost.queue(&name, cx.session.conn_id)?;
         let chan_key = self.key;
         let got = handle

@@ -16,12 +16,14 @@
 //! - [`confirm`]: publisher confirms.
 //! - [`tx`] — transactions.
 //! - [`reply_to`]: direct reply-to (`amq.rabbitmq.reply-to`).
+//! - [`authz`]: permission checks (configure / write / read, topics).
 //!
 //! Per-message methods (publish, ack, nack, reject, qos) are handled without
 //! awaiting ([`Channel::on_fast_method`]); the rest ([`Channel::on_method`]) may
 //! await a queue's or the vhost's answer.
 
 pub mod ack;
+pub mod authz;
 pub mod confirm;
 pub mod consume;
 pub mod publish;
@@ -72,6 +74,9 @@ pub struct Session {
     pub conn_id: u64,
     /// The authenticated user.
     pub user: String,
+    /// The user has the `impersonator` tag (may publish with another
+    /// `user_id`).
+    pub impersonator: bool,
     pub vhost: Arc<VHost>,
     pub broker: Arc<Broker>,
     pub caps: ClientCaps,
@@ -88,6 +93,8 @@ pub struct ConnShared {
     pub route_memo: Option<Arc<Route>>,
     /// Exclusive queues this connection declared (deleted when it closes).
     pub exclusive: Vec<QueueHandle>,
+    /// The last publish permission granted (see `authz`).
+    pub publish_grant: authz::PublishGrant,
 }
 
 /// What a channel method works with.

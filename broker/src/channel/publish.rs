@@ -155,7 +155,8 @@ impl Channel {
             .map_err(|e| e.at(60, 40))
     }
 
-    /// A complete message: checked (`user_id`), its direct reply-to address
+    /// A complete message: checked (permissions, `user_id` unless the user
+    /// is an impersonator), its direct reply-to address
     /// filled in, then buffered by the transaction or routed.
     fn publish(
         &mut self,
@@ -164,9 +165,14 @@ impl Channel {
         header: ContentHeader,
         body: Bytes,
     ) -> AmqpResult<Option<Pending>> {
+        cx.session.check_publish(
+            &mut cx.shared.publish_grant,
+            &p.exchange,
+            p.routing_key.as_str(),
+        )?;
         let user = &cx.session.user;
         if let Some(uid) = header.user_id_bytes() {
-            if uid != user.as_bytes() {
+            if uid != user.as_bytes() && !cx.session.impersonator {
                 let uid = String::from_utf8_lossy(uid);
                 return Err(precondition(format!(
                     "user_id property set to '{uid}' but authenticated user was '{user}'"

@@ -3,7 +3,8 @@
 //! them (durable ones are stored before the answer); this file maps the
 //! methods onto it and writes the answers.
 
-use super::{generated_name, not_from_client, Channel, Ctx};
+use super::{generated_name, not_from_client, Channel, Ctx, Session};
+use crate::access::{Kind, Perm};
 use crate::error::{access_refused, AmqpError, AmqpResult};
 use crate::exchange::Dest;
 use crate::queue::QueueCmd;
@@ -11,6 +12,32 @@ use crate::vhost::{ExchangeSpec, QueueSpec};
 use warren_protocol::amqp::{exchange as ex, queue as q, AMQPClass};
 use warren_protocol::method::short;
 use warren_protocol::reply;
+use warren_protocol::types::{AMQPValue, FieldTable};
+
+/// A binding (queue or exchange, made or removed) needs write on its
+/// destination and read on its source, and, through a topic exchange,
+/// topic read on its routing key.
+fn check_bind(
+    se: &Session,
+    source: &str,
+    dest_kind: Kind,
+    dest: &str,
+    routing_key: &str,
+) -> AmqpResult<()> {
+    se.check(dest_kind, dest, Perm::Write)?;
+    se.check(Kind::Exchange, source, Perm::Read)?;
+    se.check_topic(source, routing_key, Perm::Read)
+}
+
+/// A string argument (short or long string), as RabbitMQ's `r_arg` reads
+/// exchange names from arguments.
+fn string_arg(args: &FieldTable, key: &str) -> Option<String> {
+    match args.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
 
 impl Channel {
     pub(super) async fn on_exchange(
@@ -19,8 +46,19 @@ impl Channel {
         m: ex::AMQPMethod,
     ) -> AmqpResult<()> {
         let v = &cx.session.vhost;
+        let se = cx.session;
         let (ok, nowait) = match m {
             ex::AMQPMethod::Declare(d) => {
+                let name = d.exchange.as_str();
+                if !d.passive {
+                    se.check(Kind::Exchange, name, Perm::Configure)?;
+                    if let Some(ae) = string_arg(&d.arguments, "alternate-exchange") {
+                        if v.exchange_kind(name).is_none() {
+                            se.check(Kind::Exchange, name, Perm::Read)?;
+                            se.check(Kind::Exchange, &ae, Perm::Write)?;
+                        }
+                    }
+                }
                 v.declare_exchange(ExchangeSpec {
                     name: d.exchange.as_str(),
                     kind: d.kind.as_str(),
@@ -34,10 +72,18 @@ impl Channel {
                 (ex::AMQPMethod::DeclareOk(ex::DeclareOk {}), d.nowait)
             }
             ex::AMQPMethod::Delete(d) => {
+                se.check(Kind::Exchange, d.exchange.as_str(), Perm::Configure)?;
                 v.delete_exchange(d.exchange.as_str(), d.if_unused).await?;
                 (ex::AMQPMethod::DeleteOk(ex::DeleteOk {}), d.nowait)
             }
             ex::AMQPMethod::Bind(b) => {
+                check_bind(
+                    se,
+                    b.source.as_str(),
+                    Kind::Exchange,
+                    b.destination.as_str(),
+                    b.routing_key.as_str(),
+                )?;
                 v.set_binding(
                     true,
                     b.source.as_str(),
@@ -50,6 +96,13 @@ impl Channel {
                 (ex::AMQPMethod::BindOk(ex::BindOk {}), b.nowait)
             }
             ex::AMQPMethod::Unbind(b) => {
+                check_bind(
+                    se,
+                    b.source.as_str(),
+                    Kind::Exchange,
+                    b.destination.as_str(),
+                    b.routing_key.as_str(),
+                )?;
                 v.set_binding(
                     false,
                     b.source.as_str(),
@@ -96,6 +149,14 @@ impl Channel {
                 if name.is_empty() {
                     name = generated_name("amq.gen-");
                 }
+                if !d.passive {
+                    let se = cx.session;
+                    se.check(Kind::Queue, &name, Perm::Configure)?;
+                    if let Some(dlx) = string_arg(&d.arguments, "x-dead-letter-exchange") {
+                        se.check(Kind::Queue, &name, Perm::Read)?;
+                        se.check(Kind::Exchange, &dlx, Perm::Write)?;
+                    }
+                }
                 let handle = v
                     .declare_queue(
                         QueueSpec {
@@ -136,6 +197,7 @@ impl Channel {
                 } else {
                     b.routing_key.as_str().to_owned()
                 };
+                check_bind(cx.session, b.exchange.as_str(), Kind::Queue, &name, &key)?;
                 let dest = Dest::Queue(name.as_str().into());
                 v.set_binding(true, b.exchange.as_str(), dest, &key, &b.arguments, conn)
                     .await?;
@@ -148,8 +210,9 @@ impl Channel {
             }
             q::AMQPMethod::Unbind(b) => {
                 let name = self.queue_name(b.queue.as_str())?;
-                let dest = Dest::Queue(name.as_str().into());
                 let key = b.routing_key.as_str();
+                check_bind(cx.session, b.exchange.as_str(), Kind::Queue, &name, key)?;
+                let dest = Dest::Queue(name.as_str().into());
                 v.set_binding(false, b.exchange.as_str(), dest, key, &b.arguments, conn)
                     .await?;
                 cx.out.send_method(
@@ -159,6 +222,7 @@ impl Channel {
             }
             q::AMQPMethod::Purge(p) => {
                 let name = self.queue_name(p.queue.as_str())?;
+                cx.session.check(Kind::Queue, &name, Perm::Read)?;
                 let handle = v.queue(&name, conn)?;
                 let n = handle
                     .ask(|reply| QueueCmd::Purge { reply })
@@ -173,6 +237,7 @@ impl Channel {
             }
             q::AMQPMethod::Delete(d) => {
                 let name = self.queue_name(d.queue.as_str())?;
+                cx.session.check(Kind::Queue, &name, Perm::Configure)?;
                 let n = match v.queue(&name, conn) {
                     Ok(handle) => {
                         let n = v.delete_queue(&handle, d.if_unused, d.if_empty).await?;

@@ -46,7 +46,13 @@ pub async fn handshake(io: &mut Io, broker: &Broker) -> Result<Option<Opened>, F
             version_major: 0,
             version_minor: 9,
             server_properties: server_properties(),
-            mechanisms: LongString::from("PLAIN AMQPLAIN"),
+            // EXTERNAL only where a verified client certificate names the
+            // user (as RabbitMQ's rabbitmq_auth_mechanism_ssl).
+            mechanisms: LongString::from(if io.stream.peer_certificate().is_some() {
+                "PLAIN AMQPLAIN EXTERNAL"
+            } else {
+                "PLAIN AMQPLAIN"
+            }),
             locales: LongString::from("en_US"),
         })),
     );
@@ -135,6 +141,10 @@ pub async fn handshake(io: &mut Io, broker: &Broker) -> Result<Option<Opened>, F
         }
     };
     let vh = open.virtual_host.as_str();
+    broker
+        .access
+        .check_vhost(&user, vh)
+        .map_err(|e| Fault::Connection(e.at(10, 40)))?;
     let Some(vhost) = broker.vhost(vh) else {
         return Err(
             conn_error(reply::NOT_ALLOWED, format!("vhost {vh} not found")).at_method(10, 40),
@@ -183,9 +193,30 @@ fn authenticate(
     caps: ClientCaps,
 ) -> Result<String, Refused> {
     let mechanism = start_ok.mechanism.as_str();
+    let loopback = io.peer.ip().is_loopback();
     let creds = match mechanism {
         "PLAIN" => parse_plain(start_ok.response.as_bytes()),
         "AMQPLAIN" => parse_amqplain(start_ok.response.as_bytes()),
+        "EXTERNAL" if io.stream.peer_certificate().is_some() => {
+            let login_from = broker
+                .config
+                .tls
+                .as_ref()
+                .map(|t| t.settings.login_from)
+                .unwrap_or_default();
+            let who = io
+                .stream
+                .peer_certificate()
+                .and_then(|der| crate::tls::peer_identity(der, login_from));
+            let why = match who {
+                None => "the client certificate names no user".to_owned(),
+                Some(u) => match broker.access.login_external(&u, loopback) {
+                    Ok(()) => return Ok(u),
+                    Err(e) => e.to_string(),
+                },
+            };
+            return Err(refusal(caps, mechanism, why));
+        }
         other => {
             return Err(Refused {
                 fault: conn_error(
@@ -199,21 +230,16 @@ fn authenticate(
     };
     let why = match creds {
         None => "malformed response".to_owned(),
-        Some((u, p)) => {
-            let known = broker
-                .config
-                .users
-                .iter()
-                .any(|(n, pw)| n == &u && pw == &p);
-            if !known {
-                format!("invalid credentials for user '{u}'")
-            } else if u == "guest" && !io.peer.ip().is_loopback() {
-                "user 'guest' can only connect via localhost".to_owned()
-            } else {
-                return Ok(u);
-            }
-        }
+        Some((u, p)) => match broker.access.login(&u, p.as_bytes(), loopback) {
+            Ok(()) => return Ok(u),
+            Err(e) => e.to_string(),
+        },
     };
+    Err(refusal(caps, mechanism, why))
+}
+
+/// A refused login, answered as the client asked (`authentication_failure_close`).
+fn refusal(caps: ClientCaps, mechanism: &str, why: String) -> Refused {
     let fault = if caps.authentication_failure_close {
         Fault::Connection(
             AmqpError::new(
@@ -225,7 +251,7 @@ fn authenticate(
     } else {
         Fault::Drop("login refused".into())
     };
-    Err(Refused { fault, why })
+    Refused { fault, why }
 }
 
 /// Read the next method of the handshake on channel 0.

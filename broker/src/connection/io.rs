@@ -2,13 +2,13 @@
 //! handled (split into checked frames without copying), the writer, and the
 //! closing handshake's socket work.
 
+use super::stream::Stream;
 use super::{conn_error, Fault};
 use crate::error::AmqpError;
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use warren_protocol::amqp::{connection as conn, AMQPClass};
 use warren_protocol::frame::{self, FrameHeader};
 use warren_protocol::method::{self, short};
@@ -20,7 +20,7 @@ use crate::channel::Output;
 /// The socket side of a connection: the stream, what was read and not yet
 /// handled, and the writer.
 pub struct Io {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Stream,
     pub(super) peer: SocketAddr,
     pub(super) inbuf: BytesMut,
     pub(super) out: Writer,
@@ -29,8 +29,8 @@ pub struct Io {
 }
 
 impl Io {
-    pub(super) fn new(stream: TcpStream, peer: SocketAddr) -> Io {
-        let _ = stream.set_nodelay(true);
+    pub(super) fn new(stream: Stream, peer: SocketAddr) -> Io {
+        let _ = stream.tcp().set_nodelay(true);
         let frame_max = crate::config::PRE_TUNE_FRAME_MAX;
         Io {
             stream,

@@ -23,6 +23,7 @@ mod channels;
 pub mod handshake;
 mod inbox;
 mod io;
+pub mod stream;
 pub mod writer;
 
 use crate::alarm::Blocked;
@@ -37,8 +38,8 @@ use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+pub use stream::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use warren_protocol::amqp::{connection as conn, AMQPClass};
 use warren_protocol::frame::{self, FrameHeader};
@@ -101,7 +102,7 @@ const READ_BATCH: usize = 256 * 1024;
 /// Serve a client connection to its end: the task body.
 pub async fn serve(
     id: u64,
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     broker: Arc<Broker>,
     handshake_slot: admission::HandshakeSlot,
@@ -189,10 +190,17 @@ impl Connection {
         });
         let (events_tx, events) = mpsc::unbounded_channel();
         let alarm = broker.alarms.subscribe();
+        let impersonator = broker
+            .access
+            .snapshot()
+            .users
+            .get(&o.user)
+            .is_some_and(|u| u.has_tag("impersonator"));
         Connection {
             io,
             session: Session {
                 conn_id: id,
+                impersonator,
                 user: o.user,
                 vhost: o.vhost,
                 broker,
@@ -308,9 +316,11 @@ impl Connection {
                     }
                 }
                 n = self.io.stream.read_buf(&mut self.io.inbuf), if !self.blocked => {
-                    if n? == 0 {
+                    let n = n?;
+                    if n == 0 {
                         return Err(Fault::Drop("peer closed the socket".into()));
                     }
+                    self.session.broker.alarms.note_ingress(n);
                     self.last_read = Instant::now();
                     if self.process_input().await? {
                         self.io.flush().await?;

@@ -4,6 +4,7 @@
 //! slices of the message's own body, queued behind the encoded bytes before
 //! them and written with vectored writes.
 
+use super::stream::Stream;
 use crate::channel::Output;
 use crate::message::Message;
 use bytes::{Buf, Bytes, BytesMut};
@@ -11,7 +12,6 @@ use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use warren_protocol::amqp::AMQPClass;
 use warren_protocol::method;
 
@@ -62,7 +62,7 @@ impl Writer {
     }
 
     /// Write everything queued.
-    pub async fn flush(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+    pub async fn flush(&mut self, stream: &mut Stream) -> std::io::Result<()> {
         if !self.segs.is_empty() {
             self.write_segments(stream).await?;
         } else if !self.out.is_empty() {
@@ -73,11 +73,16 @@ impl Writer {
             self.out.clear();
             self.last_write = Instant::now();
         }
+        if stream.is_tls() {
+            // TLS records the session still holds go out now.
+            let flush = async { stream.flush().await.map(|()| 1) };
+            write_or_stall(self.stall, flush).await?;
+        }
         Ok(())
     }
 
     /// Write `segs`, then `out`, with vectored writes.
-    async fn write_segments(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+    async fn write_segments(&mut self, stream: &mut Stream) -> std::io::Result<()> {
         if !self.out.is_empty() {
             self.segs.push_back(self.out.split().freeze());
         }

@@ -81,7 +81,7 @@ fn encode_table(t: &FieldTable) -> bytes::Bytes {
 }
 
 /// A stored field table (validated before amq-protocol parses it).
-fn decode_table(b: &[u8]) -> Result<FieldTable, String> {
+pub fn decode_table(b: &[u8]) -> Result<FieldTable, String> {
     if b.is_empty() {
         return Ok(FieldTable::default());
     }
@@ -203,6 +203,11 @@ impl VHost {
             .ok_or_else(|| not_found("queue", name, &self.name))?;
         check_owner(&q, conn, &self.name)?;
         Ok(q)
+    }
+
+    /// The type name of exchange `name` (`None`: no such exchange).
+    pub fn exchange_kind(&self, name: &str) -> Option<&'static str> {
+        self.read().exchanges.get(name).map(|x| x.kind.name)
     }
 
     /// Start a queue actor that forgets itself here when it auto-deletes.

@@ -1,0 +1,149 @@
+use super::*;
+use crate::config::Config;
+use crate::server::Server;
+use std::sync::Arc;
+use warren_storage::mem::MemStore;
+use warren_storage::MetaStore;
+
+async fn broker(store: Arc<MemStore>) -> Arc<Broker> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_owned(),
+        memory_limit: u64::MAX >> 2,
+        ..Config::default()
+    };
+    Server::bind_with_store(config, store)
+        .await
+        .unwrap()
+        .broker()
+}
+
+/// A file as RabbitMQ 3.10's `rabbitmqctl export_definitions` writes it
+/// (user `app`, password `test12`: the example of RabbitMQ's
+/// documentation on its hashing scheme).
+fn rabbit_file() -> String {
+    r#"{
+      "rabbit_version": "3.10.8", "rabbitmq_version": "3.10.8",
+      "product_name": "RabbitMQ", "product_version": "3.10.8",
+      "users": [
+        {"name": "app", "password_hash": "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR",
+         "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["monitoring"], "limits": {}}
+      ],
+      "vhosts": [{"name": "prod", "limits": [], "metadata": {"description": "payments", "tags": []}}],
+      "permissions": [{"user": "app", "vhost": "prod", "configure": "^app\\.", "write": ".*", "read": ".*"}],
+      "topic_permissions": [{"user": "app", "vhost": "prod", "exchange": "amq.topic", "write": "^{username}\\.", "read": ".*"}],
+      "parameters": [], "policies": [],
+      "global_parameters": [{"name": "internal_cluster_id", "value": "rabbitmq-cluster-id-x"}],
+      "queues": [
+        {"name": "app.orders", "vhost": "prod", "durable": true, "auto_delete": false,
+         "arguments": {"x-message-ttl": 60000, "x-queue-type": "classic"}}
+      ],
+      "exchanges": [
+        {"name": "app.events", "vhost": "prod", "type": "topic", "durable": true,
+         "auto_delete": false, "internal": false, "arguments": {}}
+      ],
+      "bindings": [
+        {"source": "app.events", "vhost": "prod", "destination": "app.orders",
+         "destination_type": "queue", "routing_key": "order.#", "arguments": {}}
+      ]
+    }"#
+    .to_owned()
+}
+
+#[tokio::test]
+async fn imports_a_rabbitmq_export_and_skips_what_exists() {
+    let b = broker(Arc::new(MemStore::new())).await;
+    let r = import(&b, rabbit_file().as_bytes()).await.unwrap();
+    assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    // The password hashed by RabbitMQ's scheme logs in here.
+    b.access.login("app", b"test12", false).unwrap();
+    b.access.check_vhost("app", "prod").unwrap();
+    let v = b.vhost("prod").expect("vhost made");
+    assert_eq!(v.exchange_kind("app.events"), Some("topic"));
+    assert!(v.queue("app.orders", 0).is_ok());
+    // Again: nothing is overwritten, everything is reported as skipped
+    // (a binding is a set member: adding it again changes nothing).
+    let r = import(&b, rabbit_file().as_bytes()).await.unwrap();
+    assert!(
+        r.created.iter().all(|c| c.starts_with("binding")),
+        "{:?}",
+        r.created
+    );
+    assert_eq!(r.skipped.len(), 6, "{:?}", r.skipped);
+}
+
+#[tokio::test]
+async fn an_invalid_item_changes_nothing_and_every_problem_is_named() {
+    let store = Arc::new(MemStore::new());
+    let b = broker(store.clone()).await;
+    let records = store.load_records().unwrap();
+    let bad = rabbit_file()
+        .replace("\"^app\\\\.\"", "\"(\"")
+        .replace("\"type\": \"topic\"", "\"type\": \"nonsense\"")
+        .replace(
+            "\"policies\": []",
+            "\"policies\": [{\"name\": \"p\", \"vhost\": \"prod\"}], \"bogus\": 1",
+        )
+        .replace(
+            "\"destination\": \"app.orders\"",
+            "\"destination\": \"missing\"",
+        );
+    let problems = import(&b, bad.as_bytes()).await.unwrap_err();
+    let all = problems.join("\n");
+    for want in [
+        "unknown key 'bogus'",
+        "policy 'p' in vhost 'prod': policies are not supported",
+    ] {
+        assert!(all.contains(want), "{want} in:\n{all}");
+    }
+    // Parse errors stop before the semantic checks; fix them and see those.
+    let bad = rabbit_file()
+        .replace("\"^app\\\\.\"", "\"(\"")
+        .replace("\"type\": \"topic\"", "\"type\": \"nonsense\"")
+        .replace(
+            "\"destination\": \"app.orders\"",
+            "\"destination\": \"missing\"",
+        );
+    let problems = import(&b, bad.as_bytes()).await.unwrap_err();
+    let all = problems.join("\n");
+    for want in [
+        "permissions of user 'app' in vhost 'prod': invalid regular expression '('",
+        "exchange 'app.events' in vhost 'prod': unknown exchange type 'nonsense'",
+        // (its source is the exchange refused above)
+        "to queue 'missing' in vhost 'prod': source exchange does not exist",
+    ] {
+        assert!(all.contains(want), "{want} in:\n{all}");
+    }
+    assert_eq!(store.load_records().unwrap(), records, "nothing stored");
+    assert!(b.vhost("prod").is_none());
+    assert!(b.access.login("app", b"test12", true).is_err());
+    assert!(import(&b, b"{not json").await.unwrap_err()[0].contains("not valid JSON"));
+}
+
+#[tokio::test]
+async fn export_then_import_round_trips() {
+    let store = Arc::new(MemStore::new());
+    let b = broker(store.clone()).await;
+    import(&b, rabbit_file().as_bytes()).await.unwrap();
+    let out = export(&b.access.snapshot(), &store.load().unwrap());
+    assert_eq!(out["rabbit_version"], "3.10.8");
+    assert!(out["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u["name"] == "guest" && u["tags"] == json!(["administrator"])));
+    let q = &out["queues"][0];
+    assert_eq!(q["arguments"]["x-message-ttl"], 60000);
+    assert!(out["exchanges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| !x["name"].as_str().unwrap().starts_with("amq.")));
+    // Into a node started from the export alone.
+    let b2 = broker(Arc::new(MemStore::new())).await;
+    let r = import(&b2, out.to_string().as_bytes()).await.unwrap();
+    assert!(r.created.len() >= 4, "{:?}", r);
+    b2.access.login("app", b"test12", false).unwrap();
+    assert!(b2.vhost("prod").unwrap().queue("app.orders", 0).is_ok());
+}
