@@ -312,3 +312,64 @@ def test_user_id_must_match_unless_impersonator():
         i.close()
         if a.is_open:
             a.close()
+
+
+# ---------------------------------------------------------------- limits
+
+
+def test_user_connection_limit():
+    held = [login("conf-lim", "conf-lim-pw") for _ in range(2)]
+    try:
+        e = open_refused("conf-lim", "conf-lim-pw", VHOST)
+        assert ("(530) \"NOT_ALLOWED - connection refused for user 'conf-lim': "
+                "user connection limit (2) is reached\"") in e, e
+    finally:
+        for c in held:
+            c.close()
+    login("conf-lim", "conf-lim-pw").close()  # room again
+
+
+def test_user_channel_limit_counts_all_its_channels():
+    a = login("conf-lim", "conf-lim-pw")
+    b = login("conf-lim", "conf-lim-pw")
+    try:
+        a.channel()
+        a.channel()
+        b.channel()
+        with pytest.raises(pe.ConnectionClosedByBroker) as ei:
+            b.channel()
+        assert ei.value.reply_code == 530
+        assert ei.value.reply_text == ("NOT_ALLOWED - number of channels opened for user "
+                                       "'conf-lim' has reached the maximum allowed user "
+                                       "limit of (3)")
+    finally:
+        for c in (a, b):
+            if c.is_open:
+                c.close()
+
+
+def test_vhost_connection_limit():
+    held = [guest("conf-limited") for _ in range(3)]
+    try:
+        e = open_refused("guest", "guest", "conf-limited")
+        assert ("(530) \"NOT_ALLOWED - access to vhost 'conf-limited' refused for user "
+                "'guest': connection limit (3) is reached\"") in e, e
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_vhost_queue_limit():
+    c = guest("conf-limited")
+    try:
+        ch = c.channel()
+        ch.queue_declare("conf-lim-a", auto_delete=True)
+        ch.queue_declare("conf-lim-b", auto_delete=True)
+        ch.queue_declare("conf-lim-a", auto_delete=True)  # exists: not a new queue
+        with channel_error(406) as ei:
+            ch.queue_declare("conf-lim-c", auto_delete=True)
+        assert ei.value.reply_text == ("PRECONDITION_FAILED - cannot declare queue "
+                                       "'conf-lim-c': queue limit in vhost 'conf-limited' "
+                                       "(2) is reached")
+    finally:
+        c.close()

@@ -12,10 +12,10 @@
 //! order.
 //!
 //! What Warren does not implement yet is refused, not ignored: policies,
-//! runtime parameters, user and vhost limits, queue types other than
+//! runtime parameters other than vhost limits, queue types other than
 //! classic.
 
-use crate::access::{self, password::Algorithm};
+use crate::access::{self, limits, password::Algorithm, Limits};
 use crate::broker::Broker;
 use crate::exchange::{self, Dest};
 use crate::vhost::{ExchangeSpec, QueueSpec};
@@ -55,6 +55,7 @@ struct UserDef {
     password_hash: String,
     algorithm: Algorithm,
     tags: Vec<String>,
+    limits: Limits,
 }
 
 #[derive(Debug)]
@@ -62,6 +63,7 @@ struct VhostDef {
     name: String,
     description: String,
     tags: Vec<String>,
+    limits: Limits,
 }
 
 #[derive(Debug)]
@@ -175,18 +177,35 @@ impl Item<'_> {
             )),
         }
     }
-    /// A field that must be empty (a feature Warren does not have yet).
-    fn empty(&self, key: &str, what: &str) -> Result<(), String> {
-        match self.map.get(key) {
-            None | Some(Value::Null) => Ok(()),
-            Some(Value::Object(m)) if m.is_empty() => Ok(()),
-            Some(Value::Array(a)) if a.is_empty() => Ok(()),
-            Some(v) => Err(format!(
-                "{}: {what} are not supported by Warren yet ({key}: {v})",
-                self.label
-            )),
+    /// Limits as an object (`{"max-connections": 5}`) or as RabbitMQ's
+    /// vhost export writes them (`[["max-connections", 5]]`).
+    fn limits(&self, allowed: &[&str]) -> Result<Limits, String> {
+        let bad = |e: String| format!("{}: limits: {e}", self.label);
+        let int = |name: &str, v: &Value| {
+            v.as_i64()
+                .ok_or_else(|| bad(format!("'{name}' must be an integer, not {v}")))
+        };
+        let mut pairs = Vec::new();
+        match self.map.get("limits") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    pairs.push((k.clone(), int(k, v)?));
+                }
+            }
+            Some(Value::Array(list)) => {
+                for pair in list {
+                    match pair.as_array().map(Vec::as_slice) {
+                        Some([Value::String(k), v]) => pairs.push((k.clone(), int(k, v)?)),
+                        _ => return Err(bad(format!("{pair} is not a [name, value] pair"))),
+                    }
+                }
+            }
+            Some(other) => return Err(bad(format!("must be an object, not {other}"))),
         }
+        Limits::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), *v)), allowed).map_err(bad)
     }
+
     fn tags(&self) -> Result<Vec<String>, String> {
         // RabbitMQ 3.9+ writes a list; older versions a comma-separated string.
         match self.map.get("tags") {
@@ -268,9 +287,9 @@ fn parse(json: &[u8]) -> Result<File, Vec<String>> {
         }
     }
     let mut f = File::default();
+    let mut vhost_limit_params: Vec<(String, Limits)> = Vec::new();
     for it in items(&root, "users", &mut errors, named("user")) {
         let r = (|| {
-            it.empty("limits", "user limits")?;
             let algorithm =
                 Algorithm::parse(it.map.get("hashing_algorithm").and_then(Value::as_str))
                     .map_err(|e| format!("{}: {e}", it.label))?;
@@ -279,13 +298,13 @@ fn parse(json: &[u8]) -> Result<File, Vec<String>> {
                 password_hash: it.str_or("password_hash", "")?,
                 algorithm,
                 tags: it.tags()?,
+                limits: it.limits(limits::USER_LIMITS)?,
             })
         })();
         push(&mut f.users, r, &mut errors);
     }
     for it in items(&root, "vhosts", &mut errors, named("vhost")) {
         let r = (|| {
-            it.empty("limits", "vhost limits")?;
             let meta = it.map.get("metadata").and_then(Value::as_object);
             let description = match meta.and_then(|m| m.get("description")) {
                 Some(Value::String(s)) => s.clone(),
@@ -302,6 +321,7 @@ fn parse(json: &[u8]) -> Result<File, Vec<String>> {
                 name: it.str("name")?,
                 description,
                 tags,
+                limits: it.limits(limits::VHOST_LIMITS)?,
             })
         })();
         push(&mut f.vhosts, r, &mut errors);
@@ -350,10 +370,49 @@ fn parse(json: &[u8]) -> Result<File, Vec<String>> {
         ));
     }
     for it in items(&root, "parameters", &mut errors, named("parameter")) {
-        errors.push(format!(
-            "{}: runtime parameters are not supported by Warren yet",
-            it.label
-        ));
+        // RabbitMQ exports vhost limits twice: in the vhost and as this
+        // parameter. They must agree with the vhost's.
+        let component = it.map.get("component").and_then(Value::as_str);
+        if component != Some("vhost-limits") {
+            errors.push(format!(
+                "{}: runtime parameters ({}) are not supported by Warren yet",
+                it.label,
+                component.unwrap_or("?")
+            ));
+            continue;
+        }
+        let r = (|| {
+            let vhost = it.str("vhost")?;
+            let value = it
+                .map
+                .get("value")
+                .and_then(Value::as_object)
+                .ok_or_else(|| format!("{}: 'value' must be an object", it.label))?;
+            let mut wrapped = Map::new();
+            wrapped.insert("limits".into(), Value::Object(value.clone()));
+            let limits = Item {
+                label: it.label.clone(),
+                map: &wrapped,
+            }
+            .limits(limits::VHOST_LIMITS)?;
+            Ok((vhost, limits))
+        })();
+        match r {
+            Ok(pair) => vhost_limit_params.push(pair),
+            Err(e) => errors.push(e),
+        }
+    }
+    for (vhost, l) in &vhost_limit_params {
+        match f.vhosts.iter_mut().find(|v| &v.name == vhost) {
+            Some(v) if v.limits.is_empty() => v.limits = *l,
+            Some(v) if v.limits == *l => {}
+            Some(_) => errors.push(format!(
+                "vhost '{vhost}': its limits and its vhost-limits parameter differ"
+            )),
+            None => errors.push(format!(
+                "vhost-limits parameter of vhost '{vhost}': the vhost is not in the file"
+            )),
+        }
     }
     for it in items(
         &root,
@@ -574,7 +633,9 @@ pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>>
             u.password_hash.clone(),
             u.algorithm,
             u.tags.clone(),
-        ) {
+        )
+        .and_then(|()| access::set_user_limits(&mut scratch, &mut ops, &u.name, u.limits))
+        {
             errors.push(format!("user '{}': {e}", u.name));
         }
     }
@@ -587,7 +648,9 @@ pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>>
             &v.name,
             &v.description,
             v.tags.clone(),
-        ) {
+        )
+        .and_then(|()| access::set_vhost_limits(&mut scratch, &mut ops, &v.name, v.limits))
+        {
             errors.push(format!("vhost '{}': {e}", v.name));
         }
     }
@@ -730,11 +793,13 @@ pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>>
                         u.algorithm,
                         u.tags.clone(),
                     )?;
+                    access::set_user_limits(s, ops, &u.name, u.limits)?;
                 }
             }
             for v in &file.vhosts {
                 if !s.vhosts.contains_key(&v.name) {
                     access::add_vhost(s, ops, &v.name, &v.description, v.tags.clone())?;
+                    access::set_vhost_limits(s, ops, &v.name, v.limits)?;
                 }
             }
             for p in &file.permissions {
@@ -855,7 +920,7 @@ pub fn export(state: &access::State, defs: &Definitions) -> Value {
                 "password_hash": u.password_hash,
                 "hashing_algorithm": u.algorithm.name(),
                 "tags": u.tags,
-                "limits": {},
+                "limits": u.limits.pairs().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect::<Map<String, Value>>(),
             })
         })
         .collect();
@@ -865,7 +930,7 @@ pub fn export(state: &access::State, defs: &Definitions) -> Value {
         .map(|v| {
             json!({
                 "name": v.name,
-                "limits": [],
+                "limits": v.limits.pairs().into_iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
                 "metadata": {"description": v.description, "tags": v.tags},
             })
         })
@@ -934,7 +999,10 @@ pub fn export(state: &access::State, defs: &Definitions) -> Value {
         "vhosts": vhosts,
         "permissions": permissions,
         "topic_permissions": topic_permissions,
-        "parameters": [],
+        "parameters": state.vhosts.values().filter(|v| !v.limits.is_empty()).map(|v| json!({
+            "vhost": v.name, "component": "vhost-limits", "name": "limits",
+            "value": v.limits.pairs().into_iter().map(|(k, n)| (k.to_owned(), json!(n))).collect::<Map<String, Value>>(),
+        })).collect::<Vec<_>>(),
         "global_parameters": [],
         "policies": [],
         "queues": queues,

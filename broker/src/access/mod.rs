@@ -15,9 +15,11 @@
 //! node has its first users (so a node whose users were all deleted does
 //! not get `guest` back at its next start).
 
+pub mod limits;
 pub mod password;
 pub mod perm;
 
+pub use limits::Limits;
 pub use perm::{Kind, Perm, Permission, TopicPermission};
 
 use crate::error::{AmqpError, AmqpResult};
@@ -45,6 +47,7 @@ pub struct User {
     pub password_hash: String,
     pub algorithm: Algorithm,
     pub tags: Vec<String>,
+    pub limits: Limits,
 }
 
 impl User {
@@ -58,6 +61,7 @@ pub struct VhostMeta {
     pub name: String,
     pub description: String,
     pub tags: Vec<String>,
+    pub limits: Limits,
 }
 
 /// Everything access control knows.
@@ -108,6 +112,8 @@ pub struct Access {
     store: Arc<dyn MetaStore>,
     /// Users who may connect only from a loopback address.
     loopback_users: Vec<String>,
+    /// Connections and channels in use, against the limits.
+    usage: Arc<limits::Usage>,
 }
 
 // ---------------------------------------------------------------- records
@@ -124,12 +130,16 @@ struct UserRec {
     password_hash: String,
     hashing_algorithm: String,
     tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Limits::is_empty")]
+    limits: Limits,
 }
 
 #[derive(Serialize, Deserialize)]
 struct VhostRec {
     description: String,
     tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Limits::is_empty")]
+    limits: Limits,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -176,6 +186,19 @@ fn user_op(u: &User) -> RecordOp {
             password_hash: u.password_hash.clone(),
             hashing_algorithm: u.algorithm.name().to_owned(),
             tags: u.tags.clone(),
+            limits: u.limits,
+        },
+    )
+}
+
+fn vhost_op(v: &VhostMeta) -> RecordOp {
+    put(
+        VHOST,
+        v.name.clone(),
+        &VhostRec {
+            description: v.description.clone(),
+            tags: v.tags.clone(),
+            limits: v.limits,
         },
     )
 }
@@ -237,6 +260,7 @@ pub fn read_state(store: &dyn MetaStore) -> Result<(State, bool), String> {
                         password_hash: u.password_hash,
                         algorithm,
                         tags: u.tags,
+                        limits: u.limits,
                     },
                 );
             }
@@ -248,6 +272,7 @@ pub fn read_state(store: &dyn MetaStore) -> Result<(State, bool), String> {
                         name: r.key.clone(),
                         description: v.description,
                         tags: v.tags,
+                        limits: v.limits,
                     },
                 );
             }
@@ -295,6 +320,7 @@ impl Access {
             generation: AtomicU64::new(1),
             store,
             loopback_users,
+            usage: Default::default(),
         };
         if !initialized {
             access.initialize(default_user.filter(|_| blank))?;
@@ -316,6 +342,7 @@ impl Access {
                         password_hash: password::hash(Algorithm::Sha256, pass),
                         algorithm: Algorithm::Sha256,
                         tags: vec!["administrator".into()],
+                        limits: Limits::default(),
                     };
                     ops.push(user_op(&u));
                     s.users.insert(name.to_owned(), u);
@@ -410,6 +437,35 @@ impl Access {
         Ok(())
     }
 
+    /// Admit a connection of `user` to `vhost` under both's limits (530
+    /// with RabbitMQ's text if one is reached).
+    pub fn admit_connection(&self, user: &str, vhost: &str) -> AmqpResult<limits::Ticket> {
+        let s = self.snapshot();
+        let ul = s.users.get(user).map(|u| u.limits).unwrap_or_default();
+        let vl = s.vhosts.get(vhost).map(|v| v.limits).unwrap_or_default();
+        self.usage.connection(user, ul, vhost, vl)
+    }
+
+    /// Admit a channel of `user` under its `max-channels`.
+    pub fn admit_channel(&self, user: &str) -> AmqpResult<limits::Ticket> {
+        let ul = self
+            .snapshot()
+            .users
+            .get(user)
+            .map(|u| u.limits)
+            .unwrap_or_default();
+        self.usage.channel(user, ul)
+    }
+
+    /// A vhost's limits.
+    pub fn vhost_limits(&self, vhost: &str) -> Limits {
+        self.snapshot()
+            .vhosts
+            .get(vhost)
+            .map(|v| v.limits)
+            .unwrap_or_default()
+    }
+
     /// Check `perm` on a resource; 403 with RabbitMQ's text if refused.
     pub fn check(
         &self,
@@ -495,6 +551,7 @@ pub fn add_user(
         password_hash,
         algorithm,
         tags,
+        limits: Limits::default(),
     };
     ops.push(user_op(&u));
     s.users.insert(name.to_owned(), u);
@@ -541,16 +598,48 @@ pub fn add_vhost(
         name: name.to_owned(),
         description: description.to_owned(),
         tags,
+        limits: Limits::default(),
     };
-    ops.push(put(
-        VHOST,
-        name.to_owned(),
-        &VhostRec {
-            description: v.description.clone(),
-            tags: v.tags.clone(),
-        },
-    ));
+    ops.push(vhost_op(&v));
     s.vhosts.insert(name.to_owned(), v);
+    Ok(())
+}
+
+/// Set a user's limits (`max-connections`, `max-channels`).
+pub fn set_user_limits(
+    s: &mut State,
+    ops: &mut Vec<RecordOp>,
+    user: &str,
+    limits: Limits,
+) -> Result<(), String> {
+    if limits.max_queues.is_some() {
+        return Err("max-queues is a vhost limit, not a user limit".into());
+    }
+    let u = s
+        .users
+        .get_mut(user)
+        .ok_or_else(|| format!("user '{user}' does not exist"))?;
+    u.limits = limits;
+    ops.push(user_op(u));
+    Ok(())
+}
+
+/// Set a vhost's limits (`max-connections`, `max-queues`).
+pub fn set_vhost_limits(
+    s: &mut State,
+    ops: &mut Vec<RecordOp>,
+    vhost: &str,
+    limits: Limits,
+) -> Result<(), String> {
+    if limits.max_channels.is_some() {
+        return Err("max-channels is a user limit, not a vhost limit".into());
+    }
+    let v = s
+        .vhosts
+        .get_mut(vhost)
+        .ok_or_else(|| format!("vhost '{vhost}' does not exist"))?;
+    v.limits = limits;
+    ops.push(vhost_op(v));
     Ok(())
 }
 

@@ -107,6 +107,8 @@ pub struct Ctx<'a> {
 pub struct Channel {
     /// The channel number on the wire.
     pub number: u16,
+    /// Its place under the user's `max-channels` (given back on drop).
+    pub usage: Option<crate::access::limits::Ticket>,
     /// Unique per channel incarnation (a number is reused after close):
     /// queues and events know the channel by it.
     pub key: u64,
@@ -140,6 +142,7 @@ impl Channel {
     pub fn new(number: u16, key: u64) -> Self {
         Channel {
             number,
+            usage: None,
             key,
             closing: false,
             content: None,

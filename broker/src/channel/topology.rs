@@ -4,6 +4,7 @@
 //! methods onto it and writes the answers.
 
 use super::{generated_name, not_from_client, Channel, Ctx, Session};
+use crate::access::limits::{queue_limit_reached, queue_room};
 use crate::access::{Kind, Perm};
 use crate::error::{access_refused, AmqpError, AmqpResult};
 use crate::exchange::Dest;
@@ -152,6 +153,12 @@ impl Channel {
                 if !d.passive {
                     let se = cx.session;
                     se.check(Kind::Queue, &name, Perm::Configure)?;
+                    let limits = se.broker.access.vhost_limits(&v.name);
+                    if limits.max_queues.is_some() && v.queue(&name, conn).is_err() {
+                        if let Some(l) = queue_room(limits, v.queue_count()) {
+                            return Err(queue_limit_reached(&name, &v.name, l));
+                        }
+                    }
                     if let Some(dlx) = string_arg(&d.arguments, "x-dead-letter-exchange") {
                         se.check(Kind::Queue, &name, Perm::Read)?;
                         se.check(Kind::Exchange, &dlx, Perm::Write)?;

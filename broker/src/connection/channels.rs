@@ -29,8 +29,15 @@ impl Connection {
                         format!("number of channels opened ({}) has reached the negotiated channel_max ({})", self.channels.len(), self.channel_max),
                     ));
                 }
+                let usage = self
+                    .session
+                    .broker
+                    .access
+                    .admit_channel(&self.session.user)?;
                 let key = self.session.broker.next_chan_key();
-                self.channels.insert(ch, Channel::new(ch, key));
+                let mut channel = Channel::new(ch, key);
+                channel.usage = Some(usage);
+                self.channels.insert(ch, channel);
                 self.io.out.send_method(
                     ch,
                     AMQPClass::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})),

@@ -29,6 +29,8 @@ pub struct Opened {
     pub heartbeat: u16,
     /// The connection's slot under `max_connections`, held while it lives.
     pub slot: tokio::sync::OwnedSemaphorePermit,
+    /// Its place under the user's and the vhost's connection limits.
+    pub usage: crate::access::limits::Ticket,
 }
 
 /// Run the handshake. `Ok(None)`: the client spoke another protocol (it got
@@ -145,6 +147,10 @@ pub async fn handshake(io: &mut Io, broker: &Broker) -> Result<Option<Opened>, F
         .access
         .check_vhost(&user, vh)
         .map_err(|e| Fault::Connection(e.at(10, 40)))?;
+    let usage = broker
+        .access
+        .admit_connection(&user, vh)
+        .map_err(|e| Fault::Connection(e.at(10, 40)))?;
     let Some(vhost) = broker.vhost(vh) else {
         return Err(
             conn_error(reply::NOT_ALLOWED, format!("vhost {vh} not found")).at_method(10, 40),
@@ -174,6 +180,7 @@ pub async fn handshake(io: &mut Io, broker: &Broker) -> Result<Option<Opened>, F
         frame_max: tune_ok.frame_max,
         heartbeat: tune_ok.heartbeat,
         slot,
+        usage,
     }))
 }
 

@@ -157,6 +157,7 @@ struct Connection {
     blocked_sent: bool,
     /// This connection's slot under `max_connections`.
     _slot: tokio::sync::OwnedSemaphorePermit,
+    _usage: crate::access::limits::Ticket,
 }
 
 /// What a frame leaves for the async path.
@@ -217,6 +218,7 @@ impl Connection {
             blocked: false,
             blocked_sent: false,
             _slot: o.slot,
+            _usage: o.usage,
         }
     }
 

@@ -28,12 +28,13 @@ fn rabbit_file() -> String {
       "product_name": "RabbitMQ", "product_version": "3.10.8",
       "users": [
         {"name": "app", "password_hash": "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR",
-         "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["monitoring"], "limits": {}}
+         "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["monitoring"], "limits": {"max-connections": 4}}
       ],
-      "vhosts": [{"name": "prod", "limits": [], "metadata": {"description": "payments", "tags": []}}],
+      "vhosts": [{"name": "prod", "limits": [["max-queues", 9]], "metadata": {"description": "payments", "tags": ""}}],
       "permissions": [{"user": "app", "vhost": "prod", "configure": "^app\\.", "write": ".*", "read": ".*"}],
       "topic_permissions": [{"user": "app", "vhost": "prod", "exchange": "amq.topic", "write": "^{username}\\.", "read": ".*"}],
-      "parameters": [], "policies": [],
+      "parameters": [{"vhost": "prod", "component": "vhost-limits", "name": "limits", "value": {"max-queues": 9}}],
+      "policies": [],
       "global_parameters": [{"name": "internal_cluster_id", "value": "rabbitmq-cluster-id-x"}],
       "queues": [
         {"name": "app.orders", "vhost": "prod", "durable": true, "auto_delete": false,
@@ -145,5 +146,12 @@ async fn export_then_import_round_trips() {
     let r = import(&b2, out.to_string().as_bytes()).await.unwrap();
     assert!(r.created.len() >= 4, "{:?}", r);
     b2.access.login("app", b"test12", false).unwrap();
+    // Limits went along.
+    assert_eq!(b2.access.vhost_limits("prod").max_queues, Some(9));
+    assert_eq!(
+        b2.access.snapshot().users["app"].limits.max_connections,
+        Some(4)
+    );
+    assert_eq!(out["parameters"][0]["component"], "vhost-limits");
     assert!(b2.vhost("prod").unwrap().queue("app.orders", 0).is_ok());
 }

@@ -205,6 +205,11 @@ impl VHost {
         Ok(q)
     }
 
+    /// How many queues the vhost holds.
+    pub fn queue_count(&self) -> usize {
+        self.read().queues.len()
+    }
+
     /// The type name of exchange `name` (`None`: no such exchange).
     pub fn exchange_kind(&self, name: &str) -> Option<&'static str> {
         self.read().exchanges.get(name).map(|x| x.kind.name)
