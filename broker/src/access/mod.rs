@@ -563,27 +563,27 @@ pub fn delete_user(s: &mut State, ops: &mut Vec<RecordOp>, name: &str) -> Result
         return Err(format!("user '{name}' does not exist"));
     }
     ops.push(del(USER, name.to_owned()));
-    let perms: Vec<_> = s
-        .permissions
-        .keys()
-        .filter(|(_, u)| u == name)
-        .cloned()
-        .collect();
-    for (v, u) in perms {
-        ops.push(del(PERMISSION, perm_key(&v, &u)));
-        s.permissions.remove(&(v, u));
-    }
-    let topics: Vec<_> = s
-        .topic_permissions
-        .keys()
-        .filter(|(_, u, _)| u == name)
-        .cloned()
-        .collect();
-    for (v, u, x) in topics {
-        ops.push(del(TOPIC_PERMISSION, topic_key(&v, &u, &x)));
-        s.topic_permissions.remove(&(v, u, x));
-    }
+    drop_permissions(s, ops, |_vhost, user| user == name);
     Ok(())
+}
+
+/// Remove every permission and topic permission of the (vhost, user)
+/// pairs `doomed` picks.
+fn drop_permissions(s: &mut State, ops: &mut Vec<RecordOp>, doomed: impl Fn(&str, &str) -> bool) {
+    s.permissions.retain(|(v, u), _| {
+        let gone = doomed(v, u);
+        if gone {
+            ops.push(del(PERMISSION, perm_key(v, u)));
+        }
+        !gone
+    });
+    s.topic_permissions.retain(|(v, u, x), _| {
+        let gone = doomed(v, u);
+        if gone {
+            ops.push(del(TOPIC_PERMISSION, topic_key(v, u, x)));
+        }
+        !gone
+    });
 }
 
 pub fn add_vhost(
@@ -640,35 +640,6 @@ pub fn set_vhost_limits(
         .ok_or_else(|| format!("vhost '{vhost}' does not exist"))?;
     v.limits = limits;
     ops.push(vhost_op(v));
-    Ok(())
-}
-
-/// Remove a vhost's record and every permission on it.
-pub fn delete_vhost(s: &mut State, ops: &mut Vec<RecordOp>, name: &str) -> Result<(), String> {
-    if s.vhosts.remove(name).is_none() {
-        return Err(format!("vhost '{name}' does not exist"));
-    }
-    ops.push(del(VHOST, name.to_owned()));
-    let perms: Vec<_> = s
-        .permissions
-        .keys()
-        .filter(|(v, _)| v == name)
-        .cloned()
-        .collect();
-    for (v, u) in perms {
-        ops.push(del(PERMISSION, perm_key(&v, &u)));
-        s.permissions.remove(&(v, u));
-    }
-    let topics: Vec<_> = s
-        .topic_permissions
-        .keys()
-        .filter(|(v, _, _)| v == name)
-        .cloned()
-        .collect();
-    for (v, u, x) in topics {
-        ops.push(del(TOPIC_PERMISSION, topic_key(&v, &u, &x)));
-        s.topic_permissions.remove(&(v, u, x));
-    }
     Ok(())
 }
 
