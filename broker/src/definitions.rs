@@ -306,6 +306,19 @@ fn parse(json: &[u8]) -> Result<File, Vec<String>> {
     for it in items(&root, "vhosts", &mut errors, named("vhost")) {
         let r = (|| {
             let meta = it.map.get("metadata").and_then(Value::as_object);
+            // Only classic queues exist here: another default is refused.
+            let default_type = meta
+                .and_then(|m| m.get("default_queue_type"))
+                .or_else(|| it.map.get("default_queue_type"));
+            match default_type.and_then(Value::as_str) {
+                None | Some("classic") | Some("undefined") => {}
+                Some(t) => {
+                    return Err(format!(
+                        "{}: default queue type '{t}' is not supported by Warren yet",
+                        it.label
+                    ))
+                }
+            }
             let description = match meta.and_then(|m| m.get("description")) {
                 Some(Value::String(s)) => s.clone(),
                 _ => it.str_or("description", "")?,

@@ -120,6 +120,9 @@ async fn an_invalid_item_changes_nothing_and_every_problem_is_named() {
     assert!(b.vhost("prod").is_none());
     assert!(b.access.login("app", b"test12", true).is_err());
     assert!(import(&b, b"{not json").await.unwrap_err()[0].contains("not valid JSON"));
+    let quorum = r#"{"vhosts": [{"name": "q", "metadata": {"default_queue_type": "quorum"}}]}"#;
+    assert!(import(&b, quorum.as_bytes()).await.unwrap_err()[0]
+        .contains("default queue type 'quorum' is not supported"));
 }
 
 #[tokio::test]
