@@ -83,6 +83,58 @@ impl Broker {
             .clone()
     }
 
+    /// Make a change to users, vhosts, permissions or policies (stored and
+    /// synced before it returns), off the async workers.
+    pub async fn change_access<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(
+                &mut crate::access::State,
+                &mut Vec<warren_storage::RecordOp>,
+            ) -> Result<T, String>
+            + Send
+            + 'static,
+    ) -> Result<T, String> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.access.change(f))
+            .await
+            .map_err(|e| format!("the change failed: {e}"))?
+    }
+
+    /// Set a policy (or an operator policy) and put it in force on the
+    /// vhost's queues and exchanges.
+    pub async fn set_policy(
+        self: &Arc<Self>,
+        policy: crate::policy::Policy,
+        operator: bool,
+    ) -> Result<(), String> {
+        let vhost = policy.vhost.clone();
+        self.change_access(move |s, ops| crate::access::set_policy(s, ops, policy, operator))
+            .await?;
+        self.apply_policies(&vhost).await
+    }
+
+    /// Clear a policy (or an operator policy) and put the change in force.
+    pub async fn clear_policy(
+        self: &Arc<Self>,
+        vhost: &str,
+        name: &str,
+        operator: bool,
+    ) -> Result<(), String> {
+        let (v, n) = (vhost.to_owned(), name.to_owned());
+        self.change_access(move |s, ops| crate::access::clear_policy(s, ops, &v, &n, operator))
+            .await?;
+        self.apply_policies(vhost).await
+    }
+
+    /// Put the stored policies of `vhost` in force.
+    pub async fn apply_policies(&self, vhost: &str) -> Result<(), String> {
+        let policies = self.access.snapshot().policies_of(vhost);
+        self.ensure_vhost(vhost)
+            .set_policies(policies)
+            .await
+            .map_err(|e| e.text)
+    }
+
     /// Every vhost, in name order.
     pub fn vhosts(&self) -> Vec<Arc<VHost>> {
         let mut v: Vec<_> = self

@@ -11,9 +11,12 @@
 //! atomic batch; exchanges, queues and bindings are then declared in that
 //! order.
 //!
-//! What Warren does not implement yet is refused, not ignored: policies,
-//! runtime parameters other than vhost limits, queue types other than
-//! classic.
+//! Policies and operator policies (RabbitMQ exports the latter as runtime
+//! parameters of the `operator_policy` component) are imported with the
+//! users, in the same batch, and put in force before the topology is
+//! declared. What Warren does not implement yet is refused, not ignored:
+//! runtime parameters other than vhost limits and operator policies, queue
+//! types other than classic, policy keys Warren lacks.
 
 use crate::access::{self, limits, password::Algorithm, Limits};
 use crate::broker::Broker;
@@ -44,6 +47,8 @@ struct File {
     vhosts: Vec<VhostDef>,
     permissions: Vec<PermDef>,
     topic_permissions: Vec<TopicDef>,
+    /// Policies, then operator policies (`true`), validated.
+    policies: Vec<(crate::policy::Policy, bool)>,
     exchanges: Vec<ExchangeItem>,
     queues: Vec<QueueItem>,
     bindings: Vec<BindingItem>,
@@ -204,6 +209,47 @@ impl Item<'_> {
             Some(other) => return Err(bad(format!("must be an object, not {other}"))),
         }
         Limits::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), *v)), allowed).map_err(bad)
+    }
+
+    /// A policy: `self` names it (vhost, name), `body` holds the pattern,
+    /// apply-to, priority and definition (the same item for a policy; the
+    /// parameter's value for an operator policy). The definition may be an
+    /// object or, as RabbitMQ exports operator policies, a list of pairs.
+    fn policy(&self, body: &Item<'_>, operator: bool) -> Result<crate::policy::Policy, String> {
+        let bad = |e: String| format!("{}: {e}", self.label);
+        let priority = match body.map.get("priority") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v
+                .as_i64()
+                .ok_or_else(|| bad(format!("'priority' must be an integer, not {v}")))?,
+        };
+        let definition = match body.map.get("definition") {
+            Some(Value::Object(m)) => m.clone(),
+            Some(Value::Array(list)) => {
+                let mut m = Map::new();
+                for pair in list {
+                    match pair.as_array().map(Vec::as_slice) {
+                        Some([Value::String(k), v]) => {
+                            m.insert(k.clone(), v.clone());
+                        }
+                        _ => return Err(bad(format!("{pair} is not a [key, value] pair"))),
+                    }
+                }
+                m
+            }
+            Some(other) => return Err(bad(format!("'definition' must be an object, not {other}"))),
+            None => return Err(bad("'definition' is missing".into())),
+        };
+        crate::policy::Policy::new(
+            &self.str("vhost")?,
+            &self.str("name")?,
+            &body.str("pattern")?,
+            &body.str_or("apply-to", "all")?,
+            priority,
+            definition,
+            operator,
+        )
+        .map_err(|e| bad(e.replace("\n\n", ": ")))
     }
 
     fn tags(&self) -> Result<Vec<String>, String> {
@@ -377,15 +423,27 @@ fn parse(json: &[u8]) -> Result<File, Vec<String>> {
         push(&mut f.topic_permissions, r, &mut errors);
     }
     for it in items(&root, "policies", &mut errors, named("policy")) {
-        errors.push(format!(
-            "{}: policies are not supported by Warren yet",
-            it.label
-        ));
+        let r = it.policy(&it, false);
+        push(&mut f.policies, r.map(|p| (p, false)), &mut errors);
     }
     for it in items(&root, "parameters", &mut errors, named("parameter")) {
         // RabbitMQ exports vhost limits twice: in the vhost and as this
         // parameter. They must agree with the vhost's.
         let component = it.map.get("component").and_then(Value::as_str);
+        if component == Some("operator_policy") {
+            let r = match it.map.get("value").and_then(Value::as_object) {
+                Some(value) => it.policy(
+                    &Item {
+                        label: it.label.clone(),
+                        map: value,
+                    },
+                    true,
+                ),
+                None => Err(format!("{}: 'value' must be an object", it.label)),
+            };
+            push(&mut f.policies, r.map(|p| (p, true)), &mut errors);
+            continue;
+        }
         if component != Some("vhost-limits") {
             errors.push(format!(
                 "{}: runtime parameters ({}) are not supported by Warren yet",
@@ -711,6 +769,26 @@ pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>>
         }
     }
 
+    for (p, operator) in &f.policies {
+        let what = if *operator {
+            "operator policy"
+        } else {
+            "policy"
+        };
+        let label = format!("{what} '{}' in vhost '{}'", p.name, p.vhost);
+        let map = if *operator {
+            &state.operator_policies
+        } else {
+            &state.policies
+        };
+        if map.contains_key(&(p.vhost.clone(), p.name.clone())) {
+            report.skipped.push(label);
+        } else if !has_vhost(&p.vhost, &label, &mut errors) {
+        } else if let Err(e) = access::set_policy(&mut scratch, &mut ops, p.clone(), *operator) {
+            errors.push(format!("{label}: {e}"));
+        }
+    }
+
     // Topology: check against the broker and the file.
     let exists_exchange = |vhost: &str, name: &str| {
         broker
@@ -845,9 +923,25 @@ pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>>
                     )?;
                 }
             }
+            for (p, operator) in &file.policies {
+                let key = (p.vhost.clone(), p.name.clone());
+                let exists = if *operator {
+                    s.operator_policies.contains_key(&key)
+                } else {
+                    s.policies.contains_key(&key)
+                };
+                if !exists {
+                    access::set_policy(s, ops, p.clone(), *operator)?;
+                }
+            }
             Ok(())
         })
         .map_err(|e| vec![e])?;
+    // Policies in force before the topology they match is declared.
+    let policy_vhosts: BTreeSet<&str> = f.policies.iter().map(|(p, _)| p.vhost.as_str()).collect();
+    for v in policy_vhosts {
+        broker.apply_policies(v).await.map_err(|e| vec![e])?;
+    }
     if created_access > 0 {
         report
             .created
@@ -1003,6 +1097,29 @@ pub fn export(state: &access::State, defs: &Definitions) -> Value {
             })
         })
         .collect();
+    let mut parameters: Vec<Value> = state.vhosts.values().filter(|v| !v.limits.is_empty()).map(|v| json!({
+        "vhost": v.name, "component": "vhost-limits", "name": "limits",
+        "value": v.limits.pairs().into_iter().map(|(k, n)| (k.to_owned(), json!(n))).collect::<Map<String, Value>>(),
+    })).collect();
+    parameters.extend(state.operator_policies.values().map(|p| {
+        json!({
+            "vhost": p.vhost, "component": "operator_policy", "name": p.name,
+            "value": {
+                "pattern": p.pattern, "apply-to": p.apply_to.name(),
+                "priority": p.priority, "definition": p.raw,
+            },
+        })
+    }));
+    let policies: Vec<Value> = state
+        .policies
+        .values()
+        .map(|p| {
+            json!({
+                "vhost": p.vhost, "name": p.name, "pattern": p.pattern,
+                "apply-to": p.apply_to.name(), "priority": p.priority, "definition": p.raw,
+            })
+        })
+        .collect();
     json!({
         "rabbit_version": RABBIT_VERSION,
         "rabbitmq_version": RABBIT_VERSION,
@@ -1012,12 +1129,9 @@ pub fn export(state: &access::State, defs: &Definitions) -> Value {
         "vhosts": vhosts,
         "permissions": permissions,
         "topic_permissions": topic_permissions,
-        "parameters": state.vhosts.values().filter(|v| !v.limits.is_empty()).map(|v| json!({
-            "vhost": v.name, "component": "vhost-limits", "name": "limits",
-            "value": v.limits.pairs().into_iter().map(|(k, n)| (k.to_owned(), json!(n))).collect::<Map<String, Value>>(),
-        })).collect::<Vec<_>>(),
+        "parameters": parameters,
         "global_parameters": [],
-        "policies": [],
+        "policies": policies,
         "queues": queues,
         "exchanges": exchanges,
         "bindings": bindings,

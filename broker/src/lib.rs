@@ -26,6 +26,8 @@
 //! - [`access`] — users (RabbitMQ's password hashes), vhosts, permissions
 //!   and topic permissions, stored as records; checked at login,
 //!   `connection.open` and every guarded channel method.
+//! - [`policy`] — policies and operator policies: validation with
+//!   RabbitMQ's messages, matching, which one applies to a queue or exchange.
 //! - [`alarm`] — resource alarms (memory high watermark, free disk limit)
 //!   that block publishing connections, and the paging signal for queues.
 //! - [`tls`] — rustls for the AMQPS listener: certificates, client
@@ -61,6 +63,7 @@ pub mod heap;
 pub mod logins;
 pub mod message;
 pub mod persist;
+pub mod policy;
 pub mod queue;
 pub mod server;
 pub mod tls;

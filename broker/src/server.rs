@@ -204,6 +204,8 @@ impl Server {
                 queue_ids.clone(),
                 Some(persister.clone()),
             );
+            // Policies first: recovered queues and exchanges start with them.
+            vhost.init_policies(access.snapshot().policies_of(&name));
             vhost
                 .recover(&defs)
                 .map_err(|e| err(format!("cannot recover definitions of vhost '{name}': {e}")))?;

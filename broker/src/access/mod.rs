@@ -23,6 +23,7 @@ pub use limits::Limits;
 pub use perm::{Kind, Perm, Permission, TopicPermission};
 
 use crate::error::{AmqpError, AmqpResult};
+use crate::policy::{Policies, Policy};
 use password::Algorithm;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -73,9 +74,24 @@ pub struct State {
     pub permissions: BTreeMap<(String, String), Permission>,
     /// By (vhost, user, exchange).
     pub topic_permissions: BTreeMap<(String, String, String), TopicPermission>,
+    /// Policies by (vhost, name).
+    pub policies: BTreeMap<(String, String), Arc<Policy>>,
+    /// Operator policies by (vhost, name).
+    pub operator_policies: BTreeMap<(String, String), Arc<Policy>>,
 }
 
 impl State {
+    /// The policies and operator policies of `vhost`, ready to apply.
+    pub fn policies_of(&self, vhost: &str) -> Policies {
+        let of = |m: &BTreeMap<(String, String), Arc<Policy>>| {
+            m.iter()
+                .filter(|((v, _), _)| v == vhost)
+                .map(|(_, p)| p.clone())
+                .collect::<Vec<_>>()
+        };
+        Policies::new(of(&self.policies), of(&self.operator_policies))
+    }
+
     /// Whether `user` has any topic permission in `vhost` (publishes to
     /// topic exchanges need a routing-key check only then).
     pub fn has_topic_permissions(&self, vhost: &str, user: &str) -> bool {
@@ -122,6 +138,8 @@ const USER: &str = "user";
 const VHOST: &str = "vhost";
 const PERMISSION: &str = "permission";
 const TOPIC_PERMISSION: &str = "topic_permission";
+const POLICY: &str = "policy";
+const OPERATOR_POLICY: &str = "operator_policy";
 const NODE: &str = "node";
 const INITIALIZED: &str = "initialized";
 
@@ -147,6 +165,15 @@ struct PermRec {
     configure: String,
     write: String,
     read: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PolicyRec {
+    pattern: String,
+    #[serde(rename = "apply-to")]
+    apply_to: String,
+    priority: i64,
+    definition: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -294,6 +321,27 @@ pub fn read_state(store: &dyn MetaStore) -> Result<(State, bool), String> {
                 state
                     .topic_permissions
                     .insert((v.to_owned(), u.to_owned(), x.to_owned()), tp);
+            }
+            POLICY | OPERATOR_POLICY => {
+                let p: PolicyRec = serde_json::from_slice(&r.value).map_err(|e| bad(&e))?;
+                let (vhost, name) = r.key.split_once('\0').ok_or_else(|| bad(&"bad key"))?;
+                let operator = r.kind == OPERATOR_POLICY;
+                let policy = Policy::new(
+                    vhost,
+                    name,
+                    &p.pattern,
+                    &p.apply_to,
+                    p.priority,
+                    p.definition,
+                    operator,
+                )
+                .map_err(|e| bad(&e))?;
+                let map = if operator {
+                    &mut state.operator_policies
+                } else {
+                    &mut state.policies
+                };
+                map.insert((vhost.to_owned(), name.to_owned()), Arc::new(policy));
             }
             NODE if r.key == INITIALIZED => initialized = true,
             _ => {} // a later version's kind: kept, not ours to read
@@ -717,6 +765,60 @@ pub fn set_topic_permissions(
     ));
     s.topic_permissions
         .insert((vhost.to_owned(), user.to_owned(), exchange.to_owned()), t);
+    Ok(())
+}
+
+/// Set (add or replace) a policy, or an operator policy (`operator`).
+pub fn set_policy(
+    s: &mut State,
+    ops: &mut Vec<RecordOp>,
+    policy: Policy,
+    operator: bool,
+) -> Result<(), String> {
+    if !s.vhosts.contains_key(&policy.vhost) {
+        return Err(format!("vhost '{}' does not exist", policy.vhost));
+    }
+    check_name("policy", &policy.name)?;
+    let (kind, map) = if operator {
+        (OPERATOR_POLICY, &mut s.operator_policies)
+    } else {
+        (POLICY, &mut s.policies)
+    };
+    ops.push(put(
+        kind,
+        perm_key(&policy.vhost, &policy.name),
+        &PolicyRec {
+            pattern: policy.pattern.clone(),
+            apply_to: policy.apply_to.name().to_owned(),
+            priority: policy.priority,
+            definition: policy.raw.clone(),
+        },
+    ));
+    map.insert(
+        (policy.vhost.clone(), policy.name.clone()),
+        Arc::new(policy),
+    );
+    Ok(())
+}
+
+/// Clear a policy, or an operator policy (`operator`). RabbitMQ's text
+/// when there is none.
+pub fn clear_policy(
+    s: &mut State,
+    ops: &mut Vec<RecordOp>,
+    vhost: &str,
+    name: &str,
+    operator: bool,
+) -> Result<(), String> {
+    let (kind, map) = if operator {
+        (OPERATOR_POLICY, &mut s.operator_policies)
+    } else {
+        (POLICY, &mut s.policies)
+    };
+    if map.remove(&(vhost.to_owned(), name.to_owned())).is_none() {
+        return Err("Parameter does not exist".into());
+    }
+    ops.push(del(kind, perm_key(vhost, name)));
     Ok(())
 }
 

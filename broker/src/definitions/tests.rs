@@ -33,8 +33,11 @@ fn rabbit_file() -> String {
       "vhosts": [{"name": "prod", "limits": [["max-queues", 9]], "metadata": {"description": "payments", "tags": ""}}],
       "permissions": [{"user": "app", "vhost": "prod", "configure": "^app\\.", "write": ".*", "read": ".*"}],
       "topic_permissions": [{"user": "app", "vhost": "prod", "exchange": "amq.topic", "write": "^{username}\\.", "read": ".*"}],
-      "parameters": [{"vhost": "prod", "component": "vhost-limits", "name": "limits", "value": {"max-queues": 9}}],
-      "policies": [],
+      "parameters": [{"vhost": "prod", "component": "vhost-limits", "name": "limits", "value": {"max-queues": 9}},
+        {"vhost": "prod", "component": "operator_policy", "name": "cap",
+         "value": {"pattern": ".*", "apply-to": "queues", "priority": 0, "definition": [["max-length", 50]]}}],
+      "policies": [{"vhost": "prod", "name": "app", "pattern": "^app[.]", "apply-to": "all", "priority": 1,
+         "definition": {"max-length": 100, "overflow": "reject-publish", "alternate-exchange": "app.events"}}],
       "global_parameters": [{"name": "internal_cluster_id", "value": "rabbitmq-cluster-id-x"}],
       "queues": [
         {"name": "app.orders", "vhost": "prod", "durable": true, "auto_delete": false,
@@ -71,7 +74,22 @@ async fn imports_a_rabbitmq_export_and_skips_what_exists() {
         "{:?}",
         r.created
     );
-    assert_eq!(r.skipped.len(), 6, "{:?}", r.skipped);
+    assert_eq!(r.skipped.len(), 8, "{:?}", r.skipped);
+    let s = b.access.snapshot();
+    assert_eq!(s.policies.len(), 1);
+    assert_eq!(s.operator_policies.len(), 1);
+    // In force: the operator policy's stricter limit, the policy's overflow.
+    let applied = v.policies();
+    let a = applied.applied(crate::policy::Target::Queue, "app.orders");
+    assert_eq!(a.policy.map(|p| p.name.as_str()), Some("app"));
+    assert_eq!(a.operator.map(|p| p.name.as_str()), Some("cap"));
+    assert_eq!(
+        a.effective_definition(),
+        json!({"max-length": 50, "overflow": "reject-publish", "alternate-exchange": "app.events"})
+            .as_object()
+            .unwrap()
+            .clone()
+    );
 }
 
 #[tokio::test]
@@ -83,8 +101,9 @@ async fn an_invalid_item_changes_nothing_and_every_problem_is_named() {
         .replace("\"^app\\\\.\"", "\"(\"")
         .replace("\"type\": \"topic\"", "\"type\": \"nonsense\"")
         .replace(
-            "\"policies\": []",
-            "\"policies\": [{\"name\": \"p\", \"vhost\": \"prod\"}], \"bogus\": 1",
+            "\"policies\": [",
+            "\"bogus\": 1, \"policies\": [{\"name\": \"p\", \"vhost\": \"prod\"}, \
+             {\"name\": \"q\", \"vhost\": \"prod\", \"pattern\": \".\", \"definition\": {\"ha-mode\": \"all\"}},",
         )
         .replace(
             "\"destination\": \"app.orders\"",
@@ -94,7 +113,8 @@ async fn an_invalid_item_changes_nothing_and_every_problem_is_named() {
     let all = problems.join("\n");
     for want in [
         "unknown key 'bogus'",
-        "policy 'p' in vhost 'prod': policies are not supported",
+        "policy 'p' in vhost 'prod': 'definition' is missing",
+        "policy 'q' in vhost 'prod': Validation failed: 'ha-mode' is not supported",
     ] {
         assert!(all.contains(want), "{want} in:\n{all}");
     }
@@ -157,4 +177,15 @@ async fn export_then_import_round_trips() {
     );
     assert_eq!(out["parameters"][0]["component"], "vhost-limits");
     assert!(b2.vhost("prod").unwrap().queue("app.orders", 0).is_ok());
+    // Policies and operator policies went along.
+    assert_eq!(out["policies"][0]["name"], "app");
+    assert_eq!(out["parameters"][1]["component"], "operator_policy");
+    let s2 = b2.access.snapshot();
+    assert_eq!(s2.policies[&("prod".into(), "app".into())].priority, 1);
+    assert_eq!(
+        s2.operator_policies[&("prod".into(), "cap".into())]
+            .definition
+            .max_length,
+        Some(50)
+    );
 }

@@ -97,12 +97,21 @@ pub struct Exchange {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
-    /// The `alternate-exchange` argument, if any.
+    /// The alternate exchange in force: the `alternate-exchange` argument,
+    /// else a policy's.
     pub alternate: Option<String>,
     /// Every binding with this exchange as source (the source of truth).
     pub bindings: Vec<Binding>,
     /// The type's routing index over `bindings`.
     index: Box<dyn Index>,
+}
+
+/// The `alternate-exchange` argument, if any.
+pub fn declared_alternate(arguments: &FieldTable) -> Option<String> {
+    arguments
+        .inner()
+        .get("alternate-exchange")
+        .and_then(crate::fields::as_string)
 }
 
 impl Exchange {
@@ -114,10 +123,7 @@ impl Exchange {
         internal: bool,
         arguments: FieldTable,
     ) -> Self {
-        let alternate = arguments
-            .inner()
-            .get("alternate-exchange")
-            .and_then(crate::fields::as_string);
+        let alternate = declared_alternate(&arguments);
         Exchange {
             name: name.into(),
             kind,

@@ -90,6 +90,7 @@ pub(super) struct Actor {
 /// itself.
 pub fn spawn(
     info: QueueInfo,
+    args: QueueArgs,
     router: Weak<dyn DeadLetterRouter>,
     persister: Option<Persister>,
     on_auto_delete: OnAutoDelete,
@@ -97,7 +98,7 @@ pub fn spawn(
     let permits = Arc::new(Semaphore::new(PUBLISH_PERMITS));
     let (tx, mailbox) = mpsc::unbounded_channel();
     let info = Arc::new(info);
-    let actor = Actor::new(info.clone(), router, persister, on_auto_delete, &tx);
+    let actor = Actor::new(info.clone(), args, router, persister, on_auto_delete, &tx);
     let span = tracing::debug_span!("queue", name = %info.name);
     tokio::spawn(tracing::Instrument::instrument(
         actor.run(mailbox, permits.clone()),
@@ -106,23 +107,31 @@ pub fn spawn(
     QueueHandle::new(info, permits, tx)
 }
 
+/// Whether a queue with these settings may page new messages to disk
+/// (queues with priorities, a message TTL or length limits keep theirs in
+/// memory).
+fn pageable(args: &QueueArgs) -> bool {
+    args.max_priority.is_none()
+        && args.message_ttl.is_none()
+        && args.max_length.is_none()
+        && args.max_length_bytes.is_none()
+}
+
 /// How many mailbox messages one wake-up takes before dispatching.
 const BATCH: usize = 256;
 
 impl Actor {
-    /// The state of a new queue whose mailbox `mailbox` sends into.
+    /// The state of a new queue whose mailbox `mailbox` sends into; `args`
+    /// are the settings in force (its arguments under the vhost's policies).
     pub(super) fn new(
         info: Arc<QueueInfo>,
+        args: QueueArgs,
         router: Weak<dyn DeadLetterRouter>,
         persister: Option<Persister>,
         on_auto_delete: OnAutoDelete,
         mailbox: &mpsc::UnboundedSender<QueueCmd>,
     ) -> Actor {
-        let args = QueueArgs::parse(&info.arguments);
-        let pageable = args.max_priority.is_none()
-            && args.message_ttl.is_none()
-            && args.max_length.is_none()
-            && args.max_length_bytes.is_none();
+        let pageable = pageable(&args);
         Actor {
             persisted: info.durable && info.exclusive_owner.is_none(),
             info,
@@ -337,10 +346,28 @@ impl Actor {
         self.ready.len() as u64 + self.tail.as_ref().map_or(0, |t| t.len)
     }
 
+    /// New settings in force (a policy changed). As RabbitMQ: a lower
+    /// length limit drops (dead-letters) from the head at once under
+    /// `drop-head`; a new message TTL applies to messages that arrive from
+    /// now on; `x-expires` counts from the last use. A queue that may no
+    /// longer page reads its on-disk tail back (see `page_in`).
+    pub(super) fn reconfigure(&mut self, args: QueueArgs) {
+        if args == self.args {
+            return;
+        }
+        tracing::debug!(?args, "settings changed by policy");
+        self.pageable = pageable(&args);
+        self.args = args;
+        if self.args.overflow == Overflow::DropHead {
+            self.drop_heads_over_limit();
+        }
+    }
+
     /// Serve one command; true when the actor should stop (deleted).
     pub(super) fn on_cmd(&mut self, c: QueueCmd) -> bool {
         match c {
             QueueCmd::Publish(p) => self.enqueue(p),
+            QueueCmd::Reconfigure(args) => self.reconfigure(*args),
             QueueCmd::Consume { consumer, reply } => {
                 let name = &self.info.name;
                 let vhost = &self.info.vhost;

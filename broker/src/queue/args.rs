@@ -5,6 +5,7 @@
 //! once by the queue actor into [`QueueArgs`].
 
 use crate::error::{precondition, AmqpResult};
+use crate::policy::{self, Applied};
 use warren_protocol::types::{AMQPValue, FieldTable};
 
 /// Largest TTL / expiry RabbitMQ accepts (its timer limit, in ms).
@@ -72,6 +73,56 @@ impl QueueArgs {
             max_priority: uint("x-max-priority").map(|p| p.min(MAX_PRIORITY as u64) as u8),
             lazy: text("x-queue-mode").as_deref() == Some("lazy"),
         }
+    }
+}
+
+impl QueueArgs {
+    /// The settings in force for a queue declared with `declared` under
+    /// the policies `applied` (RabbitMQ's precedence, see `policy`): the
+    /// numeric limits take the smallest of argument, policy and operator
+    /// policy; the other keys the argument if given, else the policy.
+    pub fn effective(declared: &FieldTable, applied: Applied<'_>) -> QueueArgs {
+        let mut a = QueueArgs::parse(declared);
+        let min = |mine: Option<u64>, theirs: Option<u64>| match (mine, theirs) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        for d in [applied.policy, applied.operator]
+            .into_iter()
+            .flatten()
+            .map(|p| &p.definition)
+        {
+            a.message_ttl = min(a.message_ttl, d.message_ttl);
+            a.expires = min(a.expires, d.expires);
+            a.max_length = min(a.max_length, d.max_length);
+            a.max_length_bytes = min(a.max_length_bytes, d.max_length_bytes);
+        }
+        let Some(p) = applied.policy else {
+            return a;
+        };
+        let d = &p.definition;
+        let t = declared.inner();
+        if !t.contains_key("x-overflow") {
+            if let Some(o) = d.overflow {
+                a.overflow = match o {
+                    policy::Overflow::DropHead => Overflow::DropHead,
+                    policy::Overflow::RejectPublish => Overflow::RejectPublish,
+                    policy::Overflow::RejectPublishDlx => Overflow::RejectPublishDlx,
+                };
+            }
+        }
+        if !t.contains_key("x-dead-letter-exchange") {
+            a.dead_letter_exchange = d.dead_letter_exchange.clone();
+        }
+        if !t.contains_key("x-dead-letter-routing-key") {
+            a.dead_letter_routing_key = d.dead_letter_routing_key.clone();
+        }
+        if !t.contains_key("x-queue-mode") {
+            if let Some(lazy) = d.lazy {
+                a.lazy = lazy;
+            }
+        }
+        a
     }
 }
 

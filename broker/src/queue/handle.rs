@@ -239,6 +239,8 @@ pub enum QueueCmd {
         page: Result<Page, String>,
     },
     Publish(Publish),
+    /// The settings in force changed (a policy was set or cleared).
+    Reconfigure(Box<super::args::QueueArgs>),
     Consume {
         consumer: Consumer,
         reply: oneshot::Sender<Result<(), AmqpError>>,

@@ -188,6 +188,10 @@ impl Actor {
                 on_disk: true,
             });
         }
+        if self.args.overflow == super::args::Overflow::DropHead {
+            // A length limit set by a policy while the queue paged.
+            self.drop_heads_over_limit();
+        }
         self.answer_parked_gets();
     }
 

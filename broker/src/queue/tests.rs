@@ -50,7 +50,8 @@ fn fixture(args: FieldTable, persister: Option<crate::persist::Persister>) -> Fi
     });
     let (tx, mailbox) = mpsc::unbounded_channel();
     let router: Weak<dyn DeadLetterRouter> = Weak::<NoRouter>::new();
-    let actor = Actor::new(info, router, persister, Box::new(|_| {}), &tx);
+    let args = crate::queue::args::QueueArgs::parse(&info.arguments);
+    let actor = Actor::new(info, args, router, persister, Box::new(|_| {}), &tx);
     Fixture {
         actor,
         mailbox,

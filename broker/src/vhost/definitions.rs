@@ -146,6 +146,8 @@ impl VHost {
                 arguments: encode_table(&x.arguments),
             }))?;
         }
+        let mut x = x;
+        self.apply_exchange_policy(&self.policies(), &mut x);
         self.write().exchanges.insert(name.into(), x);
         self.changed();
         Ok(())

@@ -28,7 +28,9 @@ pub use routing::{Route, Routed};
 use crate::error::{internal_error, not_found, AmqpError, AmqpResult};
 use crate::exchange::{self, Binding, Dest, Exchange};
 use crate::persist::Persister;
-use crate::queue::{self, QueueHandle, QueueInfo};
+use crate::policy::{Policies, Target};
+use crate::queue::args::QueueArgs;
+use crate::queue::{self, QueueCmd, QueueHandle, QueueInfo};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
@@ -69,6 +71,9 @@ pub struct VHost {
     persister: Option<Persister>,
     /// The definitions thread's mailbox (see the module comment).
     changes: mpsc::Sender<Change>,
+    /// The policies and operator policies in force, replaced whole (on the
+    /// definitions thread) when one changes.
+    policies: RwLock<Arc<Policies>>,
 }
 
 fn encode_table(t: &FieldTable) -> bytes::Bytes {
@@ -130,6 +135,7 @@ impl VHost {
             me: me.clone(),
             persister,
             changes: start_definitions_thread(name),
+            policies: RwLock::default(),
         });
         {
             let mut t = v.write();
@@ -215,12 +221,65 @@ impl VHost {
         self.read().exchanges.get(name).map(|x| x.kind.name)
     }
 
+    /// The policies in force.
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The policies in force before anything is declared or recovered.
+    pub fn init_policies(&self, policies: Policies) {
+        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policies);
+    }
+
+    /// Put new policies in force: every queue and exchange they (or the
+    /// ones they replace) match gets its new settings at once. Runs after
+    /// every definition change already queued, so no declare sees the old
+    /// policies once this has returned.
+    pub async fn set_policies(&self, policies: Policies) -> AmqpResult<()> {
+        let policies = Arc::new(policies);
+        self.change(move |v| {
+            *v.policies.write().unwrap_or_else(|e| e.into_inner()) = policies.clone();
+            let queues: Vec<QueueHandle> = v.read().queues.values().cloned().collect();
+            for q in queues {
+                let args = QueueArgs::effective(
+                    &q.info.arguments,
+                    policies.applied(Target::Queue, &q.info.name),
+                );
+                q.tell(QueueCmd::Reconfigure(Box::new(args)));
+            }
+            {
+                let mut t = v.write();
+                for x in t.exchanges.values_mut() {
+                    v.apply_exchange_policy(&policies, x);
+                }
+            }
+            v.changed();
+            Ok(())
+        })
+        .await
+    }
+
+    /// Set an exchange's alternate exchange from its argument and `policies`.
+    fn apply_exchange_policy(&self, policies: &Policies, x: &mut Exchange) {
+        x.alternate = policies
+            .applied(Target::Exchange, &x.name)
+            .alternate_exchange(exchange::declared_alternate(&x.arguments));
+    }
+
     /// Start a queue actor that forgets itself here when it auto-deletes.
     fn spawn_queue(&self, info: QueueInfo) -> QueueHandle {
         let me = self.me.clone();
         let router: Weak<dyn queue::DeadLetterRouter> = self.me.clone();
+        let args = QueueArgs::effective(
+            &info.arguments,
+            self.policies().applied(Target::Queue, &info.name),
+        );
         queue::spawn(
             info,
+            args,
             router,
             self.persister.clone(),
             Box::new(move |info: &QueueInfo| {
@@ -236,6 +295,7 @@ impl VHost {
     /// is written back. Returns the highest queue id seen.
     pub fn recover(&self, defs: &Definitions) -> Result<u64, String> {
         let mine = |v: &str| v == self.name;
+        let policies = self.policies();
         let mut t = self.write();
         let mut max_id = 0;
         for e in defs.exchanges.iter().filter(|e| mine(&e.vhost)) {
@@ -243,10 +303,9 @@ impl VHost {
                 .ok_or_else(|| format!("exchange '{}' has unknown type '{}'", e.name, e.kind))?;
             let args = decode_table(&e.arguments)
                 .map_err(|why| format!("exchange '{}': {why}", e.name))?;
-            t.exchanges.insert(
-                e.name.clone(),
-                Exchange::new(&e.name, kind, true, e.auto_delete, e.internal, args),
-            );
+            let mut x = Exchange::new(&e.name, kind, true, e.auto_delete, e.internal, args);
+            self.apply_exchange_policy(&policies, &mut x);
+            t.exchanges.insert(e.name.clone(), x);
         }
         for q in defs.queues.iter().filter(|q| mine(&q.vhost)) {
             let arguments =
