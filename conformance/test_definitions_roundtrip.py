@@ -70,6 +70,10 @@ def test_rabbitmq_to_warren_and_back(tmp_path):
     ctl("add_vhost", vhost)
     ctl("add_user", user, password)
     ctl("set_permissions", "-p", vhost, user, "^rt-", ".*", ".*")
+    ctl("set_policy", "-p", vhost, "--priority", "3", "--apply-to", "queues",
+        "rt-cap", "^rt-", '{"max-length": 5, "overflow": "reject-publish"}')
+    ctl("set_operator_policy", "-p", vhost, "--apply-to", "queues",
+        "rt-op", ".*", '{"max-length": 4}')
     c = login(RABBIT_URL, user, password, vhost)
     c.channel().queue_declare(queue, durable=True, arguments={"x-max-length": 7})
     c.close()
@@ -82,19 +86,32 @@ def test_rabbitmq_to_warren_and_back(tmp_path):
     d["vhosts"] = [v for v in d["vhosts"] if v["name"] == vhost]
     for k in ("permissions", "topic_permissions", "queues", "exchanges", "bindings"):
         d[k] = [x for x in d.get(k, []) if x.get("vhost") == vhost]
-    d["policies"], d["parameters"] = [], []
+    d["policies"] = [p for p in d.get("policies", []) if p.get("vhost") == vhost]
+    # RabbitMQ exports operator policies as parameters (definition as a
+    # list of pairs); vhost limits would be there too.
+    d["parameters"] = [p for p in d.get("parameters", []) if p.get("vhost") == vhost]
+    assert [p["name"] for p in d["parameters"]] == ["rt-op"]
     exported.write_text(json.dumps(d))
 
     port, data = free_port(), tmp_path / "data"
     log = open(tmp_path / "warren.log", "w")
     w = subprocess.Popen([WARREN_BIN, "--port", str(port), "--data-dir", str(data),
-                          "--definitions", str(exported), "--log-level", "warn"],
+                          "--definitions", str(exported), "--log-level", "warn",
+                          "--management-port", "0"],
                          stdout=log, stderr=subprocess.STDOUT)
     try:
         url = "amqp://127.0.0.1:%d/" % port
         c = wait_login(url, user, password, vhost)
-        q = c.channel().queue_declare(queue, passive=True)
+        ch = c.channel()
+        q = ch.queue_declare(queue, passive=True)
         assert q.method.queue == queue
+        # The policies are in force: the operator policy's 4 beats the
+        # policy's 5 and the argument's 7; reject-publish nacks the 5th.
+        ch.confirm_delivery()
+        for i in range(4):
+            ch.basic_publish("", queue, b"m")
+        with pytest.raises(pika.exceptions.NackError):
+            ch.basic_publish("", queue, b"one too many")
         c.close()
     finally:
         w.terminate()
@@ -102,6 +119,9 @@ def test_rabbitmq_to_warren_and_back(tmp_path):
     back = tmp_path / "warren.json"
     subprocess.run([WARREN_BIN, "export-definitions", "--data-dir", str(data), str(back)],
                    check=True, timeout=60)
+    w_defs = json.loads(back.read_text())
+    assert [p["name"] for p in w_defs["policies"]] == ["rt-cap"]
+    assert [p["name"] for p in w_defs["parameters"] if p["component"] == "operator_policy"] == ["rt-op"]
     ctl("delete_user", user)
     ctl("delete_vhost", vhost)
     # A file rabbitmqctl can read, whichever user it runs as.
@@ -117,5 +137,7 @@ def test_rabbitmq_to_warren_and_back(tmp_path):
     q = c.channel().queue_declare(queue, passive=True)
     assert q.method.queue == queue
     c.close()
+    assert "rt-cap" in ctl("list_policies", "-p", vhost)
+    assert "rt-op" in ctl("list_operator_policies", "-p", vhost)
     ctl("delete_user", user)
     ctl("delete_vhost", vhost)

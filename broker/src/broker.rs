@@ -43,6 +43,58 @@ pub struct Broker {
     pub connection_slots: Arc<Semaphore>,
     /// Refused logins by source: slows a source that keeps failing.
     pub login_failures: crate::logins::LoginFailures,
+    /// Open connections by id, for operators (listing, closing). A std
+    /// mutex held only for a map operation.
+    pub(crate) connections: Mutex<HashMap<u64, Arc<ConnInfo>>>,
+    /// Where the listeners listen (for operators).
+    pub listen_addrs: ListenAddrs,
+}
+
+/// The listeners' addresses.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ListenAddrs {
+    pub amqp: Option<std::net::SocketAddr>,
+    pub amqps: Option<std::net::SocketAddr>,
+    pub http: Option<std::net::SocketAddr>,
+}
+
+/// An open connection, as operators see it.
+pub struct ConnInfo {
+    pub id: u64,
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+    pub tls: bool,
+    pub user: String,
+    pub vhost: String,
+    /// Milliseconds since the Unix epoch.
+    pub connected_at: u64,
+    pub client_properties: warren_protocol::types::FieldTable,
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: u16,
+    /// Open channels.
+    pub channels: std::sync::atomic::AtomicU32,
+    /// The connection's mailbox (to close it).
+    pub events: mpsc::UnboundedSender<ConnEvent>,
+}
+
+impl ConnInfo {
+    /// RabbitMQ's connection name: "peer -> local".
+    pub fn name(&self) -> String {
+        format!("{} -> {}", self.peer, self.local)
+    }
+
+    /// Ask the connection to close with connection.close `code` / `text`.
+    pub fn close(&self, code: u16, text: String) {
+        let _ = self.events.send(ConnEvent::Close { code, text });
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Where a direct reply goes: a reply consumer on some connection's
@@ -133,6 +185,52 @@ impl Broker {
             .set_policies(policies)
             .await
             .map_err(|e| e.text)
+    }
+
+    pub(crate) fn register_connection(&self, c: ConnInfo) -> Arc<ConnInfo> {
+        let c = Arc::new(c);
+        self.conns().insert(c.id, c.clone());
+        c
+    }
+
+    pub(crate) fn unregister_connection(&self, id: u64) {
+        self.conns().remove(&id);
+    }
+
+    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnInfo>>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Open connections, oldest first.
+    pub fn connections(&self) -> Vec<Arc<ConnInfo>> {
+        let mut v: Vec<_> = self.conns().values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Delete a vhost: its users' permissions, its policies and limits
+    /// (stored, synced), then every queue (with its messages), exchange and
+    /// binding in it, and its connections are closed with 320, as RabbitMQ.
+    pub async fn delete_vhost(self: &Arc<Self>, name: &str) -> Result<(), String> {
+        let n = name.to_owned();
+        self.change_access(move |s, ops| crate::access::delete_vhost(s, ops, &n))
+            .await?;
+        for c in self.connections().iter().filter(|c| c.vhost == name) {
+            c.close(
+                warren_protocol::reply::CONNECTION_FORCED,
+                format!("CONNECTION_FORCED - vhost '{name}' is deleted"),
+            );
+        }
+        let vhost = self
+            .vhosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(v) = vhost {
+            v.destroy().await.map_err(|e| e.text)?;
+        }
+        tracing::info!(vhost = name, "deleted vhost");
+        Ok(())
     }
 
     /// Every vhost, in name order.

@@ -12,6 +12,8 @@ pub struct Config {
     pub plain: bool,
     /// The AMQPS listener, if any.
     pub tls: Option<TlsListener>,
+    /// Where the management HTTP API listens (None: off).
+    pub management: Option<SocketAddr>,
     /// Where durable state lives.
     pub data_dir: PathBuf,
     /// The user a blank node is given (administrator, full permissions on
@@ -80,6 +82,7 @@ impl Default for Config {
             listen: "127.0.0.1:5672".parse().expect("valid address"),
             plain: true,
             tls: None,
+            management: None,
             data_dir: PathBuf::from("data"),
             default_user: Some(("guest".into(), "guest".into())),
             loopback_users: vec!["guest".into()],

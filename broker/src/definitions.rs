@@ -249,7 +249,7 @@ impl Item<'_> {
             definition,
             operator,
         )
-        .map_err(|e| bad(e.replace("\n\n", ": ")))
+        .map_err(|e| bad(e.trim_end().replace("\n\n", ": ")))
     }
 
     fn tags(&self) -> Result<Vec<String>, String> {

@@ -27,6 +27,9 @@ pub enum ConnEvent {
     CancelOk { chan_key: u64, tag: Arc<str> },
     /// The queue went away under a consumer.
     Cancelled { chan_key: u64, tag: Arc<str> },
+    /// Close the connection (an operator closed it, or its vhost was
+    /// deleted): connection.close with this code and text.
+    Close { code: u16, text: String },
     /// A direct reply-to message for this connection's reply consumer.
     Reply {
         chan_key: u64,

@@ -3,6 +3,9 @@
 //! Layers, top to bottom; a module uses only those below it:
 //! - [`server`] — the listener, the connection limit, shutdown; builds the
 //!   broker at start-up (store, recovery, definitions imported at boot).
+//! - [`management`] — the management HTTP API (RabbitMQ's paths, fields
+//!   and errors): users, vhosts, permissions, policies, limits,
+//!   definitions, queues, exchanges, bindings, connections.
 //! - [`definitions`] — RabbitMQ's definitions JSON: import (all or
 //!   nothing, never overwriting) and export.
 //! - [`connection`] — one task per connection: admission (the handshake
@@ -61,6 +64,7 @@ pub mod exchange;
 pub mod fields;
 pub mod heap;
 pub mod logins;
+pub mod management;
 pub mod message;
 pub mod persist;
 pub mod policy;

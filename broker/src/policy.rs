@@ -140,11 +140,10 @@ fn show(v: &Value) -> String {
     }
 }
 
-fn uint(key: &str, v: &Value, min: u64, max: u64, what: &str) -> Result<u64, String> {
+fn uint(v: &Value, min: u64, max: u64, what: &str) -> Result<u64, String> {
     match v.as_u64() {
         Some(n) if n >= min && n <= max && !v.is_f64() => Ok(n),
-        _ => Err(format!("{} is not a valid {what}", show(v)))
-            .map_err(|e| format!("{e} (key '{key}')")),
+        _ => Err(format!("{} is not a valid {what}", show(v))),
     }
 }
 
@@ -159,7 +158,7 @@ impl Definition {
     /// which may hold only the numeric limits). The error is RabbitMQ's
     /// "Validation failed" text.
     pub fn parse(def: &Map<String, Value>, operator: bool) -> Result<Definition, String> {
-        Definition::parse_inner(def, operator).map_err(|e| format!("Validation failed\n\n{e}"))
+        Definition::parse_inner(def, operator).map_err(|e| format!("Validation failed\n\n{e}\n"))
     }
 
     fn parse_inner(def: &Map<String, Value>, operator: bool) -> Result<Definition, String> {
@@ -167,8 +166,8 @@ impl Definition {
             return Err("no policy provided".into());
         }
         let unknown: Vec<String> = def
-            .keys()
-            .filter(|k| {
+            .iter()
+            .filter(|(k, _)| {
                 let known = if operator {
                     OPERATOR_KEYS.contains(&k.as_str())
                 } else {
@@ -176,7 +175,7 @@ impl Definition {
                 };
                 !known && unsupported(k).is_none()
             })
-            .map(|k| format!("<<\"{k}\">>"))
+            .map(|(k, v)| format!("{{<<\"{k}\">>,{}}}", show(v)))
             .collect();
         if !unknown.is_empty() {
             return Err(format!(
@@ -190,11 +189,11 @@ impl Definition {
                 return Err(format!("'{k}' is not supported: {why}"));
             }
             match k.as_str() {
-                "message-ttl" => d.message_ttl = Some(uint(k, v, 0, MAX_EXPIRY, "message TTL")?),
-                "expires" => d.expires = Some(uint(k, v, 1, MAX_EXPIRY, "queue expiry")?),
-                "max-length" => d.max_length = Some(uint(k, v, 0, u64::MAX, "maximum length")?),
+                "message-ttl" => d.message_ttl = Some(uint(v, 0, MAX_EXPIRY, "message TTL")?),
+                "expires" => d.expires = Some(uint(v, 1, MAX_EXPIRY, "queue expiry")?),
+                "max-length" => d.max_length = Some(uint(v, 0, u64::MAX, "maximum length")?),
                 "max-length-bytes" => {
-                    d.max_length_bytes = Some(uint(k, v, 0, u64::MAX, "maximum length in bytes")?)
+                    d.max_length_bytes = Some(uint(v, 0, u64::MAX, "maximum length in bytes")?)
                 }
                 "overflow" => {
                     d.overflow = Some(match v.as_str() {
@@ -273,10 +272,11 @@ impl Policy {
             let e = e.to_string();
             let why = e.lines().last().unwrap_or("").trim_start_matches("error: ");
             format!(
-                "Validation failed\n\n<<\"{pattern}\">> is not a valid regular expression ({why})"
+                "Validation failed\n\n<<\"{pattern}\">> is not a valid regular expression ({why})\n"
             )
         })?;
-        let apply_to = ApplyTo::parse(apply_to).map_err(|e| format!("Validation failed\n\n{e}"))?;
+        let apply_to =
+            ApplyTo::parse(apply_to).map_err(|e| format!("Validation failed\n\n{e}\n"))?;
         let definition = Definition::parse(&raw, operator)?;
         Ok(Policy {
             vhost: vhost.to_owned(),
@@ -394,7 +394,7 @@ mod tests {
         let err = |v: Value, op: bool| Definition::parse(&def(v), op).unwrap_err();
         assert_eq!(
             err(json!({"message-ttl": -1}), false),
-            "Validation failed\n\n-1 is not a valid message TTL (key 'message-ttl')"
+            "Validation failed\n\n-1 is not a valid message TTL\n"
         );
         assert!(err(json!({"expires": 0}), false).contains("not a valid queue expiry"));
         assert!(err(json!({"max-length": "5"}), false).contains("<<\"5\">> is not a valid"));
@@ -404,7 +404,7 @@ mod tests {
         assert!(err(json!({"dead-letter-exchange": 1}), false).contains("dead letter exchange"));
         assert_eq!(
             err(json!({"foo": 1, "bar": 2}), false),
-            "Validation failed\n\n[<<\"bar\">>,<<\"foo\">>] are not recognised policy settings"
+            "Validation failed\n\n[{<<\"bar\">>,2},{<<\"foo\">>,1}] are not recognised policy settings\n"
         );
         assert!(err(json!({"ha-mode": "all"}), false).contains("'ha-mode' is not supported"));
         assert!(err(json!({"delivery-limit": 3}), false).contains("not implemented"));

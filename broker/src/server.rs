@@ -102,6 +102,8 @@ pub struct Server {
     listener: Option<TcpListener>,
     /// AMQPS, with its certificates.
     tls: Option<(TcpListener, Arc<Tls>)>,
+    /// The management HTTP API.
+    management: Option<TcpListener>,
     broker: Arc<Broker>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -234,6 +236,18 @@ impl Server {
             }
             None => None,
         };
+        let management =
+            match config.management {
+                Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
+                    err(format!("cannot listen for the management API on {a}: {e}"))
+                })?),
+                None => None,
+            };
+        let listen_addrs = crate::broker::ListenAddrs {
+            amqp: listener.as_ref().and_then(|l| l.local_addr().ok()),
+            amqps: tls.as_ref().and_then(|(l, _)| l.local_addr().ok()),
+            http: management.as_ref().and_then(|l| l.local_addr().ok()),
+        };
         if listener.is_none() && tls.is_none() {
             return Err(err(
                 "no listener: plain AMQP is off and TLS is not configured".into(),
@@ -255,6 +269,8 @@ impl Server {
             alarms,
             connection_slots: Arc::new(Semaphore::new(max_connections)),
             login_failures: Default::default(),
+            connections: Default::default(),
+            listen_addrs,
         });
         if let Some((path, json)) = definitions {
             match crate::definitions::import(&broker, &json).await {
@@ -276,6 +292,7 @@ impl Server {
         Ok(Server {
             listener,
             tls,
+            management,
             broker,
             shutdown_tx,
         })
@@ -299,6 +316,11 @@ impl Server {
         }
     }
 
+    /// The management API's address, if it is on.
+    pub fn management_local_addr(&self) -> Option<SocketAddr> {
+        self.broker.listen_addrs.http
+    }
+
     /// The AMQPS listener's address, if TLS is configured.
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
         self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
@@ -313,9 +335,17 @@ impl Server {
         let Server {
             listener,
             tls,
+            management,
             broker,
             shutdown_tx,
         } = self;
+        let api = management.map(|l| {
+            tokio::spawn(crate::management::serve(
+                l,
+                broker.clone(),
+                broker.shutdown.clone(),
+            ))
+        });
         let admission = Admission::new(&broker.config);
         let mut tasks = tokio::task::JoinSet::new();
         tokio::pin!(stop);
@@ -381,6 +411,9 @@ impl Server {
             r.abort();
         }
         let _ = shutdown_tx.send(true);
+        if let Some(api) = api {
+            let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while tasks.join_next().await.is_some() {}
         })
@@ -422,6 +455,8 @@ pub struct RunningBroker {
     pub addr: SocketAddr,
     /// The AMQPS listener's address, if TLS is configured.
     pub tls_addr: Option<SocketAddr>,
+    /// The management API's address, if it is on.
+    pub management_addr: Option<SocketAddr>,
     /// The broker's shared state (tests read its counters).
     pub broker: Arc<Broker>,
     pub alarms: Arc<Alarms>,
@@ -435,6 +470,7 @@ impl RunningBroker {
         let server = Server::bind(config).await?;
         let addr = server.local_addr()?;
         let tls_addr = server.tls_local_addr();
+        let management_addr = server.management_local_addr();
         let broker = server.broker.clone();
         let alarms = server.alarms();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -444,6 +480,7 @@ impl RunningBroker {
         Ok(RunningBroker {
             addr,
             tls_addr,
+            management_addr,
             broker,
             alarms,
             stop: Some(tx),

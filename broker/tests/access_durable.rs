@@ -165,3 +165,113 @@ async fn definitions_survive_sigkill_and_a_bad_file_changes_nothing() {
     let _ = c.close(200, "bye".into()).await;
     drop(d2);
 }
+
+/// What the management API changes at run time (users, vhosts, permissions,
+/// policies, operator policies, limits) is stored before it is answered:
+/// all of it is there after SIGKILL, and the policies are in force on the
+/// recovered queue. A deleted vhost stays deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_changes_over_the_api_survive_sigkill() {
+    use serde_json::json;
+    use warren_tests::http::request;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (port, api_port) = (free_port(), free_port());
+    let api_port_s = api_port.to_string();
+    let flags = ["--log-level", "warn", "--management-port", &api_port_s];
+    let api: std::net::SocketAddr = ([127, 0, 0, 1], api_port).into();
+    let guest = ("guest", "guest");
+    let d = Daemon::start_with(bin(), &data, port, &flags);
+    let put = |path: &str, body: serde_json::Value| {
+        let r = request(api, "PUT", path, guest, Some(&body));
+        assert!(matches!(r.status, 201 | 204), "PUT {path}: {r:?}");
+    };
+    put("/api/vhosts/pay", json!({"description": "payments"}));
+    put("/api/vhosts/gone", json!({}));
+    put(
+        "/api/users/carol",
+        json!({"password": "c-pw", "tags": "management"}),
+    );
+    put(
+        "/api/permissions/pay/carol",
+        json!({"configure": ".*", "write": ".*", "read": ".*"}),
+    );
+    put(
+        "/api/policies/pay/cap",
+        json!({"pattern": "^orders$", "definition": {"max-length": 5}, "apply-to": "queues"}),
+    );
+    put(
+        "/api/operator-policies/pay/op",
+        json!({"pattern": ".*", "definition": {"max-length": 3}}),
+    );
+    put("/api/vhost-limits/pay/max-connections", json!({"value": 4}));
+    put("/api/user-limits/carol/max-channels", json!({"value": 2}));
+    assert_eq!(
+        request(api, "DELETE", "/api/vhosts/gone", guest, None).status,
+        204
+    );
+    {
+        let c = login(port, "carol", "c-pw", "pay")
+            .await
+            .expect("carol logs in");
+        let ch = c.create_channel().await.unwrap();
+        ch.queue_declare(
+            "orders".into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        c.close(200, "bye".into()).await.unwrap();
+    }
+    d.kill();
+    let _d = Daemon::start_with(bin(), &data, port, &flags);
+    let get = |path: &str| {
+        let r = request(api, "GET", path, guest, None);
+        assert_eq!(r.status, 200, "GET {path}: {r:?}");
+        r.json()
+    };
+    assert_eq!(get("/api/vhosts/pay")["description"], "payments");
+    assert_eq!(
+        request(api, "GET", "/api/vhosts/gone", guest, None).status,
+        404
+    );
+    assert_eq!(get("/api/users/carol")["tags"], json!(["management"]));
+    assert_eq!(get("/api/permissions/pay/carol")["write"], ".*");
+    assert_eq!(
+        get("/api/policies/pay/cap")["definition"],
+        json!({"max-length": 5})
+    );
+    assert_eq!(
+        get("/api/vhost-limits/pay"),
+        json!([{"vhost": "pay", "value": {"max-connections": 4}}])
+    );
+    assert_eq!(
+        get("/api/user-limits/carol"),
+        json!([{"user": "carol", "value": {"max-channels": 2}}])
+    );
+    let q = get("/api/queues/pay/orders");
+    assert_eq!(q["policy"], "cap");
+    assert_eq!(q["operator_policy"], "op");
+    assert_eq!(q["effective_policy_definition"], json!({"max-length": 3}));
+    // In force: the operator policy's limit.
+    let c = login(port, "carol", "c-pw", "pay")
+        .await
+        .expect("carol logs in again");
+    let ch = c.create_channel().await.unwrap();
+    for _ in 0..6 {
+        ch.basic_publish(
+            "".into(),
+            "orders".into(),
+            Default::default(),
+            b"o",
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    warren_tests::lapin_util::wait_count(&ch, "orders", 3).await;
+}

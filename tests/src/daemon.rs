@@ -31,7 +31,8 @@ impl Daemon {
     }
 
     /// Start with extra command-line flags (after the defaults, which they
-    /// must not repeat).
+    /// must not repeat). The management API is off unless `extra` gives
+    /// `--management-port`.
     pub fn start_with(bin: impl AsRef<OsStr>, dir: &Path, port: u16, extra: &[&str]) -> Daemon {
         // Logs (stdout) and errors (stderr) go to one file, shown on failure.
         let log = std::env::temp_dir().join(format!("warren-test-daemon-{port}.log"));
@@ -45,6 +46,11 @@ impl Daemon {
                 "--data-dir",
             ])
             .arg(dir)
+            .args(if extra.contains(&"--management-port") {
+                &[][..]
+            } else {
+                &["--management-port", "0"][..]
+            })
             .args(extra)
             .stdout(out.try_clone().expect("daemon log file"))
             .stderr(out)

@@ -9,8 +9,10 @@
 //! - [`raw`]: a raw AMQP client for what lapin cannot or will not send.
 //! - [`daemon`]: the `warren` binary as a child process (crash and restart
 //!   tests).
+//! - [`http`]: a minimal HTTP client for the management API.
 
 pub mod daemon;
+pub mod http;
 pub mod lapin_util;
 pub mod raw;
 

@@ -634,6 +634,96 @@ fn drop_permissions(s: &mut State, ops: &mut Vec<RecordOp>, doomed: impl Fn(&str
     });
 }
 
+/// Replace an existing user's password hash (when `hash` is given) and
+/// tags.
+pub fn update_user(
+    s: &mut State,
+    ops: &mut Vec<RecordOp>,
+    name: &str,
+    hash: Option<(String, Algorithm)>,
+    tags: Vec<String>,
+) -> Result<(), String> {
+    check_tags(&tags)?;
+    if let Some((h, alg)) = &hash {
+        password::validate(*alg, h)?;
+    }
+    let u = s
+        .users
+        .get_mut(name)
+        .ok_or_else(|| format!("user '{name}' does not exist"))?;
+    if let Some((h, alg)) = hash {
+        u.password_hash = h;
+        u.algorithm = alg;
+    }
+    u.tags = tags;
+    ops.push(user_op(u));
+    Ok(())
+}
+
+/// Replace an existing vhost's description and tags.
+pub fn update_vhost(
+    s: &mut State,
+    ops: &mut Vec<RecordOp>,
+    name: &str,
+    description: &str,
+    tags: Vec<String>,
+) -> Result<(), String> {
+    let v = s
+        .vhosts
+        .get_mut(name)
+        .ok_or_else(|| format!("vhost '{name}' does not exist"))?;
+    v.description = description.to_owned();
+    v.tags = tags;
+    ops.push(vhost_op(v));
+    Ok(())
+}
+
+/// Delete a vhost with everything of it access control holds: its
+/// permissions, topic permissions, policies and operator policies.
+pub fn delete_vhost(s: &mut State, ops: &mut Vec<RecordOp>, name: &str) -> Result<(), String> {
+    if s.vhosts.remove(name).is_none() {
+        return Err(format!("vhost '{name}' does not exist"));
+    }
+    ops.push(del(VHOST, name.to_owned()));
+    drop_permissions(s, ops, |vhost, _user| vhost == name);
+    for (kind, map) in [
+        (POLICY, &mut s.policies),
+        (OPERATOR_POLICY, &mut s.operator_policies),
+    ] {
+        map.retain(|(v, n), _| {
+            let gone = v == name;
+            if gone {
+                ops.push(del(kind, perm_key(v, n)));
+            }
+            !gone
+        });
+    }
+    Ok(())
+}
+
+/// Clear every topic permission of `user` in `vhost`.
+pub fn clear_topic_permissions(
+    s: &mut State,
+    ops: &mut Vec<RecordOp>,
+    user: &str,
+    vhost: &str,
+) -> Result<(), String> {
+    let before = s.topic_permissions.len();
+    s.topic_permissions.retain(|(v, u, x), _| {
+        let gone = v == vhost && u == user;
+        if gone {
+            ops.push(del(TOPIC_PERMISSION, topic_key(v, u, x)));
+        }
+        !gone
+    });
+    if s.topic_permissions.len() == before {
+        return Err(format!(
+            "user '{user}' has no topic permissions in vhost '{vhost}'"
+        ));
+    }
+    Ok(())
+}
+
 pub fn add_vhost(
     s: &mut State,
     ops: &mut Vec<RecordOp>,

@@ -24,6 +24,9 @@ struct Args {
     /// AMQP port (plain TCP). 0 turns plain AMQP off (TLS only).
     #[arg(long, default_value_t = 5672)]
     port: u16,
+    /// Management HTTP API port (RabbitMQ's API, on --bind). 0 turns it off.
+    #[arg(long, default_value_t = 15672, value_name = "PORT")]
+    management_port: u16,
     /// AMQPS (TLS) port. Default: 5671 when a certificate is configured.
     #[arg(long, value_name = "PORT")]
     tls_port: Option<u16>,
@@ -226,6 +229,8 @@ fn main() -> std::process::ExitCode {
         listen: SocketAddr::new(args.bind, args.port),
         plain: args.port != 0,
         tls,
+        management: (args.management_port != 0)
+            .then(|| SocketAddr::new(args.bind, args.management_port)),
         data_dir: args.data_dir,
         max_message_size: args.max_message_size,
         max_connections: max_connections.max(1),

@@ -38,6 +38,7 @@ impl Connection {
                 let mut channel = Channel::new(ch, key);
                 channel.usage = Some(usage);
                 self.channels.insert(ch, channel);
+                self.note_channels();
                 self.io.out.send_method(
                     ch,
                     AMQPClass::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})),
@@ -50,6 +51,7 @@ impl Connection {
             (Method::Other(AMQPClass::Channel(chan::AMQPMethod::CloseOk(_))), _) => {
                 if open.is_some_and(|c| c.closing) {
                     self.channels.remove(&ch);
+                    self.note_channels();
                 }
                 Ok(None)
             }
@@ -95,6 +97,14 @@ impl Connection {
         );
     }
 
+    /// Publish the open channel count to the connection registry.
+    fn note_channels(&self) {
+        self.info.channels.store(
+            self.channels.values().filter(|c| !c.closing).count() as u32,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     /// Give a channel's consumers and unacked messages back to their queues;
     /// `remove`: forget the channel, else keep it as closing (awaiting
     /// close-ok) with its state dropped.
@@ -112,6 +122,7 @@ impl Connection {
         if let Some(mut c) = c {
             c.release(&mut ctx!(self));
         }
+        self.note_channels();
     }
 
     /// The connection is ending: release every channel, delete its

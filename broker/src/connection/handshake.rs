@@ -23,6 +23,8 @@ use warren_protocol::types::{AMQPValue, FieldTable, LongString};
 pub struct Opened {
     pub user: String,
     pub caps: ClientCaps,
+    /// The client's `client_properties` (for operators).
+    pub client_properties: FieldTable,
     pub vhost: Arc<VHost>,
     pub channel_max: u16,
     pub frame_max: u32,
@@ -175,6 +177,7 @@ pub async fn handshake(io: &mut Io, broker: &Broker) -> Result<Option<Opened>, F
     Ok(Some(Opened {
         user,
         caps,
+        client_properties: start_ok.client_properties.clone(),
         vhost,
         channel_max: client_channel_max,
         frame_max: tune_ok.frame_max,

@@ -62,6 +62,9 @@ impl Connection {
                     c.cancel_done(&mut ctx!(self), &tag);
                 }
             }
+            ConnEvent::Close { code, text } => {
+                self.forced = Some(crate::error::AmqpError::new(code, text));
+            }
             ConnEvent::Cancelled { chan_key, tag } => {
                 if let Some(c) = self.channels.values_mut().find(|c| c.key == chan_key) {
                     c.cancelled_by_queue(&mut ctx!(self), &tag);

@@ -158,6 +158,10 @@ struct Connection {
     /// This connection's slot under `max_connections`.
     _slot: tokio::sync::OwnedSemaphorePermit,
     _usage: crate::access::limits::Ticket,
+    /// This connection in the broker's registry (for operators).
+    info: Arc<crate::broker::ConnInfo>,
+    /// Set when the broker asks the connection to close (see `ConnEvent::Close`).
+    forced: Option<AmqpError>,
 }
 
 /// What a frame leaves for the async path.
@@ -191,6 +195,21 @@ impl Connection {
         });
         let (events_tx, events) = mpsc::unbounded_channel();
         let alarm = broker.alarms.subscribe();
+        let info = broker.register_connection(crate::broker::ConnInfo {
+            id,
+            peer: io.peer,
+            local: io.stream.tcp().local_addr().unwrap_or(io.peer),
+            tls: io.stream.is_tls(),
+            user: o.user.clone(),
+            vhost: o.vhost.name.clone(),
+            connected_at: crate::broker::now_ms(),
+            client_properties: o.client_properties,
+            channel_max: o.channel_max,
+            frame_max: o.frame_max,
+            heartbeat: o.heartbeat,
+            channels: Default::default(),
+            events: events_tx.clone(),
+        });
         let impersonator = broker
             .access
             .snapshot()
@@ -219,11 +238,15 @@ impl Connection {
             blocked_sent: false,
             _slot: o.slot,
             _usage: o.usage,
+            info,
+            forced: None,
         }
     }
 
     async fn run(mut self) {
-        match self.serve().await {
+        let r = self.serve().await;
+        self.session.broker.unregister_connection(self.info.id);
+        match r {
             Ok(()) => {
                 // The client closed and has its close-ok: leave closing the
                 // socket to it, as RabbitMQ does (see `Io::finish`).
@@ -315,6 +338,9 @@ impl Connection {
                             }
                         }
                         self.flush_confirms();
+                        if let Some(e) = self.forced.take() {
+                            return Err(Fault::Connection(e));
+                        }
                     }
                 }
                 n = self.io.stream.read_buf(&mut self.io.inbuf), if !self.blocked => {

@@ -450,6 +450,15 @@ impl Actor {
                 let ready = self.ready_count().min(u32::MAX as u64) as u32;
                 let _ = reply.send((ready, self.consumers.len() as u32));
             }
+            QueueCmd::Info { reply } => {
+                self.expire_heads();
+                let _ = reply.send(super::handle::QueueStats {
+                    ready: self.ready_count(),
+                    ready_bytes: self.ready.bytes,
+                    unacked: self.unacked.len() as u64,
+                    consumers: self.consumers.len() as u32,
+                });
+            }
             QueueCmd::Purge { reply } => {
                 let n = self.purge();
                 let _ = reply.send(n.min(u32::MAX as u64) as u32);

@@ -281,6 +281,10 @@ pub enum QueueCmd {
     Stats {
         reply: oneshot::Sender<(u32, u32)>,
     },
+    /// What operators see (management API).
+    Info {
+        reply: oneshot::Sender<QueueStats>,
+    },
     Purge {
         reply: oneshot::Sender<u32>,
     },
@@ -290,6 +294,18 @@ pub enum QueueCmd {
         if_empty: bool,
         reply: oneshot::Sender<Result<u32, AmqpError>>,
     },
+}
+
+/// A queue's numbers, as operators see them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueueStats {
+    /// Ready messages (in memory and on disk).
+    pub ready: u64,
+    /// Body bytes of the ready messages in memory.
+    pub ready_bytes: u64,
+    /// Delivered, not yet acknowledged.
+    pub unacked: u64,
+    pub consumers: u32,
 }
 
 /// Called by the actor when it deletes itself (auto-delete, `x-expires`).

@@ -61,7 +61,7 @@ mod tests;
 
 pub use actor::spawn;
 pub use handle::{
-    ChannelCredit, Consumer, Got, OnAutoDelete, Publish, QueueCmd, QueueHandle, Seqs,
+    ChannelCredit, Consumer, Got, OnAutoDelete, Publish, QueueCmd, QueueHandle, QueueStats, Seqs,
 };
 
 use crate::error::AmqpResult;

@@ -333,6 +333,32 @@ impl VHost {
         Ok(n)
     }
 
+    /// Delete everything in the vhost (the vhost is being deleted): every
+    /// queue with its messages, then every exchange but the built-in ones,
+    /// with their bindings, from memory and the store.
+    pub async fn destroy(&self) -> AmqpResult<()> {
+        let queues: Vec<QueueHandle> = self.read().queues.values().cloned().collect();
+        for q in queues {
+            self.delete_queue(&q, false, false).await?;
+        }
+        let exchanges: Vec<String> = self
+            .read()
+            .exchanges
+            .keys()
+            .filter(|n| !n.is_empty() && !n.starts_with("amq."))
+            .cloned()
+            .collect();
+        for x in exchanges {
+            match self.delete_exchange(&x, false).await {
+                Ok(()) => {}
+                // Gone meanwhile (auto-delete).
+                Err(e) if e.code == warren_protocol::reply::NOT_FOUND => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// A queue stopped by itself (auto-delete, `x-expires`): remove it and
     /// its bindings, on the definitions thread, without waiting.
     pub fn forget_queue(&self, name: &str, id: u64) {

@@ -46,6 +46,17 @@ struct Topology {
     queues: HashMap<String, QueueHandle>,
 }
 
+/// An exchange as operators see it (a copy).
+pub struct ExchangeView {
+    pub name: String,
+    pub kind: &'static str,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+    pub bindings: Vec<exchange::Binding>,
+}
+
 /// A job for the definitions thread.
 type Change = Box<dyn FnOnce() + Send>;
 
@@ -209,6 +220,33 @@ impl VHost {
             .ok_or_else(|| not_found("queue", name, &self.name))?;
         check_owner(&q, conn, &self.name)?;
         Ok(q)
+    }
+
+    /// Every queue, in name order.
+    pub fn queues(&self) -> Vec<QueueHandle> {
+        let mut v: Vec<QueueHandle> = self.read().queues.values().cloned().collect();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
+    }
+
+    /// Every exchange as operators see it, in name order.
+    pub fn exchanges(&self) -> Vec<ExchangeView> {
+        let mut v: Vec<ExchangeView> = self
+            .read()
+            .exchanges
+            .values()
+            .map(|x| ExchangeView {
+                name: x.name.to_string(),
+                kind: x.kind.name,
+                durable: x.durable,
+                auto_delete: x.auto_delete,
+                internal: x.internal,
+                arguments: x.arguments.clone(),
+                bindings: x.bindings.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// How many queues the vhost holds.

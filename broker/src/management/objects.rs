@@ -1,0 +1,762 @@
+//! The overview, queues, exchanges, bindings and connections, as RabbitMQ's
+//! management API serves them. What a user may see and do follows its tags
+//! and its permissions, as over AMQP: declaring needs configure on the
+//! object, binding write on the destination and read on the source,
+//! purging read, deleting configure; a refusal is 401 with RabbitMQ's
+//! AMQP refusal text.
+
+use super::{
+    body_object, created, listing, no_content, Api, ApiError, ApiResult, Auth, Paging, St,
+};
+use crate::access::{Kind, Perm};
+use crate::broker::{Broker, ConnInfo};
+use crate::definitions::{json_table, table_json};
+use crate::exchange::{Binding, Dest};
+use crate::policy::Target;
+use crate::queue::{QueueCmd, QueueHandle, QueueStats};
+use crate::vhost::{ExchangeSpec, QueueSpec, VHost};
+use axum::body::Bytes;
+use axum::extract::{Path, Query};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use warren_protocol::types::FieldTable;
+
+pub fn routes() -> Router<Api> {
+    Router::new()
+        .route("/api/queues", get(|a, s, q| list_queues(a, s, q, None)))
+        .route(
+            "/api/queues/{vhost}",
+            get(|a, s, q, Path(v): Path<String>| list_queues(a, s, q, Some(v))),
+        )
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(get_queue).put(put_queue).delete(delete_queue),
+        )
+        .route("/api/queues/{vhost}/{name}/contents", delete(purge_queue))
+        .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
+        .route(
+            "/api/exchanges",
+            get(|a, s, q| list_exchanges(a, s, q, None)),
+        )
+        .route(
+            "/api/exchanges/{vhost}",
+            get(|a, s, q, Path(v): Path<String>| list_exchanges(a, s, q, Some(v))),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}",
+            get(get_exchange).put(put_exchange).delete(delete_exchange),
+        )
+        .route("/api/bindings", get(|a, s, q| list_bindings(a, s, q, None)))
+        .route(
+            "/api/bindings/{vhost}",
+            get(|a, s, q, Path(v): Path<String>| list_bindings(a, s, q, Some(v))),
+        )
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{dest}",
+            post(post_binding).get(bindings_between),
+        )
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{dest}/{props}",
+            get(get_binding).delete(delete_binding),
+        )
+        .route("/api/connections", get(list_connections))
+        .route(
+            "/api/connections/{name}",
+            get(get_connection).delete(close_connection),
+        )
+}
+
+/// The node's name, as RabbitMQ's `rabbit@host`.
+pub fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("warren@{host}")
+}
+
+/// The vhost, after checking the user may see it.
+fn vhost_of(auth: &Auth, b: &Broker, name: &str) -> ApiResult<Arc<VHost>> {
+    auth.vhost(b, name)?;
+    b.vhost(name).ok_or_else(ApiError::not_found)
+}
+
+/// The vhosts a listing covers: one (checked), or every one the user sees.
+fn vhosts_for(auth: &Auth, b: &Broker, one: Option<&str>) -> ApiResult<Vec<Arc<VHost>>> {
+    match one {
+        Some(v) => Ok(vec![vhost_of(auth, b, v)?]),
+        None => Ok(b
+            .vhosts()
+            .into_iter()
+            .filter(|v| auth.sees_vhost(b, &v.name))
+            .collect()),
+    }
+}
+
+fn check(
+    b: &Broker,
+    auth: &Auth,
+    vhost: &str,
+    kind: Kind,
+    name: &str,
+    perm: Perm,
+) -> ApiResult<()> {
+    b.access
+        .check(&auth.user, vhost, kind, name, perm)
+        .map_err(ApiError::from)
+}
+
+// --------------------------------------------------------------- overview
+
+pub async fn overview(auth: Auth, st: St) -> ApiResult {
+    let b = &st.broker;
+    let vhosts = vhosts_for(&auth, b, None)?;
+    let (mut queues, mut exchanges) = (0usize, 0usize);
+    let (mut ready, mut unacked, mut consumers) = (0u64, 0u64, 0u64);
+    for v in &vhosts {
+        exchanges += v.exchanges().len();
+        for q in v.queues() {
+            queues += 1;
+            let s = stats(&q).await;
+            ready += s.ready;
+            unacked += s.unacked;
+            consumers += s.consumers as u64;
+        }
+    }
+    let conns: Vec<Arc<ConnInfo>> = visible_connections(&auth, b);
+    let channels: u64 = conns
+        .iter()
+        .map(|c| c.channels.load(std::sync::atomic::Ordering::Relaxed) as u64)
+        .sum();
+    let node = node_name();
+    let mut listeners = Vec::new();
+    if let Some(a) = b.listen_addrs.amqp {
+        listeners.push(json!({"node": node, "protocol": "amqp", "ip_address": a.ip().to_string(), "port": a.port()}));
+    }
+    if let Some(a) = b.listen_addrs.amqps {
+        listeners.push(json!({"node": node, "protocol": "amqp/ssl", "ip_address": a.ip().to_string(), "port": a.port()}));
+    }
+    if let Some(a) = b.listen_addrs.http {
+        listeners.push(json!({"node": node, "protocol": "http", "ip_address": a.ip().to_string(), "port": a.port()}));
+    }
+    Ok(Json(json!({
+        "product_name": "Warren",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "rabbitmq_version": super::RABBITMQ_API_VERSION,
+        "management_version": super::RABBITMQ_API_VERSION,
+        "cluster_name": node,
+        "node": node,
+        "rates_mode": "none",
+        "exchange_types": crate::exchange::TYPES.iter().map(|t| json!({"name": t.name, "enabled": true})).collect::<Vec<_>>(),
+        "listeners": listeners,
+        "object_totals": {
+            "connections": conns.len(), "channels": channels, "exchanges": exchanges,
+            "queues": queues, "consumers": consumers,
+        },
+        "queue_totals": {
+            "messages": ready + unacked, "messages_ready": ready,
+            "messages_unacknowledged": unacked,
+        },
+    }))
+    .into_response())
+}
+
+// ----------------------------------------------------------------- queues
+
+async fn stats(q: &QueueHandle) -> QueueStats {
+    q.ask(|reply| QueueCmd::Info { reply })
+        .await
+        .unwrap_or_default()
+}
+
+async fn queue_json(v: &VHost, q: &QueueHandle) -> Value {
+    let s = stats(q).await;
+    let policies = v.policies();
+    let applied = policies.applied(Target::Queue, q.name());
+    let i = &q.info;
+    json!({
+        "name": q.name(),
+        "vhost": v.name,
+        "durable": i.durable,
+        "auto_delete": i.auto_delete,
+        "exclusive": i.exclusive_owner.is_some(),
+        "arguments": table_json(&i.arguments),
+        "node": node_name(),
+        "type": "classic",
+        "state": "running",
+        "messages": s.ready + s.unacked,
+        "messages_ready": s.ready,
+        "messages_unacknowledged": s.unacked,
+        "message_bytes_ready": s.ready_bytes,
+        "consumers": s.consumers,
+        "policy": applied.policy.map(|p| p.name.clone()),
+        "operator_policy": applied.operator.map(|p| p.name.clone()),
+        "effective_policy_definition": applied.effective_definition(),
+    })
+}
+
+async fn list_queues(auth: Auth, st: St, q: Query<Paging>, vhost: Option<String>) -> ApiResult {
+    let mut items = Vec::new();
+    for v in vhosts_for(&auth, &st.broker, vhost.as_deref())? {
+        for h in v.queues() {
+            items.push(queue_json(&v, &h).await);
+        }
+    }
+    listing(items, &q)
+}
+
+fn find_queue(v: &VHost, name: &str) -> ApiResult<QueueHandle> {
+    v.queues()
+        .into_iter()
+        .find(|q| q.name() == name)
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn get_queue(auth: Auth, st: St, Path((vhost, name)): Path<(String, String)>) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    let q = find_queue(&v, &name)?;
+    Ok(Json(queue_json(&v, &q).await).into_response())
+}
+
+fn flag(body: &Map<String, Value>, key: &str, default: bool) -> ApiResult<bool> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        // rabbitmqadmin v1 sends "true" / "false" as strings.
+        Some(Value::String(s)) if s == "true" || s == "false" => Ok(s == "true"),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "{key} must be true or false, not {other}"
+        ))),
+    }
+}
+
+fn arguments(body: &Map<String, Value>) -> ApiResult<FieldTable> {
+    match body.get("arguments") {
+        None | Some(Value::Null) => Ok(FieldTable::default()),
+        Some(Value::Object(m)) => json_table(m).map_err(ApiError::bad_request),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "arguments must be an object, not {other}"
+        ))),
+    }
+}
+
+async fn put_queue(
+    auth: Auth,
+    st: St,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    let body = body_object(&body)?;
+    if flag(&body, "exclusive", false)? {
+        return Err(ApiError::bad_request(
+            "an exclusive queue belongs to a connection: declare it over AMQP",
+        ));
+    }
+    if name.is_empty() || name.starts_with("amq.") {
+        return Err(ApiError::bad_request(format!(
+            "queue name '{name}' contains reserved prefix 'amq.*'"
+        )));
+    }
+    // Flags left out are false, as in RabbitMQ's API.
+    let durable = flag(&body, "durable", false)?;
+    let auto_delete = flag(&body, "auto_delete", false)?;
+    let args = arguments(&body)?;
+    let b = &st.broker;
+    check(b, &auth, &vhost, Kind::Queue, &name, Perm::Configure)?;
+    let new = find_queue(&v, &name).is_err();
+    if new {
+        let limits = b.access.vhost_limits(&vhost);
+        if let Some(l) = crate::access::limits::queue_room(limits, v.queue_count()) {
+            return Err(ApiError::bad_request(
+                crate::access::limits::queue_limit_reached(&name, &vhost, l).text,
+            ));
+        }
+    }
+    if let Some(dlx) = args
+        .inner()
+        .get("x-dead-letter-exchange")
+        .and_then(crate::fields::as_string)
+    {
+        check(b, &auth, &vhost, Kind::Queue, &name, Perm::Read)?;
+        check(b, &auth, &vhost, Kind::Exchange, &dlx, Perm::Write)?;
+    }
+    v.declare_queue(
+        QueueSpec {
+            name: &name,
+            passive: false,
+            durable,
+            exclusive: false,
+            auto_delete,
+            arguments: &args,
+        },
+        0,
+    )
+    .await?;
+    Ok(created(new))
+}
+
+#[derive(serde::Deserialize, Default)]
+struct DeleteQuery {
+    #[serde(rename = "if-unused")]
+    if_unused: Option<bool>,
+    #[serde(rename = "if-empty")]
+    if_empty: Option<bool>,
+}
+
+async fn delete_queue(
+    auth: Auth,
+    st: St,
+    Path((vhost, name)): Path<(String, String)>,
+    Query(dq): Query<DeleteQuery>,
+) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    let q = find_queue(&v, &name)?;
+    check(
+        &st.broker,
+        &auth,
+        &vhost,
+        Kind::Queue,
+        &name,
+        Perm::Configure,
+    )?;
+    v.delete_queue(
+        &q,
+        dq.if_unused.unwrap_or(false),
+        dq.if_empty.unwrap_or(false),
+    )
+    .await?;
+    Ok(no_content())
+}
+
+async fn purge_queue(auth: Auth, st: St, Path((vhost, name)): Path<(String, String)>) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    let q = find_queue(&v, &name)?;
+    check(&st.broker, &auth, &vhost, Kind::Queue, &name, Perm::Read)?;
+    q.ask(|reply| QueueCmd::Purge { reply })
+        .await
+        .ok_or_else(ApiError::not_found)?;
+    Ok(no_content())
+}
+
+// -------------------------------------------------------------- exchanges
+
+fn exchange_json(vhost: &str, x: &crate::vhost::ExchangeView, v: &VHost) -> Value {
+    let policies = v.policies();
+    let applied = policies.applied(Target::Exchange, &x.name);
+    json!({
+        "name": x.name,
+        "vhost": vhost,
+        "type": x.kind,
+        "durable": x.durable,
+        "auto_delete": x.auto_delete,
+        "internal": x.internal,
+        "arguments": table_json(&x.arguments),
+        "user_who_performed_action": "",
+        "policy": applied.policy.map(|p| p.name.clone()),
+    })
+}
+
+async fn list_exchanges(auth: Auth, st: St, q: Query<Paging>, vhost: Option<String>) -> ApiResult {
+    let mut items = Vec::new();
+    for v in vhosts_for(&auth, &st.broker, vhost.as_deref())? {
+        for x in v.exchanges() {
+            items.push(exchange_json(&v.name, &x, &v));
+        }
+    }
+    listing(items, &q)
+}
+
+/// The default exchange is named `amq.default` in paths.
+fn exchange_name(name: &str) -> &str {
+    if name == "amq.default" {
+        ""
+    } else {
+        name
+    }
+}
+
+async fn get_exchange(
+    auth: Auth,
+    st: St,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    let name = exchange_name(&name);
+    let x = v
+        .exchanges()
+        .into_iter()
+        .find(|x| x.name == name)
+        .ok_or_else(ApiError::not_found)?;
+    Ok(Json(exchange_json(&vhost, &x, &v)).into_response())
+}
+
+async fn put_exchange(
+    auth: Auth,
+    st: St,
+    Path((vhost, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    let body = body_object(&body)?;
+    let kind = super::required(&body, "type")?;
+    if crate::exchange::kind(&kind).is_none() {
+        return Err(ApiError::bad_request(format!(
+            "unknown exchange type '{kind}'"
+        )));
+    }
+    let durable = flag(&body, "durable", false)?;
+    let auto_delete = flag(&body, "auto_delete", false)?;
+    let internal = flag(&body, "internal", false)?;
+    let args = arguments(&body)?;
+    let b = &st.broker;
+    check(b, &auth, &vhost, Kind::Exchange, &name, Perm::Configure)?;
+    if let Some(ae) = args
+        .inner()
+        .get("alternate-exchange")
+        .and_then(crate::fields::as_string)
+    {
+        check(b, &auth, &vhost, Kind::Exchange, &name, Perm::Read)?;
+        check(b, &auth, &vhost, Kind::Exchange, &ae, Perm::Write)?;
+    }
+    let new = v.exchange_kind(&name).is_none();
+    v.declare_exchange(ExchangeSpec {
+        name: &name,
+        kind: &kind,
+        passive: false,
+        durable,
+        auto_delete,
+        internal,
+        arguments: &args,
+    })
+    .await?;
+    Ok(created(new))
+}
+
+async fn delete_exchange(
+    auth: Auth,
+    st: St,
+    Path((vhost, name)): Path<(String, String)>,
+    Query(dq): Query<DeleteQuery>,
+) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    if v.exchange_kind(&name).is_none() {
+        return Err(ApiError::not_found());
+    }
+    check(
+        &st.broker,
+        &auth,
+        &vhost,
+        Kind::Exchange,
+        &name,
+        Perm::Configure,
+    )?;
+    v.delete_exchange(&name, dq.if_unused.unwrap_or(false))
+        .await?;
+    Ok(no_content())
+}
+
+// --------------------------------------------------------------- bindings
+
+/// RabbitMQ's `properties_key`: the routing key (`~` for an empty one),
+/// and with arguments a digest of them after a `~`.
+fn props_key(b: &Binding) -> String {
+    let key = if b.key.is_empty() && b.args.inner().is_empty() {
+        "~".to_owned()
+    } else {
+        b.key.clone()
+    };
+    if b.args.inner().is_empty() {
+        return key;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(table_json(&b.args).to_string().as_bytes());
+    let short: String = digest.iter().take(8).map(|x| format!("{x:02x}")).collect();
+    format!("{key}~{short}")
+}
+
+fn binding_json(vhost: &str, source: &str, b: &Binding) -> Value {
+    let (dest, kind) = match &b.dest {
+        Dest::Queue(q) => (q.to_string(), "queue"),
+        Dest::Exchange(x) => (x.to_string(), "exchange"),
+    };
+    json!({
+        "source": source, "vhost": vhost, "destination": dest, "destination_type": kind,
+        "routing_key": b.key, "arguments": table_json(&b.args), "properties_key": props_key(b),
+    })
+}
+
+/// Every binding of a vhost, RabbitMQ's implicit default-exchange bindings
+/// (one per queue) first.
+fn bindings_of(v: &VHost) -> Vec<Value> {
+    let mut out: Vec<Value> = v
+        .queues()
+        .iter()
+        .map(|q| {
+            binding_json(
+                &v.name,
+                "",
+                &Binding {
+                    dest: Dest::Queue(q.name().into()),
+                    key: q.name().to_owned(),
+                    args: FieldTable::default(),
+                },
+            )
+        })
+        .collect();
+    for x in v.exchanges() {
+        for b in &x.bindings {
+            out.push(binding_json(&v.name, &x.name, b));
+        }
+    }
+    out
+}
+
+async fn list_bindings(auth: Auth, st: St, q: Query<Paging>, vhost: Option<String>) -> ApiResult {
+    let mut items = Vec::new();
+    for v in vhosts_for(&auth, &st.broker, vhost.as_deref())? {
+        items.extend(bindings_of(&v));
+    }
+    listing(items, &q)
+}
+
+async fn queue_bindings(
+    auth: Auth,
+    st: St,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    find_queue(&v, &name)?;
+    let items: Vec<Value> = bindings_of(&v)
+        .into_iter()
+        .filter(|b| b["destination_type"] == "queue" && b["destination"] == name.as_str())
+        .collect();
+    Ok(Json(items).into_response())
+}
+
+fn dest_kind(kind: &str) -> ApiResult<&'static str> {
+    match kind {
+        "q" => Ok("queue"),
+        "e" => Ok("exchange"),
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+async fn bindings_between(
+    auth: Auth,
+    st: St,
+    Path((vhost, source, kind, dest)): Path<(String, String, String, String)>,
+) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    let kind = dest_kind(&kind)?;
+    let source = exchange_name(&source).to_owned();
+    let items: Vec<Value> = bindings_of(&v)
+        .into_iter()
+        .filter(|b| {
+            b["source"] == source.as_str()
+                && b["destination_type"] == kind
+                && b["destination"] == dest.as_str()
+        })
+        .collect();
+    Ok(Json(items).into_response())
+}
+
+async fn post_binding(
+    auth: Auth,
+    st: St,
+    Path((vhost, source, kind, dest)): Path<(String, String, String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    let kind = dest_kind(&kind)?;
+    let body = body_object(&body)?;
+    let key = super::text_field(&body, "routing_key")?.unwrap_or_default();
+    let args = arguments(&body)?;
+    let b = &st.broker;
+    let dest_res = if kind == "queue" {
+        Kind::Queue
+    } else {
+        Kind::Exchange
+    };
+    check(b, &auth, &vhost, dest_res, &dest, Perm::Write)?;
+    check(b, &auth, &vhost, Kind::Exchange, &source, Perm::Read)?;
+    let d = if kind == "queue" {
+        Dest::Queue(dest.as_str().into())
+    } else {
+        Dest::Exchange(dest.as_str().into())
+    };
+    let binding = Binding {
+        dest: d.clone(),
+        key: key.clone(),
+        args: args.clone(),
+    };
+    v.set_binding(true, exchange_name(&source), d, &key, &args, 0)
+        .await?;
+    let location = format!(
+        "/api/bindings/{}/e/{}/{}/{}/{}",
+        enc(&vhost),
+        enc(&source),
+        if kind == "queue" { "q" } else { "e" },
+        enc(&dest),
+        enc(&props_key(&binding))
+    );
+    let mut r = axum::http::StatusCode::CREATED.into_response();
+    if let Ok(h) = axum::http::HeaderValue::from_str(&location) {
+        r.headers_mut().insert(axum::http::header::LOCATION, h);
+    }
+    Ok(r)
+}
+
+/// Percent-encode a path segment.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn get_binding(
+    auth: Auth,
+    st: St,
+    Path((vhost, source, kind, dest, props)): Path<(String, String, String, String, String)>,
+) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    let kind = dest_kind(&kind)?;
+    let source = exchange_name(&source).to_owned();
+    bindings_of(&v)
+        .into_iter()
+        .find(|b| {
+            b["source"] == source.as_str()
+                && b["destination_type"] == kind
+                && b["destination"] == dest.as_str()
+                && b["properties_key"] == props.as_str()
+        })
+        .map(|b| Json(b).into_response())
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn delete_binding(
+    auth: Auth,
+    st: St,
+    Path((vhost, source, kind, dest, props)): Path<(String, String, String, String, String)>,
+) -> ApiResult {
+    let v = vhost_of(&auth, &st.broker, &vhost)?;
+    let kind = dest_kind(&kind)?;
+    let source = exchange_name(&source).to_owned();
+    let x = v
+        .exchanges()
+        .into_iter()
+        .find(|x| x.name == source)
+        .ok_or_else(ApiError::not_found)?;
+    let b = x
+        .bindings
+        .iter()
+        .find(|b| {
+            let (name, k) = match &b.dest {
+                Dest::Queue(q) => (q.as_ref(), "queue"),
+                Dest::Exchange(e) => (e.as_ref(), "exchange"),
+            };
+            name == dest && k == kind && props_key(b) == props
+        })
+        .cloned()
+        .ok_or_else(ApiError::not_found)?;
+    let br = &st.broker;
+    let dest_res = if kind == "queue" {
+        Kind::Queue
+    } else {
+        Kind::Exchange
+    };
+    check(br, &auth, &vhost, dest_res, &dest, Perm::Write)?;
+    check(br, &auth, &vhost, Kind::Exchange, &source, Perm::Read)?;
+    v.set_binding(false, &source, b.dest, &b.key, &b.args, 0)
+        .await?;
+    Ok(no_content())
+}
+
+// ------------------------------------------------------------ connections
+
+fn visible_connections(auth: &Auth, b: &Broker) -> Vec<Arc<ConnInfo>> {
+    b.connections()
+        .into_iter()
+        .filter(|c| auth.is_monitor() || c.user == auth.user)
+        .collect()
+}
+
+fn connection_json(c: &ConnInfo) -> Value {
+    json!({
+        "name": c.name(),
+        "node": node_name(),
+        "type": "network",
+        "protocol": "AMQP 0-9-1",
+        "user": c.user,
+        "vhost": c.vhost,
+        "host": c.local.ip().to_string(),
+        "port": c.local.port(),
+        "peer_host": c.peer.ip().to_string(),
+        "peer_port": c.peer.port(),
+        "ssl": c.tls,
+        "auth_mechanism": "PLAIN",
+        "connected_at": c.connected_at,
+        "channels": c.channels.load(std::sync::atomic::Ordering::Relaxed),
+        "channel_max": c.channel_max,
+        "frame_max": c.frame_max,
+        "timeout": c.heartbeat,
+        "state": "running",
+        "client_properties": table_json(&c.client_properties),
+    })
+}
+
+async fn list_connections(auth: Auth, st: St, q: Query<Paging>) -> ApiResult {
+    let items = visible_connections(&auth, &st.broker)
+        .iter()
+        .map(|c| connection_json(c))
+        .collect();
+    listing(items, &q)
+}
+
+fn find_connection(auth: &Auth, b: &Broker, name: &str) -> ApiResult<Arc<ConnInfo>> {
+    visible_connections(auth, b)
+        .into_iter()
+        .find(|c| c.name() == name)
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn get_connection(auth: Auth, st: St, Path(name): Path<String>) -> ApiResult {
+    let c = find_connection(&auth, &st.broker, &name)?;
+    Ok(Json(connection_json(&c)).into_response())
+}
+
+/// Close a connection with 320 CONNECTION_FORCED; the `X-Reason` header's
+/// text is the reason, as RabbitMQ.
+async fn close_connection(
+    auth: Auth,
+    st: St,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let c = match find_connection(&auth, &st.broker, &name) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    if !auth.is_admin() && c.user != auth.user {
+        return ApiError::not_authorised("Not administrator user").into_response();
+    }
+    let reason = headers
+        .get("x-reason")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("Closed via management plugin");
+    tracing::info!(connection = %name, by = %auth.user, reason, "closing connection");
+    c.close(
+        warren_protocol::reply::CONNECTION_FORCED,
+        format!("CONNECTION_FORCED - {reason}"),
+    );
+    no_content()
+}
