@@ -1,17 +1,19 @@
 //! A minimal AMQP 0-9-1 client connection: the handshake and synchronous
 //! setup methods; the hot loops (in `run`) take over the socket afterwards.
 
+use crate::stream::Stream;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use warren_protocol::client::{self as wire, Args, Frame};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub type Res<T> = Result<T, Error>;
 
 /// Where to connect and as whom.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Target {
+    /// TLS, trusting these CAs (None: plain TCP).
+    pub tls: Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
     pub host: String,
     pub port: u16,
     pub user: String,
@@ -70,6 +72,7 @@ impl Target {
             host
         };
         Ok(Target {
+            tls: None,
             host,
             port,
             user,
@@ -80,7 +83,7 @@ impl Target {
 }
 
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub rbuf: BytesMut,
     pub wbuf: BytesMut,
     pub frame_max: u32,
@@ -90,8 +93,7 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(t: &Target) -> Res<Conn> {
-        let stream = TcpStream::connect((t.host.as_str(), t.port)).await?;
-        stream.set_nodelay(true)?;
+        let stream = Stream::connect(&t.host, t.port, t.tls.as_ref()).await?;
         let mut c = Conn {
             stream,
             rbuf: BytesMut::with_capacity(1 << 16),
@@ -203,15 +205,16 @@ mod tests {
     fn uris() {
         let t = Target::parse("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
         assert_eq!(
-            t,
-            Target {
-                host: "127.0.0.1".into(),
-                port: 5672,
-                user: "guest".into(),
-                pass: "guest".into(),
-                vhost: "/".into()
-            }
+            (
+                t.host.as_str(),
+                t.port,
+                t.user.as_str(),
+                t.pass.as_str(),
+                t.vhost.as_str()
+            ),
+            ("127.0.0.1", 5672, "guest", "guest", "/")
         );
+        assert!(t.tls.is_none());
         let t = Target::parse("amqp://u%40x:p%3Aw@broker:5673/prod").unwrap();
         assert_eq!((t.user.as_str(), t.pass.as_str()), ("u@x", "p:w"));
         assert_eq!(

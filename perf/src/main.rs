@@ -89,6 +89,10 @@ struct TargetOpts {
     /// Overrides the URI's port.
     #[arg(long)]
     port: Option<u16>,
+    /// Connect with TLS, trusting the CA certificates in this PEM file (the
+    /// server is verified as the URI's host).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 impl TargetOpts {
@@ -99,6 +103,9 @@ impl TargetOpts {
         }
         if let Some(p) = self.port {
             t.port = p;
+        }
+        if let Some(ca) = &self.tls_ca {
+            t.tls = Some(warren_perf::stream::tls_config(ca)?);
         }
         Ok(t)
     }
