@@ -97,7 +97,7 @@ def test_rabbitmq_to_warren_and_back(tmp_path):
     log = open(tmp_path / "warren.log", "w")
     w = subprocess.Popen([WARREN_BIN, "--port", str(port), "--data-dir", str(data),
                           "--definitions", str(exported), "--log-level", "warn",
-                          "--management-port", "0"],
+                          "--management-port", "0", "--prometheus-port", "0"],
                          stdout=log, stderr=subprocess.STDOUT)
     try:
         url = "amqp://127.0.0.1:%d/" % port

@@ -48,6 +48,10 @@ pub struct Broker {
     pub(crate) connections: Mutex<HashMap<u64, Arc<ConnInfo>>>,
     /// Where the listeners listen (for operators).
     pub listen_addrs: ListenAddrs,
+    /// Message counters (RabbitMQ's global ones).
+    pub metrics: crate::metrics::Global,
+    /// Connection and queue churn.
+    pub churn: Arc<crate::metrics::Churn>,
 }
 
 /// The listeners' addresses.
@@ -56,6 +60,7 @@ pub struct ListenAddrs {
     pub amqp: Option<std::net::SocketAddr>,
     pub amqps: Option<std::net::SocketAddr>,
     pub http: Option<std::net::SocketAddr>,
+    pub prometheus: Option<std::net::SocketAddr>,
 }
 
 /// An open connection, as operators see it.
@@ -130,6 +135,7 @@ impl Broker {
                     self.meta.clone(),
                     self.queue_ids.clone(),
                     Some(self.persister.clone()),
+                    self.churn.clone(),
                 )
             })
             .clone()

@@ -14,6 +14,8 @@ pub struct Config {
     pub tls: Option<TlsListener>,
     /// Where the management HTTP API listens (None: off).
     pub management: Option<SocketAddr>,
+    /// Where the Prometheus metrics are served (None: off).
+    pub prometheus: Option<SocketAddr>,
     /// Where durable state lives.
     pub data_dir: PathBuf,
     /// The user a blank node is given (administrator, full permissions on
@@ -83,6 +85,7 @@ impl Default for Config {
             plain: true,
             tls: None,
             management: None,
+            prometheus: None,
             data_dir: PathBuf::from("data"),
             default_user: Some(("guest".into(), "guest".into())),
             loopback_users: vec!["guest".into()],

@@ -6,6 +6,8 @@
 //! - [`management`] — the management HTTP API (RabbitMQ's paths, fields
 //!   and errors): users, vhosts, permissions, policies, limits,
 //!   definitions, queues, exchanges, bindings, connections.
+//! - [`prometheus`] — RabbitMQ's Prometheus metrics (names, types, labels)
+//!   and Warren's own, read from the broker when scraped.
 //! - [`definitions`] — RabbitMQ's definitions JSON: import (all or
 //!   nothing, never overwriting) and export.
 //! - [`connection`] — one task per connection: admission (the handshake
@@ -37,6 +39,8 @@
 //!   verification, reload, the user a client certificate names.
 //! - [`config_file`] — the daemon's settings from a TOML file and `WARREN_*`
 //!   variables, under its flags.
+//! - [`metrics`] — message counters (RabbitMQ's global ones), counted per
+//!   connection and added to the broker's totals once per wake-up.
 //! - [`message`], [`error`], [`config`], [`fields`], [`logins`], [`heap`] —
 //!   the shared message, errors shaped as channel.close / connection.close,
 //!   settings, field values compared as RabbitMQ does, failed-login
@@ -66,8 +70,10 @@ pub mod heap;
 pub mod logins;
 pub mod management;
 pub mod message;
+pub mod metrics;
 pub mod persist;
 pub mod policy;
+pub mod prometheus;
 pub mod queue;
 pub mod server;
 pub mod tls;

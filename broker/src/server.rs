@@ -104,6 +104,8 @@ pub struct Server {
     tls: Option<(TcpListener, Arc<Tls>)>,
     /// The management HTTP API.
     management: Option<TcpListener>,
+    /// Prometheus metrics.
+    prometheus: Option<TcpListener>,
     broker: Arc<Broker>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -199,12 +201,14 @@ impl Server {
             access.snapshot().vhosts.keys().cloned().collect();
         names.extend(defs.exchanges.iter().map(|e| e.vhost.clone()));
         names.extend(defs.queues.iter().map(|q| q.vhost.clone()));
+        let churn: Arc<crate::metrics::Churn> = Default::default();
         for name in names {
             let vhost = VHost::new(
                 &name,
                 store.clone(),
                 queue_ids.clone(),
                 Some(persister.clone()),
+                churn.clone(),
             );
             // Policies first: recovered queues and exchanges start with them.
             vhost.init_policies(access.snapshot().policies_of(&name));
@@ -243,7 +247,16 @@ impl Server {
                 })?),
                 None => None,
             };
+        let prometheus = match config.prometheus {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| err(format!("cannot listen for Prometheus on {a}: {e}")))?,
+            ),
+            None => None,
+        };
         let listen_addrs = crate::broker::ListenAddrs {
+            prometheus: prometheus.as_ref().and_then(|l| l.local_addr().ok()),
             amqp: listener.as_ref().and_then(|l| l.local_addr().ok()),
             amqps: tls.as_ref().and_then(|(l, _)| l.local_addr().ok()),
             http: management.as_ref().and_then(|l| l.local_addr().ok()),
@@ -271,6 +284,8 @@ impl Server {
             login_failures: Default::default(),
             connections: Default::default(),
             listen_addrs,
+            metrics: Default::default(),
+            churn,
         });
         if let Some((path, json)) = definitions {
             match crate::definitions::import(&broker, &json).await {
@@ -293,6 +308,7 @@ impl Server {
             listener,
             tls,
             management,
+            prometheus,
             broker,
             shutdown_tx,
         })
@@ -321,6 +337,11 @@ impl Server {
         self.broker.listen_addrs.http
     }
 
+    /// The Prometheus endpoint's address, if it is on.
+    pub fn prometheus_local_addr(&self) -> Option<SocketAddr> {
+        self.broker.listen_addrs.prometheus
+    }
+
     /// The AMQPS listener's address, if TLS is configured.
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
         self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
@@ -336,11 +357,19 @@ impl Server {
             listener,
             tls,
             management,
+            prometheus,
             broker,
             shutdown_tx,
         } = self;
         let api = management.map(|l| {
             tokio::spawn(crate::management::serve(
+                l,
+                broker.clone(),
+                broker.shutdown.clone(),
+            ))
+        });
+        let metrics = prometheus.map(|l| {
+            tokio::spawn(crate::prometheus::serve(
                 l,
                 broker.clone(),
                 broker.shutdown.clone(),
@@ -411,8 +440,8 @@ impl Server {
             r.abort();
         }
         let _ = shutdown_tx.send(true);
-        if let Some(api) = api {
-            let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
+        for task in [api, metrics].into_iter().flatten() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while tasks.join_next().await.is_some() {}
@@ -457,6 +486,8 @@ pub struct RunningBroker {
     pub tls_addr: Option<SocketAddr>,
     /// The management API's address, if it is on.
     pub management_addr: Option<SocketAddr>,
+    /// The Prometheus endpoint's address, if it is on.
+    pub prometheus_addr: Option<SocketAddr>,
     /// The broker's shared state (tests read its counters).
     pub broker: Arc<Broker>,
     pub alarms: Arc<Alarms>,
@@ -471,6 +502,7 @@ impl RunningBroker {
         let addr = server.local_addr()?;
         let tls_addr = server.tls_local_addr();
         let management_addr = server.management_local_addr();
+        let prometheus_addr = server.prometheus_local_addr();
         let broker = server.broker.clone();
         let alarms = server.alarms();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -481,6 +513,7 @@ impl RunningBroker {
             addr,
             tls_addr,
             management_addr,
+            prometheus_addr,
             broker,
             alarms,
             stop: Some(tx),

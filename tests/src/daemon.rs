@@ -51,6 +51,11 @@ impl Daemon {
             } else {
                 &["--management-port", "0"][..]
             })
+            .args(if extra.contains(&"--prometheus-port") {
+                &[][..]
+            } else {
+                &["--prometheus-port", "0"][..]
+            })
             .args(extra)
             .stdout(out.try_clone().expect("daemon log file"))
             .stderr(out)

@@ -27,6 +27,10 @@ struct Args {
     /// Management HTTP API port (RabbitMQ's API, on --bind). 0 turns it off.
     #[arg(long, default_value_t = 15672, value_name = "PORT")]
     management_port: u16,
+    /// Prometheus metrics port (/metrics, /metrics/per-object, on --bind).
+    /// 0 turns it off.
+    #[arg(long, default_value_t = 15692, value_name = "PORT")]
+    prometheus_port: u16,
     /// AMQPS (TLS) port. Default: 5671 when a certificate is configured.
     #[arg(long, value_name = "PORT")]
     tls_port: Option<u16>,
@@ -231,6 +235,8 @@ fn main() -> std::process::ExitCode {
         tls,
         management: (args.management_port != 0)
             .then(|| SocketAddr::new(args.bind, args.management_port)),
+        prometheus: (args.prometheus_port != 0)
+            .then(|| SocketAddr::new(args.bind, args.prometheus_port)),
         data_dir: args.data_dir,
         max_message_size: args.max_message_size,
         max_connections: max_connections.max(1),

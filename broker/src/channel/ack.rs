@@ -160,6 +160,7 @@ impl Channel {
             // Acks wait in the connection's batch until the input at hand
             // is handled: one message per queue per read instead of one per ack.
             None => {
+                cx.shared.stats.acknowledged += ds.len() as u64;
                 for (_, d) in ds {
                     cx.shared.acks.push(d.queue, self.key, d.seq);
                 }

@@ -59,9 +59,11 @@ impl Confirms {
     }
     /// Pop the confirmed prefix as runs of acks and nacks, calling
     /// `emit(last_seq, multiple, nack)` once per run (everything before a run
-    /// is settled, so `multiple` covers exactly the run).
-    pub fn take_ready(&mut self, mut emit: impl FnMut(u64, bool, bool)) {
+    /// is settled, so `multiple` covers exactly the run). Returns how many
+    /// were acked (not nacked).
+    pub fn take_ready(&mut self, mut emit: impl FnMut(u64, bool, bool)) -> u64 {
         self.dirty = false;
+        let mut acked = 0;
         let mut run: Option<(u64, bool)> = None; // (first seq, nack)
         while self.done.front() == Some(&true) {
             self.done.pop_front();
@@ -70,6 +72,8 @@ impl Confirms {
             let nack = self.nacked.front() == Some(&seq);
             if nack {
                 self.nacked.pop_front();
+            } else {
+                acked += 1;
             }
             match run {
                 Some((first, kind)) if kind != nack => {
@@ -84,6 +88,7 @@ impl Confirms {
             let last = self.base - 1;
             emit(last, last > first, kind);
         }
+        acked
     }
 }
 
@@ -104,13 +109,14 @@ impl Channel {
         Ok(())
     }
 
-    /// Send the confirms that became ready since the last call.
-    pub fn flush_confirms(&mut self, out: &mut dyn Output) {
+    /// Send the confirms that became ready since the last call; returns
+    /// how many publishes were acked.
+    pub fn flush_confirms(&mut self, out: &mut dyn Output) -> u64 {
         let Some(cf) = self.confirms.as_mut() else {
-            return;
+            return 0;
         };
         if !cf.dirty {
-            return;
+            return 0;
         }
         let (buf, number) = (out.buf(), self.number);
         cf.take_ready(|last, multiple, nack| {
@@ -119,6 +125,6 @@ impl Channel {
             } else {
                 method::put_ack(buf, number, last, multiple);
             }
-        });
+        })
     }
 }

@@ -258,6 +258,13 @@ impl Channel {
             return;
         };
         let (queue, no_ack) = (cons.queue.clone(), cons.no_ack);
+        let stats = &mut cx.shared.stats;
+        if no_ack {
+            stats.delivered_consume_auto_ack += 1;
+        } else {
+            stats.delivered_consume_manual_ack += 1;
+        }
+        stats.redelivered += d.redelivered as u64;
         if reopened {
             queue.tell(QueueCmd::Wake);
         }
@@ -299,12 +306,20 @@ impl Channel {
             .await
             .flatten();
         let Some(got) = got else {
+            cx.shared.stats.get_empty += 1;
             cx.out.send_method(
                 self.number,
                 AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
             );
             return Ok(());
         };
+        let stats = &mut cx.shared.stats;
+        if no_ack {
+            stats.delivered_get_auto_ack += 1;
+        } else {
+            stats.delivered_get_manual_ack += 1;
+        }
+        stats.redelivered += got.redelivered as u64;
         let tag = self.take_tag();
         if !no_ack {
             self.use_queue(&handle);

@@ -95,6 +95,8 @@ pub struct ConnShared {
     pub exclusive: Vec<QueueHandle>,
     /// The last publish permission granted (see `authz`).
     pub publish_grant: authz::PublishGrant,
+    /// Message counts since the connection last added them to the broker's.
+    pub stats: crate::metrics::Local,
 }
 
 /// What a channel method works with.

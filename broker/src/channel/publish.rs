@@ -190,6 +190,8 @@ impl Channel {
             body,
             stored,
         });
+        cx.shared.stats.received += 1;
+        cx.shared.stats.received_confirm += self.confirms.is_some() as u64;
         if let Some(t) = self.tx.as_mut() {
             // Check the exchange now (as RabbitMQ does), route at commit.
             cx.session
@@ -227,7 +229,10 @@ impl Channel {
         });
         if routed.queues().is_empty() {
             if mandatory {
+                cx.shared.stats.unroutable_returned += 1;
                 self.send_return(cx, &msg);
+            } else {
+                cx.shared.stats.unroutable_dropped += 1;
             }
             // Unroutable: confirmed at once (after the return, as RabbitMQ).
             if let Some(t) = ticket {
@@ -235,6 +240,7 @@ impl Channel {
             }
             return Ok(None);
         }
+        cx.shared.stats.routed += 1;
         // Room in every queue and at the writer, taken without waiting; or
         // none of it (what was taken is given back) and the slow path.
         let broker = &cx.session.broker;

@@ -38,6 +38,7 @@ impl Connection {
                 let mut channel = Channel::new(ch, key);
                 channel.usage = Some(usage);
                 self.channels.insert(ch, channel);
+                self.shared.stats.channels_opened += 1;
                 self.note_channels();
                 self.io.out.send_method(
                     ch,
@@ -51,6 +52,7 @@ impl Connection {
             (Method::Other(AMQPClass::Channel(chan::AMQPMethod::CloseOk(_))), _) => {
                 if open.is_some_and(|c| c.closing) {
                     self.channels.remove(&ch);
+                    self.shared.stats.channels_closed += 1;
                     self.note_channels();
                 }
                 Ok(None)
@@ -120,6 +122,9 @@ impl Connection {
             })
         };
         if let Some(mut c) = c {
+            if remove {
+                self.shared.stats.channels_closed += 1;
+            }
             c.release(&mut ctx!(self));
         }
         self.note_channels();

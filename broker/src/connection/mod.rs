@@ -244,8 +244,10 @@ impl Connection {
     }
 
     async fn run(mut self) {
+        let broker = self.session.broker.clone();
+        crate::metrics::Churn::add(&broker.churn.connections_opened);
         let r = self.serve().await;
-        self.session.broker.unregister_connection(self.info.id);
+        broker.unregister_connection(self.info.id);
         match r {
             Ok(()) => {
                 // The client closed and has its close-ok: leave closing the
@@ -259,6 +261,8 @@ impl Connection {
                 let _ = self.io.stream.shutdown().await;
             }
         }
+        self.shared.stats.flush_into(&broker.metrics);
+        crate::metrics::Churn::add(&broker.churn.connections_closed);
     }
 
     /// Report a fault to the client as its kind requires, then wait briefly
@@ -571,9 +575,12 @@ impl Connection {
     }
 
     /// Send publisher confirms for every channel whose confirmed prefix grew.
+    /// Send the confirms that are ready, and add this wake-up's message
+    /// counts to the broker's.
     fn flush_confirms(&mut self) {
         for c in self.channels.values_mut() {
-            c.flush_confirms(&mut self.io.out);
+            self.shared.stats.confirmed += c.flush_confirms(&mut self.io.out);
         }
+        self.shared.stats.flush_into(&self.session.broker.metrics);
     }
 }

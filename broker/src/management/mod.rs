@@ -13,7 +13,7 @@
 //! [`objects`] (overview, queues, exchanges, bindings, connections).
 
 mod admin;
-mod objects;
+pub mod objects;
 
 use crate::broker::Broker;
 use axum::extract::{ConnectInfo, FromRequestParts, Query, State};

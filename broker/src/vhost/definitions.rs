@@ -201,6 +201,7 @@ impl VHost {
 
     /// Declare (or find, or check) a queue.
     pub async fn declare_queue(&self, s: QueueSpec<'_>, conn: u64) -> AmqpResult<QueueHandle> {
+        crate::metrics::Churn::add(&self.churn.queues_declared);
         if s.passive {
             return self.queue(s.name, conn).inspect(|q| {
                 q.tell(QueueCmd::Touch);
@@ -261,6 +262,7 @@ impl VHost {
         });
         self.write().queues.insert(s.name, q.clone());
         self.changed();
+        crate::metrics::Churn::add(&self.churn.queues_created);
         Ok(q)
     }
 
@@ -380,6 +382,7 @@ impl VHost {
             t.queues.remove(name);
             unbind_everywhere(&mut t, Dest::Queue(name.into()))
         };
+        crate::metrics::Churn::add(&self.churn.queues_deleted);
         self.changed();
         self.forget_stored_exchanges(gone);
     }

@@ -80,6 +80,8 @@ pub struct VHost {
     /// The message store service, given to every queue (durable ones store
     /// persistent messages; any queue may page).
     persister: Option<Persister>,
+    /// Queue churn counters (the broker's).
+    churn: Arc<crate::metrics::Churn>,
     /// The definitions thread's mailbox (see the module comment).
     changes: mpsc::Sender<Change>,
     /// The policies and operator policies in force, replaced whole (on the
@@ -133,6 +135,7 @@ impl VHost {
         meta: Arc<dyn MetaStore>,
         next_queue_id: Arc<AtomicU64>,
         persister: Option<Persister>,
+        churn: Arc<crate::metrics::Churn>,
     ) -> Arc<VHost> {
         let v = Arc::new_cyclic(|me| VHost {
             name: name.to_owned(),
@@ -145,6 +148,7 @@ impl VHost {
             next_queue_id,
             me: me.clone(),
             persister,
+            churn,
             changes: start_definitions_thread(name),
             policies: RwLock::default(),
         });

@@ -73,7 +73,13 @@ fn spec<'a>(name: &'a str, durable: bool, args: &'a FieldTable) -> QueueSpec<'a>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_durable_declare_does_not_hold_up_routing() {
     let store = Arc::new(GatedStore::default());
-    let vhost = VHost::new("/", store.clone(), Arc::new(AtomicU64::new(1)), None);
+    let vhost = VHost::new(
+        "/",
+        store.clone(),
+        Arc::new(AtomicU64::new(1)),
+        None,
+        Default::default(),
+    );
     let args = FieldTable::default();
     vhost
         .declare_queue(spec("ready", false, &args), 1)

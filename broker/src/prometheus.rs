@@ -1,0 +1,408 @@
+//! Prometheus metrics on `--prometheus-port` (15692), with RabbitMQ's metric
+//! names, types and labels (its `rabbitmq_prometheus` plugin), so that
+//! dashboards built for RabbitMQ read Warren unchanged: `/metrics` holds the
+//! node's totals, `/metrics/per-object` adds one series per queue.
+//! Warren's own figures are under `warren_`.
+//!
+//! Values are read when scraped: gauges from the broker's state, counters
+//! from its totals (see `metrics`). The text format is written here: each
+//! family is a `# HELP`, a `# TYPE` and its samples.
+
+use crate::broker::Broker;
+use crate::management::objects::node_name;
+use crate::queue::{QueueCmd, QueueStats};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use std::fmt::Write;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Serve `/metrics` on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = Router::new()
+        .route("/metrics", get(|s| scrape(s, false)))
+        .route("/metrics/per-object", get(|s| scrape(s, true)))
+        .with_state(broker);
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::error!(error = %e, "Prometheus endpoint stopped");
+    }
+}
+
+async fn scrape(State(b): State<Arc<Broker>>, per_object: bool) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(&b, per_object).await,
+    )
+}
+
+/// The exposition text.
+pub async fn render(b: &Broker, per_object: bool) -> String {
+    let mut out = Text::default();
+    let node = node_name();
+    out.family(
+        "rabbitmq_identity_info",
+        "untyped",
+        "RabbitMQ node & cluster identity info",
+    );
+    out.sample(
+        "rabbitmq_identity_info",
+        &[
+            ("rabbitmq_node", &node),
+            ("rabbitmq_cluster", &node),
+            ("rabbitmq_cluster_permanent_id", &node),
+        ],
+        1,
+    );
+    out.family("rabbitmq_build_info", "untyped", "Version info");
+    out.sample(
+        "rabbitmq_build_info",
+        &[
+            ("rabbitmq_version", crate::management::RABBITMQ_API_VERSION),
+            ("product_name", "Warren"),
+            ("product_version", env!("CARGO_PKG_VERSION")),
+        ],
+        1,
+    );
+
+    // Topology and queue depths.
+    let mut queues: Vec<(String, String, QueueStats)> = Vec::new();
+    for v in b.vhosts() {
+        for q in v.queues() {
+            let s = q
+                .ask(|reply| QueueCmd::Info { reply })
+                .await
+                .unwrap_or_default();
+            queues.push((v.name.clone(), q.name().to_owned(), s));
+        }
+    }
+    let conns = b.connections();
+    let channels: u64 = conns.iter().map(|c| c.channels.load(Relaxed) as u64).sum();
+    let sum = |f: fn(&QueueStats) -> u64| queues.iter().map(|(_, _, s)| f(s)).sum::<u64>();
+    let gauges: [(&str, &str, u64); 7] = [
+        (
+            "rabbitmq_connections",
+            "Connections currently open",
+            conns.len() as u64,
+        ),
+        ("rabbitmq_channels", "Channels currently open", channels),
+        (
+            "rabbitmq_consumers",
+            "Consumers currently connected",
+            sum(|s| s.consumers as u64),
+        ),
+        ("rabbitmq_queues", "Queues available", queues.len() as u64),
+        (
+            "rabbitmq_queue_messages_ready",
+            "Messages ready to be delivered to consumers",
+            sum(|s| s.ready),
+        ),
+        (
+            "rabbitmq_queue_messages_unacked",
+            "Messages delivered to consumers but not yet acknowledged",
+            sum(|s| s.unacked),
+        ),
+        (
+            "rabbitmq_queue_messages",
+            "Sum of ready and unacknowledged messages - total queue depth",
+            sum(|s| s.ready + s.unacked),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        if per_object && name.starts_with("rabbitmq_queue_") {
+            continue; // one series per queue below instead
+        }
+        out.family(name, "gauge", help);
+        out.sample(name, &[], v);
+    }
+    let churn = &b.churn;
+    let g = &b.metrics;
+    let counters: [(&str, &str, u64); 7] = [
+        (
+            "rabbitmq_connections_opened_total",
+            "Total number of connections opened",
+            churn.connections_opened.load(Relaxed),
+        ),
+        (
+            "rabbitmq_connections_closed_total",
+            "Total number of connections closed or terminated",
+            churn.connections_closed.load(Relaxed),
+        ),
+        (
+            "rabbitmq_channels_opened_total",
+            "Total number of channels opened",
+            g.channels_opened.load(Relaxed),
+        ),
+        (
+            "rabbitmq_channels_closed_total",
+            "Total number of channels closed",
+            g.channels_closed.load(Relaxed),
+        ),
+        (
+            "rabbitmq_queues_declared_total",
+            "Total number of queues declared",
+            churn.queues_declared.load(Relaxed),
+        ),
+        (
+            "rabbitmq_queues_created_total",
+            "Total number of queues created",
+            churn.queues_created.load(Relaxed),
+        ),
+        (
+            "rabbitmq_queues_deleted_total",
+            "Total number of queues deleted",
+            churn.queues_deleted.load(Relaxed),
+        ),
+    ];
+    for (name, help, v) in counters {
+        out.family(name, "counter", help);
+        out.sample(name, &[], v);
+    }
+
+    // RabbitMQ's global message counters, labelled by protocol.
+    let amqp = [("protocol", "amqp091")];
+    let delivered = g.delivered_consume_auto_ack.load(Relaxed)
+        + g.delivered_consume_manual_ack.load(Relaxed)
+        + g.delivered_get_auto_ack.load(Relaxed)
+        + g.delivered_get_manual_ack.load(Relaxed);
+    let global: [(&str, &str, u64); 14] = [
+        ("received", "Total number of messages received from publishers", g.received.load(Relaxed)),
+        ("received_confirm", "Total number of messages received from publishers expecting confirmations", g.received_confirm.load(Relaxed)),
+        ("routed", "Total number of messages routed to queues or streams", g.routed.load(Relaxed)),
+        ("unroutable_dropped", "Total number of messages published as non-mandatory into an exchange and dropped as unroutable", g.unroutable_dropped.load(Relaxed)),
+        ("unroutable_returned", "Total number of messages published as mandatory into an exchange and returned to the publisher as unroutable", g.unroutable_returned.load(Relaxed)),
+        ("confirmed", "Total number of messages confirmed to publishers", g.confirmed.load(Relaxed)),
+        ("delivered", "Total number of messages delivered to consumers", delivered),
+        ("delivered_consume_manual_ack", "Total number of messages delivered to consumers using basic.consume with manual acknowledgment", g.delivered_consume_manual_ack.load(Relaxed)),
+        ("delivered_consume_auto_ack", "Total number of messages delivered to consumers using basic.consume with automatic acknowledgment", g.delivered_consume_auto_ack.load(Relaxed)),
+        ("delivered_get_manual_ack", "Total number of messages delivered to consumers using basic.get with manual acknowledgment", g.delivered_get_manual_ack.load(Relaxed)),
+        ("delivered_get_auto_ack", "Total number of messages delivered to consumers using basic.get with automatic acknowledgment", g.delivered_get_auto_ack.load(Relaxed)),
+        ("get_empty", "Total number of times basic.get operations fetched no message", g.get_empty.load(Relaxed)),
+        ("redelivered", "Total number of messages redelivered to consumers", g.redelivered.load(Relaxed)),
+        ("acknowledged", "Total number of messages acknowledged by consumers", g.acknowledged.load(Relaxed)),
+    ];
+    for (short, help, v) in global {
+        let name = format!("rabbitmq_global_messages_{short}_total");
+        out.family(&name, "counter", help);
+        out.sample(&name, &amqp, v);
+    }
+    out.family(
+        "rabbitmq_global_consumers",
+        "gauge",
+        "Current number of consumers",
+    );
+    out.sample(
+        "rabbitmq_global_consumers",
+        &amqp,
+        sum(|s| s.consumers as u64),
+    );
+
+    // Resources and alarms.
+    let a = &b.alarms;
+    let state = a.state();
+    let resources: [(&str, &str, &str, Option<u64>); 4] = [
+        (
+            "rabbitmq_process_resident_memory_bytes",
+            "gauge",
+            "Memory used in bytes",
+            a.rss(),
+        ),
+        (
+            "rabbitmq_resident_memory_limit_bytes",
+            "gauge",
+            "Memory high watermark in bytes",
+            Some(a.memory_limit()),
+        ),
+        (
+            "rabbitmq_disk_space_available_bytes",
+            "gauge",
+            "Disk space available in bytes",
+            a.disk_free(),
+        ),
+        (
+            "rabbitmq_disk_space_available_limit_bytes",
+            "gauge",
+            "Free disk space low watermark in bytes",
+            Some(a.disk_free_limit()),
+        ),
+    ];
+    for (name, kind, help, v) in resources {
+        if let Some(v) = v {
+            out.family(name, kind, help);
+            out.sample(name, &[], v);
+        }
+    }
+    if let Some((open, max)) = fds() {
+        out.family(
+            "rabbitmq_process_open_fds",
+            "gauge",
+            "Open file descriptors",
+        );
+        out.sample("rabbitmq_process_open_fds", &[], open);
+        out.family(
+            "rabbitmq_process_max_fds",
+            "gauge",
+            "Open file descriptors limit",
+        );
+        out.sample("rabbitmq_process_max_fds", &[], max);
+    }
+    let alarms: [(&str, &str, bool); 3] = [
+        (
+            "rabbitmq_alarms_memory_used_watermark",
+            "is 1 if VM memory watermark alarm is in effect",
+            state.memory,
+        ),
+        (
+            "rabbitmq_alarms_free_disk_space_watermark",
+            "is 1 if free disk space watermark alarm is in effect",
+            state.disk,
+        ),
+        (
+            "rabbitmq_alarms_file_descriptor_limit",
+            "is 1 if file descriptor limit alarm is in effect",
+            false,
+        ),
+    ];
+    for (name, help, on) in alarms {
+        out.family(name, "untyped", help);
+        out.sample(name, &[], on as u64);
+    }
+
+    // Warren's own.
+    let body = &b.persister.body_stats;
+    let (mut route_hits, mut route_misses) = (0, 0);
+    for v in b.vhosts() {
+        route_hits += v.route_stats.hits.load(Relaxed);
+        route_misses += v.route_stats.misses.load(Relaxed);
+    }
+    let own: [(&str, &str, u64); 5] = [
+        (
+            "warren_body_cache_hits_total",
+            "Message bodies read back from the hot-body cache instead of the store",
+            body.hits.load(Relaxed),
+        ),
+        (
+            "warren_body_cache_misses_total",
+            "Message bodies read back from the store",
+            body.misses.load(Relaxed),
+        ),
+        (
+            "warren_route_cache_hits_total",
+            "Routings answered by the route cache",
+            route_hits,
+        ),
+        (
+            "warren_route_cache_misses_total",
+            "Routings computed from the exchanges' bindings",
+            route_misses,
+        ),
+        (
+            "warren_dead_letters_dropped_total",
+            "Dead letters that could not be made (and were dropped)",
+            crate::queue::dead_letter::DROPPED.load(Relaxed),
+        ),
+    ];
+    for (name, help, v) in own {
+        out.family(name, "counter", help);
+        out.sample(name, &[], v);
+    }
+
+    if per_object {
+        let per: [(&str, &str, Pick); 5] = [
+            (
+                "rabbitmq_queue_messages_ready",
+                "Messages ready to be delivered to consumers",
+                |s| s.ready,
+            ),
+            (
+                "rabbitmq_queue_messages_unacked",
+                "Messages delivered to consumers but not yet acknowledged",
+                |s| s.unacked,
+            ),
+            (
+                "rabbitmq_queue_messages",
+                "Sum of ready and unacknowledged messages - total queue depth",
+                |s| s.ready + s.unacked,
+            ),
+            (
+                "rabbitmq_queue_messages_ready_bytes",
+                "Size in bytes of ready messages",
+                |s| s.ready_bytes,
+            ),
+            ("rabbitmq_queue_consumers", "Consumers on a queue", |s| {
+                s.consumers as u64
+            }),
+        ];
+        for (name, help, f) in per {
+            out.family(name, "gauge", help);
+            for (vhost, queue, s) in &queues {
+                out.sample(name, &[("vhost", vhost), ("queue", queue)], f(s));
+            }
+        }
+    }
+    out.0
+}
+
+/// Picks one figure out of a queue's numbers.
+type Pick = fn(&QueueStats) -> u64;
+
+/// Open file descriptors and the soft limit.
+fn fds() -> Option<(u64, u64)> {
+    let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    ok.then_some((open, lim.rlim_cur))
+}
+
+/// The exposition text being written.
+#[derive(Default)]
+struct Text(String);
+
+impl Text {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# TYPE {name} {kind}\n# HELP {name} {help}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", escape(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+/// A label value escaped as the text format wants (backslash, quote, newline).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
