@@ -122,6 +122,27 @@ def test_overview_and_whoami_answer_with_rabbitmqs_fields():
     assert me["name"] == "guest" and "administrator" in me["tags"]
 
 
+def test_the_overview_counts_published_and_delivered_messages():
+    def stats():
+        return ok("GET", "overview").get("message_stats", {})
+    before = stats()
+    c = connect()
+    try:
+        ch = c.channel()
+        qn = ch.queue_declare("", exclusive=True).method.queue
+        for i in range(5):
+            ch.basic_publish("", qn, b"counted")
+        for i in range(5):
+            ch.basic_get(qn, auto_ack=True)
+        got = wait_until("the overview's counts", lambda: (lambda s: s if (
+            s.get("publish", 0) >= before.get("publish", 0) + 5
+            and s.get("deliver_get", 0) >= before.get("deliver_get", 0) + 5) else None)(stats()))
+        for k in ("publish", "deliver_get"):
+            assert isinstance(got[k + "_details"]["rate"], (int, float)), k
+    finally:
+        c.close()
+
+
 def test_a_bad_password_is_401_with_a_basic_challenge():
     status, body, headers = api("GET", "overview", password="wrong")
     assert status == 401

@@ -14,6 +14,7 @@
 
 mod admin;
 pub mod objects;
+pub mod rates;
 
 use crate::broker::Broker;
 use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
@@ -36,6 +37,7 @@ pub const RABBITMQ_API_VERSION: &str = "3.10.8";
 #[derive(Clone)]
 pub struct Api {
     pub broker: Arc<Broker>,
+    pub rates: Arc<rates::Rates>,
 }
 
 /// Serve the API on `listener` until `shutdown` turns true.
@@ -44,7 +46,8 @@ pub async fn serve(
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let app = router(Api { broker });
+    let rates = rates::Rates::start(&broker);
+    let app = router(Api { broker, rates });
     let stop = async move {
         let _ = shutdown.wait_for(|s| *s).await;
     };

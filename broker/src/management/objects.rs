@@ -142,14 +142,18 @@ pub async fn overview(auth: Auth, st: St) -> ApiResult {
     if let Some(a) = b.listen_addrs.http {
         listeners.push(json!({"node": node, "protocol": "http", "ip_address": a.ip().to_string(), "port": a.port()}));
     }
+    let (message_stats, churn_rates) = st.rates.overview(b);
     Ok(Json(json!({
+        "message_stats": message_stats,
+        "churn_rates": churn_rates,
+        "statistics_interval_ms": super::rates::INTERVAL.as_millis() as u64,
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
         "rabbitmq_version": super::RABBITMQ_API_VERSION,
         "management_version": super::RABBITMQ_API_VERSION,
         "cluster_name": node,
         "node": node,
-        "rates_mode": "none",
+        "rates_mode": "basic",
         "exchange_types": crate::exchange::TYPES.iter().map(|t| json!({"name": t.name, "enabled": true})).collect::<Vec<_>>(),
         "listeners": listeners,
         "object_totals": {

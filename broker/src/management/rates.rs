@@ -1,0 +1,123 @@
+//! Message rates for the API's `message_stats` and `churn_rates`: the
+//! broker's counters sampled every few seconds; a rate is the change over
+//! the last interval, per second.
+
+use crate::broker::Broker;
+use serde_json::{json, Map, Value};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How often the counters are sampled (RabbitMQ's default statistics
+/// interval).
+pub const INTERVAL: Duration = Duration::from_secs(5);
+
+/// The counters the API reports, by RabbitMQ's name.
+fn read(b: &Broker) -> Vec<(&'static str, u64)> {
+    let g = &b.metrics;
+    let c = &b.churn;
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+    let consume = l(&g.delivered_consume_manual_ack) + l(&g.delivered_consume_auto_ack);
+    let get = l(&g.delivered_get_manual_ack) + l(&g.delivered_get_auto_ack);
+    vec![
+        ("publish", l(&g.received)),
+        ("confirm", l(&g.confirmed)),
+        ("deliver_get", consume + get),
+        ("deliver", l(&g.delivered_consume_manual_ack)),
+        ("deliver_no_ack", l(&g.delivered_consume_auto_ack)),
+        ("get", l(&g.delivered_get_manual_ack)),
+        ("get_no_ack", l(&g.delivered_get_auto_ack)),
+        ("get_empty", l(&g.get_empty)),
+        ("ack", l(&g.acknowledged)),
+        ("redeliver", l(&g.redelivered)),
+        ("return_unroutable", l(&g.unroutable_returned)),
+        ("drop_unroutable", l(&g.unroutable_dropped)),
+        ("connection_created", l(&c.connections_opened)),
+        ("connection_closed", l(&c.connections_closed)),
+        ("channel_created", l(&g.channels_opened)),
+        ("channel_closed", l(&g.channels_closed)),
+        ("queue_declared", l(&c.queues_declared)),
+        ("queue_created", l(&c.queues_created)),
+        ("queue_deleted", l(&c.queues_deleted)),
+    ]
+}
+
+const CHURN: [&str; 7] = [
+    "connection_created",
+    "connection_closed",
+    "channel_created",
+    "channel_closed",
+    "queue_declared",
+    "queue_created",
+    "queue_deleted",
+];
+
+struct Sample {
+    at: Instant,
+    values: Vec<(&'static str, u64)>,
+}
+
+/// The last two samples.
+#[derive(Default)]
+pub struct Rates {
+    last: Mutex<(Option<Sample>, Option<Sample>)>,
+}
+
+impl Rates {
+    /// Sample every [`INTERVAL`] while the broker lives.
+    pub fn start(broker: &Arc<Broker>) -> Arc<Rates> {
+        let rates = Arc::new(Rates::default());
+        let (weak_b, weak_r) = (Arc::downgrade(broker), Arc::downgrade(&rates));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(INTERVAL);
+            loop {
+                tick.tick().await;
+                let (Some(b), Some(r)) = (weak_b.upgrade(), weak_r.upgrade()) else {
+                    return;
+                };
+                r.sample(&b);
+            }
+        });
+        rates
+    }
+
+    fn sample(&self, b: &Broker) {
+        let s = Sample {
+            at: Instant::now(),
+            values: read(b),
+        };
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.0 = last.1.take();
+        last.1 = Some(s);
+    }
+
+    /// `message_stats` and `churn_rates` as RabbitMQ's overview has them:
+    /// each counter, and `<name>_details: {"rate": per second}`.
+    pub fn overview(&self, b: &Broker) -> (Value, Value) {
+        let now = read(b);
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let rate = |name: &str| -> f64 {
+            let (Some(a), Some(z)) = (&last.0, &last.1) else {
+                return 0.0;
+            };
+            let secs = z.at.duration_since(a.at).as_secs_f64();
+            let get = |s: &Sample| s.values.iter().find(|(n, _)| *n == name).map_or(0, |v| v.1);
+            if secs <= 0.0 {
+                0.0
+            } else {
+                (get(z).saturating_sub(get(a))) as f64 / secs
+            }
+        };
+        let (mut stats, mut churn) = (Map::new(), Map::new());
+        for (name, v) in now {
+            let m = if CHURN.contains(&name) {
+                &mut churn
+            } else {
+                &mut stats
+            };
+            m.insert(name.to_owned(), json!(v));
+            m.insert(format!("{name}_details"), json!({"rate": rate(name)}));
+        }
+        (Value::Object(stats), Value::Object(churn))
+    }
+}
