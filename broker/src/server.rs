@@ -404,7 +404,8 @@ impl Server {
                 continue;
             };
             let id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
-            let span = tracing::info_span!("conn", id, %peer, name = tracing::field::Empty);
+            let span =
+                tracing::info_span!("conn", id, %peer, connection_name = tracing::field::Empty);
             let b = broker.clone();
             let acceptor = tls.as_ref().filter(|_| is_tls).map(|t| t.acceptor());
             tasks.spawn(

@@ -58,6 +58,10 @@ struct Args {
     /// Directory for durable state.
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
+    /// Log format: text (colours only on a terminal) or json (one JSON
+    /// object per line, with the connection's span: id, peer, name).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -168,10 +172,19 @@ fn main() -> std::process::ExitCode {
         );
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt()
+    // Colours only for a terminal; JSON lines for log shippers.
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    if args.log_format == "json" {
+        fmt.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        fmt.init();
+    }
 
     if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
         eprintln!(

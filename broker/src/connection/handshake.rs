@@ -306,7 +306,7 @@ fn read_client_properties(io: &Io, props: &FieldTable) -> ClientCaps {
     };
     tracing::debug!(peer = %io.peer, connection_name = ?name, %product, ?caps, "client properties");
     if let Some(n) = name {
-        tracing::Span::current().record("name", n.as_str());
+        tracing::Span::current().record("connection_name", n.as_str());
     }
     caps
 }
