@@ -428,6 +428,55 @@ def test_an_operator_closes_a_connection_with_320_and_the_given_reason():
             c.close()
 
 
+def test_channels_and_consumers_are_listed():
+    tag = name("conn")
+    params = pika.URLParameters(AMQP_URL)
+    params.client_properties = {"connection_name": tag}
+    c = pika.BlockingConnection(params)
+    try:
+        ch = c.channel()
+        ch.basic_qos(prefetch_count=7)
+        qn = ch.queue_declare("", exclusive=True).method.queue
+        ctag = ch.basic_consume(qn, lambda *a: None, consumer_tag="mgmt-" + tag)
+
+        def find_conn():
+            for conn in ok("GET", "connections"):
+                if conn.get("client_properties", {}).get("connection_name") == tag:
+                    return conn
+            c.process_data_events(0.1)
+            return None
+        conn = wait_until("the connection", find_conn, timeout=20)
+
+        def find_channel():
+            for chan in ok("GET", "channels"):
+                if (chan.get("connection_details", {}).get("name") == conn["name"]
+                        and chan.get("consumer_count") == 1):
+                    return chan
+            c.process_data_events(0.1)
+            return None
+        chan = wait_until("the channel", find_channel, timeout=20)
+        assert chan["number"] == ch.channel_number
+        assert chan["prefetch_count"] == 7
+        assert chan["user"] == "guest" and chan["vhost"] == "/"
+        assert chan["confirm"] is False
+
+        def find_consumer():
+            for cons in ok("GET", "consumers/%2F"):
+                if cons["consumer_tag"] == ctag:
+                    return cons
+            c.process_data_events(0.1)
+            return None
+        cons = wait_until("the consumer", find_consumer, timeout=20)
+        assert cons["queue"] == {"name": qn, "vhost": "/"}
+        assert cons["ack_required"] is True and cons["exclusive"] is False
+        assert cons["prefetch_count"] == 7
+        assert cons["channel_details"]["connection_name"] == conn["name"]
+        # (RabbitMQ 3.12+ adds consumer_timeout; 3.10 has none. Warren has
+        # the field, null while it has no consumer timeouts.)
+    finally:
+        c.close()
+
+
 # ------------------------------------------------- queues, exchanges, bindings
 
 def test_queues_exchanges_and_bindings_are_declared_listed_and_deleted(vhost):

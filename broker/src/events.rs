@@ -30,6 +30,10 @@ pub enum ConnEvent {
     /// Close the connection (an operator closed it, or its vhost was
     /// deleted): connection.close with this code and text.
     Close { code: u16, text: String },
+    /// Describe the open channels (for operators).
+    Describe {
+        reply: tokio::sync::oneshot::Sender<Vec<ChannelInfo>>,
+    },
     /// A direct reply-to message for this connection's reply consumer.
     Reply {
         chan_key: u64,
@@ -37,6 +41,20 @@ pub enum ConnEvent {
         tag: Arc<str>,
         msg: MessageRef,
     },
+}
+
+/// A channel, as operators see it.
+#[derive(Clone, Debug)]
+pub struct ChannelInfo {
+    pub number: u16,
+    pub consumers: u32,
+    pub unacked: u64,
+    /// Per-consumer prefetch for new consumers.
+    pub prefetch: u16,
+    /// Channel-wide prefetch (`global`); 0: none.
+    pub global_prefetch: u32,
+    pub confirm: bool,
+    pub transactional: bool,
 }
 
 /// A publisher confirm outstanding on one or more holders: every queue the

@@ -81,6 +81,17 @@ enum Cmd {
     ListConnections {
         columns: Vec<String>,
     },
+    /// Channels: name, number, user, vhost, consumer_count,
+    /// messages_unacknowledged, prefetch_count, global_prefetch_count,
+    /// confirm, transactional.
+    ListChannels {
+        columns: Vec<String>,
+    },
+    /// Consumers in the vhost: queue_name, channel_name, consumer_tag,
+    /// ack_required, prefetch_count, exclusive, active, arguments.
+    ListConsumers {
+        columns: Vec<String>,
+    },
     ListUsers,
     ListVhosts {
         columns: Vec<String>,
@@ -440,6 +451,38 @@ fn run(cli: Cli) -> Res {
                 rows,
                 &columns,
                 &["name", "user", "vhost", "peer_host", "peer_port", "state"],
+            )
+        }
+        Cmd::ListChannels { columns } => {
+            let rows = c.call("GET", "channels", None)?;
+            show(
+                rows,
+                &columns,
+                &["name", "user", "consumer_count", "messages_unacknowledged"],
+            )
+        }
+        Cmd::ListConsumers { columns } => {
+            let mut rows = c.call("GET", &format!("consumers/{v}"), None)?;
+            for r in rows.as_array_mut().into_iter().flatten() {
+                let (q, ch) = (
+                    r["queue"]["name"].clone(),
+                    r["channel_details"]["name"].clone(),
+                );
+                r["queue_name"] = q;
+                r["channel_name"] = ch;
+            }
+            show(
+                rows,
+                &columns,
+                &[
+                    "queue_name",
+                    "channel_name",
+                    "consumer_tag",
+                    "ack_required",
+                    "prefetch_count",
+                    "active",
+                    "arguments",
+                ],
             )
         }
         Cmd::ListUsers => {

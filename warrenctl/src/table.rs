@@ -65,6 +65,17 @@ const KNOWN: &[&str] = &[
     "definition",
     "priority",
     "auth_mechanism",
+    "number",
+    "consumer_count",
+    "prefetch_count",
+    "global_prefetch_count",
+    "confirm",
+    "transactional",
+    "queue_name",
+    "channel_name",
+    "consumer_tag",
+    "ack_required",
+    "active",
 ];
 
 /// An unknown column is an error naming it.

@@ -206,6 +206,46 @@ async fn queues_exchanges_bindings_connections_and_definitions() {
         .unwrap()
         .iter()
         .any(|b| b["destination_name"] == "jobs"));
+    let cch = conn.create_channel().await.unwrap();
+    cch.basic_qos(5, Default::default()).await.unwrap();
+    // (Kept: lapin cancels a consumer whose stream is dropped.)
+    let _worker = cch
+        .basic_consume(
+            "jobs".into(),
+            "the-worker".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let consumers = ctl.ok(&[
+        "list_consumers",
+        "queue_name",
+        "consumer_tag",
+        "prefetch_count",
+    ]);
+    assert!(
+        consumers
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["jobs", "the-worker", "5"]),
+        "{consumers}"
+    );
+    let channels = ctl.ok(&[
+        "--format",
+        "json",
+        "list_channels",
+        "number",
+        "consumer_count",
+    ]);
+    let chs: serde_json::Value = serde_json::from_str(&channels).unwrap();
+    assert!(
+        chs.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["consumer_count"] == 1),
+        "{channels}"
+    );
+    cch.close(200, "done".into()).await.unwrap();
     ctl.ok(&["purge_queue", "jobs"]);
     warren_tests::lapin_util::wait_count(&ch, "jobs", 0).await;
     // Connections: listed by name, closed with the reason.

@@ -140,6 +140,7 @@ impl Channel {
         let in_flight = Arc::new(AtomicU32::new(0));
         let consumer = Consumer {
             tag: tag.clone(),
+            conn_id: cx.session.conn_id,
             chan_key: self.key,
             channel: self.number,
             no_ack: cm.no_ack,

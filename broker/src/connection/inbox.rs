@@ -62,6 +62,24 @@ impl Connection {
                     c.cancel_done(&mut ctx!(self), &tag);
                 }
             }
+            ConnEvent::Describe { reply } => {
+                let mut v: Vec<crate::events::ChannelInfo> = self
+                    .channels
+                    .values()
+                    .filter(|c| !c.closing)
+                    .map(|c| crate::events::ChannelInfo {
+                        number: c.number,
+                        consumers: c.consumers.len() as u32,
+                        unacked: c.unacked.len() as u64,
+                        prefetch: c.prefetch,
+                        global_prefetch: c.credit.limit.load(std::sync::atomic::Ordering::Relaxed),
+                        confirm: c.confirms.is_some(),
+                        transactional: c.tx.is_some(),
+                    })
+                    .collect();
+                v.sort_by_key(|c| c.number);
+                let _ = reply.send(v);
+            }
             ConnEvent::Close { code, text } => {
                 self.forced = Some(crate::error::AmqpError::new(code, text));
             }

@@ -10,9 +10,11 @@
 //!
 //! Files: this one (the listener, authentication, errors, the router);
 //! [`admin`] (users, vhosts, permissions, policies, limits, definitions);
-//! [`objects`] (overview, queues, exchanges, bindings, connections).
+//! [`objects`] (overview, queues, exchanges, bindings, connections);
+//! `channels` (channels and consumers); `rates` (message rates).
 
 mod admin;
+mod channels;
 pub mod objects;
 pub mod rates;
 
@@ -68,6 +70,7 @@ fn router(api: Api) -> Router {
         .route("/api/whoami", get(admin::whoami))
         .merge(admin::routes())
         .merge(objects::routes())
+        .merge(channels::routes())
         .fallback(|| async { ApiError::not_found() })
         .with_state(api)
 }

@@ -450,6 +450,22 @@ impl Actor {
                 let ready = self.ready_count().min(u32::MAX as u64) as u32;
                 let _ = reply.send((ready, self.consumers.len() as u32));
             }
+            QueueCmd::Consumers { reply } => {
+                let _ = reply.send(
+                    self.consumers
+                        .iter()
+                        .map(|c| super::handle::ConsumerInfo {
+                            tag: c.tag.clone(),
+                            conn_id: c.conn_id,
+                            channel: c.channel,
+                            ack_required: !c.no_ack,
+                            exclusive: c.exclusive,
+                            prefetch: c.prefetch,
+                            priority: c.priority,
+                        })
+                        .collect(),
+                );
+            }
             QueueCmd::Info { reply } => {
                 self.expire_heads();
                 let _ = reply.send(super::handle::QueueStats {

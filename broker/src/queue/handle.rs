@@ -195,6 +195,8 @@ impl ChannelCredit {
 /// A consumer as the queue sees it.
 pub struct Consumer {
     pub tag: Arc<str>,
+    /// The consuming connection's id (for operators).
+    pub conn_id: u64,
     /// Identifies the channel incarnation (unique per broker run).
     pub chan_key: u64,
     pub channel: u16,
@@ -285,6 +287,10 @@ pub enum QueueCmd {
     Info {
         reply: oneshot::Sender<QueueStats>,
     },
+    /// The queue's consumers, for operators.
+    Consumers {
+        reply: oneshot::Sender<Vec<ConsumerInfo>>,
+    },
     Purge {
         reply: oneshot::Sender<u32>,
     },
@@ -294,6 +300,18 @@ pub enum QueueCmd {
         if_empty: bool,
         reply: oneshot::Sender<Result<u32, AmqpError>>,
     },
+}
+
+/// A consumer, as operators see it.
+#[derive(Clone, Debug)]
+pub struct ConsumerInfo {
+    pub tag: Arc<str>,
+    pub conn_id: u64,
+    pub channel: u16,
+    pub ack_required: bool,
+    pub exclusive: bool,
+    pub prefetch: u32,
+    pub priority: i32,
 }
 
 /// A queue's numbers, as operators see them.

@@ -61,7 +61,8 @@ mod tests;
 
 pub use actor::spawn;
 pub use handle::{
-    ChannelCredit, Consumer, Got, OnAutoDelete, Publish, QueueCmd, QueueHandle, QueueStats, Seqs,
+    ChannelCredit, Consumer, ConsumerInfo, Got, OnAutoDelete, Publish, QueueCmd, QueueHandle,
+    QueueStats, Seqs,
 };
 
 use crate::error::AmqpResult;

@@ -97,6 +97,7 @@ fn consume(
     let in_flight = Arc::new(AtomicU32::new(0));
     let consumer = Consumer {
         tag: tag.into(),
+        conn_id: 1,
         chan_key,
         channel: 1,
         no_ack: false,
