@@ -364,7 +364,7 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
 type Pick = fn(&QueueStats) -> u64;
 
 /// Open file descriptors and the soft limit.
-fn fds() -> Option<(u64, u64)> {
+pub fn fds() -> Option<(u64, u64)> {
     let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
     let mut lim = libc::rlimit {
         rlim_cur: 0,

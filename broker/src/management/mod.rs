@@ -17,6 +17,7 @@ mod admin;
 mod channels;
 pub mod objects;
 pub mod rates;
+mod ui;
 
 use crate::broker::Broker;
 use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
@@ -68,6 +69,10 @@ fn router(api: Api) -> Router {
     Router::new()
         .route("/api/overview", get(objects::overview))
         .route("/api/whoami", get(admin::whoami))
+        .route("/api/nodes", get(objects::nodes))
+        .route("/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/style.css", get(ui::style_css))
         .merge(admin::routes())
         .merge(objects::routes())
         .merge(channels::routes())
@@ -83,6 +88,10 @@ pub struct ApiError {
     status: StatusCode,
     error: &'static str,
     reason: String,
+    /// A 401 carries the basic-auth challenge, unless the request came
+    /// from a script (`X-Requested-With`), which would make a browser
+    /// pop its own login dialog over the dashboard's.
+    challenge: bool,
 }
 
 impl ApiError {
@@ -91,6 +100,7 @@ impl ApiError {
             status,
             error,
             reason: reason.into(),
+            challenge: true,
         }
     }
     pub fn not_found() -> ApiError {
@@ -118,7 +128,7 @@ impl IntoResponse for ApiError {
             axum::Json(json!({"error": self.error, "reason": self.reason})),
         )
             .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
+        if self.status == StatusCode::UNAUTHORIZED && self.challenge {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"RabbitMQ Management\""),
@@ -245,7 +255,11 @@ impl FromRequestParts<Api> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Auth, ApiError> {
-        let failed = || ApiError::new(StatusCode::UNAUTHORIZED, "not_authorized", "Login failed");
+        let scripted = parts.headers.contains_key("x-requested-with");
+        let failed = || ApiError {
+            challenge: !scripted,
+            ..ApiError::new(StatusCode::UNAUTHORIZED, "not_authorized", "Login failed")
+        };
         let header = parts
             .headers
             .get(header::AUTHORIZATION)

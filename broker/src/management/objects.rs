@@ -168,6 +168,28 @@ pub async fn overview(auth: Auth, st: St) -> ApiResult {
     .into_response())
 }
 
+/// The node (one: Warren does not cluster yet), as RabbitMQ's `/api/nodes`:
+/// memory and disk against their limits, alarms, file descriptors.
+pub async fn nodes(_auth: Auth, st: St) -> ApiResult {
+    let a = &st.broker.alarms;
+    let alarms = a.state();
+    let (fd_used, fd_total) = crate::prometheus::fds().unwrap_or((0, 0));
+    Ok(Json(json!([{
+        "name": node_name(),
+        "type": "disc",
+        "running": true,
+        "mem_used": a.rss(),
+        "mem_limit": a.memory_limit(),
+        "mem_alarm": alarms.memory,
+        "disk_free": a.disk_free(),
+        "disk_free_limit": a.disk_free_limit(),
+        "disk_free_alarm": alarms.disk,
+        "fd_used": fd_used,
+        "fd_total": fd_total,
+    }]))
+    .into_response())
+}
+
 // ----------------------------------------------------------------- queues
 
 async fn stats(q: &QueueHandle) -> QueueStats {
