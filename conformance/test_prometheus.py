@@ -49,6 +49,9 @@ EXPECTED = {
     "rabbitmq_disk_space_available_bytes": "gauge",
     "rabbitmq_alarms_memory_used_watermark": "unknown",
     "rabbitmq_alarms_free_disk_space_watermark": "unknown",
+    "rabbitmq_global_messages_dead_lettered_expired": "counter",
+    "rabbitmq_global_messages_dead_lettered_maxlen": "counter",
+    "rabbitmq_global_messages_dead_lettered_rejected": "counter",
 }
 
 
@@ -99,6 +102,10 @@ def test_counters_follow_a_workload():
             method, _props, _body = ch.basic_get(q, auto_ack=False)
             tags.append(method.delivery_tag)
         ch.basic_ack(tags[-1], multiple=True)
+        # A reject without requeue, on a queue without a dead-letter
+        # exchange: counted as dead-lettered "disabled".
+        method, _props, _body = ch.basic_get(q, auto_ack=False)
+        ch.basic_reject(method.delivery_tag, requeue=False)
         want = {
             "rabbitmq_global_messages_received": n + 1,
             "rabbitmq_global_messages_confirmed": n + 1,
@@ -111,8 +118,11 @@ def test_counters_follow_a_workload():
         while True:
             after = scrape()
             moved = {k: total(after, k) - total(before, k) for k in want}
+            rejected = "rabbitmq_global_messages_dead_lettered_rejected"
+            lab = {"queue_type": "rabbit_classic_queue", "dead_letter_strategy": "disabled"}
+            moved[rejected] = value(after, rejected, **lab) - value(before, rejected, **lab)
             # Other tests may run at the same time: at least, not exactly.
-            if all(moved[k] >= v for k, v in want.items()):
+            if all(moved[k] >= v for k, v in want.items()) and moved[rejected] >= 1:
                 break
             if time.time() > deadline:
                 raise AssertionError("counters moved %r, want at least %r" % (moved, want))

@@ -88,6 +88,78 @@ impl Churn {
     }
 }
 
+/// A histogram with fixed upper bounds (Prometheus' cumulative buckets
+/// are computed when rendered). Observed from one thread at a time in
+/// practice (the store's writer), but safe from any.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds, ascending.
+    pub bounds: &'static [f64],
+    /// Observations per bucket (the last one: above every bound).
+    counts: Vec<AtomicU64>,
+    /// Sum of observations, in millionths.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        let i = self.bounds.partition_point(|&b| b < v);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add((v * 1e6).max(0.0) as u64, Relaxed);
+    }
+
+    /// Cumulative counts per bound (then +Inf), and the sum.
+    pub fn cumulative(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut acc = 0;
+        let mut out = Vec::with_capacity(self.bounds.len());
+        for (i, &b) in self.bounds.iter().enumerate() {
+            acc += self.counts[i].load(Relaxed);
+            out.push((b, acc));
+        }
+        acc += self.counts[self.bounds.len()].load(Relaxed);
+        (out, acc, self.sum_micros.load(Relaxed) as f64 / 1e6)
+    }
+}
+
+/// Store write batch sizes (operations per batch).
+pub const BATCH_BOUNDS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+/// Store write-and-sync times, seconds.
+pub const WRITE_BOUNDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// The store's figures: batch sizes and write (with WAL sync) latency on
+/// the writer thread, pages read back on the reader thread.
+#[derive(Debug)]
+pub struct StoreStats {
+    pub batch_ops: Histogram,
+    pub write_seconds: Histogram,
+    pub page_reads: AtomicU64,
+    pub paged_messages: AtomicU64,
+}
+
+impl Default for StoreStats {
+    fn default() -> Self {
+        StoreStats {
+            batch_ops: Histogram::new(BATCH_BOUNDS),
+            write_seconds: Histogram::new(WRITE_BOUNDS),
+            page_reads: AtomicU64::new(0),
+            paged_messages: AtomicU64::new(0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +180,17 @@ mod tests {
         assert_eq!(g.acknowledged.load(Relaxed), 2);
         assert_eq!(l.received, 0);
         assert!(g.snapshot().contains(&("received", 4)));
+    }
+
+    #[test]
+    fn a_histogram_counts_cumulatively() {
+        let h = Histogram::new(&[1.0, 10.0]);
+        for v in [0.5, 1.0, 3.0, 20.0] {
+            h.observe(v);
+        }
+        let (buckets, count, sum) = h.cumulative();
+        assert_eq!(buckets, vec![(1.0, 2), (10.0, 3)]);
+        assert_eq!(count, 4);
+        assert!((sum - 24.5).abs() < 1e-6);
     }
 }

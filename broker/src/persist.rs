@@ -148,6 +148,8 @@ pub struct Persister {
     /// Hot bodies of messages that live on disk, by message id.
     bodies: moka::sync::Cache<MessageId, MessageRef>,
     pub body_stats: Arc<CacheStats>,
+    /// Batch sizes, write latency, page reads.
+    pub store_stats: Arc<crate::metrics::StoreStats>,
     /// Memory pressure: queues then page transient messages out too.
     alarms: Arc<Alarms>,
     /// Last: dropped after the senders above (fields drop in order).
@@ -177,6 +179,8 @@ impl Persister {
         let writer_progress = progress.clone();
         let threads = StoreThreads::default();
         let writer_alarms = alarms.clone();
+        let store_stats = Arc::new(crate::metrics::StoreStats::default());
+        let writer_stats = store_stats.clone();
         let writer = std::thread::Builder::new().name("warren-store".into()).spawn(move || {
             let mut ops = Vec::new();
             // Free disk space is checked as writes are made (not only by the
@@ -200,7 +204,13 @@ impl Persister {
                 for j in &mut jobs {
                     ops.append(&mut j.ops);
                 }
-                let ok = match writer_store.apply(&ops) {
+                let started = std::time::Instant::now();
+                let applied = writer_store.apply(&ops);
+                writer_stats.batch_ops.observe(ops.len() as f64);
+                writer_stats
+                    .write_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let ok = match applied {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::error!(error = %e, ops = ops.len(), "message store write failed; confirms will be nacked");
@@ -240,12 +250,19 @@ impl Persister {
             let progress = progress.clone();
             let bodies = bodies.clone();
             let stats = body_stats.clone();
+            let reader_stats = store_stats.clone();
             let pager = std::thread::Builder::new()
                 .name("warren-pager".into())
                 .spawn(move || {
                     while let Ok(job) = read_rx.recv() {
                         progress.wait_applied(job.after);
                         let page = read_page(&*store, &bodies, &stats, &job);
+                        reader_stats.page_reads.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(p) = &page {
+                            reader_stats
+                                .paged_messages
+                                .fetch_add(p.entries.len() as u64, Ordering::Relaxed);
+                        }
                         (job.done)(page);
                     }
                 })?;
@@ -263,6 +280,7 @@ impl Persister {
             next_id: Arc::new(AtomicU64::new(max_id + 1)),
             bodies,
             body_stats,
+            store_stats,
             alarms,
         })
     }

@@ -203,6 +203,24 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
         out.family(&name, "counter", help);
         out.sample(&name, &amqp, v);
     }
+    // Dead letters by reason, labelled as RabbitMQ's classic queues are:
+    // with a dead-letter exchange "at_most_once", without one "disabled".
+    use crate::queue::dead_letter::{Reason, DEAD};
+    for (reason, short, help) in [
+        (Reason::Expired, "expired", "Total number of messages dead-lettered due to message TTL exceeded"),
+        (Reason::MaxLen, "maxlen", "Total number of messages dead-lettered due to overflow drop-head or reject-publish-dlx"),
+        (Reason::Rejected, "rejected", "Total number of messages dead-lettered due to basic.reject or basic.nack"),
+    ] {
+        let name = format!("rabbitmq_global_messages_dead_lettered_{short}_total");
+        out.family(&name, "counter", help);
+        for (strategy, i) in [("at_most_once", 1), ("disabled", 0)] {
+            out.sample(
+                &name,
+                &[("queue_type", "rabbit_classic_queue"), ("dead_letter_strategy", strategy)],
+                DEAD[reason as usize][i].load(Relaxed),
+            );
+        }
+    }
     out.family(
         "rabbitmq_global_consumers",
         "gauge",
@@ -323,6 +341,32 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
         out.family(name, "counter", help);
         out.sample(name, &[], v);
     }
+    let st = &b.persister.store_stats;
+    out.histogram(
+        "warren_store_batch_operations",
+        "Operations per store write batch (one atomic write and one WAL sync)",
+        &st.batch_ops,
+    );
+    out.histogram(
+        "warren_store_write_seconds",
+        "Time to write a store batch, its WAL sync included",
+        &st.write_seconds,
+    );
+    for (name, help, v) in [
+        (
+            "warren_paging_reads_total",
+            "Pages of messages read back from the store",
+            st.page_reads.load(Relaxed),
+        ),
+        (
+            "warren_paging_messages_total",
+            "Messages read back from the store in pages",
+            st.paged_messages.load(Relaxed),
+        ),
+    ] {
+        out.family(name, "counter", help);
+        out.sample(name, &[], v);
+    }
 
     if per_object {
         let per: [(&str, &str, Pick); 5] = [
@@ -382,6 +426,17 @@ struct Text(String);
 impl Text {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# TYPE {name} {kind}\n# HELP {name} {help}");
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &crate::metrics::Histogram) {
+        self.family(name, "histogram", help);
+        let (buckets, count, sum) = h.cumulative();
+        for (bound, n) in buckets {
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(self.0, "{name}_sum {sum}");
+        let _ = writeln!(self.0, "{name}_count {count}");
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {

@@ -20,6 +20,17 @@ use warren_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 /// is also logged). Expected to stay 0.
 pub static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Messages that died, by reason (as `Reason::index`) and whether their
+/// queue had a dead-letter exchange (`[.][1]`, RabbitMQ's `at_most_once`
+/// strategy) or not (`[.][0]`, `disabled`: dropped).
+pub static DEAD: [[std::sync::atomic::AtomicU64; 2]; 3] =
+    [const { [const { std::sync::atomic::AtomicU64::new(0) }; 2] }; 3];
+
+/// Count a message that died.
+pub fn count(reason: Reason, has_dlx: bool) {
+    DEAD[reason as usize][has_dlx as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Why a message died (the `reason` of its `x-death` entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {

@@ -105,6 +105,7 @@ impl Actor {
     /// they see it (the original's removal follows in a later write, so a
     /// crash in between leaves a duplicate, never a loss).
     pub(super) fn dead_letter(&mut self, msg: &MessageRef, reason: Reason) {
+        dead_letter::count(reason, self.args.dead_letter_exchange.is_some());
         let Some(dlx) = self.args.dead_letter_exchange.as_deref() else {
             return;
         };
