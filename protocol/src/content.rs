@@ -257,6 +257,30 @@ impl ContentHeader {
         ContentHeader::parse(Bytes::from(raw))
     }
 
+    /// A header for a body of `body_size` bytes with `props`, encoded by
+    /// amq-protocol (for messages made inside the broker, such as those
+    /// published through the management API; not the hot path).
+    pub fn from_properties(
+        props: AMQPProperties,
+        body_size: u64,
+    ) -> Result<ContentHeader, ContentError> {
+        use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame};
+        let f = cookie_factory::gen_simple(
+            gen_frame(&AMQPFrame::Header(
+                1,
+                AMQPContentHeader {
+                    class_id: 60,
+                    body_size,
+                    properties: props,
+                },
+            )),
+            Vec::new(),
+        )
+        .map_err(|_| ContentError::Truncated)?;
+        // Frame header (type, channel, size: 7 bytes) and frame-end off.
+        ContentHeader::parse(Bytes::copy_from_slice(&f[7..f.len() - 1]))
+    }
+
     /// All properties decoded (for tests and diagnostics, not the hot path).
     pub fn properties(&self) -> Option<AMQPProperties> {
         parse_properties(&self.raw[12..]).ok().map(|(_, p)| p)

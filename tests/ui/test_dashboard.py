@@ -159,9 +159,19 @@ def test_queues_are_listed_sorted_and_filtered_and_one_is_created_from_the_page(
     q = api(http, "queues/%2F/made-in-the-browser")
     assert q["name"] == "made-in-the-browser" and q["durable"] is True
     page.screenshot(path=os.path.join(UI_OUT, "queues.png"), full_page=True)
-    # The queue's own page.
-    page.click("a:has-text('ui-backlog')")
-    expect(page.locator("h2")).to_contain_text("Queue ui-backlog")
+    # The new queue's own page: publish a message, then get it.
+    page.click("a:has-text('made-in-the-browser')")
+    expect(page.locator("h2")).to_contain_text("Queue made-in-the-browser")
+    page.fill("form input[name=payload]", "typed in the page")
+    page.click("form button:has-text('Publish message')")
+    deadline = time.time() + 10
+    while api(http, "queues/%2F/made-in-the-browser").get("messages") != 1:
+        assert time.time() < deadline, "the published message did not arrive"
+        time.sleep(0.2)
+    page.select_option("#get-form select[name=ackmode]", "ack_requeue_false")
+    page.click("#get-form button:has-text('Get messages')")
+    expect(page.locator("#got td[data-col=payload]")).to_have_text("typed in the page")
+    page.screenshot(path=os.path.join(UI_OUT, "queue-page.png"), full_page=True)
 
 
 def test_a_connection_is_closed_from_the_page(page, broker):

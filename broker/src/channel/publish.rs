@@ -388,3 +388,47 @@ fn hand_over(
         q.send(seq, msg.clone(), ticket.clone(), true);
     }
 }
+
+/// What [`publish_direct`] did with a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Published {
+    /// No queue was bound to take it (dropped, as a non-mandatory publish).
+    Unroutable,
+    /// Every queue it was routed to has it (and, if persistent and routed
+    /// to a durable queue, it is synced to disk).
+    Routed,
+    /// A queue refused it (`x-overflow: reject-publish`) or the store failed.
+    Refused,
+}
+
+/// Publish a message made inside the broker (the management API's
+/// publish), exactly as a channel in confirm mode would: routed, handed to
+/// its queues, stored if persistent; returns once it is confirmed.
+pub async fn publish_direct(
+    broker: &Broker,
+    vhost: &crate::vhost::VHost,
+    msg: MessageRef,
+) -> AmqpResult<Published> {
+    let routed = vhost.route(&msg.exchange, &msg.routing_key, &msg.header)?;
+    if routed.queues().is_empty() {
+        return Ok(Published::Unroutable);
+    }
+    let (events, mut confirms) = tokio::sync::mpsc::unbounded_channel();
+    let ticket = Arc::new(ConfirmTicket::new(events, 0, 1));
+    let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();
+    for q in routed.queues() {
+        if q.reserve().await {
+            slots.push(q);
+        }
+    }
+    let stored = msg.stored.filter(|_| slots.iter().any(|q| q.persisted()));
+    let writer = match stored {
+        Some(_) => broker.persister.reserve().await,
+        None => None,
+    };
+    hand_over(broker, msg, Some(ticket), &slots, stored, writer);
+    match confirms.recv().await {
+        Some(crate::events::ConnEvent::Confirm { nack: false, .. }) => Ok(Published::Routed),
+        _ => Ok(Published::Refused),
+    }
+}

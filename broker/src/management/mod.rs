@@ -15,6 +15,7 @@
 
 mod admin;
 mod channels;
+mod messages;
 pub mod objects;
 pub mod rates;
 mod ui;
@@ -76,6 +77,7 @@ fn router(api: Api) -> Router {
         .merge(admin::routes())
         .merge(objects::routes())
         .merge(channels::routes())
+        .merge(messages::routes())
         .fallback(|| async { ApiError::not_found() })
         .with_state(api)
 }

@@ -196,9 +196,41 @@ async function queuePage(main, vhost, name) {
     h("h3", {}, "Consumers"),
     table(consumers.filter((c) => c.queue.name === name), [["consumer_tag", "tag"], ["channel", "channel", (r) => r.channel_details.name],
       ["ack_required", "ack required", (r) => String(r.ack_required)], ["prefetch_count", "prefetch"]]),
+    form("Publish message", [["payload", "payload", ""], ["delivery_mode", "delivery mode", ["2 (persistent)", "1 (transient)"], "select"]],
+      async (d) => {
+        const r = await api("POST", `exchanges/${enc(vhost)}/amq.default/publish`, {
+          routing_key: name, payload: d.payload, payload_encoding: "string",
+          properties: { delivery_mode: Number(d.delivery_mode[0]) } });
+        if (!r.routed) throw new Error("not routed");
+      }),
+    getForm(vhost, name),
     h("p", {}, button("Purge", () => api("DELETE", `queues/${enc(vhost)}/${enc(name)}/contents`), "danger"), " ",
       button("Delete", async () => { await api("DELETE", `queues/${enc(vhost)}/${enc(name)}`); location.hash = "#/queues"; })),
   );
+}
+
+// Get messages: shown below the form, not followed by a page refresh.
+function getForm(vhost, name) {
+  const f = h("form", { class: "card", id: "get-form" }, h("h3", {}, "Get messages"),
+    h("label", {}, "count", h("input", { name: "count", value: "1" })),
+    h("label", {}, "ack mode", h("select", { name: "ackmode" },
+      ["ack_requeue_true", "ack_requeue_false", "reject_requeue_true", "reject_requeue_false"].map((m) => h("option", { value: m }, m)))),
+    h("button", { type: "submit" }, "Get messages"));
+  const out = h("div", { id: "got" });
+  f.append(out);
+  f.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const d = Object.fromEntries(new FormData(f));
+    try {
+      const got = await api("POST", `queues/${enc(vhost)}/${enc(name)}/get`,
+        { count: Number(d.count), ackmode: d.ackmode, encoding: "auto", truncate: 50000 });
+      out.replaceChildren(got.length ? table(got, [["payload", "payload"], ["redelivered", "redelivered", (r) => String(r.redelivered)],
+        ["properties", "properties", (r) => JSON.stringify(r.properties)], ["message_count", "left"]]) : h("p", {}, "The queue is empty."));
+    } catch (err) {
+      out.replaceChildren(h("p", { class: "error" }, err.message));
+    }
+  });
+  return f;
 }
 
 async function exchanges(main) {
