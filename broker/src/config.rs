@@ -14,6 +14,9 @@ pub struct Config {
     pub tls: Option<TlsListener>,
     /// Where the management HTTP API listens (None: off).
     pub management: Option<SocketAddr>,
+    /// Serve the management API over TLS, with the AMQPS listener's
+    /// certificate and client-certificate settings.
+    pub management_tls: bool,
     /// Where the Prometheus metrics are served (None: off).
     pub prometheus: Option<SocketAddr>,
     /// Where durable state lives.
@@ -85,6 +88,7 @@ impl Default for Config {
             plain: true,
             tls: None,
             management: None,
+            management_tls: false,
             prometheus: None,
             data_dir: PathBuf::from("data"),
             default_user: Some(("guest".into(), "guest".into())),

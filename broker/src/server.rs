@@ -240,6 +240,12 @@ impl Server {
             }
             None => None,
         };
+        if config.management_tls && config.tls.is_none() {
+            return Err(err(
+                "the management API's TLS uses the AMQPS certificate: give --tls-cert and --tls-key"
+                    .into(),
+            ));
+        }
         let management =
             match config.management {
                 Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
@@ -361,9 +367,14 @@ impl Server {
             broker,
             shutdown_tx,
         } = self;
+        let api_tls = tls
+            .as_ref()
+            .filter(|_| broker.config.management_tls)
+            .map(|(_, t)| t.clone());
         let api = management.map(|l| {
             tokio::spawn(crate::management::serve(
                 l,
+                api_tls,
                 broker.clone(),
                 broker.shutdown.clone(),
             ))

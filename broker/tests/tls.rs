@@ -245,3 +245,92 @@ async fn amqps_with_client_certificates_and_reload() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server.pem"), "{err}");
 }
+
+/// `--management-tls true`: the management API and the dashboard answer
+/// over HTTPS with the AMQPS certificate (a client trusting the CA gets the
+/// overview), and a plain-HTTP request on that port gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_over_https() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("Warren test CA");
+    let (server_cert, server_key) = ca.issue(
+        "localhost",
+        &["localhost", "127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let cert = write(d, "server.pem", &server_cert);
+    let key = write(d, "server.key", &server_key);
+    let (port, tls_port, api_port) = (free_port(), free_port(), free_port());
+    let (tls_port_s, api_port_s) = (tls_port.to_string(), api_port.to_string());
+    let _daemon = Daemon::start_with(
+        bin(),
+        &d.join("data"),
+        port,
+        &[
+            "--log-level",
+            "warn",
+            "--tls-port",
+            &tls_port_s,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--management-port",
+            &api_port_s,
+            "--management-tls",
+            "true",
+        ],
+    );
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
+        .unwrap();
+    let config = tokio_rustls::rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let request = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let mut answers = Vec::new();
+    for path in ["/api/overview", "/"] {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", api_port))
+            .await
+            .unwrap();
+        let mut s = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("a TLS handshake with the API");
+        s.write_all(request(path).as_bytes()).await.unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        answers.push(out);
+    }
+    assert!(answers[0].starts_with("HTTP/1.1 200"), "{}", answers[0]);
+    assert!(
+        answers[0].contains("\"product_name\":\"Warren\""),
+        "{}",
+        answers[0]
+    );
+    assert!(
+        answers[1].contains("<title>Warren</title>"),
+        "{}",
+        answers[1]
+    );
+    // Plain HTTP on the HTTPS port: no HTTP answer.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", api_port))
+        .await
+        .unwrap();
+    tcp.write_all(request("/api/overview").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"));
+}

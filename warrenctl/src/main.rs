@@ -53,6 +53,13 @@ struct Conn {
     /// The vhost a command works in (rabbitmqctl's -p).
     #[arg(long, short = 'p', global = true, env = "WARRENCTL_VHOST")]
     vhost: Option<String>,
+    /// Talk HTTPS (a broker started with --management-tls true).
+    #[arg(long, global = true, env = "WARRENCTL_TLS")]
+    tls: bool,
+    /// With --tls: trust the CA certificates in this PEM file (default:
+    /// the Mozilla roots).
+    #[arg(long, global = true, env = "WARRENCTL_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 /// rabbitmqctl's verb names: `list_queues`, `add_user`, ...
@@ -245,6 +252,8 @@ struct FileConf {
     username: Option<String>,
     password: Option<String>,
     vhost: Option<String>,
+    tls: Option<bool>,
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 fn file_conf() -> Res<FileConf> {
@@ -282,13 +291,35 @@ impl Client {
         let user = c.username.or(f.username).unwrap_or_else(|| "guest".into());
         let pass = c.password.or(f.password).unwrap_or_else(|| "guest".into());
         let vhost = c.vhost.or(f.vhost).unwrap_or_else(|| "/".into());
+        let tls = c.tls || f.tls.unwrap_or(false);
+        let mut tls_config = ureq::tls::TlsConfig::builder();
+        if let Some(ca) = c.tls_ca.or(f.tls_ca) {
+            let pem = std::fs::read(&ca)
+                .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", ca.display())))?;
+            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|i| match i {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            if certs.is_empty() {
+                return Err(Failure::Usage(format!(
+                    "{}: no certificate in it",
+                    ca.display()
+                )));
+            }
+            tls_config =
+                tls_config.root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)));
+        }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .tls_config(tls_config.build())
             .build()
             .into();
+        let scheme = if tls { "https" } else { "http" };
         Ok(Client {
-            base: format!("http://{host}:{port}/api/"),
+            base: format!("{scheme}://{host}:{port}/api/"),
             auth: format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))

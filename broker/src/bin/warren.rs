@@ -27,6 +27,11 @@ struct Args {
     /// Management HTTP API port (RabbitMQ's API, on --bind). 0 turns it off.
     #[arg(long, default_value_t = 15672, value_name = "PORT")]
     management_port: u16,
+    /// Serve the management API (and the dashboard) over HTTPS, with the
+    /// AMQPS certificate (--tls-cert, --tls-key) and its client-certificate
+    /// settings.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    management_tls: bool,
     /// Prometheus metrics port (/metrics, /metrics/per-object, on --bind).
     /// 0 turns it off.
     #[arg(long, default_value_t = 15692, value_name = "PORT")]
@@ -248,6 +253,7 @@ fn main() -> std::process::ExitCode {
         tls,
         management: (args.management_port != 0)
             .then(|| SocketAddr::new(args.bind, args.management_port)),
+        management_tls: args.management_tls,
         prometheus: (args.prometheus_port != 0)
             .then(|| SocketAddr::new(args.bind, args.prometheus_port)),
         data_dir: args.data_dir,

@@ -15,6 +15,7 @@
 
 mod admin;
 mod channels;
+pub mod listener;
 mod messages;
 pub mod objects;
 pub mod rates;
@@ -29,7 +30,6 @@ use axum::routing::get;
 use axum::Router;
 use base64::Engine;
 use serde_json::{json, Map, Value};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -44,9 +44,11 @@ pub struct Api {
     pub rates: Arc<rates::Rates>,
 }
 
-/// Serve the API on `listener` until `shutdown` turns true.
+/// Serve the API on `listener` (over TLS when `tls` is given) until
+/// `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<crate::tls::Tls>>,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -55,13 +57,28 @@ pub async fn serve(
     let stop = async move {
         let _ = shutdown.wait_for(|s| *s).await;
     };
-    if let Err(e) = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop)
-    .await
-    {
+    let served = match tls {
+        None => {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<listener::Peer>(),
+            )
+            .with_graceful_shutdown(stop)
+            .await
+        }
+        Some(tls) => match listener::TlsListener::new(listener, tls) {
+            Ok(l) => {
+                axum::serve(
+                    l,
+                    app.into_make_service_with_connect_info::<listener::Peer>(),
+                )
+                .with_graceful_shutdown(stop)
+                .await
+            }
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = served {
         tracing::error!(error = %e, "management API stopped");
     }
 }
@@ -278,8 +295,8 @@ impl FromRequestParts<Api> for Auth {
         let (user, pass) = text.split_once(':').ok_or_else(failed)?;
         let loopback = parts
             .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .is_some_and(|ConnectInfo(a)| a.ip().is_loopback());
+            .get::<ConnectInfo<listener::Peer>>()
+            .is_some_and(|ConnectInfo(listener::Peer(a))| a.ip().is_loopback());
         if let Err(e) = api.broker.access.login(user, pass.as_bytes(), loopback) {
             tracing::info!(user, error = %e, "management API login refused");
             return Err(failed());
