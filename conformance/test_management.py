@@ -143,6 +143,33 @@ def test_the_overview_counts_published_and_delivered_messages():
         c.close()
 
 
+def test_a_queue_counts_its_messages(vhost):
+    qn = name("q")
+    c = connect_to(vhost)
+    try:
+        ch = c.channel()
+        ch.queue_declare(qn)
+        for i in range(4):
+            ch.basic_publish("", qn, b"m")
+        tags = []
+        for i in range(3):
+            method = None
+            while method is None:
+                method, _p, _b = ch.basic_get(qn, auto_ack=False)
+            tags.append(method.delivery_tag)
+        ch.basic_ack(tags[-1], multiple=True)
+
+        def counted():
+            s = ok("GET", "queues/%s/%s" % (q(vhost), q(qn))).get("message_stats", {})
+            if s.get("publish", 0) >= 4 and s.get("deliver_get", 0) >= 3 and s.get("ack", 0) >= 3:
+                return s
+            return None
+        s = wait_until("the queue's counts", counted, timeout=20)
+        assert isinstance(s["publish_details"]["rate"], (int, float))
+    finally:
+        c.close()
+
+
 def test_a_bad_password_is_401_with_a_basic_challenge():
     status, body, headers = api("GET", "overview", password="wrong")
     assert status == 401

@@ -198,7 +198,7 @@ async fn stats(q: &QueueHandle) -> QueueStats {
         .unwrap_or_default()
 }
 
-async fn queue_json(v: &VHost, q: &QueueHandle) -> Value {
+async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> Value {
     let s = stats(q).await;
     let policies = v.policies();
     let applied = policies.applied(Target::Queue, q.name());
@@ -221,6 +221,7 @@ async fn queue_json(v: &VHost, q: &QueueHandle) -> Value {
         "policy": applied.policy.map(|p| p.name.clone()),
         "operator_policy": applied.operator.map(|p| p.name.clone()),
         "effective_policy_definition": applied.effective_definition(),
+        "message_stats": rates.queue(q.id(), &s),
     })
 }
 
@@ -228,7 +229,7 @@ async fn list_queues(auth: Auth, st: St, q: Query<Paging>, vhost: Option<String>
     let mut items = Vec::new();
     for v in vhosts_for(&auth, &st.broker, vhost.as_deref())? {
         for h in v.queues() {
-            items.push(queue_json(&v, &h).await);
+            items.push(queue_json(&st.rates, &v, &h).await);
         }
     }
     listing(items, &q)
@@ -244,7 +245,7 @@ fn find_queue(v: &VHost, name: &str) -> ApiResult<QueueHandle> {
 async fn get_queue(auth: Auth, st: St, Path((vhost, name)): Path<(String, String)>) -> ApiResult {
     let v = vhost_of(&auth, &st.broker, &vhost)?;
     let q = find_queue(&v, &name)?;
-    Ok(Json(queue_json(&v, &q).await).into_response())
+    Ok(Json(queue_json(&st.rates, &v, &q).await).into_response())
 }
 
 fn flag(body: &Map<String, Value>, key: &str, default: bool) -> ApiResult<bool> {

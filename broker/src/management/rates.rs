@@ -3,7 +3,9 @@
 //! the last interval, per second.
 
 use crate::broker::Broker;
+use crate::queue::{QueueCmd, QueueStats};
 use serde_json::{json, Map, Value};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,6 +63,22 @@ struct Sample {
 #[derive(Default)]
 pub struct Rates {
     last: Mutex<(Option<Sample>, Option<Sample>)>,
+    /// Per queue (by id): its last totals, when they were read, and the
+    /// rates over the interval before.
+    queues: Mutex<HashMap<u64, QueueSample>>,
+}
+
+/// The queue counters the API reports, by RabbitMQ's name.
+const QUEUE_STATS: [&str; 4] = ["publish", "deliver_get", "ack", "redeliver"];
+
+fn queue_values(s: &QueueStats) -> [u64; 4] {
+    [s.published, s.delivered, s.acked, s.redelivered]
+}
+
+struct QueueSample {
+    at: Instant,
+    values: [u64; 4],
+    rates: [f64; 4],
 }
 
 impl Rates {
@@ -76,6 +94,7 @@ impl Rates {
                     return;
                 };
                 r.sample(&b);
+                r.sample_queues(&b).await;
             }
         });
         rates
@@ -89,6 +108,63 @@ impl Rates {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         last.0 = last.1.take();
         last.1 = Some(s);
+    }
+
+    /// Read every queue's totals; a queue's rates are the change since its
+    /// last reading. Queues that went away are forgotten.
+    async fn sample_queues(&self, b: &Broker) {
+        let mut seen = Vec::new();
+        for v in b.vhosts() {
+            for q in v.queues() {
+                let Some(s) = q.ask(|reply| QueueCmd::Info { reply }).await else {
+                    continue;
+                };
+                seen.push(q.id());
+                let now = Instant::now();
+                let values = queue_values(&s);
+                let mut map = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+                let rates = match map.get(&q.id()) {
+                    Some(prev) => {
+                        let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
+                        let mut r = [0.0; 4];
+                        for i in 0..4 {
+                            r[i] = values[i].saturating_sub(prev.values[i]) as f64 / secs;
+                        }
+                        r
+                    }
+                    None => [0.0; 4],
+                };
+                map.insert(
+                    q.id(),
+                    QueueSample {
+                        at: now,
+                        values,
+                        rates,
+                    },
+                );
+            }
+        }
+        self.queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| seen.contains(id));
+    }
+
+    /// A queue's `message_stats`: its totals now (`s`) and its rates over
+    /// the last interval.
+    pub fn queue(&self, id: u64, s: &QueueStats) -> Value {
+        let rates = self
+            .queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .map_or([0.0; 4], |q| q.rates);
+        let mut m = Map::new();
+        for (i, (name, v)) in QUEUE_STATS.iter().zip(queue_values(s)).enumerate() {
+            m.insert((*name).to_owned(), json!(v));
+            m.insert(format!("{name}_details"), json!({"rate": rates[i]}));
+        }
+        Value::Object(m)
     }
 
     /// `message_stats` and `churn_rates` as RabbitMQ's overview has them:

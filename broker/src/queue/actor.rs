@@ -83,6 +83,17 @@ pub(super) struct Actor {
     pub(super) held: usize,
     /// When a consumer last took a message (coarse clock).
     pub(super) last_delivery: u64,
+    /// Message totals for operators (see `QueueStats`).
+    pub(super) counts: Counts,
+}
+
+/// A queue's message totals (plain counters: the actor owns them).
+#[derive(Default)]
+pub(super) struct Counts {
+    pub(super) published: u64,
+    pub(super) delivered: u64,
+    pub(super) acked: u64,
+    pub(super) redelivered: u64,
 }
 
 /// Start a queue actor; returns its handle. `router` routes its dead
@@ -159,6 +170,7 @@ impl Actor {
             freed: 0,
             held: 0,
             last_delivery: 0,
+            counts: Counts::default(),
         }
     }
 
@@ -280,6 +292,7 @@ impl Actor {
     }
 
     pub(super) fn enqueue(&mut self, p: Publish) {
+        self.counts.published += 1;
         self.freed += p.permit as usize;
         self.max_seen = self.max_seen.max(p.seq);
         // The publisher stored it for this queue (before sending it here).
@@ -402,6 +415,7 @@ impl Actor {
             QueueCmd::Ack { chan_key, seqs } => {
                 for s in seqs {
                     if let Some(e) = self.settle(chan_key, s) {
+                        self.counts.acked += 1;
                         self.unstore(&e);
                     }
                 }
@@ -473,6 +487,10 @@ impl Actor {
                     ready_bytes: self.ready.bytes,
                     unacked: self.unacked.len() as u64,
                     consumers: self.consumers.len() as u32,
+                    published: self.counts.published,
+                    delivered: self.counts.delivered,
+                    acked: self.counts.acked,
+                    redelivered: self.counts.redelivered,
                 });
             }
             QueueCmd::Purge { reply } => {

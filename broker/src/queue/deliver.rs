@@ -36,6 +36,8 @@ impl Actor {
                 break;
             }
             self.last_delivery = self.now;
+            self.counts.delivered += 1;
+            self.counts.redelivered += entry.redelivered as u64;
             if c.no_ack {
                 self.unstore(&entry);
             } else {
@@ -145,7 +147,11 @@ impl Actor {
         if reply.send(Some(g)).is_err() {
             // The asker went away: put the message back untouched.
             self.ready.push_front(e);
-        } else if no_ack {
+            return;
+        }
+        self.counts.delivered += 1;
+        self.counts.redelivered += e.redelivered as u64;
+        if no_ack {
             self.unstore(&e);
         } else {
             self.unacked.insert(

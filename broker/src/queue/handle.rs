@@ -324,6 +324,12 @@ pub struct QueueStats {
     /// Delivered, not yet acknowledged.
     pub unacked: u64,
     pub consumers: u32,
+    /// Totals since the queue started: messages enqueued, delivered to
+    /// consumers or basic.get, acknowledged, redelivered.
+    pub published: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub redelivered: u64,
 }
 
 /// Called by the actor when it deletes itself (auto-delete, `x-expires`).

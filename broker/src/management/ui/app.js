@@ -172,7 +172,10 @@ async function queues(main) {
     table(rows, [
       ["name", "name", (r) => h("a", { href: `#/queue/${enc(r.vhost)}/${enc(r.name)}` }, r.name)],
       ["vhost", "vhost"], ["messages", "messages"], ["messages_ready", "ready"],
-      ["messages_unacknowledged", "unacked"], ["consumers", "consumers"], ["policy", "policy"],
+      ["messages_unacknowledged", "unacked"], ["consumers", "consumers"],
+      ["in", "publish/s", (r) => fmt(((r.message_stats || {}).publish_details || {}).rate || 0)],
+      ["out", "deliver/s", (r) => fmt(((r.message_stats || {}).deliver_get_details || {}).rate || 0)],
+      ["policy", "policy"],
     ], { id: "queues" }),
     form("Add queue", [["vhost", "vhost", vhosts, "select"], ["name", "name"], ["durable", "durable", ["true", "false"], "select"]],
       (d) => api("PUT", `queues/${enc(d.vhost)}/${enc(d.name)}`, { durable: d.durable === "true" })),
