@@ -14,10 +14,13 @@
 //! `channels` (channels and consumers); `rates` (message rates).
 
 mod admin;
+mod bindings;
 mod channels;
+mod connections;
 pub mod listener;
 mod messages;
 pub mod objects;
+mod policies;
 pub mod rates;
 mod ui;
 
@@ -92,7 +95,10 @@ fn router(api: Api) -> Router {
         .route("/ui/app.js", get(ui::app_js))
         .route("/ui/style.css", get(ui::style_css))
         .merge(admin::routes())
+        .merge(policies::routes())
         .merge(objects::routes())
+        .merge(bindings::routes())
+        .merge(connections::routes())
         .merge(channels::routes())
         .merge(messages::routes())
         .fallback(|| async { ApiError::not_found() })

@@ -1,5 +1,5 @@
-//! The overview, queues, exchanges, bindings and connections, as RabbitMQ's
-//! management API serves them. What a user may see and do follows its tags
+//! The overview, nodes, queues and exchanges, as RabbitMQ's management API
+//! serves them (bindings and connections have files of their own). What a user may see and do follows its tags
 //! and its permissions, as over AMQP: declaring needs configure on the
 //! object, binding write on the destination and read on the source,
 //! purging read, deleting configure; a refusal is 401 with RabbitMQ's
@@ -11,15 +11,13 @@ use super::{
 use crate::access::{Kind, Perm};
 use crate::broker::{Broker, ConnInfo};
 use crate::definitions::{json_table, table_json};
-use crate::exchange::{Binding, Dest};
 use crate::policy::Target;
 use crate::queue::{QueueCmd, QueueHandle, QueueStats};
 use crate::vhost::{ExchangeSpec, QueueSpec, VHost};
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::response::IntoResponse;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -37,7 +35,6 @@ pub fn routes() -> Router<Api> {
             get(get_queue).put(put_queue).delete(delete_queue),
         )
         .route("/api/queues/{vhost}/{name}/contents", delete(purge_queue))
-        .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
         .route(
             "/api/exchanges",
             get(|a, s, q| list_exchanges(a, s, q, None)),
@@ -50,24 +47,6 @@ pub fn routes() -> Router<Api> {
             "/api/exchanges/{vhost}/{name}",
             get(get_exchange).put(put_exchange).delete(delete_exchange),
         )
-        .route("/api/bindings", get(|a, s, q| list_bindings(a, s, q, None)))
-        .route(
-            "/api/bindings/{vhost}",
-            get(|a, s, q, Path(v): Path<String>| list_bindings(a, s, q, Some(v))),
-        )
-        .route(
-            "/api/bindings/{vhost}/e/{source}/{kind}/{dest}",
-            post(post_binding).get(bindings_between),
-        )
-        .route(
-            "/api/bindings/{vhost}/e/{source}/{kind}/{dest}/{props}",
-            get(get_binding).delete(delete_binding),
-        )
-        .route("/api/connections", get(list_connections))
-        .route(
-            "/api/connections/{name}",
-            get(get_connection).delete(close_connection),
-        )
 }
 
 /// The node's name, as RabbitMQ's `rabbit@host`.
@@ -79,13 +58,13 @@ pub fn node_name() -> String {
 }
 
 /// The vhost, after checking the user may see it.
-fn vhost_of(auth: &Auth, b: &Broker, name: &str) -> ApiResult<Arc<VHost>> {
+pub(super) fn vhost_of(auth: &Auth, b: &Broker, name: &str) -> ApiResult<Arc<VHost>> {
     auth.vhost(b, name)?;
     b.vhost(name).ok_or_else(ApiError::not_found)
 }
 
 /// The vhosts a listing covers: one (checked), or every one the user sees.
-fn vhosts_for(auth: &Auth, b: &Broker, one: Option<&str>) -> ApiResult<Vec<Arc<VHost>>> {
+pub(super) fn vhosts_for(auth: &Auth, b: &Broker, one: Option<&str>) -> ApiResult<Vec<Arc<VHost>>> {
     match one {
         Some(v) => Ok(vec![vhost_of(auth, b, v)?]),
         None => Ok(b
@@ -96,7 +75,7 @@ fn vhosts_for(auth: &Auth, b: &Broker, one: Option<&str>) -> ApiResult<Vec<Arc<V
     }
 }
 
-fn check(
+pub(super) fn check(
     b: &Broker,
     auth: &Auth,
     vhost: &str,
@@ -126,7 +105,7 @@ pub async fn overview(auth: Auth, st: St) -> ApiResult {
             consumers += s.consumers as u64;
         }
     }
-    let conns: Vec<Arc<ConnInfo>> = visible_connections(&auth, b);
+    let conns: Vec<Arc<ConnInfo>> = super::connections::visible_connections(&auth, b);
     let channels: u64 = conns
         .iter()
         .map(|c| c.channels.load(std::sync::atomic::Ordering::Relaxed) as u64)
@@ -192,7 +171,7 @@ pub async fn nodes(_auth: Auth, st: St) -> ApiResult {
 
 // ----------------------------------------------------------------- queues
 
-async fn stats(q: &QueueHandle) -> QueueStats {
+pub(super) async fn stats(q: &QueueHandle) -> QueueStats {
     q.ask(|reply| QueueCmd::Info { reply })
         .await
         .unwrap_or_default()
@@ -235,7 +214,7 @@ async fn list_queues(auth: Auth, st: St, q: Query<Paging>, vhost: Option<String>
     listing(items, &q)
 }
 
-fn find_queue(v: &VHost, name: &str) -> ApiResult<QueueHandle> {
+pub(super) fn find_queue(v: &VHost, name: &str) -> ApiResult<QueueHandle> {
     v.queues()
         .into_iter()
         .find(|q| q.name() == name)
@@ -248,7 +227,7 @@ async fn get_queue(auth: Auth, st: St, Path((vhost, name)): Path<(String, String
     Ok(Json(queue_json(&st.rates, &v, &q).await).into_response())
 }
 
-fn flag(body: &Map<String, Value>, key: &str, default: bool) -> ApiResult<bool> {
+pub(super) fn flag(body: &Map<String, Value>, key: &str, default: bool) -> ApiResult<bool> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
@@ -260,7 +239,7 @@ fn flag(body: &Map<String, Value>, key: &str, default: bool) -> ApiResult<bool> 
     }
 }
 
-fn arguments(body: &Map<String, Value>) -> ApiResult<FieldTable> {
+pub(super) fn arguments(body: &Map<String, Value>) -> ApiResult<FieldTable> {
     match body.get("arguments") {
         None | Some(Value::Null) => Ok(FieldTable::default()),
         Some(Value::Object(m)) => json_table(m).map_err(ApiError::bad_request),
@@ -398,7 +377,7 @@ async fn list_exchanges(auth: Auth, st: St, q: Query<Paging>, vhost: Option<Stri
 }
 
 /// The default exchange is named `amq.default` in paths.
-fn exchange_name(name: &str) -> &str {
+pub(super) fn exchange_name(name: &str) -> &str {
     if name == "amq.default" {
         ""
     } else {
@@ -484,306 +463,4 @@ async fn delete_exchange(
     v.delete_exchange(&name, dq.if_unused.unwrap_or(false))
         .await?;
     Ok(no_content())
-}
-
-// --------------------------------------------------------------- bindings
-
-/// RabbitMQ's `properties_key`: the routing key (`~` for an empty one),
-/// and with arguments a digest of them after a `~`.
-fn props_key(b: &Binding) -> String {
-    let key = if b.key.is_empty() && b.args.inner().is_empty() {
-        "~".to_owned()
-    } else {
-        b.key.clone()
-    };
-    if b.args.inner().is_empty() {
-        return key;
-    }
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(table_json(&b.args).to_string().as_bytes());
-    let short: String = digest.iter().take(8).map(|x| format!("{x:02x}")).collect();
-    format!("{key}~{short}")
-}
-
-fn binding_json(vhost: &str, source: &str, b: &Binding) -> Value {
-    let (dest, kind) = match &b.dest {
-        Dest::Queue(q) => (q.to_string(), "queue"),
-        Dest::Exchange(x) => (x.to_string(), "exchange"),
-    };
-    json!({
-        "source": source, "vhost": vhost, "destination": dest, "destination_type": kind,
-        "routing_key": b.key, "arguments": table_json(&b.args), "properties_key": props_key(b),
-    })
-}
-
-/// Every binding of a vhost, RabbitMQ's implicit default-exchange bindings
-/// (one per queue) first.
-fn bindings_of(v: &VHost) -> Vec<Value> {
-    let mut out: Vec<Value> = v
-        .queues()
-        .iter()
-        .map(|q| {
-            binding_json(
-                &v.name,
-                "",
-                &Binding {
-                    dest: Dest::Queue(q.name().into()),
-                    key: q.name().to_owned(),
-                    args: FieldTable::default(),
-                },
-            )
-        })
-        .collect();
-    for x in v.exchanges() {
-        for b in &x.bindings {
-            out.push(binding_json(&v.name, &x.name, b));
-        }
-    }
-    out
-}
-
-async fn list_bindings(auth: Auth, st: St, q: Query<Paging>, vhost: Option<String>) -> ApiResult {
-    let mut items = Vec::new();
-    for v in vhosts_for(&auth, &st.broker, vhost.as_deref())? {
-        items.extend(bindings_of(&v));
-    }
-    listing(items, &q)
-}
-
-async fn queue_bindings(
-    auth: Auth,
-    st: St,
-    Path((vhost, name)): Path<(String, String)>,
-) -> ApiResult {
-    let v = vhost_of(&auth, &st.broker, &vhost)?;
-    find_queue(&v, &name)?;
-    let items: Vec<Value> = bindings_of(&v)
-        .into_iter()
-        .filter(|b| b["destination_type"] == "queue" && b["destination"] == name.as_str())
-        .collect();
-    Ok(Json(items).into_response())
-}
-
-fn dest_kind(kind: &str) -> ApiResult<&'static str> {
-    match kind {
-        "q" => Ok("queue"),
-        "e" => Ok("exchange"),
-        _ => Err(ApiError::not_found()),
-    }
-}
-
-async fn bindings_between(
-    auth: Auth,
-    st: St,
-    Path((vhost, source, kind, dest)): Path<(String, String, String, String)>,
-) -> ApiResult {
-    let v = vhost_of(&auth, &st.broker, &vhost)?;
-    let kind = dest_kind(&kind)?;
-    let source = exchange_name(&source).to_owned();
-    let items: Vec<Value> = bindings_of(&v)
-        .into_iter()
-        .filter(|b| {
-            b["source"] == source.as_str()
-                && b["destination_type"] == kind
-                && b["destination"] == dest.as_str()
-        })
-        .collect();
-    Ok(Json(items).into_response())
-}
-
-async fn post_binding(
-    auth: Auth,
-    st: St,
-    Path((vhost, source, kind, dest)): Path<(String, String, String, String)>,
-    body: Bytes,
-) -> ApiResult {
-    let v = vhost_of(&auth, &st.broker, &vhost)?;
-    let kind = dest_kind(&kind)?;
-    let body = body_object(&body)?;
-    let key = super::text_field(&body, "routing_key")?.unwrap_or_default();
-    let args = arguments(&body)?;
-    let b = &st.broker;
-    let dest_res = if kind == "queue" {
-        Kind::Queue
-    } else {
-        Kind::Exchange
-    };
-    check(b, &auth, &vhost, dest_res, &dest, Perm::Write)?;
-    check(b, &auth, &vhost, Kind::Exchange, &source, Perm::Read)?;
-    let d = if kind == "queue" {
-        Dest::Queue(dest.as_str().into())
-    } else {
-        Dest::Exchange(dest.as_str().into())
-    };
-    let binding = Binding {
-        dest: d.clone(),
-        key: key.clone(),
-        args: args.clone(),
-    };
-    v.set_binding(true, exchange_name(&source), d, &key, &args, 0)
-        .await?;
-    let location = format!(
-        "/api/bindings/{}/e/{}/{}/{}/{}",
-        enc(&vhost),
-        enc(&source),
-        if kind == "queue" { "q" } else { "e" },
-        enc(&dest),
-        enc(&props_key(&binding))
-    );
-    let mut r = axum::http::StatusCode::CREATED.into_response();
-    if let Ok(h) = axum::http::HeaderValue::from_str(&location) {
-        r.headers_mut().insert(axum::http::header::LOCATION, h);
-    }
-    Ok(r)
-}
-
-/// Percent-encode a path segment.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-async fn get_binding(
-    auth: Auth,
-    st: St,
-    Path((vhost, source, kind, dest, props)): Path<(String, String, String, String, String)>,
-) -> ApiResult {
-    let v = vhost_of(&auth, &st.broker, &vhost)?;
-    let kind = dest_kind(&kind)?;
-    let source = exchange_name(&source).to_owned();
-    bindings_of(&v)
-        .into_iter()
-        .find(|b| {
-            b["source"] == source.as_str()
-                && b["destination_type"] == kind
-                && b["destination"] == dest.as_str()
-                && b["properties_key"] == props.as_str()
-        })
-        .map(|b| Json(b).into_response())
-        .ok_or_else(ApiError::not_found)
-}
-
-async fn delete_binding(
-    auth: Auth,
-    st: St,
-    Path((vhost, source, kind, dest, props)): Path<(String, String, String, String, String)>,
-) -> ApiResult {
-    let v = vhost_of(&auth, &st.broker, &vhost)?;
-    let kind = dest_kind(&kind)?;
-    let source = exchange_name(&source).to_owned();
-    let x = v
-        .exchanges()
-        .into_iter()
-        .find(|x| x.name == source)
-        .ok_or_else(ApiError::not_found)?;
-    let b = x
-        .bindings
-        .iter()
-        .find(|b| {
-            let (name, k) = match &b.dest {
-                Dest::Queue(q) => (q.as_ref(), "queue"),
-                Dest::Exchange(e) => (e.as_ref(), "exchange"),
-            };
-            name == dest && k == kind && props_key(b) == props
-        })
-        .cloned()
-        .ok_or_else(ApiError::not_found)?;
-    let br = &st.broker;
-    let dest_res = if kind == "queue" {
-        Kind::Queue
-    } else {
-        Kind::Exchange
-    };
-    check(br, &auth, &vhost, dest_res, &dest, Perm::Write)?;
-    check(br, &auth, &vhost, Kind::Exchange, &source, Perm::Read)?;
-    v.set_binding(false, &source, b.dest, &b.key, &b.args, 0)
-        .await?;
-    Ok(no_content())
-}
-
-// ------------------------------------------------------------ connections
-
-fn visible_connections(auth: &Auth, b: &Broker) -> Vec<Arc<ConnInfo>> {
-    b.connections()
-        .into_iter()
-        .filter(|c| auth.is_monitor() || c.user == auth.user)
-        .collect()
-}
-
-fn connection_json(c: &ConnInfo) -> Value {
-    json!({
-        "name": c.name(),
-        "node": node_name(),
-        "type": "network",
-        "protocol": "AMQP 0-9-1",
-        "user": c.user,
-        "vhost": c.vhost,
-        "host": c.local.ip().to_string(),
-        "port": c.local.port(),
-        "peer_host": c.peer.ip().to_string(),
-        "peer_port": c.peer.port(),
-        "ssl": c.tls,
-        "auth_mechanism": "PLAIN",
-        "connected_at": c.connected_at,
-        "channels": c.channels.load(std::sync::atomic::Ordering::Relaxed),
-        "channel_max": c.channel_max,
-        "frame_max": c.frame_max,
-        "timeout": c.heartbeat,
-        "state": "running",
-        "client_properties": table_json(&c.client_properties),
-    })
-}
-
-async fn list_connections(auth: Auth, st: St, q: Query<Paging>) -> ApiResult {
-    let items = visible_connections(&auth, &st.broker)
-        .iter()
-        .map(|c| connection_json(c))
-        .collect();
-    listing(items, &q)
-}
-
-fn find_connection(auth: &Auth, b: &Broker, name: &str) -> ApiResult<Arc<ConnInfo>> {
-    visible_connections(auth, b)
-        .into_iter()
-        .find(|c| c.name() == name)
-        .ok_or_else(ApiError::not_found)
-}
-
-async fn get_connection(auth: Auth, st: St, Path(name): Path<String>) -> ApiResult {
-    let c = find_connection(&auth, &st.broker, &name)?;
-    Ok(Json(connection_json(&c)).into_response())
-}
-
-/// Close a connection with 320 CONNECTION_FORCED; the `X-Reason` header's
-/// text is the reason, as RabbitMQ.
-async fn close_connection(
-    auth: Auth,
-    st: St,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    let c = match find_connection(&auth, &st.broker, &name) {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
-    if !auth.is_admin() && c.user != auth.user {
-        return ApiError::not_authorised("Not administrator user").into_response();
-    }
-    let reason = headers
-        .get("x-reason")
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("Closed via management plugin");
-    tracing::info!(connection = %name, by = %auth.user, reason, "closing connection");
-    c.close(
-        warren_protocol::reply::CONNECTION_FORCED,
-        format!("CONNECTION_FORCED - {reason}"),
-    );
-    no_content()
 }
