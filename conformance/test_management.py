@@ -170,6 +170,22 @@ def test_a_queue_counts_its_messages(vhost):
         c.close()
 
 
+def test_health_checks_answer_as_rabbitmqs():
+    amqp_port = pika.URLParameters(AMQP_URL).port
+    for path in ("health/checks/alarms", "health/checks/local-alarms",
+                 "health/checks/virtual-hosts", "health/checks/node-is-quorum-critical"):
+        status, body, _h = api("GET", path)
+        assert (status, body["status"]) == (200, "ok"), (path, body)
+    assert ok("GET", "health/checks/port-listener/%d" % amqp_port) == {"status": "ok", "port": amqp_port}
+    assert ok("GET", "health/checks/protocol-listener/amqp") == {"status": "ok", "protocol": "amqp"}
+    status, body, _h = api("GET", "health/checks/port-listener/1")
+    assert status == 503
+    assert body["status"] == "failed" and body["reason"] == "No active listener" and body["missing"] == 1
+    assert amqp_port in body["ports"]
+    status, body, _h = api("GET", "health/checks/protocol-listener/no-such-protocol")
+    assert status == 503 and body["missing"] == "no-such-protocol" and "amqp" in body["protocols"]
+
+
 def test_a_bad_password_is_401_with_a_basic_challenge():
     status, body, headers = api("GET", "overview", password="wrong")
     assert status == 401

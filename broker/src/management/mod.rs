@@ -17,6 +17,7 @@ mod admin;
 mod bindings;
 mod channels;
 mod connections;
+mod health;
 pub mod listener;
 mod messages;
 pub mod objects;
@@ -99,6 +100,7 @@ fn router(api: Api) -> Router {
         .merge(objects::routes())
         .merge(bindings::routes())
         .merge(connections::routes())
+        .merge(health::routes())
         .merge(channels::routes())
         .merge(messages::routes())
         .fallback(|| async { ApiError::not_found() })
