@@ -186,6 +186,26 @@ def test_health_checks_answer_as_rabbitmqs():
     assert status == 503 and body["missing"] == "no-such-protocol" and "amqp" in body["protocols"]
 
 
+def test_a_vhost_counts_its_messages(vhost):
+    c = connect_to(vhost)
+    try:
+        ch = c.channel()
+        qn = ch.queue_declare("", exclusive=True).method.queue
+        for i in range(3):
+            ch.basic_publish("", qn, b"m")
+        for i in range(3):
+            while ch.basic_get(qn, auto_ack=True)[0] is None:
+                pass
+
+        def counted():
+            s = ok("GET", "vhosts/" + q(vhost)).get("message_stats", {})
+            return s if s.get("publish", 0) >= 3 and s.get("deliver_get", 0) >= 3 else None
+        s = wait_until("the vhost's counts", counted, timeout=20)
+        assert isinstance(s["publish_details"]["rate"], (int, float))
+    finally:
+        c.close()
+
+
 def test_a_bad_password_is_401_with_a_basic_challenge():
     status, body, headers = api("GET", "overview", password="wrong")
     assert status == 401

@@ -27,6 +27,16 @@ macro_rules! counters {
                     g.$name.fetch_add(std::mem::take(&mut self.$name), Relaxed);
                 })+
             }
+
+            /// Add the counts to the node's totals and the vhost's, and
+            /// start again from zero.
+            pub fn flush_into_both(&mut self, node: &Global, vhost: &Global) {
+                $(if self.$name != 0 {
+                    let n = std::mem::take(&mut self.$name);
+                    node.$name.fetch_add(n, Relaxed);
+                    vhost.$name.fetch_add(n, Relaxed);
+                })+
+            }
         }
 
         impl Global {

@@ -261,7 +261,9 @@ impl Connection {
                 let _ = self.io.stream.shutdown().await;
             }
         }
-        self.shared.stats.flush_into(&broker.metrics);
+        self.shared
+            .stats
+            .flush_into_both(&broker.metrics, &self.session.vhost.metrics);
         crate::metrics::Churn::add(&broker.churn.connections_closed);
     }
 
@@ -581,6 +583,8 @@ impl Connection {
         for c in self.channels.values_mut() {
             self.shared.stats.confirmed += c.flush_confirms(&mut self.io.out);
         }
-        self.shared.stats.flush_into(&self.session.broker.metrics);
+        self.shared
+            .stats
+            .flush_into_both(&self.session.broker.metrics, &self.session.vhost.metrics);
     }
 }

@@ -175,8 +175,14 @@ async fn delete_user(auth: Auth, st: St, Path(user): Path<String>) -> ApiResult 
 
 // ----------------------------------------------------------------- vhosts
 
-fn vhost_json(v: &access::VhostMeta) -> Value {
+fn vhost_json(st: &St, v: &access::VhostMeta) -> Value {
+    let stats = st
+        .broker
+        .vhost(&v.name)
+        .map(|h| st.rates.vhost(&h))
+        .unwrap_or_else(|| json!({}));
     json!({
+        "message_stats": stats,
         "name": v.name,
         "description": v.description,
         "tags": v.tags,
@@ -193,7 +199,7 @@ async fn list_vhosts(auth: Auth, st: St, q: Query<Paging>) -> ApiResult {
         .vhosts
         .values()
         .filter(|v| auth.sees_vhost(&st.broker, &v.name))
-        .map(vhost_json)
+        .map(|v| vhost_json(&st, v))
         .collect();
     listing(items, &q)
 }
@@ -202,7 +208,7 @@ async fn get_vhost(auth: Auth, st: St, Path(vhost): Path<String>) -> ApiResult {
     auth.vhost(&st.broker, &vhost)?;
     let s = st.broker.access.snapshot();
     let v = s.vhosts.get(&vhost).ok_or_else(ApiError::not_found)?;
-    Ok(Json(vhost_json(v)).into_response())
+    Ok(Json(vhost_json(&st, v)).into_response())
 }
 
 async fn put_vhost(auth: Auth, st: St, Path(vhost): Path<String>, body: Bytes) -> ApiResult {

@@ -66,6 +66,45 @@ pub struct Rates {
     /// Per queue (by id): its last totals, when they were read, and the
     /// rates over the interval before.
     queues: Mutex<HashMap<u64, QueueSample>>,
+    /// Per vhost (by name), the same for its connections' counters.
+    vhosts: Mutex<HashMap<String, QueueSample>>,
+}
+
+/// A vhost's counters, as its `message_stats` names them.
+const VHOST_STATS: [&str; 4] = ["publish", "deliver_get", "ack", "confirm"];
+
+fn vhost_values(g: &crate::metrics::Global) -> [u64; 4] {
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+    [
+        l(&g.received),
+        l(&g.delivered_consume_auto_ack)
+            + l(&g.delivered_consume_manual_ack)
+            + l(&g.delivered_get_auto_ack)
+            + l(&g.delivered_get_manual_ack),
+        l(&g.acknowledged),
+        l(&g.confirmed),
+    ]
+}
+
+/// `message_stats` from totals and rates.
+fn stats_json(names: &[&str; 4], values: [u64; 4], rates: [f64; 4]) -> Value {
+    let mut m = Map::new();
+    for (i, name) in names.iter().enumerate() {
+        m.insert((*name).to_owned(), json!(values[i]));
+        m.insert(format!("{name}_details"), json!({"rate": rates[i]}));
+    }
+    Value::Object(m)
+}
+
+/// The rates between a previous reading and `values` now.
+fn rates_since(prev: Option<&QueueSample>, values: [u64; 4], now: Instant) -> [f64; 4] {
+    let Some(prev) = prev else { return [0.0; 4] };
+    let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
+    let mut r = [0.0; 4];
+    for i in 0..4 {
+        r[i] = values[i].saturating_sub(prev.values[i]) as f64 / secs;
+    }
+    r
 }
 
 /// The queue counters the API reports, by RabbitMQ's name.
@@ -114,6 +153,25 @@ impl Rates {
     /// last reading. Queues that went away are forgotten.
     async fn sample_queues(&self, b: &Broker) {
         let mut seen = Vec::new();
+        {
+            let now = Instant::now();
+            let mut map = self.vhosts.lock().unwrap_or_else(|e| e.into_inner());
+            let mut live = Vec::new();
+            for v in b.vhosts() {
+                let values = vhost_values(&v.metrics);
+                let rates = rates_since(map.get(&v.name), values, now);
+                map.insert(
+                    v.name.clone(),
+                    QueueSample {
+                        at: now,
+                        values,
+                        rates,
+                    },
+                );
+                live.push(v.name.clone());
+            }
+            map.retain(|n, _| live.contains(n));
+        }
         for v in b.vhosts() {
             for q in v.queues() {
                 let Some(s) = q.ask(|reply| QueueCmd::Info { reply }).await else {
@@ -123,17 +181,7 @@ impl Rates {
                 let now = Instant::now();
                 let values = queue_values(&s);
                 let mut map = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-                let rates = match map.get(&q.id()) {
-                    Some(prev) => {
-                        let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
-                        let mut r = [0.0; 4];
-                        for i in 0..4 {
-                            r[i] = values[i].saturating_sub(prev.values[i]) as f64 / secs;
-                        }
-                        r
-                    }
-                    None => [0.0; 4],
-                };
+                let rates = rates_since(map.get(&q.id()), values, now);
                 map.insert(
                     q.id(),
                     QueueSample {
@@ -159,12 +207,19 @@ impl Rates {
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
             .map_or([0.0; 4], |q| q.rates);
-        let mut m = Map::new();
-        for (i, (name, v)) in QUEUE_STATS.iter().zip(queue_values(s)).enumerate() {
-            m.insert((*name).to_owned(), json!(v));
-            m.insert(format!("{name}_details"), json!({"rate": rates[i]}));
-        }
-        Value::Object(m)
+        stats_json(&QUEUE_STATS, queue_values(s), rates)
+    }
+
+    /// A vhost's `message_stats`: its connections' totals now and their
+    /// rates over the last interval.
+    pub fn vhost(&self, v: &crate::vhost::VHost) -> Value {
+        let rates = self
+            .vhosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&v.name)
+            .map_or([0.0; 4], |s| s.rates);
+        stats_json(&VHOST_STATS, vhost_values(&v.metrics), rates)
     }
 
     /// `message_stats` and `churn_rates` as RabbitMQ's overview has them:

@@ -82,6 +82,8 @@ pub struct VHost {
     persister: Option<Persister>,
     /// Queue churn counters (the broker's).
     churn: Arc<crate::metrics::Churn>,
+    /// Message counters of this vhost's connections.
+    pub metrics: crate::metrics::Global,
     /// The definitions thread's mailbox (see the module comment).
     changes: mpsc::Sender<Change>,
     /// The policies and operator policies in force, replaced whole (on the
@@ -149,6 +151,7 @@ impl VHost {
             me: me.clone(),
             persister,
             churn,
+            metrics: Default::default(),
             changes: start_definitions_thread(name),
             policies: RwLock::default(),
         });
