@@ -478,6 +478,7 @@ def test_an_operator_closes_a_connection_with_320_and_the_given_reason():
         conn = wait_until("the connection listed", find, timeout=20)
         assert conn["user"] == "guest" and conn["vhost"] == "/"
         assert isinstance(conn["connected_at"], int)
+        assert conn["auth_mechanism"] == "PLAIN"
         status, _b, _h = api("DELETE", "connections/" + q(conn["name"]),
                              headers={"X-Reason": "maintenance window"})
         assert status == 204

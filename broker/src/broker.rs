@@ -74,6 +74,7 @@ pub struct ConnInfo {
     /// Milliseconds since the Unix epoch.
     pub connected_at: u64,
     pub client_properties: warren_protocol::types::FieldTable,
+    pub auth_mechanism: String,
     pub channel_max: u16,
     pub frame_max: u32,
     pub heartbeat: u16,

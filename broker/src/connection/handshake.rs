@@ -25,6 +25,8 @@ pub struct Opened {
     pub caps: ClientCaps,
     /// The client's `client_properties` (for operators).
     pub client_properties: FieldTable,
+    /// The SASL mechanism it logged in with (PLAIN, AMQPLAIN, EXTERNAL).
+    pub auth_mechanism: String,
     pub vhost: Arc<VHost>,
     pub channel_max: u16,
     pub frame_max: u32,
@@ -178,6 +180,7 @@ pub async fn handshake(io: &mut Io, broker: &Broker) -> Result<Option<Opened>, F
         user,
         caps,
         client_properties: start_ok.client_properties.clone(),
+        auth_mechanism: start_ok.mechanism.as_str().to_owned(),
         vhost,
         channel_max: client_channel_max,
         frame_max: tune_ok.frame_max,

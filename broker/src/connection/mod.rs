@@ -204,6 +204,7 @@ impl Connection {
             vhost: o.vhost.name.clone(),
             connected_at: crate::broker::now_ms(),
             client_properties: o.client_properties,
+            auth_mechanism: o.auth_mechanism,
             channel_max: o.channel_max,
             frame_max: o.frame_max,
             heartbeat: o.heartbeat,

@@ -43,7 +43,7 @@ fn connection_json(c: &ConnInfo) -> Value {
         "peer_host": c.peer.ip().to_string(),
         "peer_port": c.peer.port(),
         "ssl": c.tls,
-        "auth_mechanism": "PLAIN",
+        "auth_mechanism": c.auth_mechanism,
         "connected_at": c.connected_at,
         "channels": c.channels.load(std::sync::atomic::Ordering::Relaxed),
         "channel_max": c.channel_max,
