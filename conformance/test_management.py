@@ -461,6 +461,41 @@ def test_vhost_limits_are_set_listed_enforced_and_cleared(vhost):
     assert ok("GET", "vhost-limits/" + q(vhost)) == []
 
 
+def test_topic_permissions_and_user_limits_over_the_api(user, vhost):
+    ok("PUT", "users/" + q(user), {"password": "pw", "tags": ""})
+    ok("PUT", "permissions/%s/%s" % (q(vhost), q(user)), {"configure": ".*", "write": ".*", "read": ".*"})
+    assert api("PUT", "topic-permissions/%s/%s" % (q(vhost), q(user)),
+               {"exchange": "amq.topic", "write": "^allowed\\.", "read": ".*"})[0] in (201, 204)
+    assert ok("GET", "topic-permissions/%s/%s" % (q(vhost), q(user))) == [
+        {"user": user, "vhost": vhost, "exchange": "amq.topic", "write": "^allowed\\.", "read": ".*"}]
+    c = connect_to(vhost, user, "pw")
+    try:
+        ch = c.channel()
+        ch.basic_publish("amq.topic", "allowed.x", b"ok")
+        with pytest.raises(pe.ChannelClosedByBroker) as e:
+            ch.basic_publish("amq.topic", "denied.x", b"no")
+            ch.queue_declare("", exclusive=True)
+        assert e.value.reply_code == 403
+    finally:
+        if c.is_open:
+            c.close()
+    assert api("DELETE", "topic-permissions/%s/%s" % (q(vhost), q(user)))[0] == 204
+    assert api("GET", "topic-permissions/%s/%s" % (q(vhost), q(user)))[0] == 404
+    # User limits: one channel at most.
+    assert api("PUT", "user-limits/%s/max-channels" % q(user), {"value": 1})[0] == 204
+    assert ok("GET", "user-limits/" + q(user)) == [{"user": user, "value": {"max-channels": 1}}]
+    c = connect_to(vhost, user, "pw")
+    try:
+        c.channel()
+        with pytest.raises((pe.ConnectionClosedByBroker, pe.ChannelClosedByBroker)):
+            c.channel()
+    finally:
+        if c.is_open:
+            c.close()
+    assert api("DELETE", "user-limits/%s/max-channels" % q(user))[0] == 204
+    assert ok("GET", "user-limits/" + q(user)) == []
+
+
 # ---------------------------------------------------------- connections
 
 def test_an_operator_closes_a_connection_with_320_and_the_given_reason():
