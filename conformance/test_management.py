@@ -206,6 +206,28 @@ def test_a_vhost_counts_its_messages(vhost):
         c.close()
 
 
+def test_an_exchange_counts_messages_in_and_out(vhost):
+    x, qn = name("x"), name("q")
+    c = connect_to(vhost)
+    try:
+        ch = c.channel()
+        ch.exchange_declare(x, "direct")
+        ch.queue_declare(qn)
+        ch.queue_bind(qn, x, "k")
+        for i in range(3):
+            ch.basic_publish(x, "k", b"m")
+        ch.basic_publish(x, "nowhere", b"lost")
+
+        def counted():
+            s = ok("GET", "exchanges/%s/%s" % (q(vhost), q(x))).get("message_stats", {})
+            return s if s.get("publish_in", 0) >= 4 and s.get("publish_out", 0) >= 3 else None
+        s = wait_until("the exchange's counts", counted, timeout=20)
+        assert s["publish_out"] == 3
+        assert isinstance(s["publish_in_details"]["rate"], (int, float))
+    finally:
+        c.close()
+
+
 def test_a_bad_password_is_401_with_a_basic_challenge():
     status, body, headers = api("GET", "overview", password="wrong")
     assert status == 401

@@ -81,6 +81,57 @@ counters! {
     channels_closed,
 }
 
+/// An exchange's totals: messages published to it, and those it routed
+/// to at least one queue.
+#[derive(Debug, Default)]
+pub struct ExchangeCounters {
+    pub publish_in: AtomicU64,
+    pub publish_out: AtomicU64,
+}
+
+/// A connection's counts for the exchange it last published to, added to
+/// that exchange's totals when it publishes elsewhere or at its next
+/// flush (publishers mostly keep to one exchange: no shared line per
+/// message).
+#[derive(Debug, Default)]
+pub struct ExchangeTally {
+    current: Option<std::sync::Arc<ExchangeCounters>>,
+    publish_in: u64,
+    publish_out: u64,
+}
+
+impl ExchangeTally {
+    /// One message published to the exchange `c` counts (`routed`: it
+    /// reached a queue).
+    pub fn count(&mut self, c: Option<&std::sync::Arc<ExchangeCounters>>, routed: bool) {
+        let Some(c) = c else { return };
+        if !self
+            .current
+            .as_ref()
+            .is_some_and(|cur| std::sync::Arc::ptr_eq(cur, c))
+        {
+            self.flush();
+            self.current = Some(c.clone());
+        }
+        self.publish_in += 1;
+        self.publish_out += routed as u64;
+    }
+
+    /// Add what was counted to the exchange's totals.
+    pub fn flush(&mut self) {
+        if let Some(c) = &self.current {
+            if self.publish_in > 0 {
+                c.publish_in
+                    .fetch_add(std::mem::take(&mut self.publish_in), Relaxed);
+            }
+            if self.publish_out > 0 {
+                c.publish_out
+                    .fetch_add(std::mem::take(&mut self.publish_out), Relaxed);
+            }
+        }
+    }
+}
+
 /// Counts kept off the connections' hot path (at most a few per
 /// connection's life), straight on atomics.
 #[derive(Debug, Default)]

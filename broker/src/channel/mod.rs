@@ -97,6 +97,8 @@ pub struct ConnShared {
     pub publish_grant: authz::PublishGrant,
     /// Message counts since the connection last added them to the broker's.
     pub stats: crate::metrics::Local,
+    /// Counts for the exchange it last published to.
+    pub exchange_stats: crate::metrics::ExchangeTally,
 }
 
 /// What a channel method works with.

@@ -227,6 +227,9 @@ impl Channel {
             let t = ConfirmTicket::new(cx.session.events.clone(), self.key, cf.assign());
             Arc::new(t)
         });
+        cx.shared
+            .exchange_stats
+            .count(Some(routed.counters()), !routed.queues().is_empty());
         if routed.queues().is_empty() {
             if mandatory {
                 cx.shared.stats.unroutable_returned += 1;
@@ -410,9 +413,14 @@ pub async fn publish_direct(
     msg: MessageRef,
 ) -> AmqpResult<Published> {
     let routed = vhost.route(&msg.exchange, &msg.routing_key, &msg.header)?;
+    let c = routed.counters();
+    c.publish_in
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if routed.queues().is_empty() {
         return Ok(Published::Unroutable);
     }
+    c.publish_out
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (events, mut confirms) = tokio::sync::mpsc::unbounded_channel();
     let ticket = Arc::new(ConfirmTicket::new(events, 0, 1));
     let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();

@@ -265,6 +265,7 @@ impl Connection {
         self.shared
             .stats
             .flush_into_both(&broker.metrics, &self.session.vhost.metrics);
+        self.shared.exchange_stats.flush();
         crate::metrics::Churn::add(&broker.churn.connections_closed);
     }
 
@@ -587,5 +588,6 @@ impl Connection {
         self.shared
             .stats
             .flush_into_both(&self.session.broker.metrics, &self.session.vhost.metrics);
+        self.shared.exchange_stats.flush();
     }
 }

@@ -102,6 +102,8 @@ pub struct Exchange {
     pub alternate: Option<String>,
     /// Every binding with this exchange as source (the source of truth).
     pub bindings: Vec<Binding>,
+    /// Messages published to it and routed on (for operators).
+    pub counters: Arc<crate::metrics::ExchangeCounters>,
     /// The type's routing index over `bindings`.
     index: Box<dyn Index>,
 }
@@ -133,6 +135,7 @@ impl Exchange {
             arguments,
             alternate,
             bindings: Vec::new(),
+            counters: Default::default(),
             index: (kind.new_index)(),
         }
     }

@@ -350,7 +350,12 @@ async fn purge_queue(auth: Auth, st: St, Path((vhost, name)): Path<(String, Stri
 
 // -------------------------------------------------------------- exchanges
 
-fn exchange_json(vhost: &str, x: &crate::vhost::ExchangeView, v: &VHost) -> Value {
+fn exchange_json(
+    rates: &super::rates::Rates,
+    vhost: &str,
+    x: &crate::vhost::ExchangeView,
+    v: &VHost,
+) -> Value {
     let policies = v.policies();
     let applied = policies.applied(Target::Exchange, &x.name);
     json!({
@@ -363,6 +368,7 @@ fn exchange_json(vhost: &str, x: &crate::vhost::ExchangeView, v: &VHost) -> Valu
         "arguments": table_json(&x.arguments),
         "user_who_performed_action": "",
         "policy": applied.policy.map(|p| p.name.clone()),
+        "message_stats": rates.exchange(vhost, x),
     })
 }
 
@@ -370,7 +376,7 @@ async fn list_exchanges(auth: Auth, st: St, q: Query<Paging>, vhost: Option<Stri
     let mut items = Vec::new();
     for v in vhosts_for(&auth, &st.broker, vhost.as_deref())? {
         for x in v.exchanges() {
-            items.push(exchange_json(&v.name, &x, &v));
+            items.push(exchange_json(&st.rates, &v.name, &x, &v));
         }
     }
     listing(items, &q)
@@ -397,7 +403,7 @@ async fn get_exchange(
         .into_iter()
         .find(|x| x.name == name)
         .ok_or_else(ApiError::not_found)?;
-    Ok(Json(exchange_json(&vhost, &x, &v)).into_response())
+    Ok(Json(exchange_json(&st.rates, &vhost, &x, &v)).into_response())
 }
 
 async fn put_exchange(

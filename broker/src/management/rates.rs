@@ -68,6 +68,14 @@ pub struct Rates {
     queues: Mutex<HashMap<u64, QueueSample>>,
     /// Per vhost (by name), the same for its connections' counters.
     vhosts: Mutex<HashMap<String, QueueSample>>,
+    /// Per exchange (by vhost and name): publish_in and publish_out.
+    exchanges: Mutex<HashMap<(String, String), Sample2<2>>>,
+}
+
+const EXCHANGE_STATS: [&str; 2] = ["publish_in", "publish_out"];
+
+fn exchange_values(c: &crate::metrics::ExchangeCounters) -> [u64; 2] {
+    [c.publish_in.load(Relaxed), c.publish_out.load(Relaxed)]
 }
 
 /// A vhost's counters, as its `message_stats` names them.
@@ -87,7 +95,7 @@ fn vhost_values(g: &crate::metrics::Global) -> [u64; 4] {
 }
 
 /// `message_stats` from totals and rates.
-fn stats_json(names: &[&str; 4], values: [u64; 4], rates: [f64; 4]) -> Value {
+fn stats_json<const N: usize>(names: &[&str; N], values: [u64; N], rates: [f64; N]) -> Value {
     let mut m = Map::new();
     for (i, name) in names.iter().enumerate() {
         m.insert((*name).to_owned(), json!(values[i]));
@@ -97,11 +105,15 @@ fn stats_json(names: &[&str; 4], values: [u64; 4], rates: [f64; 4]) -> Value {
 }
 
 /// The rates between a previous reading and `values` now.
-fn rates_since(prev: Option<&QueueSample>, values: [u64; 4], now: Instant) -> [f64; 4] {
-    let Some(prev) = prev else { return [0.0; 4] };
+fn rates_since<const N: usize>(
+    prev: Option<&Sample2<N>>,
+    values: [u64; N],
+    now: Instant,
+) -> [f64; N] {
+    let Some(prev) = prev else { return [0.0; N] };
     let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
-    let mut r = [0.0; 4];
-    for i in 0..4 {
+    let mut r = [0.0; N];
+    for i in 0..N {
         r[i] = values[i].saturating_sub(prev.values[i]) as f64 / secs;
     }
     r
@@ -114,11 +126,13 @@ fn queue_values(s: &QueueStats) -> [u64; 4] {
     [s.published, s.delivered, s.acked, s.redelivered]
 }
 
-struct QueueSample {
+struct Sample2<const N: usize> {
     at: Instant,
-    values: [u64; 4],
-    rates: [f64; 4],
+    values: [u64; N],
+    rates: [f64; N],
 }
+
+type QueueSample = Sample2<4>;
 
 impl Rates {
     /// Sample every [`INTERVAL`] while the broker lives.
@@ -172,6 +186,28 @@ impl Rates {
             }
             map.retain(|n, _| live.contains(n));
         }
+        {
+            let now = Instant::now();
+            let mut map = self.exchanges.lock().unwrap_or_else(|e| e.into_inner());
+            let mut live = Vec::new();
+            for v in b.vhosts() {
+                for x in v.exchanges() {
+                    let key = (v.name.clone(), x.name.clone());
+                    let values = exchange_values(&x.counters);
+                    let rates = rates_since(map.get(&key), values, now);
+                    map.insert(
+                        key.clone(),
+                        Sample2 {
+                            at: now,
+                            values,
+                            rates,
+                        },
+                    );
+                    live.push(key);
+                }
+            }
+            map.retain(|k, _| live.contains(k));
+        }
         for v in b.vhosts() {
             for q in v.queues() {
                 let Some(s) = q.ask(|reply| QueueCmd::Info { reply }).await else {
@@ -208,6 +244,18 @@ impl Rates {
             .get(&id)
             .map_or([0.0; 4], |q| q.rates);
         stats_json(&QUEUE_STATS, queue_values(s), rates)
+    }
+
+    /// An exchange's `message_stats`: publish_in and publish_out, with
+    /// their rates over the last interval.
+    pub fn exchange(&self, vhost: &str, x: &crate::vhost::ExchangeView) -> Value {
+        let rates = self
+            .exchanges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(vhost.to_owned(), x.name.clone()))
+            .map_or([0.0; 2], |s| s.rates);
+        stats_json(&EXCHANGE_STATS, exchange_values(&x.counters), rates)
     }
 
     /// A vhost's `message_stats`: its connections' totals now and their

@@ -55,6 +55,7 @@ pub struct ExchangeView {
     pub internal: bool,
     pub arguments: FieldTable,
     pub bindings: Vec<exchange::Binding>,
+    pub counters: Arc<crate::metrics::ExchangeCounters>,
 }
 
 /// A job for the definitions thread.
@@ -250,6 +251,7 @@ impl VHost {
                 internal: x.internal,
                 arguments: x.arguments.clone(),
                 bindings: x.bindings.clone(),
+                counters: x.counters.clone(),
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));

@@ -6,6 +6,7 @@
 use super::{Topology, VHost};
 use crate::error::{access_refused, not_found, AmqpResult};
 use crate::exchange::{Dest, Exchange};
+use crate::metrics::ExchangeCounters;
 use crate::queue::QueueHandle;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::Ordering;
@@ -20,19 +21,30 @@ pub struct Route {
     routing_key: ShortStr,
     generation: u64,
     queues: Vec<QueueHandle>,
+    /// The exchange's counters.
+    counters: Arc<ExchangeCounters>,
 }
 
 /// Queues a message goes to.
 pub enum Routed {
     Cached(Arc<Route>),
-    Fresh(Vec<QueueHandle>),
+    /// Not cacheable (a headers exchange); with the exchange's counters.
+    Fresh(Vec<QueueHandle>, Arc<ExchangeCounters>),
 }
 
 impl Routed {
     pub fn queues(&self) -> &[QueueHandle] {
         match self {
             Routed::Cached(r) => &r.queues,
-            Routed::Fresh(v) => v,
+            Routed::Fresh(v, _) => v,
+        }
+    }
+
+    /// The counters of the exchange the message was published to.
+    pub fn counters(&self) -> &Arc<ExchangeCounters> {
+        match self {
+            Routed::Cached(r) => &r.counters,
+            Routed::Fresh(_, c) => c,
         }
     }
 }
@@ -103,6 +115,7 @@ impl VHost {
                 self.name
             )));
         }
+        let counters = e.counters.clone();
         let mut queues = Vec::new();
         let mut cacheable = true;
         if ex.is_empty() {
@@ -132,13 +145,14 @@ impl VHost {
         }
         drop(t);
         if !cacheable {
-            return Ok(Routed::Fresh(queues));
+            return Ok(Routed::Fresh(queues, counters));
         }
         let r = Arc::new(Route {
             exchange: exchange.clone(),
             routing_key: routing_key.clone(),
             generation,
             queues,
+            counters,
         });
         self.routes.insert(key, r.clone());
         Ok(Routed::Cached(r))
