@@ -67,7 +67,7 @@ pub struct Rates {
     /// rates over the interval before.
     queues: Mutex<HashMap<u64, QueueSample>>,
     /// Per vhost (by name), the same for its connections' counters.
-    vhosts: Mutex<HashMap<String, QueueSample>>,
+    vhosts: Mutex<HashMap<String, Sample2<6>>>,
     /// Per exchange (by vhost and name): publish_in and publish_out.
     exchanges: Mutex<HashMap<(String, String), Sample2<2>>>,
 }
@@ -79,9 +79,16 @@ fn exchange_values(c: &crate::metrics::ExchangeCounters) -> [u64; 2] {
 }
 
 /// A vhost's counters, as its `message_stats` names them.
-const VHOST_STATS: [&str; 4] = ["publish", "deliver_get", "ack", "confirm"];
+const VHOST_STATS: [&str; 6] = [
+    "publish",
+    "deliver_get",
+    "ack",
+    "confirm",
+    "redeliver",
+    "return_unroutable",
+];
 
-fn vhost_values(g: &crate::metrics::Global) -> [u64; 4] {
+fn vhost_values(g: &crate::metrics::Global) -> [u64; 6] {
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
     [
         l(&g.received),
@@ -91,6 +98,8 @@ fn vhost_values(g: &crate::metrics::Global) -> [u64; 4] {
             + l(&g.delivered_get_manual_ack),
         l(&g.acknowledged),
         l(&g.confirmed),
+        l(&g.redelivered),
+        l(&g.unroutable_returned),
     ]
 }
 
@@ -176,7 +185,7 @@ impl Rates {
                 let rates = rates_since(map.get(&v.name), values, now);
                 map.insert(
                     v.name.clone(),
-                    QueueSample {
+                    Sample2 {
                         at: now,
                         values,
                         rates,
@@ -266,7 +275,7 @@ impl Rates {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&v.name)
-            .map_or([0.0; 4], |s| s.rates);
+            .map_or([0.0; 6], |s| s.rates);
         stats_json(&VHOST_STATS, vhost_values(&v.metrics), rates)
     }
 
