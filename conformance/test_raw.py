@@ -41,8 +41,8 @@ def _broker_still_serves():
     assert broker_alive()
 
 
-def _queue_declare_args(name="", arguments=b"\x00\x00\x00\x00", passive=False):
-    flags = 1 if passive else 0
+def _queue_declare_args(name="", arguments=b"\x00\x00\x00\x00", passive=False, exclusive=False):
+    flags = (1 if passive else 0) | (4 if exclusive else 0)
     return struct.pack(">H", 0) + R.shortstr(name) + bytes([flags]) + arguments
 
 
@@ -503,7 +503,9 @@ def test_deeply_nested_arguments_after_open():
     try:
         c.open_channel(1)
         deep = R.raw_table([("x-deep", b"F" + R.nested_table(15000))])  # ~105 KB, fits a frame
-        c.send(R.method_frame(1, R.QUEUE_DECLARE, _queue_declare_args(arguments=deep)))
+        # Exclusive: gone with the connection (a leftover with 15,000 levels
+        # of arguments would break every later definitions export's parser).
+        c.send(R.method_frame(1, R.QUEUE_DECLARE, _queue_declare_args(arguments=deep, exclusive=True)))
         f = c.read_method(timeout=10)
         # RabbitMQ 3.10 accepts it (declare-ok for a server-named queue); a broker
         # with a depth limit may close instead. It must not fall over.
