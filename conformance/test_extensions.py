@@ -130,3 +130,41 @@ def test_reject_publish_overflow_nacks(conn, names):
     with pytest.raises(pe.NackError):
         ch.basic_publish("", q, b"overflows")
     assert drain(ch, q) == [b"fits"]
+
+
+def test_single_active_consumer(conn, names):
+    """x-single-active-consumer: only the first consumer gets messages; when
+    it cancels, the next registered one takes over. An exclusive consumer
+    is refused (403), and a value that is not a boolean is 406."""
+    q = names.queue()
+    ch_a, ch_b = conn.channel(), conn.channel()
+    ch_a.queue_declare(q, arguments={"x-single-active-consumer": True})
+    got = {"a": [], "b": []}
+    tag_a = ch_a.basic_consume(q, lambda c, m, p, b: got["a"].append(b), auto_ack=True)
+    ch_b.basic_consume(q, lambda c, m, p, b: got["b"].append(b), auto_ack=True)
+    pub = conn.channel()
+    for i in range(5):
+        pub.basic_publish("", q, b"first-%d" % i)
+    deadline = time.time() + 5
+    while len(got["a"]) < 5 and time.time() < deadline:
+        conn.process_data_events(0.05)
+    conn.process_data_events(0.2)
+    assert len(got["a"]) == 5 and got["b"] == []
+    ch_a.basic_cancel(tag_a)
+    for i in range(3):
+        pub.basic_publish("", q, b"then-%d" % i)
+    deadline = time.time() + 5
+    while len(got["b"]) < 3 and time.time() < deadline:
+        conn.process_data_events(0.05)
+    assert got["b"] == [b"then-0", b"then-1", b"then-2"]
+    assert len(got["a"]) == 5
+    ch_x = conn.channel()
+    with pytest.raises(pe.ChannelClosedByBroker) as e:
+        ch_x.basic_consume(q, lambda *a: None, exclusive=True)
+        conn.process_data_events(0.2)
+    assert e.value.reply_code == 403
+    ch_y = conn.channel()
+    with pytest.raises(pe.ChannelClosedByBroker) as e:
+        ch_y.queue_declare(names.queue(), arguments={"x-single-active-consumer": 1})
+    assert e.value.reply_code == 406
+    assert "unacceptable_type" in e.value.reply_text

@@ -586,3 +586,61 @@ async fn invalid_arguments_are_refused_with_406() {
     );
     broker.stop().await;
 }
+
+/// `x-single-active-consumer`: the active consumer keeps its turn while it
+/// lives (a higher-priority consumer arriving later waits); when it goes,
+/// the highest priority takes over, then the earliest registered. Warren's
+/// documented order (RabbitMQ 3.10's classic queues take registration
+/// order only).
+#[tokio::test]
+async fn single_active_consumer_hands_over_by_priority_then_registration() {
+    let b = TestBroker::start().await;
+    if !b.is_warren() {
+        return;
+    }
+    let (c, ch) = b.channel().await;
+    let q = unique("sac");
+    declare_with(
+        &ch,
+        &q,
+        args(&[("x-single-active-consumer", AMQPValue::Boolean(true))]),
+    )
+    .await
+    .unwrap();
+    let consume = |tag: &'static str, prio: i64| {
+        let c = &c;
+        let q = q.clone();
+        async move {
+            let ch = c.create_channel().await.unwrap();
+            let consumer = ch
+                .basic_consume(
+                    q.as_str().into(),
+                    tag.into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    args(&[("x-priority", int(prio))]),
+                )
+                .await
+                .unwrap();
+            (ch, consumer)
+        }
+    };
+    let (ch_a, mut a) = consume("a", 0).await;
+    let (_ch_b, mut b_c) = consume("b", 0).await;
+    let (ch_c, mut c_c) = consume("c", 5).await;
+    publish(&ch, "", &q, b"1").await;
+    assert_eq!(next_delivery(&mut a).await.data, b"1");
+    // A leaves: C (the highest priority) is next, not B.
+    ch_a.basic_cancel("a".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    publish(&ch, "", &q, b"2").await;
+    assert_eq!(next_delivery(&mut c_c).await.data, b"2");
+    assert_no_delivery(&mut b_c, Duration::from_millis(100)).await;
+    // C's channel closes: B.
+    ch_c.close(200, "bye".into()).await.unwrap();
+    publish(&ch, "", &q, b"3").await;
+    assert_eq!(next_delivery(&mut b_c).await.data, b"3");
+}

@@ -151,6 +151,7 @@ impl Channel {
             conn: cx.session.events.clone(),
             priority,
             unacked: 0,
+            order: 0,
         };
         match handle
             .ask(|reply| QueueCmd::Consume { consumer, reply })

@@ -161,8 +161,8 @@ async fn list_consumers(auth: Auth, st: St, q: Query<Paging>, vhost: Option<Stri
                     "exclusive": c.exclusive,
                     "prefetch_count": c.prefetch,
                     "arguments": if c.priority != 0 { json!({"x-priority": c.priority}) } else { json!({}) },
-                    "active": true,
-                    "activity_status": "up",
+                    "active": c.active,
+                    "activity_status": if c.active { "up" } else { "waiting" },
                     // Warren has no consumer timeout yet: none applies.
                     "consumer_timeout": Value::Null,
                 }));

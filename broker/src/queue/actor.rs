@@ -85,6 +85,11 @@ pub(super) struct Actor {
     pub(super) last_delivery: u64,
     /// Message totals for operators (see `QueueStats`).
     pub(super) counts: Counts,
+    /// `x-single-active-consumer`: the consumer that gets the messages
+    /// (its channel key and tag).
+    pub(super) active: Option<(u64, Arc<str>)>,
+    /// Consumers registered so far (their registration order).
+    pub(super) registrations: u64,
 }
 
 /// A queue's message totals (plain counters: the actor owns them).
@@ -171,6 +176,8 @@ impl Actor {
             held: 0,
             last_delivery: 0,
             counts: Counts::default(),
+            active: None,
+            registrations: 0,
         }
     }
 
@@ -247,6 +254,7 @@ impl Actor {
     /// slots to give back to publishers now (the rest are held, see
     /// `HOLD_MESSAGES`).
     pub(super) fn end_wakeup(&mut self) -> usize {
+        self.ensure_active();
         self.dispatch();
         self.expire_heads();
         self.flush_store();
@@ -259,6 +267,28 @@ impl Actor {
         } else {
             slots
         }
+    }
+
+    /// `x-single-active-consumer`: when the active consumer is gone (it
+    /// cancelled, its channel or connection closed), the next one takes
+    /// over: the highest priority, then the earliest registered.
+    pub(super) fn ensure_active(&mut self) {
+        if !self.args.single_active {
+            return;
+        }
+        let still_there = self.active.as_ref().is_some_and(|(k, t)| {
+            self.consumers
+                .iter()
+                .any(|c| c.chan_key == *k && c.tag == *t)
+        });
+        if still_there {
+            return;
+        }
+        self.active = self
+            .consumers
+            .iter()
+            .max_by_key(|c| (c.priority, std::cmp::Reverse(c.order)))
+            .map(|c| (c.chan_key, c.tag.clone()));
     }
 
     /// Read the coarse clock.
@@ -384,7 +414,9 @@ impl Actor {
             QueueCmd::Consume { consumer, reply } => {
                 let name = &self.info.name;
                 let vhost = &self.info.vhost;
-                if consumer.exclusive && !self.consumers.is_empty()
+                // An exclusive consumer on a single-active-consumer queue is
+                // refused as RabbitMQ refuses it.
+                if consumer.exclusive && (!self.consumers.is_empty() || self.args.single_active)
                     || self.consumers.iter().any(|c| c.exclusive)
                 {
                     let _ = reply.send(Err(access_refused(format!(
@@ -393,10 +425,14 @@ impl Actor {
                     return false;
                 }
                 // Keep consumers ordered by priority, highest first.
+                let mut consumer = consumer;
+                self.registrations += 1;
+                consumer.order = self.registrations;
                 let pos = self
                     .consumers
                     .partition_point(|c| c.priority >= consumer.priority);
                 self.consumers.insert(pos, consumer);
+                self.ensure_active();
                 self.had_consumer = true;
                 let _ = reply.send(Ok(()));
             }
@@ -476,6 +512,11 @@ impl Actor {
                             exclusive: c.exclusive,
                             prefetch: c.prefetch,
                             priority: c.priority,
+                            active: !self.args.single_active
+                                || self
+                                    .active
+                                    .as_ref()
+                                    .is_some_and(|(k, t)| *k == c.chan_key && *t == c.tag),
                         })
                         .collect(),
                 );

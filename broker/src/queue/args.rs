@@ -46,6 +46,9 @@ pub struct QueueArgs {
     /// `x-queue-mode: lazy`: beyond its in-memory window the queue pages
     /// every message to disk, not only persistent ones.
     pub lazy: bool,
+    /// `x-single-active-consumer: true`: one consumer at a time gets
+    /// messages; the others wait their turn.
+    pub single_active: bool,
 }
 
 impl QueueArgs {
@@ -72,6 +75,7 @@ impl QueueArgs {
             dead_letter_routing_key: text("x-dead-letter-routing-key"),
             max_priority: uint("x-max-priority").map(|p| p.min(MAX_PRIORITY as u64) as u8),
             lazy: text("x-queue-mode").as_deref() == Some("lazy"),
+            single_active: t.get("x-single-active-consumer") == Some(&AMQPValue::Boolean(true)),
         }
     }
 }
@@ -179,6 +183,10 @@ pub fn validate(queue: &str, vhost: &str, args: &FieldTable) -> AmqpResult<()> {
             "x-max-length" | "x-max-length-bytes" => int_arg(value, 0, i128::MAX, false),
             "x-max-priority" => int_arg(value, 0, MAX_PRIORITY, true),
             "x-dead-letter-exchange" => str_arg(value).err(),
+            "x-single-active-consumer" => match value {
+                AMQPValue::Boolean(_) => None,
+                other => Some(format!("{{unacceptable_type,{}}}", type_name(other))),
+            },
             "x-dead-letter-routing-key" => match str_arg(value) {
                 Err(e) => Some(e),
                 Ok(_) if !t.contains_key("x-dead-letter-exchange") => {
@@ -276,6 +284,7 @@ mod tests {
                 dead_letter_routing_key: Some("rk".into()),
                 max_priority: Some(10),
                 lazy: true,
+                single_active: false,
             }
         );
         assert_eq!(

@@ -56,6 +56,19 @@ impl Actor {
     /// a consumer with credit, round robin within it. Takes the channel
     /// prefetch unit for the chosen consumer.
     pub(super) fn pick(&mut self) -> Option<usize> {
+        if self.args.single_active {
+            // Only the active consumer, when it has credit.
+            let (k, t) = self.active.as_ref()?;
+            let i = self
+                .consumers
+                .iter()
+                .position(|c| c.chan_key == *k && c.tag == *t)?;
+            let c = &self.consumers[i];
+            let window_ok = c.in_flight.load(Ordering::Acquire) < FLOW_WINDOW;
+            let prefetch_ok = c.no_ack || c.prefetch == 0 || c.unacked < c.prefetch;
+            return (window_ok && prefetch_ok && (c.no_ack || c.channel_credit.try_acquire()))
+                .then_some(i);
+        }
         let n = self.consumers.len();
         let mut start = 0;
         while start < n {

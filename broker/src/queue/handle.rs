@@ -212,6 +212,8 @@ pub struct Consumer {
     pub priority: i32,
     /// Unacked deliveries of this consumer (queue-side count); starts at 0.
     pub unacked: u32,
+    /// Registration order on its queue (set by the queue).
+    pub order: u64,
 }
 
 /// A message fetched by `basic.get`.
@@ -312,6 +314,8 @@ pub struct ConsumerInfo {
     pub exclusive: bool,
     pub prefetch: u32,
     pub priority: i32,
+    /// False while it waits its turn on a single-active-consumer queue.
+    pub active: bool,
 }
 
 /// A queue's numbers, as operators see them.

@@ -108,6 +108,7 @@ fn consume(
         conn,
         priority,
         unacked: 0,
+        order: 0,
     };
     let (reply, mut answer) = oneshot::channel();
     assert!(!a.on_cmd(QueueCmd::Consume { consumer, reply }));
