@@ -313,3 +313,25 @@ def test_queue_name_too_long_is_rejected(ch):
     q = "q" * 255
     ch.queue_declare(q, auto_delete=True)
     ch.queue_delete(q)
+
+
+def test_an_unknown_queue_type_is_refused(ch, names):
+    with pytest.raises(pe.ChannelClosedByBroker) as e:
+        ch.queue_declare(names.queue(), durable=True, arguments={"x-queue-type": "foo"})
+    assert e.value.reply_code == 406
+    assert "unsupported queue type 'foo'" in e.value.reply_text
+
+
+def test_a_queue_type_that_is_not_a_string_is_refused(conn, names):
+    ch = conn.channel()
+    with pytest.raises(pe.ChannelClosedByBroker) as e:
+        ch.queue_declare(names.queue(), durable=True, arguments={"x-queue-type": 5})
+    assert e.value.reply_code == 406
+    assert "unacceptable_type" in e.value.reply_text
+
+
+def test_a_classic_queue_type_is_a_queue(ch, names):
+    q = names.queue()
+    ch.queue_declare(q, durable=True, arguments={"x-queue-type": "classic"})
+    ch.basic_publish("", q, b"x")
+    assert ch.queue_declare(q, passive=True).method.message_count in (0, 1)

@@ -644,3 +644,26 @@ async fn single_active_consumer_hands_over_by_priority_then_registration() {
     publish(&ch, "", &q, b"3").await;
     assert_eq!(next_delivery(&mut b_c).await.data, b"3");
 }
+
+/// `x-queue-type` quorum and stream are refused (406, naming the type)
+/// until Warren has them, never turned into classic queues in silence.
+#[tokio::test]
+async fn quorum_and_stream_queue_types_are_refused_until_warren_has_them() {
+    let b = TestBroker::start().await;
+    if !b.is_warren() {
+        return;
+    }
+    let c = b.connect().await;
+    for t in ["quorum", "stream"] {
+        let ch = c.create_channel().await.unwrap();
+        let err = declare_with(&ch, &unique("qt"), args(&[("x-queue-type", text(t))]))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Some(PRECONDITION_FAILED), "{t}: {err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("queue type '{t}' is not supported by Warren yet")),
+            "{err}"
+        );
+    }
+}
