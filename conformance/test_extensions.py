@@ -168,3 +168,18 @@ def test_single_active_consumer(conn, names):
         ch_y.queue_declare(names.queue(), arguments={"x-single-active-consumer": 1})
     assert e.value.reply_code == 406
     assert "unacceptable_type" in e.value.reply_text
+
+
+@pytest.mark.parametrize("expiration,reason", [
+    ("abc", "no_integer"),
+    ("-5", "{value_negative,-5}"),
+    ("1.5", '{leftover_string,".5"}'),
+])
+def test_an_invalid_expiration_is_refused(conn, expiration, reason):
+    ch = conn.channel()
+    q = ch.queue_declare("", exclusive=True).method.queue
+    with pytest.raises(pe.ChannelClosedByBroker) as e:
+        ch.basic_publish("", q, b"x", pika.BasicProperties(expiration=expiration))
+        ch.queue_declare(q, passive=True)
+    assert e.value.reply_code == 406
+    assert e.value.reply_text == "PRECONDITION_FAILED - invalid expiration '%s': %s" % (expiration, reason)

@@ -180,6 +180,10 @@ impl Channel {
             }
         }
         let header = self.fill_reply_to(header)?;
+        if let Some(e) = header.expiration() {
+            check_expiration(e)
+                .map_err(|why| precondition(format!("invalid expiration '{e}': {why}")))?;
+        }
         let stored = header
             .is_persistent()
             .then(|| cx.session.broker.next_message_id());
@@ -389,6 +393,61 @@ fn hand_over(
             break;
         }
         q.send(seq, msg.clone(), ticket.clone(), true);
+    }
+}
+
+/// Largest per-message TTL RabbitMQ accepts (its timer limit, in ms).
+const MAX_EXPIRY: u128 = 4_294_967_295;
+
+/// Check an `expiration` property as RabbitMQ does (Erlang's
+/// `string:to_integer`, then the timer's range), with its reasons:
+/// `no_integer`, `{leftover_string,"..."}`, `{value_negative,N}`,
+/// `{value_too_large,N}`.
+pub(crate) fn check_expiration(e: &str) -> Result<(), String> {
+    let (negative, rest) = match e.as_bytes().first() {
+        Some(b'-') => (true, &e[1..]),
+        Some(b'+') => (false, &e[1..]),
+        _ => (false, e),
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return Err("no_integer".into());
+    }
+    let (number, leftover) = rest.split_at(digits);
+    if !leftover.is_empty() {
+        return Err(format!("{{leftover_string,\"{leftover}\"}}"));
+    }
+    let shown = number.trim_start_matches('0');
+    let shown = if shown.is_empty() { "0" } else { shown };
+    if negative && shown != "0" {
+        return Err(format!("{{value_negative,-{shown}}}"));
+    }
+    if number.len() > 30 || number.parse::<u128>().map_or(true, |n| n > MAX_EXPIRY) {
+        return Err(format!("{{value_too_large,{shown}}}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod expiration_tests {
+    use super::check_expiration;
+
+    #[test]
+    fn expirations_are_checked_as_rabbitmq_checks_them() {
+        for ok in ["0", "1000", "+5", "4294967295", "007"] {
+            assert_eq!(check_expiration(ok), Ok(()), "{ok}");
+        }
+        let err = |s: &str| check_expiration(s).unwrap_err();
+        assert_eq!(err("abc"), "no_integer");
+        assert_eq!(err(" 10"), "no_integer");
+        assert_eq!(err(""), "no_integer");
+        assert_eq!(err("-5"), "{value_negative,-5}");
+        assert_eq!(err("1.5"), "{leftover_string,\".5\"}");
+        assert_eq!(err("4294967296"), "{value_too_large,4294967296}");
+        assert_eq!(
+            err("99999999999999999999999999999999999"),
+            "{value_too_large,99999999999999999999999999999999999}"
+        );
     }
 }
 

@@ -177,6 +177,11 @@ async fn publish(
             )));
         }
     }
+    if let Some(e) = props.expiration() {
+        crate::channel::publish::check_expiration(e.as_str()).map_err(|why| {
+            ApiError::bad_request(format!("invalid expiration '{}': {why}", e.as_str()))
+        })?;
+    }
     let header = ContentHeader::from_properties(props, payload.len() as u64)
         .map_err(|e| ApiError::bad_request(format!("bad properties: {e}")))?;
     let short = |s: &str| {
