@@ -667,3 +667,46 @@ async fn quorum_and_stream_queue_types_are_refused_until_warren_has_them() {
         );
     }
 }
+
+/// Arguments that would change what happens to messages and that Warren
+/// does not implement yet are refused with 406, never accepted and ignored
+/// (a team declaring `x-delivery-limit` must not get endless redelivery).
+#[tokio::test]
+async fn unimplemented_arguments_are_refused_not_ignored() {
+    let b = TestBroker::start().await;
+    if !b.is_warren() {
+        return;
+    }
+    let c = b.connect().await;
+    for (k, v) in [
+        ("x-delivery-limit", int(3)),
+        ("x-consumer-timeout", int(1000)),
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-max-age", text("1D")),
+        ("x-message-deduplication", AMQPValue::Boolean(true)),
+    ] {
+        let ch = c.create_channel().await.unwrap();
+        let err = declare_with(&ch, &unique("unimpl"), args(&[(k, v)]))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), Some(PRECONDITION_FAILED), "{k}: {err}");
+        assert!(
+            err.to_string().contains("not supported by Warren yet"),
+            "{err}"
+        );
+    }
+    // The consumer argument too.
+    let ch = c.create_channel().await.unwrap();
+    let q = unique("unimpl-consume");
+    declare_queue(&ch, &q).await;
+    let err = ch
+        .basic_consume(
+            q.as_str().into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            args(&[("x-consumer-timeout", int(1000))]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(PRECONDITION_FAILED), "{err}");
+}

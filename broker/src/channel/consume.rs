@@ -126,6 +126,11 @@ impl Channel {
         cx.session.check(Kind::Queue, &name, Perm::Read)?;
         let vhost = &cx.session.vhost;
         let handle = vhost.queue(&name, cx.session.conn_id)?;
+        if cm.arguments.inner().contains_key("x-consumer-timeout") {
+            return Err(precondition(
+                "invalid arg 'x-consumer-timeout' for consumer: not supported by Warren yet",
+            ));
+        }
         let priority = match cm.arguments.inner().get("x-priority") {
             None => 0,
             Some(v) => match crate::fields::as_int(v).and_then(|p| i32::try_from(p).ok()) {

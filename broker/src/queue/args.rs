@@ -183,6 +183,17 @@ pub fn validate(queue: &str, vhost: &str, args: &FieldTable) -> AmqpResult<()> {
             "x-max-length" | "x-max-length-bytes" => int_arg(value, 0, i128::MAX, false),
             "x-max-priority" => int_arg(value, 0, MAX_PRIORITY, true),
             "x-dead-letter-exchange" => str_arg(value).err(),
+            // Arguments whose absence would change what happens to
+            // messages: refused until Warren implements them, never
+            // accepted and ignored (RabbitMQ's classic queues ignore some).
+            "x-delivery-limit"
+            | "x-consumer-timeout"
+            | "x-dead-letter-strategy"
+            | "x-max-age"
+            | "x-message-deduplication"
+            | "x-cache-size"
+            | "x-cache-ttl"
+            | "x-cache-persistence" => Some("\"not supported by Warren yet\"".into()),
             "x-queue-type" => match str_arg(value) {
                 Err(e) => Some(e),
                 Ok(t) if t == "classic" => None,
