@@ -248,7 +248,7 @@ pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>>
     let exists_queue = |vhost: &str, name: &str| {
         broker
             .vhost(vhost)
-            .is_some_and(|v| v.queue(name, 0).is_ok())
+            .is_some_and(|v| v.find_queue(name).is_some())
     };
     let mut new_exchanges: BTreeSet<(&str, &str)> = BTreeSet::new();
     let mut new_queues: BTreeSet<(&str, &str)> = BTreeSet::new();

@@ -225,11 +225,7 @@ async fn delete_binding(
     let v = vhost_of(&auth, &st.broker, &vhost)?;
     let kind = dest_kind(&kind)?;
     let source = exchange_name(&source).to_owned();
-    let x = v
-        .exchanges()
-        .into_iter()
-        .find(|x| x.name == source)
-        .ok_or_else(ApiError::not_found)?;
+    let x = v.exchange(&source).ok_or_else(ApiError::not_found)?;
     let b = x
         .bindings
         .iter()

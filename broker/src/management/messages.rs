@@ -217,11 +217,7 @@ async fn get(
     let b = &st.broker;
     auth.vhost(b, &vhost)?;
     let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    let q = v
-        .queues()
-        .into_iter()
-        .find(|q| q.name() == name)
-        .ok_or_else(ApiError::not_found)?;
+    let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
     b.access
         .check(&auth.user, &vhost, Kind::Queue, &name, Perm::Read)?;
     let body = body_object(&body)?;

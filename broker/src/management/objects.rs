@@ -96,7 +96,7 @@ pub async fn overview(auth: Auth, st: St) -> ApiResult {
     let (mut queues, mut exchanges) = (0usize, 0usize);
     let (mut ready, mut unacked, mut consumers) = (0u64, 0u64, 0u64);
     for v in &vhosts {
-        exchanges += v.exchanges().len();
+        exchanges += v.exchange_count();
         for q in v.queues() {
             queues += 1;
             let s = stats(&q).await;
@@ -215,10 +215,7 @@ async fn list_queues(auth: Auth, st: St, q: Query<Paging>, vhost: Option<String>
 }
 
 pub(super) fn find_queue(v: &VHost, name: &str) -> ApiResult<QueueHandle> {
-    v.queues()
-        .into_iter()
-        .find(|q| q.name() == name)
-        .ok_or_else(ApiError::not_found)
+    v.find_queue(name).ok_or_else(ApiError::not_found)
 }
 
 async fn get_queue(auth: Auth, st: St, Path((vhost, name)): Path<(String, String)>) -> ApiResult {
@@ -398,11 +395,7 @@ async fn get_exchange(
 ) -> ApiResult {
     let v = vhost_of(&auth, &st.broker, &vhost)?;
     let name = exchange_name(&name);
-    let x = v
-        .exchanges()
-        .into_iter()
-        .find(|x| x.name == name)
-        .ok_or_else(ApiError::not_found)?;
+    let x = v.exchange(name).ok_or_else(ApiError::not_found)?;
     Ok(Json(exchange_json(&st.rates, &vhost, &x, &v)).into_response())
 }
 

@@ -58,6 +58,19 @@ pub struct ExchangeView {
     pub counters: Arc<crate::metrics::ExchangeCounters>,
 }
 
+fn view(x: &Exchange) -> ExchangeView {
+    ExchangeView {
+        name: x.name.to_string(),
+        kind: x.kind.name,
+        durable: x.durable,
+        auto_delete: x.auto_delete,
+        internal: x.internal,
+        arguments: x.arguments.clone(),
+        bindings: x.bindings.clone(),
+        counters: x.counters.clone(),
+    }
+}
+
 /// A job for the definitions thread.
 type Change = Box<dyn FnOnce() + Send>;
 
@@ -221,10 +234,7 @@ impl VHost {
     /// Find a queue usable by connection `conn` (404 missing, 405 exclusive).
     pub fn queue(&self, name: &str, conn: u64) -> AmqpResult<QueueHandle> {
         let q = self
-            .read()
-            .queues
-            .get(name)
-            .cloned()
+            .find_queue(name)
             .ok_or_else(|| not_found("queue", name, &self.name))?;
         check_owner(&q, conn, &self.name)?;
         Ok(q)
@@ -237,25 +247,26 @@ impl VHost {
         v
     }
 
+    /// The queue called `name`, whoever owns it (for operators).
+    pub fn find_queue(&self, name: &str) -> Option<QueueHandle> {
+        self.read().queues.get(name).cloned()
+    }
+
     /// Every exchange as operators see it, in name order.
     pub fn exchanges(&self) -> Vec<ExchangeView> {
-        let mut v: Vec<ExchangeView> = self
-            .read()
-            .exchanges
-            .values()
-            .map(|x| ExchangeView {
-                name: x.name.to_string(),
-                kind: x.kind.name,
-                durable: x.durable,
-                auto_delete: x.auto_delete,
-                internal: x.internal,
-                arguments: x.arguments.clone(),
-                bindings: x.bindings.clone(),
-                counters: x.counters.clone(),
-            })
-            .collect();
+        let mut v: Vec<ExchangeView> = self.read().exchanges.values().map(view).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    /// The exchange called `name` as operators see it.
+    pub fn exchange(&self, name: &str) -> Option<ExchangeView> {
+        self.read().exchanges.get(name).map(view)
+    }
+
+    /// How many exchanges the vhost holds.
+    pub fn exchange_count(&self) -> usize {
+        self.read().exchanges.len()
     }
 
     /// How many queues the vhost holds.
