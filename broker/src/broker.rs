@@ -137,6 +137,7 @@ impl Broker {
                     self.queue_ids.clone(),
                     Some(self.persister.clone()),
                     self.churn.clone(),
+                    self.config.consumer_timeout,
                 )
             })
             .clone()

@@ -55,6 +55,10 @@ pub struct Config {
     /// (its unacked messages go back to their queues); with heartbeats on,
     /// two heartbeat intervals instead. RabbitMQ's send timeout is 15 s.
     pub write_timeout: Duration,
+    /// A delivery left unacknowledged longer than this (ms) times its
+    /// consumer out, on every queue that sets no `x-consumer-timeout` of its
+    /// own (RabbitMQ's `consumer_timeout`). None: off.
+    pub consumer_timeout: Option<u64>,
     /// Sync the store's write-ahead log on every write. Off only for benchmarks.
     pub fsync: bool,
     /// Bytes of hot message bodies kept in memory for messages that live on
@@ -103,6 +107,7 @@ impl Default for Config {
             max_handshakes_per_source: 128,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(15),
+            consumer_timeout: None,
             fsync: true,
             body_cache_bytes: 64 << 20,
             memory_limit: MemoryLimit::Fraction(crate::alarm::DEFAULT_MEMORY_FRACTION)

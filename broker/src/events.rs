@@ -27,6 +27,17 @@ pub enum ConnEvent {
     CancelOk { chan_key: u64, tag: Arc<str> },
     /// The queue went away under a consumer.
     Cancelled { chan_key: u64, tag: Arc<str> },
+    /// A delivery on the channel was not acknowledged within `timeout`
+    /// ms. `tag`: the queue cancelled that consumer and took back its
+    /// unacked messages (`returned`, sequences in queue `queue`); None: the
+    /// channel is to be closed with 406 (its messages come back with it).
+    TimedOut {
+        chan_key: u64,
+        tag: Option<Arc<str>>,
+        timeout: u64,
+        queue: u64,
+        returned: Vec<u64>,
+    },
     /// Close the connection (an operator closed it, or its vhost was
     /// deleted): connection.close with this code and text.
     Close { code: u16, text: String },

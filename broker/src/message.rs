@@ -21,6 +21,13 @@ pub struct Message {
 
 pub type MessageRef = Arc<Message>;
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl Message {
     /// delivery-mode 2.
     pub fn persistent(&self) -> bool {

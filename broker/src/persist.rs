@@ -21,7 +21,7 @@ use crate::message::{Message, MessageRef};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
-use warren_storage::{MessageId, MessageOp, MessageStore, QueueId};
+use warren_storage::{EntryMeta, MessageId, MessageOp, MessageStore, QueueId};
 
 /// Called with `true` once the job is durable, `false` if the write failed.
 pub type Done = Box<dyn FnOnce(bool) + Send>;
@@ -35,7 +35,7 @@ struct Job {
 /// Messages read back for a queue, in sequence order, and the sequence the
 /// next read starts from.
 pub struct Page {
-    pub entries: Vec<(u64, MessageRef)>,
+    pub entries: Vec<(u64, MessageRef, EntryMeta)>,
     pub next: u64,
 }
 
@@ -396,15 +396,16 @@ fn read_page(
         .read_index(job.queue, job.from, job.to, job.limit)
         .map_err(|e| e.to_string())?;
     let next = match index.last() {
-        Some(&(seq, _)) if index.len() >= job.limit => seq + 1,
+        Some(&(seq, _, _)) if index.len() >= job.limit => seq + 1,
         _ => job.to,
     };
-    let mut found: Vec<Option<MessageRef>> = index.iter().map(|&(_, id)| bodies.get(&id)).collect();
+    let mut found: Vec<Option<MessageRef>> =
+        index.iter().map(|&(_, id, _)| bodies.get(&id)).collect();
     let missing: Vec<MessageId> = index
         .iter()
         .zip(&found)
         .filter(|(_, m)| m.is_none())
-        .map(|(&(_, id), _)| id)
+        .map(|(&(_, id, _), _)| id)
         .collect();
     stats
         .hits
@@ -417,7 +418,7 @@ fn read_page(
             .get_messages(&missing)
             .map_err(|e| e.to_string())?
             .into_iter();
-        for (slot, &(seq, id)) in found.iter_mut().zip(&index) {
+        for (slot, &(seq, id, _)) in found.iter_mut().zip(&index) {
             if slot.is_some() {
                 continue;
             }
@@ -443,7 +444,7 @@ fn read_page(
     let entries = index
         .into_iter()
         .zip(found)
-        .filter_map(|((seq, _), m)| m.map(|m| (seq, m)))
+        .filter_map(|((seq, _, meta), m)| m.map(|m| (seq, m, meta)))
         .collect();
     Ok(Page { entries, next })
 }

@@ -59,13 +59,16 @@ impl ApplyTo {
         }
     }
 
-    /// Whether it covers `target` (every Warren queue is a classic queue).
+    /// Whether it covers `target`.
     pub fn covers(self, target: Target) -> bool {
         match target {
             Target::Queue => matches!(
                 self,
                 ApplyTo::Queues | ApplyTo::All | ApplyTo::ClassicQueues
             ),
+            Target::QuorumQueue => {
+                matches!(self, ApplyTo::Queues | ApplyTo::All | ApplyTo::QuorumQueues)
+            }
             Target::Exchange => matches!(self, ApplyTo::Exchanges | ApplyTo::All),
         }
     }
@@ -74,8 +77,22 @@ impl ApplyTo {
 /// What a policy is matched against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
+    /// A classic queue.
     Queue,
+    QuorumQueue,
     Exchange,
+}
+
+impl Target {
+    /// A queue declared with these arguments.
+    pub fn queue(arguments: &warren_protocol::types::FieldTable) -> Target {
+        match arguments.inner().get("x-queue-type") {
+            Some(warren_protocol::types::AMQPValue::LongString(t)) if t.as_bytes() == b"quorum" => {
+                Target::QuorumQueue
+            }
+            _ => Target::Queue,
+        }
+    }
 }
 
 /// `overflow` in a policy.
@@ -99,16 +116,24 @@ pub struct Definition {
     /// `queue-mode`: `Some(true)` for `lazy`, `Some(false)` for `default`.
     pub lazy: Option<bool>,
     pub alternate_exchange: Option<String>,
+    pub delivery_limit: Option<u64>,
+    pub consumer_timeout: Option<u64>,
 }
 
 /// Keys an operator policy may set (RabbitMQ's list, less those Warren does
 /// not implement).
-const OPERATOR_KEYS: [&str; 4] = ["message-ttl", "expires", "max-length", "max-length-bytes"];
+const OPERATOR_KEYS: [&str; 6] = [
+    "consumer-timeout",
+    "message-ttl",
+    "expires",
+    "max-length",
+    "max-length-bytes",
+    "delivery-limit",
+];
 
 /// Keys RabbitMQ (or one of its plugins) knows that Warren refuses, and why.
 fn unsupported(key: &str) -> Option<&'static str> {
     Some(match key {
-        "delivery-limit" => "delivery limits are not implemented by Warren yet",
         "ha-mode"
         | "ha-params"
         | "ha-sync-mode"
@@ -219,6 +244,12 @@ impl Definition {
                 "alternate-exchange" => {
                     d.alternate_exchange = Some(text(v, "alternate exchange name")?)
                 }
+                "consumer-timeout" => {
+                    d.consumer_timeout = Some(uint(v, 1, MAX_EXPIRY, "consumer timeout")?)
+                }
+                "delivery-limit" => {
+                    d.delivery_limit = Some(uint(v, 0, u32::MAX as u64, "delivery limit")?)
+                }
                 _ => unreachable!("checked above"),
             }
         }
@@ -227,7 +258,9 @@ impl Definition {
 }
 
 /// The keys a policy may hold.
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 11] = [
+    "consumer-timeout",
+    "delivery-limit",
     "message-ttl",
     "expires",
     "max-length",
@@ -407,7 +440,13 @@ mod tests {
             "Validation failed\n\n[{<<\"bar\">>,2},{<<\"foo\">>,1}] are not recognised policy settings\n"
         );
         assert!(err(json!({"ha-mode": "all"}), false).contains("'ha-mode' is not supported"));
-        assert!(err(json!({"delivery-limit": 3}), false).contains("not implemented"));
+        assert!(err(json!({"delivery-limit": -1}), false).contains("not a valid delivery limit"));
+        assert_eq!(
+            Definition::parse(&def(json!({"delivery-limit": 3})), true)
+                .unwrap()
+                .delivery_limit,
+            Some(3)
+        );
         assert!(err(json!({}), false).contains("no policy provided"));
         // Operator policies hold the numeric limits only.
         assert!(err(json!({"overflow": "drop-head"}), true).contains("not recognised"));
@@ -442,7 +481,8 @@ mod tests {
                 "message-ttl": 10, "expires": 20, "max-length": 3, "max-length-bytes": 4,
                 "overflow": "reject-publish-dlx", "dead-letter-exchange": "dlx",
                 "dead-letter-routing-key": "rk", "queue-mode": "lazy",
-                "alternate-exchange": "ae"
+                "alternate-exchange": "ae", "delivery-limit": 5,
+                "consumer-timeout": 60000
             })),
             false,
         )
@@ -459,6 +499,8 @@ mod tests {
                 dead_letter_routing_key: Some("rk".into()),
                 lazy: Some(true),
                 alternate_exchange: Some("ae".into()),
+                delivery_limit: Some(5),
+                consumer_timeout: Some(60000),
             }
         );
     }
@@ -497,8 +539,10 @@ mod tests {
         // Quorum queues and streams: Warren has neither, so never matched.
         let q = policy("qq", ".*", "quorum_queues", 0, json!({"max-length": 1}));
         assert!(!q.matches(Target::Queue, "a"));
+        assert!(q.matches(Target::QuorumQueue, "a"));
         let c = policy("cq", ".*", "classic_queues", 0, json!({"max-length": 1}));
         assert!(c.matches(Target::Queue, "a"));
+        assert!(!c.matches(Target::QuorumQueue, "a"));
         assert!(!c.matches(Target::Exchange, "a"));
     }
 }

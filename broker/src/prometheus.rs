@@ -210,6 +210,7 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
         (Reason::Expired, "expired", "Total number of messages dead-lettered due to message TTL exceeded"),
         (Reason::MaxLen, "maxlen", "Total number of messages dead-lettered due to overflow drop-head or reject-publish-dlx"),
         (Reason::Rejected, "rejected", "Total number of messages dead-lettered due to basic.reject or basic.nack"),
+        (Reason::DeliveryLimit, "delivery_limit", "Total number of messages dead-lettered due to delivery-limit exceeded"),
     ] {
         let name = format!("rabbitmq_global_messages_dead_lettered_{short}_total");
         out.family(&name, "counter", help);

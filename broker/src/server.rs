@@ -209,6 +209,7 @@ impl Server {
                 queue_ids.clone(),
                 Some(persister.clone()),
                 churn.clone(),
+                config.consumer_timeout,
             );
             // Policies first: recovered queues and exchanges start with them.
             vhost.init_policies(access.snapshot().policies_of(&name));

@@ -125,6 +125,18 @@ pub struct StoredMessage {
     pub body: Bytes,
 }
 
+/// What a queue keeps with each of its index entries besides the message
+/// id: what must outlive a restart about the message's stay in that queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryMeta {
+    /// When the message entered the queue, in Unix milliseconds (TTLs count
+    /// from it); 0 for entries written before Warren recorded it.
+    pub enqueued_at: u64,
+    /// How often it was delivered from this queue and came back
+    /// (`x-delivery-count`).
+    pub deliveries: u32,
+}
+
 /// One change to the message store; a batch of them is applied atomically.
 #[derive(Clone, Debug)]
 pub enum MessageOp {
@@ -140,6 +152,16 @@ pub enum MessageOp {
         queue: QueueId,
         seq: u64,
         id: MessageId,
+        meta: EntryMeta,
+    },
+    /// Rewrite what an existing index entry keeps (a message came back
+    /// from a consumer: its delivery count). The caller guarantees the entry
+    /// exists (it holds the message); nothing is released or added.
+    SetMeta {
+        queue: QueueId,
+        seq: u64,
+        id: MessageId,
+        meta: EntryMeta,
     },
     /// Remove a queue index entry (ack, purge); the body goes with its last entry.
     Remove {
@@ -166,15 +188,15 @@ pub struct QueueBounds {
 /// group many operations per call (group commit).
 pub trait MessageStore: Send + Sync + 'static {
     fn apply(&self, ops: &[MessageOp]) -> Result<()>;
-    /// Up to `limit` index entries `(seq, message id)` of `queue` with
-    /// `from <= seq < to`, in order. No body is read.
+    /// Up to `limit` index entries `(seq, message id, meta)` of `queue`
+    /// with `from <= seq < to`, in order. No body is read.
     fn read_index(
         &self,
         queue: QueueId,
         from: u64,
         to: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, MessageId)>>;
+    ) -> Result<Vec<(u64, MessageId, EntryMeta)>>;
     /// The stored messages with these ids (None where there is none).
     fn get_messages(&self, ids: &[MessageId]) -> Result<Vec<Option<StoredMessage>>>;
     /// First and last sequence and the number of entries of `queue`; None
@@ -199,7 +221,7 @@ pub trait MessageStore: Send + Sync + 'static {
         entries
             .into_iter()
             .zip(bodies)
-            .map(|((seq, id), m)| {
+            .map(|((seq, id, _), m)| {
                 m.map(|m| (seq, id, m)).ok_or_else(|| {
                     StoreError::Corrupt(format!(
                         "queue {queue} entry {seq} refers to missing message {id}"
@@ -246,7 +268,12 @@ pub mod contract {
             refs,
             message: msg("b"),
         };
-        let enq = |queue, seq, id| MessageOp::Enqueue { queue, seq, id };
+        let enq = |queue, seq, id| MessageOp::Enqueue {
+            queue,
+            seq,
+            id,
+            meta: EntryMeta::default(),
+        };
         s.apply(&[put(20, 2), enq(21, 1, 20), enq(22, 1, 20)])
             .unwrap();
         // Removed from 21, then 21 dropped: 22 still holds the body.
@@ -314,11 +341,13 @@ pub mod contract {
                 queue: 1,
                 seq: 10,
                 id: 10,
+                meta: EntryMeta::default(),
             },
             MessageOp::Enqueue {
                 queue: 2,
                 seq: 10,
                 id: 10,
+                meta: EntryMeta::default(),
             },
             MessageOp::PutMessage {
                 id: 11,
@@ -329,6 +358,7 @@ pub mod contract {
                 queue: 1,
                 seq: 11,
                 id: 11,
+                meta: EntryMeta::default(),
             },
         ])
         .unwrap();
@@ -346,8 +376,12 @@ pub mod contract {
         assert_eq!(r[1].2, msg("one"));
         assert_eq!(s.read(1, 11, 10).unwrap().len(), 1);
         assert_eq!(s.read(1, 0, 1).unwrap().len(), 1);
-        assert_eq!(s.read_index(1, 0, 11, 10).unwrap(), vec![(10, 10)]);
-        assert_eq!(s.read_index(1, 11, u64::MAX, 10).unwrap(), vec![(11, 11)]);
+        let m0 = EntryMeta::default();
+        assert_eq!(s.read_index(1, 0, 11, 10).unwrap(), vec![(10, 10, m0)]);
+        assert_eq!(
+            s.read_index(1, 11, u64::MAX, 10).unwrap(),
+            vec![(11, 11, m0)]
+        );
         assert_eq!(
             s.bounds(1).unwrap(),
             Some(QueueBounds {
@@ -390,6 +424,7 @@ pub mod contract {
                 queue: 1,
                 seq: 12,
                 id: 12,
+                meta: EntryMeta::default(),
             },
             MessageOp::Remove {
                 queue: 1,
@@ -412,6 +447,7 @@ pub mod contract {
                 queue: 4,
                 seq: id - 19,
                 id,
+                meta: EntryMeta::default(),
             });
         }
         s.apply(&ops).unwrap();
@@ -423,10 +459,52 @@ pub mod contract {
         .unwrap();
         assert_eq!(
             s.read_index(4, 0, u64::MAX, 10).unwrap(),
-            vec![(1, 20), (4, 23), (5, 24)]
+            vec![(1, 20, m0), (4, 23, m0), (5, 24, m0)]
         );
         assert_eq!(bodies(), 3);
         s.apply(&[MessageOp::DropQueue { queue: 4 }]).unwrap();
+        assert_eq!(bodies(), 0);
+    }
+
+    /// An entry keeps its meta (enqueue time, delivery count); `SetMeta`
+    /// rewrites it without touching the body's references.
+    pub fn entry_meta(s: &dyn MessageStore, bodies: &dyn Fn() -> usize) {
+        let meta = |deliveries| EntryMeta {
+            enqueued_at: 1_765_000_000_000,
+            deliveries,
+        };
+        s.apply(&[
+            MessageOp::PutMessage {
+                id: 50,
+                refs: 2,
+                message: msg("m"),
+            },
+            MessageOp::Enqueue {
+                queue: 51,
+                seq: 1,
+                id: 50,
+                meta: meta(0),
+            },
+            MessageOp::Enqueue {
+                queue: 52,
+                seq: 1,
+                id: 50,
+                meta: meta(0),
+            },
+        ])
+        .unwrap();
+        s.apply(&[MessageOp::SetMeta {
+            queue: 51,
+            seq: 1,
+            id: 50,
+            meta: meta(3),
+        }])
+        .unwrap();
+        assert_eq!(s.read_index(51, 0, 9, 9).unwrap(), vec![(1, 50, meta(3))]);
+        assert_eq!(s.read_index(52, 0, 9, 9).unwrap(), vec![(1, 50, meta(0))]);
+        s.apply(&[MessageOp::DropQueue { queue: 51 }]).unwrap();
+        assert_eq!(bodies(), 1, "the set did not add a reference");
+        s.apply(&[MessageOp::DropQueue { queue: 52 }]).unwrap();
         assert_eq!(bodies(), 0);
     }
 
@@ -575,11 +653,13 @@ pub mod contract {
                 queue: 1,
                 seq: 5,
                 id: 5,
+                meta: EntryMeta::default(),
             },
             MessageOp::Enqueue {
                 queue: 2,
                 seq: 5,
                 id: 5,
+                meta: EntryMeta::default(),
             },
         ])
         .unwrap();

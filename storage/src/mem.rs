@@ -16,7 +16,7 @@ pub struct MemStore {
 #[derive(Default)]
 struct Messages {
     bodies: HashMap<MessageId, (StoredMessage, usize)>,
-    index: BTreeMap<(QueueId, u64), MessageId>,
+    index: BTreeMap<(QueueId, u64), (MessageId, EntryMeta)>,
 }
 
 impl MemStore {
@@ -118,18 +118,30 @@ impl MessageStore for MemStore {
                 MessageOp::PutMessage { id, message, .. } => {
                     m.bodies.entry(*id).or_insert_with(|| (message.clone(), 0));
                 }
-                MessageOp::Enqueue { queue, seq, id } => {
+                MessageOp::Enqueue {
+                    queue,
+                    seq,
+                    id,
+                    meta,
+                } => {
                     if let Some(entry) = m.bodies.get_mut(id) {
                         entry.1 += 1;
-                        m.index.insert((*queue, *seq), *id);
+                        m.index.insert((*queue, *seq), (*id, *meta));
                     } else {
                         return Err(StoreError::Corrupt(format!(
                             "enqueue of unknown message {id}"
                         )));
                     }
                 }
+                MessageOp::SetMeta {
+                    queue, seq, meta, ..
+                } => {
+                    if let Some(e) = m.index.get_mut(&(*queue, *seq)) {
+                        e.1 = *meta;
+                    }
+                }
                 MessageOp::Remove { queue, seq, .. } => {
-                    if let Some(id) = m.index.remove(&(*queue, *seq)) {
+                    if let Some((id, _)) = m.index.remove(&(*queue, *seq)) {
                         release(&mut m, id);
                     }
                 }
@@ -148,7 +160,7 @@ impl MessageStore for MemStore {
                         .map(|(k, _)| *k)
                         .collect();
                     for k in keys {
-                        if let Some(id) = m.index.remove(&k) {
+                        if let Some((id, _)) = m.index.remove(&k) {
                             release(&mut m, id);
                         }
                     }
@@ -164,7 +176,7 @@ impl MessageStore for MemStore {
         from: u64,
         to: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, MessageId)>> {
+    ) -> Result<Vec<(u64, MessageId, EntryMeta)>> {
         if from >= to {
             return Ok(Vec::new());
         }
@@ -172,7 +184,7 @@ impl MessageStore for MemStore {
         Ok(m.index
             .range((queue, from)..(queue, to))
             .take(limit)
-            .map(|(&(_, seq), id)| (seq, *id))
+            .map(|(&(_, seq), &(id, meta))| (seq, id, meta))
             .collect())
     }
 
@@ -221,6 +233,8 @@ mod tests {
         crate::contract::messages(&s, &|| lock(&s.messages).bodies.len());
         let s = MemStore::new();
         crate::contract::batch_order(&s, &|| lock(&s.messages).bodies.len());
+        let s = MemStore::new();
+        crate::contract::entry_meta(&s, &|| lock(&s.messages).bodies.len());
     }
 
     #[test]

@@ -645,32 +645,33 @@ async fn single_active_consumer_hands_over_by_priority_then_registration() {
     assert_eq!(next_delivery(&mut b_c).await.data, b"3");
 }
 
-/// `x-queue-type` quorum and stream are refused (406, naming the type)
-/// until Warren has them, never turned into classic queues in silence.
+/// `x-queue-type: stream` is refused (406, naming the type) until Warren
+/// has streams, never turned into a classic queue in silence.
 #[tokio::test]
-async fn quorum_and_stream_queue_types_are_refused_until_warren_has_them() {
+async fn stream_queue_type_is_refused_until_warren_has_it() {
     let b = TestBroker::start().await;
     if !b.is_warren() {
         return;
     }
     let c = b.connect().await;
-    for t in ["quorum", "stream"] {
-        let ch = c.create_channel().await.unwrap();
-        let err = declare_with(&ch, &unique("qt"), args(&[("x-queue-type", text(t))]))
-            .await
-            .unwrap_err();
-        assert_eq!(code(&err), Some(PRECONDITION_FAILED), "{t}: {err}");
-        assert!(
-            err.to_string()
-                .contains(&format!("queue type '{t}' is not supported by Warren yet")),
-            "{err}"
-        );
-    }
+    let ch = c.create_channel().await.unwrap();
+    let err = declare_with(
+        &ch,
+        &unique("qt"),
+        args(&[("x-queue-type", text("stream"))]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code(&err), Some(PRECONDITION_FAILED), "{err}");
+    assert!(
+        err.to_string()
+            .contains("queue type 'stream' is not supported by Warren yet"),
+        "{err}"
+    );
 }
 
 /// Arguments that would change what happens to messages and that Warren
-/// does not implement yet are refused with 406, never accepted and ignored
-/// (a team declaring `x-delivery-limit` must not get endless redelivery).
+/// does not implement yet are refused with 406, never accepted and ignored.
 #[tokio::test]
 async fn unimplemented_arguments_are_refused_not_ignored() {
     let b = TestBroker::start().await;
@@ -679,11 +680,8 @@ async fn unimplemented_arguments_are_refused_not_ignored() {
     }
     let c = b.connect().await;
     for (k, v) in [
-        ("x-delivery-limit", int(3)),
-        ("x-consumer-timeout", int(1000)),
         ("x-dead-letter-strategy", text("at-least-once")),
         ("x-max-age", text("1D")),
-        ("x-message-deduplication", AMQPValue::Boolean(true)),
     ] {
         let ch = c.create_channel().await.unwrap();
         let err = declare_with(&ch, &unique("unimpl"), args(&[(k, v)]))
@@ -695,18 +693,134 @@ async fn unimplemented_arguments_are_refused_not_ignored() {
             "{err}"
         );
     }
-    // The consumer argument too.
+    // A consumer timeout that is not a number of milliseconds.
     let ch = c.create_channel().await.unwrap();
-    let q = unique("unimpl-consume");
+    let q = unique("bad-timeout");
     declare_queue(&ch, &q).await;
     let err = ch
         .basic_consume(
             q.as_str().into(),
             "t".into(),
             BasicConsumeOptions::default(),
-            args(&[("x-consumer-timeout", int(1000))]),
+            args(&[("x-consumer-timeout", int(0))]),
         )
         .await
         .unwrap_err();
     assert_eq!(code(&err), Some(PRECONDITION_FAILED), "{err}");
+}
+
+// ----------------------------------------------------------- delivery limits
+
+/// A poison message on a quorum queue with `x-delivery-limit: 1`: its
+/// redelivery carries `x-delivery-count: 1`; the next return dead-letters
+/// it (reason `delivery_limit`), without the count header. RabbitMQ's
+/// quorum queues do the same.
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_past_its_delivery_limit() {
+    let broker = TestBroker::start().await;
+    let (_conn, ch) = broker.channel().await;
+    let (dlx, dlq) = dead_letter_target(&ch).await;
+    let q = unique("poison");
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args(&[
+            ("x-queue-type", text("quorum")),
+            ("x-delivery-limit", int(1)),
+            ("x-dead-letter-exchange", text(&dlx)),
+        ]),
+    )
+    .await
+    .unwrap();
+    publish(&ch, "", &q, b"poison").await;
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let count = |d: &lapin::message::Delivery| {
+        d.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").cloned())
+    };
+    let first = next_delivery(&mut consumer).await;
+    assert!(!first.redelivered);
+    assert_eq!(count(&first), None);
+    first
+        .reject(BasicRejectOptions { requeue: true })
+        .await
+        .unwrap();
+    let second = next_delivery(&mut consumer).await;
+    assert!(second.redelivered);
+    assert_eq!(count(&second), Some(AMQPValue::LongLongInt(1)));
+    second
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await
+        .unwrap();
+    let m = get_one(&ch, &dlq).await;
+    assert_eq!(m.delivery.data, b"poison");
+    assert_eq!(field_text(&first_death(&m), "reason"), "delivery_limit");
+    assert_eq!(header(&m, "x-delivery-count"), None);
+    assert_no_delivery(&mut consumer, Duration::from_millis(200)).await;
+    broker.stop().await;
+}
+
+// ---------------------------------------------------------- consumer timeout
+
+/// The broker-wide consumer timeout: a consumer that holds a delivery
+/// longer is cancelled (lapin announces consumer_cancel_notify, so it hears
+/// basic.cancel and its stream ends), and the message goes to the next
+/// consumer, redelivered.
+#[tokio::test]
+async fn a_consumer_that_holds_a_delivery_too_long_is_cancelled() {
+    let broker = TestBroker::start_with(|c| c.consumer_timeout = Some(300)).await;
+    if !broker.is_warren() {
+        return;
+    }
+    let (_conn, ch) = broker.channel().await;
+    let q = unique("timeout");
+    declare_queue(&ch, &q).await;
+    publish(&ch, "", &q, b"held").await;
+    let mut slow = ch
+        .basic_consume(
+            q.as_str().into(),
+            "slow".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let held = next_delivery(&mut slow).await;
+    assert_eq!(held.data, b"held");
+    // Cancelled: the stream ends.
+    within("the cancel", async {
+        use futures_lite::StreamExt;
+        while slow.next().await.is_some() {}
+    })
+    .await;
+    let (_c2, ch2) = broker.channel().await;
+    let mut next = ch2
+        .basic_consume(
+            q.as_str().into(),
+            "next".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let again = next_delivery(&mut next).await;
+    assert_eq!(again.data, b"held");
+    assert!(again.redelivered);
+    broker.stop().await;
 }

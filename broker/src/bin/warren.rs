@@ -78,6 +78,12 @@ struct Args {
     /// raising its soft limit to the hard one.
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Milliseconds a delivery may stay unacknowledged before its consumer
+    /// is cancelled (or, for a client that cannot take a cancel, its channel
+    /// closed with 406) and its messages returned, on queues that set no
+    /// `x-consumer-timeout` of their own. 0: off (the default).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    consumer_timeout: u64,
     /// Sync the write-ahead log on every write (turn off only for benchmarks).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     fsync: bool,
@@ -260,6 +266,7 @@ fn main() -> std::process::ExitCode {
         max_message_size: args.max_message_size,
         max_connections: max_connections.max(1),
         fsync: args.fsync,
+        consumer_timeout: (args.consumer_timeout > 0).then_some(args.consumer_timeout),
         memory_limit,
         disk_free_limit: args.disk_free_limit,
         definitions: args.definitions,

@@ -58,6 +58,14 @@ impl Unacked {
         let n = self.0.partition_point(|(t, _)| *t <= tag);
         self.0.drain(..n).collect()
     }
+    /// Take out every delivery `f` picks (rare: a consumer timed out).
+    pub fn remove_where(&mut self, f: impl Fn(&Delivery) -> bool) -> Vec<Delivery> {
+        let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition(|(_, d)| f(d));
+        self.0 = kept;
+        gone.into_iter().map(|(_, d)| d).collect()
+    }
     pub fn take_all(&mut self) -> Deliveries {
         self.0.drain(..).collect()
     }

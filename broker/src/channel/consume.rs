@@ -126,11 +126,17 @@ impl Channel {
         cx.session.check(Kind::Queue, &name, Perm::Read)?;
         let vhost = &cx.session.vhost;
         let handle = vhost.queue(&name, cx.session.conn_id)?;
-        if cm.arguments.inner().contains_key("x-consumer-timeout") {
-            return Err(precondition(
-                "invalid arg 'x-consumer-timeout' for consumer: not supported by Warren yet",
-            ));
-        }
+        let timeout = match cm.arguments.inner().get("x-consumer-timeout") {
+            None => None,
+            Some(v) => match crate::fields::as_int(v) {
+                Some(ms) if ms > 0 && ms <= u32::MAX as i128 => Some(ms as u64),
+                _ => {
+                    return Err(precondition(format!(
+                        "invalid arg 'x-consumer-timeout' for consumer: {v:?} is not a timeout in milliseconds (1 to 4294967295)"
+                    )))
+                }
+            },
+        };
         let priority = match cm.arguments.inner().get("x-priority") {
             None => 0,
             Some(v) => match crate::fields::as_int(v).and_then(|p| i32::try_from(p).ok()) {
@@ -157,6 +163,8 @@ impl Channel {
             priority,
             unacked: 0,
             order: 0,
+            timeout,
+            cancel_notify: cx.session.caps.consumer_cancel_notify,
         };
         match handle
             .ask(|reply| QueueCmd::Consume { consumer, reply })
@@ -254,6 +262,22 @@ impl Channel {
         }
     }
 
+    /// The queue cancelled a consumer whose delivery timed out and took its
+    /// unacked messages back (`returned`, sequences in queue `queue`): they
+    /// leave this channel's unacked set (their prefetch credit comes back;
+    /// a late ack of one is an unknown delivery tag), and the client hears
+    /// basic.cancel.
+    pub fn timed_out(&mut self, cx: &mut Ctx<'_>, tag: &str, queue: u64, returned: &[u64]) {
+        let gone = self
+            .unacked
+            .remove_where(|d| d.queue.id() == queue && returned.contains(&d.seq));
+        let credit = gone.iter().filter(|d| d.holds_credit).count() as u32;
+        if self.credit.release(credit) {
+            self.wake_consumers();
+        }
+        self.cancelled_by_queue(cx, tag);
+    }
+
     /// Write a delivery to one of this channel's consumers. `reopened`: the
     /// consumer's in-flight window was full before this one was taken off
     /// (see [`took_in_flight`]): its queue is woken.
@@ -308,6 +332,7 @@ impl Channel {
             .ask(|reply| QueueCmd::Get {
                 chan_key,
                 no_ack,
+                conn: Some(cx.session.events.clone()),
                 reply,
             })
             .await

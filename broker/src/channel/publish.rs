@@ -25,7 +25,7 @@ use warren_protocol::content::{ContentError, ContentHeader};
 use warren_protocol::frame;
 use warren_protocol::method::{short, Publish};
 use warren_protocol::reply;
-use warren_storage::MessageOp;
+use warren_storage::{EntryMeta, MessageOp};
 
 /// A `basic.publish` waiting for its header and body frames.
 pub struct Content {
@@ -353,6 +353,10 @@ fn hand_over(
         // confirm waits for the sync too.
         let refs = slots.iter().filter(|q| q.persisted()).count() as u32;
         let mut ops = Vec::with_capacity(refs as usize + 1);
+        let meta = EntryMeta {
+            enqueued_at: crate::message::unix_ms(),
+            deliveries: 0,
+        };
         ops.push(MessageOp::PutMessage {
             id,
             refs,
@@ -364,6 +368,7 @@ fn hand_over(
                     queue: q.id(),
                     seq,
                     id,
+                    meta,
                 });
             }
         }

@@ -6,7 +6,7 @@
 use super::{generated_name, not_from_client, Channel, Ctx, Session};
 use crate::access::limits::{queue_limit_reached, queue_room};
 use crate::access::{Kind, Perm};
-use crate::error::{access_refused, AmqpError, AmqpResult};
+use crate::error::{access_refused, precondition, AmqpError, AmqpResult};
 use crate::exchange::Dest;
 use crate::queue::QueueCmd;
 use crate::vhost::{ExchangeSpec, QueueSpec};
@@ -148,6 +148,11 @@ impl Channel {
                     )));
                 }
                 if name.is_empty() {
+                    if string_arg(&d.arguments, "x-queue-type").as_deref() == Some("quorum") {
+                        return Err(precondition(
+                            "Cannot declare a server-named queue for type rabbit_quorum_queue",
+                        ));
+                    }
                     name = generated_name("amq.gen-");
                 }
                 if !d.passive {

@@ -83,6 +83,31 @@ impl Connection {
             ConnEvent::Close { code, text } => {
                 self.forced = Some(crate::error::AmqpError::new(code, text));
             }
+            ConnEvent::TimedOut {
+                chan_key,
+                tag,
+                timeout,
+                queue,
+                returned,
+            } => {
+                let Some(c) = self
+                    .channels
+                    .values_mut()
+                    .find(|c| c.key == chan_key && !c.closing)
+                else {
+                    return;
+                };
+                let n = c.number;
+                match tag {
+                    Some(tag) => c.timed_out(&mut ctx!(self), &tag, queue, &returned),
+                    None => self.close_channel(
+                        n,
+                        crate::error::precondition(format!(
+                            "delivery acknowledgement on channel {n} timed out. Timeout value used: {timeout} ms. This timeout value can be configured, see consumers doc guide to learn more"
+                        )),
+                    ),
+                }
+            }
             ConnEvent::Cancelled { chan_key, tag } => {
                 if let Some(c) = self.channels.values_mut().find(|c| c.key == chan_key) {
                     c.cancelled_by_queue(&mut ctx!(self), &tag);

@@ -163,8 +163,9 @@ async fn list_consumers(auth: Auth, st: St, q: Query<Paging>, vhost: Option<Stri
                     "arguments": if c.priority != 0 { json!({"x-priority": c.priority}) } else { json!({}) },
                     "active": c.active,
                     "activity_status": if c.active { "up" } else { "waiting" },
-                    // Warren has no consumer timeout yet: none applies.
-                    "consumer_timeout": Value::Null,
+                    // The timeout in force (consumer's, queue's, policy's
+                    // or the broker's), null for none.
+                    "consumer_timeout": c.timeout,
                 }));
             }
         }

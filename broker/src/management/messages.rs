@@ -256,6 +256,7 @@ async fn get(
             .ask(|reply| QueueCmd::Get {
                 chan_key,
                 no_ack: false,
+                conn: None,
                 reply,
             })
             .await

@@ -180,7 +180,7 @@ pub(super) async fn stats(q: &QueueHandle) -> QueueStats {
 async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> Value {
     let s = stats(q).await;
     let policies = v.policies();
-    let applied = policies.applied(Target::Queue, q.name());
+    let applied = policies.applied(Target::queue(&q.info.arguments), q.name());
     let i = &q.info;
     json!({
         "name": q.name(),
@@ -190,7 +190,10 @@ async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> 
         "exclusive": i.exclusive_owner.is_some(),
         "arguments": table_json(&i.arguments),
         "node": node_name(),
-        "type": "classic",
+        "type": match Target::queue(&i.arguments) {
+            Target::QuorumQueue => "quorum",
+            _ => "classic",
+        },
         "state": "running",
         "messages": s.ready + s.unacked,
         "messages_ready": s.ready,

@@ -26,6 +26,12 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use warren_storage::MessageOp;
 
+/// A connection's mailbox.
+pub(super) type ConnTx = mpsc::UnboundedSender<ConnEvent>;
+
+/// A `basic.get` waiting for a page: channel, no-ack, connection, reply.
+pub(super) type ParkedGet = (u64, bool, Option<ConnTx>, oneshot::Sender<Option<Got>>);
+
 /// The state one queue actor owns.
 pub(super) struct Actor {
     pub(super) info: Arc<QueueInfo>,
@@ -55,7 +61,7 @@ pub(super) struct Actor {
     /// Persistent messages in this queue are stored (durable, not exclusive).
     pub(super) persisted: bool,
     /// `basic.get`s waiting for a page read (the queue had messages only on disk).
-    pub(super) parked_gets: VecDeque<(u64, bool, oneshot::Sender<Option<Got>>)>,
+    pub(super) parked_gets: VecDeque<ParkedGet>,
     /// The actor's own mailbox, for page-read replies (weak: the mailbox
     /// still closes when every handle is gone).
     pub(super) myself: mpsc::WeakUnboundedSender<QueueCmd>,
@@ -64,6 +70,9 @@ pub(super) struct Actor {
     pub(super) on_auto_delete: Option<OnAutoDelete>,
     /// Origin of the actor's coarse millisecond clock.
     pub(super) epoch: Instant,
+    /// The same origin in Unix milliseconds (enqueue times are stored in
+    /// wall-clock time, so they mean the same after a restart).
+    pub(super) wall_epoch: u64,
     /// Milliseconds since `epoch`, read once per wake-up (a coarse clock).
     pub(super) now: u64,
     /// When the queue was last used (`x-expires`): a consumer left, a
@@ -90,6 +99,8 @@ pub(super) struct Actor {
     pub(super) active: Option<(u64, Arc<str>)>,
     /// Consumers registered so far (their registration order).
     pub(super) registrations: u64,
+    /// When deliveries were last checked for consumer timeouts.
+    pub(super) timeouts_checked: u64,
 }
 
 /// A queue's message totals (plain counters: the actor owns them).
@@ -167,6 +178,7 @@ impl Actor {
             had_consumer: false,
             on_auto_delete: Some(on_auto_delete),
             epoch: Instant::now(),
+            wall_epoch: crate::message::unix_ms(),
             now: 0,
             last_used: 0,
             persister,
@@ -178,6 +190,7 @@ impl Actor {
             counts: Counts::default(),
             active: None,
             registrations: 0,
+            timeouts_checked: 0,
         }
     }
 
@@ -222,6 +235,10 @@ impl Actor {
                         break;
                     }
                 }
+            }
+            if self.check_timeouts() {
+                self.deleted = true;
+                break;
             }
             let slots = self.end_wakeup();
             if slots > 0 {
@@ -296,6 +313,11 @@ impl Actor {
         self.now = self.epoch.elapsed().as_millis() as u64;
     }
 
+    /// The coarse clock in Unix milliseconds.
+    pub(super) fn wall_now(&self) -> u64 {
+        self.wall_epoch + self.now
+    }
+
     /// Whether publishers are held back: consumers are taking messages,
     /// and the backlog in memory is over the bound.
     pub(super) fn holding(&self) -> bool {
@@ -317,6 +339,9 @@ impl Actor {
             if self.consumers.is_empty() {
                 at = at.min(self.last_used.saturating_add(ms));
             }
+        }
+        if let Some(check) = self.next_timeout_check() {
+            at = at.min(check);
         }
         (at < NEVER).then(|| self.epoch + Duration::from_millis(at))
     }
@@ -355,17 +380,22 @@ impl Actor {
                     redelivered: false,
                     expires: NEVER,
                     on_disk,
+                    enqueued_at: 0,
+                    deliveries: 0,
                 });
                 return;
             }
         }
-        let expires = self.expiry_for(&p.msg);
+        let enqueued_at = self.wall_now();
+        let expires = self.expiry_for(&p.msg, enqueued_at);
         self.ready.push_back(Entry {
             seq: p.seq,
             msg: p.msg,
             redelivered: false,
             expires,
             on_disk,
+            enqueued_at,
+            deliveries: 0,
         });
         // Enqueued in memory is this queue's part of the confirm (a
         // persistent message's store write settles its own part).
@@ -477,8 +507,9 @@ impl Actor {
             QueueCmd::Get {
                 chan_key,
                 no_ack,
+                conn,
                 reply,
-            } => self.get(chan_key, no_ack, reply),
+            } => self.get(chan_key, no_ack, conn, reply),
             QueueCmd::ChannelClosed { chan_key } => {
                 let before = self.consumers.len();
                 self.consumers.retain(|c| c.chan_key != chan_key);
@@ -517,6 +548,7 @@ impl Actor {
                                     .active
                                     .as_ref()
                                     .is_some_and(|(k, t)| *k == c.chan_key && *t == c.tag),
+                            timeout: c.timeout.or(self.args.consumer_timeout),
                         })
                         .collect(),
                 );

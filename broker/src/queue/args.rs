@@ -49,6 +49,30 @@ pub struct QueueArgs {
     /// `x-single-active-consumer: true`: one consumer at a time gets
     /// messages; the others wait their turn.
     pub single_active: bool,
+    /// `x-queue-type: quorum`: durable, and counts deliveries always (with
+    /// a delivery limit of [`QUORUM_DELIVERY_LIMIT`] unless one is set).
+    /// Replicated once Warren forms clusters; on one node it is a durable
+    /// queue with those defaults.
+    pub quorum: bool,
+    /// `x-delivery-limit` / policy `delivery-limit`: a message that came
+    /// back more often than this is dead-lettered (reason `delivery_limit`).
+    pub delivery_limit: Option<u64>,
+    /// `x-consumer-timeout` / policy `consumer-timeout` (else the broker's):
+    /// ms a delivery may stay unacknowledged before its consumer is
+    /// cancelled (or its channel closed) and its messages returned.
+    pub consumer_timeout: Option<u64>,
+}
+
+/// The delivery limit of a quorum queue that sets none (RabbitMQ 4's).
+pub const QUORUM_DELIVERY_LIMIT: u64 = 20;
+
+impl QueueArgs {
+    /// Whether the queue counts how often each message came back (and
+    /// tells consumers, `x-delivery-count`): quorum queues and queues with
+    /// a delivery limit.
+    pub fn counts_deliveries(&self) -> bool {
+        self.quorum || self.delivery_limit.is_some()
+    }
 }
 
 impl QueueArgs {
@@ -76,6 +100,9 @@ impl QueueArgs {
             max_priority: uint("x-max-priority").map(|p| p.min(MAX_PRIORITY as u64) as u8),
             lazy: text("x-queue-mode").as_deref() == Some("lazy"),
             single_active: t.get("x-single-active-consumer") == Some(&AMQPValue::Boolean(true)),
+            quorum: text("x-queue-type").as_deref() == Some("quorum"),
+            delivery_limit: uint("x-delivery-limit"),
+            consumer_timeout: uint("x-consumer-timeout").filter(|&v| v > 0),
         }
     }
 }
@@ -100,6 +127,11 @@ impl QueueArgs {
             a.expires = min(a.expires, d.expires);
             a.max_length = min(a.max_length, d.max_length);
             a.max_length_bytes = min(a.max_length_bytes, d.max_length_bytes);
+            a.delivery_limit = min(a.delivery_limit, d.delivery_limit);
+            a.consumer_timeout = min(a.consumer_timeout, d.consumer_timeout);
+        }
+        if a.quorum && a.delivery_limit.is_none() {
+            a.delivery_limit = Some(QUORUM_DELIVERY_LIMIT);
         }
         let Some(p) = applied.policy else {
             return a;
@@ -153,7 +185,7 @@ fn string_value(v: &AMQPValue) -> Option<String> {
 }
 
 /// RabbitMQ's name for a field value's type (in error texts).
-fn type_name(v: &AMQPValue) -> &'static str {
+pub(crate) fn type_name(v: &AMQPValue) -> &'static str {
     if let Some((n, _)) = int_value(v) {
         return n;
     }
@@ -186,20 +218,35 @@ pub fn validate(queue: &str, vhost: &str, args: &FieldTable) -> AmqpResult<()> {
             // Arguments whose absence would change what happens to
             // messages: refused until Warren implements them, never
             // accepted and ignored (RabbitMQ's classic queues ignore some).
-            "x-delivery-limit"
-            | "x-consumer-timeout"
-            | "x-dead-letter-strategy"
-            | "x-max-age"
+            "x-delivery-limit" => int_arg(value, 0, u32::MAX as i128, false),
+            "x-consumer-timeout" => int_arg(value, 1, MAX_EXPIRY, false),
+            // Warren hands a dead letter to its targets once, without a
+            // confirm: RabbitMQ's at-most-once.
+            "x-dead-letter-strategy" => match str_arg(value) {
+                Err(e) => Some(e),
+                Ok(v) if v == "at-most-once" => None,
+                Ok(v) if v == "at-least-once" => Some("\"not supported by Warren yet\"".into()),
+                Ok(_) => Some("invalid_dlx_strategy".into()),
+            },
+            // One node: every locator picks it, and a group is all the
+            // nodes there are when it asks for more (RabbitMQ's rule).
+            "x-queue-leader-locator" => match str_arg(value) {
+                Err(e) => Some(e),
+                Ok(v) if v == "client-local" || v == "balanced" => None,
+                Ok(v) => Some(format!("{{invalid_leader_locator,<<\"{v}\">>}}")),
+            },
+            "x-quorum-initial-group-size" => int_arg(value, 1, i128::from(u16::MAX), false),
+            "x-max-age"
             | "x-message-deduplication"
             | "x-cache-size"
             | "x-cache-ttl"
             | "x-cache-persistence" => Some("\"not supported by Warren yet\"".into()),
             "x-queue-type" => match str_arg(value) {
                 Err(e) => Some(e),
-                Ok(t) if t == "classic" => None,
-                // Refused until Warren has them, never turned into classic
-                // queues (quorum needs its delivery limit, issue 13).
-                Ok(t) if t == "quorum" || t == "stream" => Some(format!(
+                Ok(t) if t == "classic" || t == "quorum" => None,
+                // Refused until Warren has streams, never turned into a
+                // classic queue.
+                Ok(t) if t == "stream" => Some(format!(
                     "\"queue type '{t}' is not supported by Warren yet\""
                 )),
                 Ok(t) => Some(format!("\"unsupported queue type '{t}'\"")),
@@ -232,6 +279,46 @@ pub fn validate(queue: &str, vhost: &str, args: &FieldTable) -> AmqpResult<()> {
         if let Some(p) = problem {
             return Err(precondition(format!(
                 "invalid arg '{key}' for queue '{queue}' in vhost '{vhost}': {p}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a quorum queue refuses at declaration, as RabbitMQ refuses it (406):
+/// it is durable, not exclusive and not auto-delete, has no priorities and
+/// no queue mode. Only for a queue being created.
+pub fn validate_quorum(
+    queue: &str,
+    vhost: &str,
+    durable: bool,
+    exclusive: bool,
+    auto_delete: bool,
+    args: &FieldTable,
+) -> AmqpResult<()> {
+    let t = args.inner();
+    let quorum = matches!(
+        t.get("x-queue-type").and_then(string_value).as_deref(),
+        Some("quorum")
+    );
+    if !quorum {
+        return Ok(());
+    }
+    for (bad, property) in [
+        (!durable, "non-durable"),
+        (exclusive, "exclusive-owner"),
+        (auto_delete, "auto-delete"),
+    ] {
+        if bad {
+            return Err(precondition(format!(
+                "invalid property '{property}' for queue '{queue}' in vhost '{vhost}'"
+            )));
+        }
+    }
+    for arg in ["x-max-priority", "x-queue-mode", "x-queue-master-locator"] {
+        if t.contains_key(arg) {
+            return Err(precondition(format!(
+                "invalid arg '{arg}' for queue '{queue}' in vhost '{vhost}' of queue type rabbit_quorum_queue"
             )));
         }
     }
@@ -306,6 +393,9 @@ mod tests {
                 max_priority: Some(10),
                 lazy: true,
                 single_active: false,
+                quorum: false,
+                delivery_limit: None,
+                consumer_timeout: None,
             }
         );
         assert_eq!(

@@ -23,8 +23,8 @@ pub static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 /// Messages that died, by reason (as `Reason::index`) and whether their
 /// queue had a dead-letter exchange (`[.][1]`, RabbitMQ's `at_most_once`
 /// strategy) or not (`[.][0]`, `disabled`: dropped).
-pub static DEAD: [[std::sync::atomic::AtomicU64; 2]; 3] =
-    [const { [const { std::sync::atomic::AtomicU64::new(0) }; 2] }; 3];
+pub static DEAD: [[std::sync::atomic::AtomicU64; 2]; 4] =
+    [const { [const { std::sync::atomic::AtomicU64::new(0) }; 2] }; 4];
 
 /// Count a message that died.
 pub fn count(reason: Reason, has_dlx: bool) {
@@ -40,6 +40,8 @@ pub enum Reason {
     Expired,
     /// Dropped or refused by `x-max-length` / `x-max-length-bytes`.
     MaxLen,
+    /// Came back more often than the queue's delivery limit.
+    DeliveryLimit,
 }
 
 impl Reason {
@@ -48,6 +50,7 @@ impl Reason {
             Reason::Rejected => "rejected",
             Reason::Expired => "expired",
             Reason::MaxLen => "maxlen",
+            Reason::DeliveryLimit => "delivery_limit",
         }
     }
 }
@@ -81,6 +84,13 @@ pub fn make(
 ) -> Option<Message> {
     let mut headers = msg.header.headers().unwrap_or_default();
     let original_expiration = msg.header.expiration();
+    // The count belongs to the queue the message died in (RabbitMQ drops
+    // it too).
+    if headers.contains_key("x-delivery-count") {
+        let mut m = headers.inner().clone();
+        m.remove("x-delivery-count");
+        headers = m.into();
+    }
 
     let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
@@ -164,6 +174,31 @@ pub fn make(
         body: msg.body.clone(),
         // Dead letters are not written to the store yet.
         stored: None,
+    })
+}
+
+/// `msg` as this queue delivers it after it came back `count` times: the
+/// header `x-delivery-count` set (RabbitMQ's quorum queues' header), every
+/// other property the publisher's bytes. The body and store id are shared.
+/// None only if the rebuilt header is refused, which one that was valid on
+/// arrival cannot be.
+pub fn with_delivery_count(msg: &Message, count: u32) -> Option<Message> {
+    let mut headers = msg.header.headers().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongLongInt(count as i64),
+    );
+    let table = cookie_factory::gen_simple(
+        warren_protocol::types::generation::gen_field_table(&headers),
+        Vec::new(),
+    )
+    .ok()?;
+    Some(Message {
+        exchange: msg.exchange.clone(),
+        routing_key: msg.routing_key.clone(),
+        header: msg.header.rebuilt(Some(&table), false).ok()?,
+        body: msg.body.clone(),
+        stored: msg.stored,
     })
 }
 

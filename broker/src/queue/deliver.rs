@@ -2,13 +2,17 @@
 //! credit (priority levels, round robin within one), `basic.get`, and
 //! settlement (ack, reject, requeue, a channel's unacked on close).
 
-use super::actor::Actor;
+use super::actor::{Actor, ConnTx};
+use super::dead_letter::{self, Reason};
 use super::handle::Got;
 use super::ready::{Entry, Unacked};
 use super::FLOW_WINDOW;
 use crate::events::ConnEvent;
+use crate::message::MessageRef;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tokio::sync::oneshot;
+use warren_storage::{EntryMeta, MessageOp};
 
 impl Actor {
     /// Hand ready messages to consumers with credit, round robin.
@@ -46,7 +50,10 @@ impl Actor {
                     entry,
                     chan_key: c.chan_key,
                     tag: Some(c.tag.clone()),
+                    delivered_at: self.now,
+                    get_conn: None,
                 };
+                self.note_out(&u.entry);
                 self.unacked.insert(u.entry.seq, u);
             }
         }
@@ -92,13 +99,66 @@ impl Actor {
         None
     }
 
-    /// Put messages back in sequence order (within their priority level),
-    /// marked redelivered. They keep their expiry.
+    /// Messages that came back from consumers (reject or nack with
+    /// requeue, `basic.recover`, their channel or connection closed, a
+    /// consumer timeout): put back in sequence order (within their priority
+    /// level), marked redelivered, keeping their expiry. A queue that
+    /// counts deliveries counts this one (the store has the count since the
+    /// delivery, see `note_out`) and dead-letters (reason `delivery_limit`)
+    /// a message that came back more often than its limit.
     pub(super) fn requeue(&mut self, mut entries: Vec<Entry>) {
         entries.sort_by_key(|e| e.seq);
+        let counting = self.args.counts_deliveries();
         for mut e in entries.into_iter().rev() {
             e.redelivered = true;
+            if counting {
+                e.deliveries = e.deliveries.saturating_add(1);
+                if self
+                    .args
+                    .delivery_limit
+                    .is_some_and(|limit| u64::from(e.deliveries) > limit)
+                {
+                    self.dead_letter(&e.msg, Reason::DeliveryLimit);
+                    self.unstore(&e);
+                    continue;
+                }
+                // (Its store entry has had this count since it went out.)
+                e.msg = self.counted(e.msg, e.deliveries);
+            }
             self.ready.insert(e);
+        }
+    }
+
+    /// A message goes out to be acknowledged. A queue that counts
+    /// deliveries stores, with its entry, the count it will have if it
+    /// comes back, so that a delivery still unacked when the broker stops
+    /// (crash or not) counts as one, as RabbitMQ's quorum queues count it.
+    fn note_out(&mut self, e: &Entry) {
+        if !self.args.counts_deliveries() {
+            return;
+        }
+        if let (true, Some(id), Some(_)) = (e.on_disk, e.msg.stored, &self.persister) {
+            self.pending.push(MessageOp::SetMeta {
+                queue: self.info.id,
+                seq: e.seq,
+                id,
+                meta: EntryMeta {
+                    enqueued_at: e.enqueued_at,
+                    deliveries: e.deliveries.saturating_add(1),
+                },
+            });
+        }
+    }
+
+    /// The message with its `x-delivery-count` header set to `count`.
+    pub(super) fn counted(&self, msg: MessageRef, count: u32) -> MessageRef {
+        match dead_letter::with_delivery_count(&msg, count) {
+            Some(m) => Arc::new(m),
+            None => {
+                // Its header was valid on arrival; never expected.
+                tracing::warn!("x-delivery-count could not be added to a redelivery");
+                msg
+            }
         }
     }
 
@@ -141,11 +201,17 @@ impl Actor {
 
     /// `basic.get`: the next live message, or None; parked while the queue
     /// has messages only on disk.
-    pub(super) fn get(&mut self, chan_key: u64, no_ack: bool, reply: oneshot::Sender<Option<Got>>) {
+    pub(super) fn get(
+        &mut self,
+        chan_key: u64,
+        no_ack: bool,
+        conn: Option<ConnTx>,
+        reply: oneshot::Sender<Option<Got>>,
+    ) {
         self.last_used = self.now;
         let Some(e) = self.pop_live() else {
             if self.tail.as_ref().is_some_and(|t| !t.drained()) {
-                self.parked_gets.push_back((chan_key, no_ack, reply));
+                self.parked_gets.push_back((chan_key, no_ack, conn, reply));
             } else {
                 let _ = reply.send(None);
             }
@@ -167,12 +233,15 @@ impl Actor {
         if no_ack {
             self.unstore(&e);
         } else {
+            self.note_out(&e);
             self.unacked.insert(
                 e.seq,
                 Unacked {
                     entry: e,
                     chan_key,
                     tag: None,
+                    delivered_at: self.now,
+                    get_conn: conn,
                 },
             );
         }

@@ -214,6 +214,11 @@ pub struct Consumer {
     pub unacked: u32,
     /// Registration order on its queue (set by the queue).
     pub order: u64,
+    /// `x-consumer-timeout` of the consumer (ms): overrides the queue's.
+    pub timeout: Option<u64>,
+    /// Its client announced `consumer_cancel_notify`: a timed-out consumer
+    /// is cancelled with basic.cancel (else its channel is closed).
+    pub cancel_notify: bool,
 }
 
 /// A message fetched by `basic.get`.
@@ -267,6 +272,9 @@ pub enum QueueCmd {
     Get {
         chan_key: u64,
         no_ack: bool,
+        /// The asking connection (told if the delivery times out); None
+        /// for the management API's gets.
+        conn: Option<mpsc::UnboundedSender<ConnEvent>>,
         reply: oneshot::Sender<Option<Got>>,
     },
     /// The channel closed: drop its consumers, requeue its unacked messages.
@@ -316,6 +324,8 @@ pub struct ConsumerInfo {
     pub priority: i32,
     /// False while it waits its turn on a single-active-consumer queue.
     pub active: bool,
+    /// The consumer timeout in force for it (ms), if any.
+    pub timeout: Option<u64>,
 }
 
 /// A queue's numbers, as operators see them.

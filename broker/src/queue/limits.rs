@@ -10,7 +10,7 @@ use super::ready::{Entry, NEVER};
 use super::QueueHandle;
 use crate::message::MessageRef;
 use std::sync::Arc;
-use warren_storage::MessageOp;
+use warren_storage::{EntryMeta, MessageOp};
 
 impl Actor {
     pub(super) fn unused_too_long(&self) -> bool {
@@ -63,14 +63,20 @@ impl Actor {
         false
     }
 
-    /// When a message arriving now expires: the queue TTL or its own
-    /// `expiration`, whichever is sooner.
-    pub(super) fn expiry_for(&self, msg: &MessageRef) -> u64 {
+    /// When a message that entered the queue at `enqueued_at` (Unix ms)
+    /// expires, on the actor's clock: the queue TTL or its own
+    /// `expiration`, whichever is sooner, counted from its enqueue (also
+    /// across restarts and paging: the enqueue time is stored with it).
+    pub(super) fn expiry_for(&self, msg: &MessageRef, enqueued_at: u64) -> u64 {
         let ttl = match (self.args.message_ttl, per_message_ttl(msg)) {
             (Some(q), Some(m)) => Some(q.min(m)),
             (q, m) => q.or(m),
         };
-        ttl.map_or(NEVER, |t| self.now.saturating_add(t))
+        ttl.map_or(NEVER, |t| {
+            enqueued_at
+                .saturating_add(t)
+                .saturating_sub(self.wall_epoch)
+        })
     }
 
     /// `x-overflow: drop-head`: drop (dead-letter, reason `maxlen`) from the
@@ -158,12 +164,17 @@ impl Actor {
         // No await from taking a sequence to sending (the actor never waits).
         let seqs: Vec<u64> = targets.iter().map(|q| q.take_seq()).collect();
         if let Some(id) = dead.stored {
+            let meta = EntryMeta {
+                enqueued_at: self.wall_now(),
+                deliveries: 0,
+            };
             for (q, &seq) in targets.iter().zip(&seqs) {
                 if q.persisted() {
                     ops.push(MessageOp::Enqueue {
                         queue: q.id(),
                         seq,
                         id,
+                        meta,
                     });
                 }
             }

@@ -47,6 +47,7 @@
 //! - `limits`: TTL, length limits, dead-lettering.
 //! - [`args`]: the queue arguments, checked and decoded.
 //! - [`dead_letter`]: the dead-lettered message and its `x-death` header.
+//! - `timeouts`: consumer timeouts.
 
 mod actor;
 pub mod args;
@@ -58,6 +59,7 @@ mod paging;
 mod ready;
 #[cfg(test)]
 mod tests;
+mod timeouts;
 
 pub use actor::spawn;
 pub use handle::{

@@ -10,7 +10,7 @@ use super::ready::Entry;
 use super::{PAGE_READ, PAGE_WINDOW, PAGE_WINDOW_BYTES};
 use crate::persist::Page;
 use std::collections::BTreeSet;
-use warren_storage::MessageOp;
+use warren_storage::{EntryMeta, MessageOp};
 
 /// The part of a queue that lives only on disk: every message with a
 /// sequence from `start` on that has arrived since paging began, in index
@@ -99,6 +99,10 @@ impl Actor {
                     queue: self.info.id,
                     seq: p.seq,
                     id,
+                    meta: EntryMeta {
+                        enqueued_at: self.wall_epoch + self.now,
+                        deliveries: 0,
+                    },
                 });
             }
         }
@@ -166,7 +170,8 @@ impl Actor {
         if t.cursor >= t.end && t.ahead.is_empty() {
             t.len = 0;
         }
-        for (seq, msg) in page.entries {
+        let counting = self.args.counts_deliveries();
+        for (seq, msg, meta) in page.entries {
             let old = seq < self.recovered_below;
             if old && !msg.persistent() {
                 // A transient message paged out before a restart: gone.
@@ -179,14 +184,39 @@ impl Actor {
                 }
                 continue;
             }
-            let expires = self.expiry_for(&msg);
-            self.ready.insert(Entry {
+            // Entries written before Warren stored enqueue times count
+            // from now.
+            let enqueued_at = match meta.enqueued_at {
+                0 => self.wall_now(),
+                t => t,
+            };
+            let expires = self.expiry_for(&msg, enqueued_at);
+            let entry = Entry {
                 seq,
                 msg,
-                redelivered: old,
+                redelivered: old || meta.deliveries > 0,
                 expires,
                 on_disk: true,
-            });
+                enqueued_at,
+                deliveries: meta.deliveries,
+            };
+            if counting && meta.deliveries > 0 {
+                // Out to a consumer when the broker stopped: that delivery
+                // counted, and may have been its last.
+                if self
+                    .args
+                    .delivery_limit
+                    .is_some_and(|limit| u64::from(meta.deliveries) > limit)
+                {
+                    self.dead_letter(&entry.msg, super::dead_letter::Reason::DeliveryLimit);
+                    self.unstore(&entry);
+                    continue;
+                }
+                let msg = self.counted(entry.msg, meta.deliveries);
+                self.ready.insert(Entry { msg, ..entry });
+                continue;
+            }
+            self.ready.insert(entry);
         }
         if self.args.overflow == super::args::Overflow::DropHead {
             // A length limit set by a policy while the queue paged.
@@ -203,8 +233,8 @@ impl Actor {
             if !self.has_live() && waiting {
                 return;
             }
-            if let Some((chan_key, no_ack, reply)) = self.parked_gets.pop_front() {
-                self.get(chan_key, no_ack, reply);
+            if let Some((chan_key, no_ack, conn, reply)) = self.parked_gets.pop_front() {
+                self.get(chan_key, no_ack, conn, reply);
             }
         }
     }

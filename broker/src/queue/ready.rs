@@ -18,6 +18,11 @@ pub(super) struct Entry {
     /// The store holds an index entry `queue ‖ seq` for it (removed when the
     /// message leaves the queue).
     pub on_disk: bool,
+    /// When it entered the queue, Unix milliseconds (kept in the store's
+    /// entry, so TTLs count from it across restarts).
+    pub enqueued_at: u64,
+    /// How often it was delivered and came back (queues that count them).
+    pub deliveries: u32,
 }
 
 pub(super) struct Unacked {
@@ -25,6 +30,10 @@ pub(super) struct Unacked {
     pub chan_key: u64,
     /// None for `basic.get` deliveries.
     pub tag: Option<Arc<str>>,
+    /// When it was delivered (the actor's clock), for consumer timeouts.
+    pub delivered_at: u64,
+    /// The connection that took it with `basic.get` (told if it times out).
+    pub get_conn: Option<tokio::sync::mpsc::UnboundedSender<crate::events::ConnEvent>>,
 }
 
 /// Ready messages: one FIFO per priority level (a single level without
@@ -141,6 +150,8 @@ mod tests {
             redelivered: false,
             expires: NEVER,
             on_disk: false,
+            enqueued_at: 0,
+            deliveries: 0,
         }
     }
 

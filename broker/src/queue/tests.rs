@@ -109,6 +109,8 @@ fn consume(
         priority,
         unacked: 0,
         order: 0,
+        timeout: None,
+        cancel_notify: true,
     };
     let (reply, mut answer) = oneshot::channel();
     assert!(!a.on_cmd(QueueCmd::Consume { consumer, reply }));
@@ -230,7 +232,7 @@ async fn a_lazy_queue_pages_its_tail_out_and_reads_it_back_in_order() {
     let mut got = Vec::new();
     while (got.len() as u64) < n {
         let (reply, mut answer) = oneshot::channel();
-        f.actor.get(1, true, reply);
+        f.actor.get(1, true, None, reply);
         f.actor.end_wakeup();
         loop {
             match answer.try_recv() {
@@ -255,4 +257,151 @@ async fn a_lazy_queue_pages_its_tail_out_and_reads_it_back_in_order() {
     f.actor.end_wakeup();
     assert!(f.actor.tail.is_none(), "back to memory once drained");
     assert_eq!(f.actor.ready_count(), 0);
+}
+
+fn reject(a: &mut Actor, chan_key: u64, seq: u64) {
+    let cmd = QueueCmd::Reject {
+        chan_key,
+        seqs: [seq].into_iter().collect(),
+        requeue: true,
+    };
+    assert!(!a.on_cmd(cmd));
+}
+
+/// Deliveries on a consumer's connection: (seq, redelivered, x-delivery-count).
+fn deliveries(events: &mut mpsc::UnboundedReceiver<ConnEvent>) -> Vec<(u64, bool, Option<i128>)> {
+    std::iter::from_fn(|| events.try_recv().ok())
+        .filter_map(|e| match e {
+            ConnEvent::Deliver {
+                seq,
+                redelivered,
+                msg,
+                ..
+            } => {
+                let count = msg.header.headers().and_then(|h| {
+                    h.inner()
+                        .get("x-delivery-count")
+                        .and_then(crate::fields::as_int)
+                });
+                Some((seq, redelivered, count))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_message_returned_more_often_than_the_delivery_limit_dies() {
+    let mut args = FieldTable::default();
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(2));
+    let mut f = fixture(args, None);
+    let a = &mut f.actor;
+    let (_, mut events) = consume(a, 1, "c", 0, 0);
+    publish(a, 1);
+    a.end_wakeup();
+    assert_eq!(deliveries(&mut events), vec![(1, false, None)]);
+    reject(a, 1, 1);
+    a.end_wakeup();
+    assert_eq!(deliveries(&mut events), vec![(1, true, Some(1))]);
+    reject(a, 1, 1);
+    a.end_wakeup();
+    assert_eq!(deliveries(&mut events), vec![(1, true, Some(2))]);
+    // The third return is one more than the limit: dead-lettered (here:
+    // dropped, the queue has no dead-letter exchange), never delivered again.
+    let dead = || {
+        super::dead_letter::DEAD[super::dead_letter::Reason::DeliveryLimit as usize][0]
+            .load(Ordering::Relaxed)
+    };
+    let before = dead();
+    reject(a, 1, 1);
+    a.end_wakeup();
+    assert!(deliveries(&mut events).is_empty());
+    assert_eq!(a.ready_count() + a.unacked.len() as u64, 0);
+    assert!(
+        dead() > before,
+        "counted as dead-lettered for delivery_limit"
+    );
+}
+
+#[test]
+fn without_a_limit_a_classic_queue_does_not_count_deliveries() {
+    let mut f = fixture(FieldTable::default(), None);
+    let a = &mut f.actor;
+    let (_, mut events) = consume(a, 1, "c", 0, 0);
+    publish(a, 1);
+    a.end_wakeup();
+    for _ in 0..3 {
+        deliveries(&mut events);
+        reject(a, 1, 1);
+        a.end_wakeup();
+    }
+    assert_eq!(deliveries(&mut events), vec![(1, true, None)]);
+}
+
+#[test]
+fn a_timed_out_consumer_is_cancelled_and_its_messages_come_back() {
+    let mut args = FieldTable::default();
+    args.insert("x-consumer-timeout".into(), AMQPValue::LongInt(100));
+    let mut f = fixture(args, None);
+    let a = &mut f.actor;
+    let (_, mut slow) = consume(a, 1, "slow", 0, 0);
+    publish(a, 1);
+    publish(a, 2);
+    a.end_wakeup();
+    assert_eq!(delivered(&mut slow), vec![1, 2]);
+    // Not late yet.
+    a.now += 100;
+    assert!(!a.check_timeouts());
+    assert!(slow.try_recv().is_err());
+    a.now += 100;
+    assert!(!a.check_timeouts());
+    match slow.try_recv() {
+        Ok(ConnEvent::TimedOut {
+            tag: Some(tag),
+            timeout,
+            mut returned,
+            ..
+        }) => {
+            returned.sort();
+            assert_eq!((&*tag, timeout, returned), ("slow", 100, vec![1, 2]));
+        }
+        _ => panic!("no timeout event"),
+    }
+    assert!(a.consumers.is_empty(), "cancelled");
+    // Another consumer gets them, redelivered.
+    let (_, mut next) = consume(a, 2, "next", 0, 0);
+    a.end_wakeup();
+    assert_eq!(
+        deliveries(&mut next)
+            .into_iter()
+            .map(|d| (d.0, d.1))
+            .collect::<Vec<_>>(),
+        vec![(1, true), (2, true)]
+    );
+}
+
+#[test]
+fn a_timed_out_consumer_that_cannot_be_cancelled_has_its_channel_closed() {
+    let mut f = fixture(FieldTable::default(), None);
+    let a = &mut f.actor;
+    let (_, mut events) = consume(a, 1, "c", 0, 0);
+    // Its own timeout, and a client without consumer_cancel_notify.
+    a.consumers[0].timeout = Some(50);
+    a.consumers[0].cancel_notify = false;
+    publish(a, 1);
+    a.end_wakeup();
+    assert_eq!(delivered(&mut events), vec![1]);
+    a.now += 1_000;
+    assert!(!a.check_timeouts());
+    assert!(matches!(
+        events.try_recv(),
+        Ok(ConnEvent::TimedOut {
+            tag: None,
+            timeout: 50,
+            ..
+        })
+    ));
+    // The queue keeps the consumer until its channel closes.
+    assert_eq!(a.consumers.len(), 1);
+    assert_eq!(a.unacked.len(), 1);
 }

@@ -56,13 +56,40 @@ const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-queue-mode",
     "x-queue-type",
     "x-single-active-consumer",
+    "x-delivery-limit",
 ];
 
-fn describe(v: Option<&AMQPValue>) -> String {
+/// A field value as RabbitMQ prints it in an inequivalence error.
+fn describe(v: &AMQPValue) -> String {
     match v {
-        None => "none".into(),
-        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        Some(v) => format!("{v:?}"),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        v => match crate::fields::as_int(v) {
+            Some(n) => n.to_string(),
+            None => format!("{v:?}"),
+        },
+    }
+}
+
+/// RabbitMQ's "inequivalent arg" reason: both values, or which side has none.
+fn inequivalent(got: Option<&AMQPValue>, cur: Option<&AMQPValue>) -> String {
+    let typed = |v: &AMQPValue| {
+        format!(
+            "the value '{}' of type '{}'",
+            describe(v),
+            crate::queue::args::type_name(v)
+        )
+    };
+    match (got, cur) {
+        (Some(g), Some(c)) => format!(
+            "received '{}' but current is '{}'",
+            describe(g),
+            describe(c)
+        ),
+        (None, Some(c)) => format!("received none but current is {}", typed(c)),
+        (Some(g), None) => format!("received {} but current is none", typed(g)),
+        (None, None) => "received none but current is none".into(),
     }
 }
 
@@ -215,6 +242,14 @@ impl VHost {
             q.tell(QueueCmd::Touch);
             return Ok(q);
         }
+        crate::queue::args::validate_quorum(
+            s.name,
+            &self.name,
+            s.durable,
+            s.exclusive,
+            s.auto_delete,
+            s.arguments,
+        )?;
         let q = NewQueue {
             name: s.name.to_owned(),
             durable: s.durable,
@@ -301,10 +336,17 @@ impl VHost {
             let same = match (got, cur) {
                 (None, None) => true,
                 (Some(a), Some(b)) => crate::fields::values_equal(a, b),
+                // A classic queue is one without a type.
+                (Some(v), None) | (None, Some(v)) if *arg == "x-queue-type" => {
+                    matches!(v, AMQPValue::LongString(t) if t.as_bytes() == b"classic")
+                }
                 _ => false,
             };
             if !same {
-                return Err(ineq(arg, describe(got), describe(cur)));
+                return Err(precondition(format!(
+                    "inequivalent arg '{arg}' for queue '{name}' in vhost '{vh}': {}",
+                    inequivalent(got, cur)
+                )));
             }
         }
         Ok(())

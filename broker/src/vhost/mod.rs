@@ -103,6 +103,8 @@ pub struct VHost {
     /// The policies and operator policies in force, replaced whole (on the
     /// definitions thread) when one changes.
     policies: RwLock<Arc<Policies>>,
+    /// The broker-wide consumer timeout (ms), for queues that set none.
+    consumer_timeout: Option<u64>,
 }
 
 fn encode_table(t: &FieldTable) -> bytes::Bytes {
@@ -152,6 +154,7 @@ impl VHost {
         next_queue_id: Arc<AtomicU64>,
         persister: Option<Persister>,
         churn: Arc<crate::metrics::Churn>,
+        consumer_timeout: Option<u64>,
     ) -> Arc<VHost> {
         let v = Arc::new_cyclic(|me| VHost {
             name: name.to_owned(),
@@ -168,6 +171,7 @@ impl VHost {
             metrics: Default::default(),
             changes: start_definitions_thread(name),
             policies: RwLock::default(),
+            consumer_timeout,
         });
         {
             let mut t = v.write();
@@ -302,10 +306,7 @@ impl VHost {
             *v.policies.write().unwrap_or_else(|e| e.into_inner()) = policies.clone();
             let queues: Vec<QueueHandle> = v.read().queues.values().cloned().collect();
             for q in queues {
-                let args = QueueArgs::effective(
-                    &q.info.arguments,
-                    policies.applied(Target::Queue, &q.info.name),
-                );
+                let args = v.queue_args(&policies, &q.info);
                 q.tell(QueueCmd::Reconfigure(Box::new(args)));
             }
             {
@@ -327,14 +328,22 @@ impl VHost {
             .alternate_exchange(exchange::declared_alternate(&x.arguments));
     }
 
+    /// The settings a queue acts on: its arguments under `policies`, and
+    /// the broker's consumer timeout where neither sets one.
+    fn queue_args(&self, policies: &Policies, info: &QueueInfo) -> QueueArgs {
+        let mut args = QueueArgs::effective(
+            &info.arguments,
+            policies.applied(Target::queue(&info.arguments), &info.name),
+        );
+        args.consumer_timeout = args.consumer_timeout.or(self.consumer_timeout);
+        args
+    }
+
     /// Start a queue actor that forgets itself here when it auto-deletes.
     fn spawn_queue(&self, info: QueueInfo) -> QueueHandle {
         let me = self.me.clone();
         let router: Weak<dyn queue::DeadLetterRouter> = self.me.clone();
-        let args = QueueArgs::effective(
-            &info.arguments,
-            self.policies().applied(Target::Queue, &info.name),
-        );
+        let args = self.queue_args(&self.policies(), &info);
         queue::spawn(
             info,
             args,

@@ -79,6 +79,7 @@ async fn a_slow_durable_declare_does_not_hold_up_routing() {
         Arc::new(AtomicU64::new(1)),
         None,
         Default::default(),
+        None,
     );
     let args = FieldTable::default();
     vhost

@@ -9,7 +9,9 @@
 //! - `messages`: message id (big-endian) → the message, written once however
 //!   many queues hold it.
 //! - `index`: `queue id ‖ sequence` (big-endian, [`warren_storage::keys`]) → message
-//!   id, so a queue's entries iterate in order.
+//!   id and the entry's meta (enqueue time, delivery count; stores written
+//!   before it hold the id alone, and are read as they are), so a queue's
+//!   entries iterate in order.
 //! - `refs`: message id → remaining references, only for bodies held by more
 //!   than one queue.
 //!
@@ -112,8 +114,13 @@ fn decode_message(v: Vec<u8>) -> Result<StoredMessage> {
 fn id_value(v: &[u8]) -> Result<MessageId> {
     let a: [u8; 8] = v
         .try_into()
-        .map_err(|_| StoreError::Corrupt("index value is not a message id".into()))?;
+        .map_err(|_| StoreError::Corrupt("key is not a message id".into()))?;
     Ok(u64::from_be_bytes(a))
+}
+
+fn entry_value(v: &[u8]) -> Result<(MessageId, EntryMeta)> {
+    keys::parse_entry_value(v)
+        .ok_or_else(|| StoreError::Corrupt("index value is not a message id and meta".into()))
 }
 
 /// Index entries changed by the batch being built (see `apply`).
@@ -260,7 +267,7 @@ impl RocksStore {
         } else {
             for item in self.db.iterator_cf(self.cf(INDEX), IteratorMode::Start) {
                 let (_, v) = item.map_err(io)?;
-                *counts.entry(id_value(&v)?).or_default() += 1;
+                *counts.entry(entry_value(&v)?.0).or_default() += 1;
             }
             counts.retain(|_, n| *n > 1);
             let mut b = WriteBatch::default();
@@ -504,10 +511,40 @@ impl MessageStore for RocksStore {
                     b.put_cf(messages, id.to_be_bytes(), encode_message(message));
                     counts.insert(*id, (*refs).max(1));
                 }
-                MessageOp::Enqueue { queue, seq, id } => {
-                    b.put_cf(index, keys::queue_entry(*queue, *seq), id.to_be_bytes());
+                MessageOp::Enqueue {
+                    queue,
+                    seq,
+                    id,
+                    meta,
+                } => {
+                    b.put_cf(
+                        index,
+                        keys::queue_entry(*queue, *seq),
+                        keys::entry_value(*id, *meta),
+                    );
                     if batch.track {
                         batch.entries.insert((*queue, *seq), Some(*id));
+                    }
+                }
+                MessageOp::SetMeta {
+                    queue,
+                    seq,
+                    id,
+                    meta,
+                } => {
+                    // Not over an entry this batch removed (the caller's
+                    // guarantee, kept here where it can be checked).
+                    let gone = batch.track
+                        && match batch.entries.get(&(*queue, *seq)) {
+                            Some(state) => state.is_none(),
+                            None => batch.removed_by_range(*queue, *seq),
+                        };
+                    if !gone {
+                        b.put_cf(
+                            index,
+                            keys::queue_entry(*queue, *seq),
+                            keys::entry_value(*id, *meta),
+                        );
                     }
                 }
                 MessageOp::Remove { queue, seq, id } => {
@@ -551,7 +588,7 @@ impl MessageStore for RocksStore {
                         {
                             continue; // decided by this batch already
                         }
-                        release(&mut b, &mut counts, id_value(&v)?);
+                        release(&mut b, &mut counts, entry_value(&v)?.0);
                     }
                     for (&(q, seq), state) in batch.entries.iter_mut() {
                         if q == queue && seq >= first && seq < end {
@@ -591,7 +628,7 @@ impl MessageStore for RocksStore {
         from: u64,
         to: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, MessageId)>> {
+    ) -> Result<Vec<(u64, MessageId, EntryMeta)>> {
         if from >= to {
             return Ok(Vec::new());
         }
@@ -609,7 +646,10 @@ impl MessageStore for RocksStore {
             }
             let (k, v) = item.map_err(io)?;
             match keys::parse_queue_entry(&k) {
-                Some((q, seq)) if q == queue => out.push((seq, id_value(&v)?)),
+                Some((q, seq)) if q == queue => {
+                    let (id, meta) = entry_value(&v)?;
+                    out.push((seq, id, meta));
+                }
                 _ => break,
             }
         }
@@ -698,6 +738,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RocksStore::open(dir.path(), true).unwrap();
         warren_storage::contract::messages(&s, &|| s.body_count());
+    }
+
+    #[test]
+    fn entry_meta_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), true).unwrap();
+        warren_storage::contract::entry_meta(&s, &|| s.body_count());
     }
 
     #[test]
