@@ -1,15 +1,15 @@
 //! The direct exchange: a message goes to the bindings whose key equals its
 //! routing key (a hash map from key to destinations).
 
-use super::{any_arguments, Binding, Dest, ExchangeType, Index};
+use super::{any_arguments, any_binding, Binding, Dest, ExchangeType, Index, Msg};
 use std::collections::HashMap;
-use warren_protocol::types::FieldTable;
 
 pub static TYPE: ExchangeType = ExchangeType {
     name: "direct",
     uses_headers: false,
-    new_index: || Box::<Direct>::default(),
-    check_binding: any_arguments,
+    new_index: |_| Box::<Direct>::default(),
+    check_binding: any_binding,
+    check_arguments: any_arguments,
 };
 
 #[derive(Debug, Default)]
@@ -33,8 +33,8 @@ impl Index for Direct {
         }
     }
 
-    fn route(&self, _: &[Binding], key: &str, _: Option<&FieldTable>, out: &mut Vec<Dest>) {
-        if let Some(v) = self.0.get(key) {
+    fn route(&self, _: &[Binding], m: &Msg<'_>, out: &mut Vec<Dest>) {
+        if let Some(v) = self.0.get(m.routing_key) {
             out.extend(v.iter().cloned());
         }
     }

@@ -1,14 +1,14 @@
 //! The fanout exchange: a message goes to every bound destination, once,
 //! whatever its routing key. No index: the bindings are the list.
 
-use super::{any_arguments, Binding, Dest, ExchangeType, Index};
-use warren_protocol::types::FieldTable;
+use super::{any_arguments, any_binding, Binding, Dest, ExchangeType, Index, Msg};
 
 pub static TYPE: ExchangeType = ExchangeType {
     name: "fanout",
     uses_headers: false,
-    new_index: || Box::new(Fanout),
-    check_binding: any_arguments,
+    new_index: |_| Box::new(Fanout),
+    check_binding: any_binding,
+    check_arguments: any_arguments,
 };
 
 #[derive(Debug)]
@@ -19,7 +19,7 @@ impl Index for Fanout {
 
     fn unbind(&mut self, _: &Binding) {}
 
-    fn route(&self, bindings: &[Binding], _: &str, _: Option<&FieldTable>, out: &mut Vec<Dest>) {
+    fn route(&self, bindings: &[Binding], _: &Msg<'_>, out: &mut Vec<Dest>) {
         let mut seen: Vec<&Dest> = Vec::with_capacity(bindings.len());
         for b in bindings {
             if !seen.contains(&&b.dest) {

@@ -3,7 +3,7 @@
 //! compared as RabbitMQ does). No index: every binding is tried, and routes
 //! are never cached (they depend on the message).
 
-use super::{Binding, Dest, ExchangeType, Index};
+use super::{Binding, Dest, ExchangeType, Index, Msg};
 use crate::error::{precondition, AmqpResult};
 use crate::fields::{as_string, values_equal};
 use warren_protocol::types::{AMQPValue, FieldTable};
@@ -11,8 +11,9 @@ use warren_protocol::types::{AMQPValue, FieldTable};
 pub static TYPE: ExchangeType = ExchangeType {
     name: "headers",
     uses_headers: true,
-    new_index: || Box::new(Headers),
+    new_index: |_| Box::new(Headers),
     check_binding: check_x_match,
+    check_arguments: super::any_arguments,
 };
 
 #[derive(Debug)]
@@ -23,15 +24,9 @@ impl Index for Headers {
 
     fn unbind(&mut self, _: &Binding) {}
 
-    fn route(
-        &self,
-        bindings: &[Binding],
-        _: &str,
-        headers: Option<&FieldTable>,
-        out: &mut Vec<Dest>,
-    ) {
+    fn route(&self, bindings: &[Binding], m: &Msg<'_>, out: &mut Vec<Dest>) {
         let empty = FieldTable::default();
-        let h = headers.unwrap_or(&empty);
+        let h = m.headers.unwrap_or(&empty);
         for b in bindings {
             if headers_match(&b.args, h) {
                 out.push(b.dest.clone());
@@ -41,7 +36,7 @@ impl Index for Headers {
 }
 
 /// A headers binding's `x-match` must be one RabbitMQ knows (406 otherwise).
-fn check_x_match(args: &FieldTable) -> AmqpResult<()> {
+fn check_x_match(_key: &str, args: &FieldTable) -> AmqpResult<()> {
     let v = match args.inner().get("x-match") {
         None => return Ok(()),
         Some(v) => as_string(v).unwrap_or_else(|| format!("{v:?}")),
@@ -99,9 +94,9 @@ mod tests {
     #[test]
     fn x_match_must_be_known() {
         let s = |x: &str| AMQPValue::LongString(x.into());
-        assert!(check_x_match(&table(&[("x-match", s("any"))])).is_ok());
-        assert!(check_x_match(&FieldTable::default()).is_ok());
-        assert!(check_x_match(&table(&[("x-match", s("some"))])).is_err());
+        assert!(check_x_match("", &table(&[("x-match", s("any"))])).is_ok());
+        assert!(check_x_match("", &FieldTable::default()).is_ok());
+        assert!(check_x_match("", &table(&[("x-match", s("some"))])).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! whether its routes depend on message headers. [`TYPES`] lists them:
 //! adding a type is a new file and one line there.
 
+mod consistent_hash;
 mod direct;
 mod fanout;
 mod headers;
@@ -17,7 +18,13 @@ use std::sync::Arc;
 use warren_protocol::types::FieldTable;
 
 /// Every exchange type the broker knows, by name.
-pub static TYPES: &[&ExchangeType] = &[&direct::TYPE, &fanout::TYPE, &topic::TYPE, &headers::TYPE];
+pub static TYPES: &[&ExchangeType] = &[
+    &direct::TYPE,
+    &fanout::TYPE,
+    &topic::TYPE,
+    &headers::TYPE,
+    &consistent_hash::TYPE,
+];
 
 /// An exchange type.
 pub struct ExchangeType {
@@ -25,10 +32,13 @@ pub struct ExchangeType {
     pub name: &'static str,
     /// Routes depend on message headers: they are never cached.
     pub uses_headers: bool,
-    /// A fresh, empty index for an exchange of this type.
-    pub new_index: fn() -> Box<dyn Index>,
-    /// Check a binding's arguments before it is made (406 if refused).
-    pub check_binding: fn(&FieldTable) -> AmqpResult<()>,
+    /// A fresh, empty index for an exchange of this type with these
+    /// arguments (checked by `check_arguments` first).
+    pub new_index: fn(&FieldTable) -> Box<dyn Index>,
+    /// Check a binding's key and arguments before it is made (406 if refused).
+    pub check_binding: fn(&str, &FieldTable) -> AmqpResult<()>,
+    /// Check an exchange's arguments at declaration (406 if refused).
+    pub check_arguments: fn(&FieldTable) -> AmqpResult<()>,
 }
 
 impl PartialEq for ExchangeType {
@@ -51,9 +61,24 @@ pub fn kind(name: &str) -> Option<Kind> {
     TYPES.iter().copied().find(|t| t.name == name)
 }
 
-/// Bindings accepted whatever their arguments.
+/// Bindings accepted whatever their key and arguments.
+fn any_binding(_: &str, _: &FieldTable) -> AmqpResult<()> {
+    Ok(())
+}
+
+/// Exchanges accepted whatever their arguments.
 fn any_arguments(_: &FieldTable) -> AmqpResult<()> {
     Ok(())
+}
+
+/// What routing looks at in a message.
+#[derive(Clone, Copy)]
+pub struct Msg<'a> {
+    pub routing_key: &'a str,
+    /// Its headers table, if it has one.
+    pub headers: Option<&'a FieldTable>,
+    /// Its content header (None only in tests).
+    pub header: Option<&'a warren_protocol::content::ContentHeader>,
 }
 
 /// How an exchange type finds destinations: an index over the exchange's
@@ -64,15 +89,16 @@ pub trait Index: Send + Sync + std::fmt::Debug {
     fn bind(&mut self, b: &Binding);
     /// The last binding with this key and destination went.
     fn unbind(&mut self, b: &Binding);
+    /// A binding went; `bindings` are the ones left.
+    fn after_unbind(&mut self, _bindings: &[Binding]) {}
+    /// Routes depend on more than the routing key (the message's headers
+    /// or properties): they are never cached.
+    fn per_message(&self) -> bool {
+        false
+    }
     /// Append the destinations of a message to `out` (duplicates allowed).
     /// `bindings` are all of the exchange's bindings.
-    fn route(
-        &self,
-        bindings: &[Binding],
-        routing_key: &str,
-        headers: Option<&FieldTable>,
-        out: &mut Vec<Dest>,
-    );
+    fn route(&self, bindings: &[Binding], m: &Msg<'_>, out: &mut Vec<Dest>);
 }
 
 /// Where a binding leads.
@@ -132,11 +158,11 @@ impl Exchange {
             durable,
             auto_delete,
             internal,
-            arguments,
             alternate,
             bindings: Vec::new(),
             counters: Default::default(),
-            index: (kind.new_index)(),
+            index: (kind.new_index)(&arguments),
+            arguments,
         }
     }
 
@@ -165,6 +191,7 @@ impl Exchange {
         if !still {
             self.index.unbind(b);
         }
+        self.index.after_unbind(&self.bindings);
         true
     }
 
@@ -183,8 +210,13 @@ impl Exchange {
     }
 
     /// Append the destinations for a message to `out` (may contain duplicates).
-    pub fn route(&self, routing_key: &str, headers: Option<&FieldTable>, out: &mut Vec<Dest>) {
-        self.index.route(&self.bindings, routing_key, headers, out);
+    pub fn route(&self, m: &Msg<'_>, out: &mut Vec<Dest>) {
+        self.index.route(&self.bindings, m, out);
+    }
+
+    /// Whether its routes depend on more than the routing key.
+    pub fn per_message(&self) -> bool {
+        self.kind.uses_headers || self.index.per_message()
     }
 }
 
@@ -216,7 +248,12 @@ mod tests {
         assert!(e.bind(b));
         assert!(e.unbind(&a));
         let mut out = vec![];
-        e.route("k", None, &mut out);
+        let m = Msg {
+            routing_key: "k",
+            headers: None,
+            header: None,
+        };
+        e.route(&m, &mut out);
         assert_eq!(out, vec![Dest::Queue("q".into())]);
     }
 }

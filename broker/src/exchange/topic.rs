@@ -2,15 +2,15 @@
 //! matches one word and `#` zero or more. The index is a trie matching each
 //! word three ways (exact, `*`, `#`), as RabbitMQ's.
 
-use super::{any_arguments, Binding, Dest, ExchangeType, Index};
+use super::{any_arguments, any_binding, Binding, Dest, ExchangeType, Index, Msg};
 use std::collections::HashMap;
-use warren_protocol::types::FieldTable;
 
 pub static TYPE: ExchangeType = ExchangeType {
     name: "topic",
     uses_headers: false,
-    new_index: || Box::<TopicNode>::default(),
-    check_binding: any_arguments,
+    new_index: |_| Box::<TopicNode>::default(),
+    check_binding: any_binding,
+    check_arguments: any_arguments,
 };
 
 fn words(key: &str) -> Vec<String> {
@@ -30,7 +30,8 @@ impl Index for TopicNode {
         self.remove(&words(&b.key), &b.dest);
     }
 
-    fn route(&self, _: &[Binding], key: &str, _: Option<&FieldTable>, out: &mut Vec<Dest>) {
+    fn route(&self, _: &[Binding], m: &Msg<'_>, out: &mut Vec<Dest>) {
+        let key = m.routing_key;
         let mut ws: Vec<&str> = Vec::with_capacity(8);
         if !key.is_empty() {
             ws.extend(key.split('.'));
@@ -124,6 +125,7 @@ impl TopicNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warren_protocol::types::FieldTable;
 
     fn q(n: &str) -> Dest {
         Dest::Queue(n.into())
@@ -143,7 +145,12 @@ mod tests {
             t.bind(&binding(k, d));
         }
         let mut out = vec![];
-        t.route(&[], key, None, &mut out);
+        let m = Msg {
+            routing_key: key,
+            headers: None,
+            header: None,
+        };
+        t.route(&[], &m, &mut out);
         out.sort();
         out.dedup();
         out
@@ -177,7 +184,12 @@ mod tests {
         t.bind(&b);
         t.unbind(&b);
         let mut out = vec![];
-        t.route(&[], "a.b.c", None, &mut out);
+        let m = Msg {
+            routing_key: "a.b.c",
+            headers: None,
+            header: None,
+        };
+        t.route(&[], &m, &mut out);
         assert!(out.is_empty());
         assert!(t.is_empty());
     }

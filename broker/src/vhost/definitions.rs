@@ -117,6 +117,7 @@ impl VHost {
                 format!("invalid exchange type '{}'", s.kind),
             ));
         };
+        (kind.check_arguments)(s.arguments)?;
         let x = Exchange::new(
             s.name,
             kind,
@@ -482,7 +483,7 @@ impl VHost {
                 None => return Ok(()),
             };
             if bind {
-                (src.kind.check_binding)(&b.args)?;
+                (src.kind.check_binding)(&b.key, &b.args)?;
             }
             if src.bindings.contains(&b) == bind {
                 return Ok(()); // already bound, or not bound

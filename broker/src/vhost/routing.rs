@@ -5,7 +5,7 @@
 
 use super::{Topology, VHost};
 use crate::error::{access_refused, not_found, AmqpResult};
-use crate::exchange::{Dest, Exchange};
+use crate::exchange::{Dest, Exchange, Msg};
 use crate::metrics::ExchangeCounters;
 use crate::queue::QueueHandle;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use warren_protocol::content::ContentHeader;
 use warren_protocol::method::ShortStr;
-use warren_protocol::types::FieldTable;
 
 /// A cached routing result.
 pub struct Route {
@@ -128,17 +127,14 @@ impl VHost {
             } else {
                 None
             };
+            let m = Msg {
+                routing_key: routing_key.as_str(),
+                headers: headers.as_ref(),
+                header: Some(header),
+            };
             let mut names: Vec<Arc<str>> = Vec::new();
             let mut visited: Vec<&str> = Vec::new();
-            resolve(
-                &t,
-                e,
-                routing_key.as_str(),
-                headers.as_ref(),
-                &mut names,
-                &mut visited,
-                &mut cacheable,
-            );
+            resolve(&t, e, &m, &mut names, &mut visited, &mut cacheable);
             names.sort();
             names.dedup();
             queues.extend(names.iter().filter_map(|n| t.queues.get(&**n).cloned()));
@@ -164,8 +160,7 @@ impl VHost {
 fn resolve<'t>(
     t: &'t Topology,
     e: &'t Exchange,
-    routing_key: &str,
-    headers: Option<&FieldTable>,
+    m: &Msg<'_>,
     out: &mut Vec<Arc<str>>,
     visited: &mut Vec<&'t str>,
     cacheable: &mut bool,
@@ -174,11 +169,11 @@ fn resolve<'t>(
         return false;
     }
     visited.push(&e.name);
-    if e.kind.uses_headers {
+    if e.per_message() {
         *cacheable = false;
     }
     let mut dests = Vec::new();
-    e.route(routing_key, headers, &mut dests);
+    e.route(m, &mut dests);
     let mut routed = false;
     for d in dests {
         match d {
@@ -190,14 +185,14 @@ fn resolve<'t>(
             }
             Dest::Exchange(n) => {
                 if let Some(x) = t.exchanges.get(&*n) {
-                    routed |= resolve(t, x, routing_key, headers, out, visited, cacheable);
+                    routed |= resolve(t, x, m, out, visited, cacheable);
                 }
             }
         }
     }
     if !routed {
         if let Some(ae) = e.alternate.as_deref().and_then(|a| t.exchanges.get(a)) {
-            routed = resolve(t, ae, routing_key, headers, out, visited, cacheable);
+            routed = resolve(t, ae, m, out, visited, cacheable);
         }
     }
     routed
