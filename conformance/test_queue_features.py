@@ -37,7 +37,7 @@ def warren_only(conn):
 
 
 # Exchange types Warren implements: on Warren their tests never skip.
-WARREN_HAS = {"x-consistent-hash"}
+WARREN_HAS = {"x-consistent-hash", "x-message-deduplication"}
 
 
 def require_exchange_type(conn, names, exchange_type, arguments=None):
@@ -898,7 +898,6 @@ def test_dedup_exchange_requires_cache_size(conn, names, dedup):
         conn.channel().exchange_declare(names.exchange(), DEDUP, arguments={})
 
 
-@pytest.mark.skip(reason="deduplication is not in Warren yet (issue 13)")
 def test_dedup_queue_drops_key_already_in_queue(conn, ch, names):
     """Queue x-message-deduplication: a key already in the queue (ready or
     unacked) is dropped; once acked it is accepted again."""
@@ -920,7 +919,6 @@ def test_dedup_queue_drops_key_already_in_queue(conn, ch, names):
     assert [ch.basic_get(q, auto_ack=True)[2] for _ in range(2)] == [b"b1", b"a4"]
 
 
-@pytest.mark.skip(reason="deduplication is not in Warren yet (issue 13)")
 def test_dedup_queue_without_header_always_accepted(conn, ch, names):
     """Queue deduplication ignores messages without x-deduplication-header."""
     warren_only(conn)
@@ -931,7 +929,6 @@ def test_dedup_queue_without_header_always_accepted(conn, ch, names):
     assert queue_depth(ch, q) == 3
 
 
-@pytest.mark.skip(reason="deduplication is not in Warren yet (issue 13)")
 def test_dedup_queue_key_accepted_after_reject_without_requeue(conn, ch, names):
     """A key leaves the queue's set when its message is rejected (not requeued)."""
     warren_only(conn)
@@ -945,7 +942,6 @@ def test_dedup_queue_key_accepted_after_reject_without_requeue(conn, ch, names):
     assert queue_depth(ch, q) == 1
 
 
-@pytest.mark.skip(reason="deduplication is not in Warren yet (issue 13)")
 def test_dedup_argument_on_direct_exchange(conn, ch, names):
     """x-message-deduplication: true on a direct exchange deduplicates there and
     still routes by routing key."""

@@ -230,3 +230,56 @@ def test_message_ttl_counts_from_the_publish_across_a_restart(clients, names):
     assert ch.basic_get(q_exp, auto_ack=True)[0] is None
     m, _p, body = ch.basic_get(q_keep, auto_ack=True)
     assert body == b"keep"
+
+
+def _warren_only(clients):
+    c = clients.connect()
+    if c._impl.server_properties.get("product") not in (b"Warren", "Warren"):
+        pytest.skip("Warren-only: deduplication is a plugin RabbitMQ does not ship")
+
+
+def _dedup_props(key):
+    return pika.BasicProperties(delivery_mode=2, headers={"x-deduplication-header": key})
+
+
+def test_warren_exchange_dedup_keys_survive_a_crash(clients, names):
+    """A durable x-message-deduplication exchange: keys seen before the
+    restart are still duplicates after it (the plugin keeps them only with
+    x-cache-persistence: disk, LavinMQ not at all)."""
+    _warren_only(clients)
+    x, q = names.exchange(), names.queue()
+    ch = clients.confirm_channel()
+    ch.exchange_declare(x, "x-message-deduplication", durable=True,
+                        arguments={"x-cache-size": 100})
+    ch.queue_declare(q, durable=True)
+    ch.queue_bind(q, x)
+    ch.basic_publish(x, "", b"first", _dedup_props("pay-1"))
+    clients.restart()
+    ch = clients.confirm_channel()
+    ch.basic_publish(x, "", b"again", _dedup_props("pay-1"))  # acked, dropped
+    ch.basic_publish(x, "", b"other", _dedup_props("pay-2"))
+    assert wait_depth(ch, q, 2) == 2
+    bodies = [ch.basic_get(q, auto_ack=True)[2] for _ in range(2)]
+    assert bodies == [b"first", b"other"]
+
+
+def test_warren_queue_dedup_keys_survive_a_crash(clients, names):
+    """A durable queue with x-message-deduplication: a key held by a message
+    still in the queue is a duplicate after a restart too (the plugin loses
+    queue-level keys, rabbitmq-message-deduplication#92); once that message
+    is acked, the key is free."""
+    _warren_only(clients)
+    q = names.queue()
+    ch = clients.confirm_channel()
+    ch.queue_declare(q, durable=True, arguments={"x-message-deduplication": True})
+    ch.basic_publish("", q, b"held", _dedup_props("k1"))
+    clients.restart()
+    ch = clients.confirm_channel()
+    ch.basic_publish("", q, b"dup", _dedup_props("k1"))
+    assert wait_depth(ch, q, 1) == 1
+    m, _p, body = get_one(ch, q)
+    assert body == b"held"
+    ch.basic_ack(m.delivery_tag)
+    ch.basic_publish("", q, b"new", _dedup_props("k1"))
+    assert wait_depth(ch, q, 1) == 1
+    assert ch.basic_get(q, auto_ack=True)[2] == b"new"

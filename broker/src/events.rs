@@ -88,6 +88,9 @@ pub struct ConfirmTicket {
     pub nacked: AtomicBool,
     /// The confirm went out (through `settle`).
     sent: bool,
+    /// Run if the confirm turns out a nack (a deduplicating exchange
+    /// forgets the key of a refused publish, so its retry goes through).
+    pub on_nack: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl ConfirmTicket {
@@ -98,6 +101,7 @@ impl ConfirmTicket {
             seq,
             nacked: AtomicBool::new(false),
             sent: false,
+            on_nack: std::sync::Mutex::new(None),
         }
     }
 
@@ -115,11 +119,22 @@ impl ConfirmTicket {
         }
     }
 
-    fn send(&self) {
+    fn send(&mut self) {
+        let nack = self.nacked.load(Ordering::Relaxed);
+        if nack {
+            let hook = self
+                .on_nack
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(f) = hook {
+                f();
+            }
+        }
         let _ = self.conn.send(ConnEvent::Confirm {
             chan_key: self.chan_key,
             seq: self.seq,
-            nack: self.nacked.load(Ordering::Relaxed),
+            nack,
         });
     }
 }

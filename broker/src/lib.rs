@@ -61,6 +61,7 @@ pub mod channel;
 pub mod config;
 pub mod config_file;
 pub mod connection;
+pub mod dedup;
 pub mod definitions;
 pub mod error;
 pub mod events;

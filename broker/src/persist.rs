@@ -152,6 +152,8 @@ pub struct Persister {
     pub store_stats: Arc<crate::metrics::StoreStats>,
     /// Memory pressure: queues then page transient messages out too.
     alarms: Arc<Alarms>,
+    /// For reads at start-up (deduplication keys).
+    store: Arc<dyn MessageStore>,
     /// Last: dropped after the senders above (fields drop in order).
     _joiner: Arc<Joiner>,
 }
@@ -247,6 +249,7 @@ impl Persister {
         let body_stats = Arc::new(CacheStats::default());
         let (reads, read_rx) = std::sync::mpsc::channel::<ReadJob>();
         {
+            let store = store.clone();
             let progress = progress.clone();
             let bodies = bodies.clone();
             let stats = body_stats.clone();
@@ -282,7 +285,13 @@ impl Persister {
             body_stats,
             store_stats,
             alarms,
+            store,
         })
+    }
+
+    /// The deduplication keys stored for `scope` (read at start-up).
+    pub fn load_dedup(&self, scope: &[u8]) -> Result<Vec<(bytes::Bytes, u64)>, String> {
+        self.store.load_dedup(scope).map_err(|e| e.to_string())
     }
 
     /// A fresh message id.

@@ -311,7 +311,7 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
         route_hits += v.route_stats.hits.load(Relaxed);
         route_misses += v.route_stats.misses.load(Relaxed);
     }
-    let own: [(&str, &str, u64); 5] = [
+    let own: [(&str, &str, u64); 6] = [
         (
             "warren_body_cache_hits_total",
             "Message bodies read back from the hot-body cache instead of the store",
@@ -331,6 +331,11 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
             "warren_route_cache_misses_total",
             "Routings computed from the exchanges' bindings",
             route_misses,
+        ),
+        (
+            "warren_messages_deduplicated_total",
+            "Duplicates dropped by deduplicating exchanges and queues",
+            crate::dedup::DROPPED.load(Relaxed),
         ),
         (
             "warren_dead_letters_dropped_total",

@@ -174,6 +174,23 @@ pub enum MessageOp {
     RemoveRange { queue: QueueId, from: u64, to: u64 },
     /// Remove every entry of a queue (queue deleted).
     DropQueue { queue: QueueId },
+    /// Remember a deduplication key in `scope` (an exchange's or a queue's
+    /// cache) with a value (an expiry time, or the sequence of the message
+    /// that holds the key).
+    DedupPut {
+        scope: Bytes,
+        key: Bytes,
+        value: u64,
+    },
+    /// Forget a deduplication key; with `if_value`, only while it still
+    /// has that value (a later put of the same key stays).
+    DedupDelete {
+        scope: Bytes,
+        key: Bytes,
+        if_value: Option<u64>,
+    },
+    /// Forget every key of a scope (its exchange or queue was deleted).
+    DedupDropScope { scope: Bytes },
 }
 
 /// What a queue holds on disk, found without reading a body.
@@ -206,6 +223,8 @@ pub trait MessageStore: Send + Sync + 'static {
     fn max_message_id(&self) -> Result<MessageId>;
     /// Every queue id that has at least one entry.
     fn queue_ids(&self) -> Result<Vec<QueueId>>;
+    /// The deduplication keys of `scope` with their values.
+    fn load_dedup(&self, scope: &[u8]) -> Result<Vec<(Bytes, u64)>>;
 
     /// Up to `limit` entries of `queue` with sequence >= `from`, in order,
     /// with their messages.
@@ -506,6 +525,51 @@ pub mod contract {
         assert_eq!(bodies(), 1, "the set did not add a reference");
         s.apply(&[MessageOp::DropQueue { queue: 52 }]).unwrap();
         assert_eq!(bodies(), 0);
+    }
+
+    /// Deduplication keys: put, overwritten, deleted (also only while they
+    /// hold a value), scopes apart and dropped whole.
+    pub fn dedup(s: &dyn MessageStore) {
+        let b = |v: &'static str| Bytes::from_static(v.as_bytes());
+        let put = |scope, key, value| MessageOp::DedupPut {
+            scope: b(scope),
+            key: b(key),
+            value,
+        };
+        s.apply(&[put("x", "k1", 1), put("x", "k2", 2), put("xy", "k1", 3)])
+            .unwrap();
+        s.apply(&[
+            put("x", "k1", 4),
+            MessageOp::DedupDelete {
+                scope: b("x"),
+                key: b("k1"),
+                if_value: Some(1),
+            },
+        ])
+        .unwrap();
+        let mut got = s.load_dedup(b"x").unwrap();
+        got.sort();
+        assert_eq!(got, vec![(b("k1"), 4), (b("k2"), 2)], "the later put stays");
+        s.apply(&[
+            put("x", "k3", 5),
+            MessageOp::DedupDelete {
+                scope: b("x"),
+                key: b("k3"),
+                if_value: Some(5),
+            },
+            MessageOp::DedupDelete {
+                scope: b("x"),
+                key: b("k2"),
+                if_value: None,
+            },
+        ])
+        .unwrap();
+        assert_eq!(s.load_dedup(b"x").unwrap(), vec![(b("k1"), 4)]);
+        assert_eq!(s.load_dedup(b"xy").unwrap(), vec![(b("k1"), 3)]);
+        s.apply(&[MessageOp::DedupDropScope { scope: b("x") }])
+            .unwrap();
+        assert!(s.load_dedup(b"x").unwrap().is_empty());
+        assert_eq!(s.load_dedup(b"xy").unwrap().len(), 1, "another scope stays");
     }
 
     fn binding(source: &str, dest: &str, to_queue: bool) -> BindingDef {

@@ -17,6 +17,7 @@ pub struct MemStore {
 struct Messages {
     bodies: HashMap<MessageId, (StoredMessage, usize)>,
     index: BTreeMap<(QueueId, u64), (MessageId, EntryMeta)>,
+    dedup: BTreeMap<(Bytes, Bytes), u64>,
 }
 
 impl MemStore {
@@ -140,6 +141,22 @@ impl MessageStore for MemStore {
                         e.1 = *meta;
                     }
                 }
+                MessageOp::DedupPut { scope, key, value } => {
+                    m.dedup.insert((scope.clone(), key.clone()), *value);
+                }
+                MessageOp::DedupDelete {
+                    scope,
+                    key,
+                    if_value,
+                } => {
+                    let k = (scope.clone(), key.clone());
+                    if if_value.is_none() || m.dedup.get(&k) == if_value.as_ref() {
+                        m.dedup.remove(&k);
+                    }
+                }
+                MessageOp::DedupDropScope { scope } => {
+                    m.dedup.retain(|(s, _), _| s != scope);
+                }
                 MessageOp::Remove { queue, seq, .. } => {
                     if let Some((id, _)) = m.index.remove(&(*queue, *seq)) {
                         release(&mut m, id);
@@ -215,6 +232,15 @@ impl MessageStore for MemStore {
             .unwrap_or(0))
     }
 
+    fn load_dedup(&self, scope: &[u8]) -> Result<Vec<(Bytes, u64)>> {
+        Ok(lock(&self.messages)
+            .dedup
+            .iter()
+            .filter(|((s, _), _)| s == scope)
+            .map(|((_, k), v)| (k.clone(), *v))
+            .collect())
+    }
+
     fn queue_ids(&self) -> Result<Vec<QueueId>> {
         let m = lock(&self.messages);
         let mut ids: Vec<QueueId> = m.index.keys().map(|(q, _)| *q).collect();
@@ -235,6 +261,7 @@ mod tests {
         crate::contract::batch_order(&s, &|| lock(&s.messages).bodies.len());
         let s = MemStore::new();
         crate::contract::entry_meta(&s, &|| lock(&s.messages).bodies.len());
+        crate::contract::dedup(&MemStore::new());
     }
 
     #[test]

@@ -824,3 +824,84 @@ async fn a_consumer_that_holds_a_delivery_too_long_is_cancelled() {
     assert!(again.redelivered);
     broker.stop().await;
 }
+
+// ------------------------------------------------------------ deduplication
+
+/// A deduplicating exchange (the plugin's `x-message-deduplication` type):
+/// a duplicate under confirms is acked (an idempotent success, where the
+/// plugin nacks), and a publish a queue refused (nack) forgets its key, so
+/// the publisher's retry is delivered, not taken for a duplicate.
+#[tokio::test]
+async fn a_duplicate_is_acked_and_a_refused_publish_can_be_retried() {
+    let broker = TestBroker::start().await;
+    if !broker.is_warren() {
+        return;
+    }
+    let (_conn, ch) = broker.channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let x = unique("dedup-x");
+    ch.exchange_declare(
+        x.as_str().into(),
+        ExchangeKind::Custom("x-message-deduplication".into()),
+        ExchangeDeclareOptions::default(),
+        args(&[("x-cache-size", int(100))]),
+    )
+    .await
+    .unwrap();
+    let q = unique("dedup-q");
+    declare_with(
+        &ch,
+        &q,
+        args(&[
+            ("x-max-length", int(1)),
+            ("x-overflow", text("reject-publish")),
+        ]),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        q.as_str().into(),
+        x.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let keyed = |k: &str| {
+        let mut h = FieldTable::default();
+        h.insert("x-deduplication-header".into(), text(k));
+        BasicProperties::default().with_headers(h)
+    };
+    let send = |k: &'static str, body: &'static [u8]| {
+        let ch = ch.clone();
+        let x = x.clone();
+        let props = keyed(k);
+        async move {
+            ch.basic_publish(
+                x.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+        }
+    };
+    assert!(send("pay-1", b"one").await.is_ack());
+    assert!(
+        send("pay-1", b"one again").await.is_ack(),
+        "duplicate: acked"
+    );
+    // The queue is full: refused, and the key forgotten.
+    assert!(send("pay-2", b"two").await.is_nack());
+    assert_eq!(get_one(&ch, &q).await.delivery.data, b"one");
+    assert!(send("pay-2", b"two, retried").await.is_ack());
+    assert_eq!(get_one(&ch, &q).await.delivery.data, b"two, retried");
+    broker.stop().await;
+}

@@ -11,6 +11,7 @@
 
 use super::{reply_to, Channel, Ctx};
 use crate::broker::Broker;
+use crate::dedup::Admit;
 use crate::error::{precondition, AmqpError, AmqpResult};
 use crate::events::ConfirmTicket;
 use crate::message::{Message, MessageRef};
@@ -45,6 +46,8 @@ pub enum Pending {
         msg: MessageRef,
         routed: Routed,
         ticket: Option<Arc<ConfirmTicket>>,
+        /// Store writes that go with the message (its deduplication key).
+        extra: Vec<MessageOp>,
     },
     /// Credit at a direct reply-to consumer that is behind.
     Reply {
@@ -231,6 +234,17 @@ impl Channel {
             let t = ConfirmTicket::new(cx.session.events.clone(), self.key, cf.assign());
             Arc::new(t)
         });
+        let Some(extra) = admit(&cx.session.broker, &routed, &msg, ticket.as_ref()) else {
+            // A duplicate: dropped as an idempotent success (acked, never
+            // returned).
+            cx.shared
+                .exchange_stats
+                .count(Some(routed.counters()), false);
+            if let Some(t) = ticket {
+                t.settle();
+            }
+            return Ok(None);
+        };
         cx.shared
             .exchange_stats
             .count(Some(routed.counters()), !routed.queues().is_empty());
@@ -248,6 +262,11 @@ impl Channel {
             return Ok(None);
         }
         cx.shared.stats.routed += 1;
+        if routed.queues().iter().any(|q| q.dedups()) {
+            // An ack read before this publish must reach a deduplicating
+            // queue first: it may free the key this message carries.
+            cx.shared.acks.flush();
+        }
         // Room in every queue and at the writer, taken without waiting; or
         // none of it (what was taken is given back) and the slow path.
         let broker = &cx.session.broker;
@@ -276,9 +295,10 @@ impl Channel {
                 msg,
                 routed,
                 ticket,
+                extra,
             }));
         };
-        hand_over(broker, msg, ticket, &slots, stored, writer);
+        hand_over(broker, msg, ticket, &slots, stored, writer, extra);
         Ok(None)
     }
 
@@ -291,6 +311,7 @@ impl Channel {
                 msg,
                 routed,
                 ticket,
+                extra,
             } => {
                 let broker = &cx.session.broker;
                 let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();
@@ -304,7 +325,7 @@ impl Channel {
                     Some(_) => broker.persister.reserve().await,
                     None => None,
                 };
-                hand_over(broker, msg, ticket, &slots, stored, writer);
+                hand_over(broker, msg, ticket, &slots, stored, writer, extra);
             }
             Pending::Reply {
                 target,
@@ -334,8 +355,45 @@ impl Channel {
     }
 }
 
+/// Deduplication at the exchange a message was published to: None for a
+/// duplicate (to be dropped as an idempotent success); else the store
+/// writes of its recorded key, if any, and the ticket is told to forget
+/// the key should the publish be nacked (so the publisher's retry is not a
+/// duplicate of a message that never made it).
+fn admit(
+    broker: &Broker,
+    routed: &Routed,
+    msg: &Message,
+    ticket: Option<&Arc<ConfirmTicket>>,
+) -> Option<Vec<MessageOp>> {
+    let Some(d) = routed.dedup() else {
+        return Some(Vec::new());
+    };
+    match d.admit(
+        &msg.header,
+        !routed.queues().is_empty(),
+        crate::message::unix_ms(),
+    ) {
+        Admit::Duplicate => None,
+        Admit::Pass => Some(Vec::new()),
+        Admit::New { ops, forget } => {
+            if let Some(t) = ticket {
+                let (d, p) = (d.clone(), broker.persister.clone());
+                *t.on_nack.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(move || {
+                    if let Some(op) = d.forget(forget) {
+                        p.submit_nowait(vec![op]);
+                    }
+                }));
+            }
+            Some(ops)
+        }
+    }
+}
+
 /// Hand a routed message to the queues that gave it a slot (and `writer`,
-/// the store's slot, for a persistent one). Each queue's sequence is taken
+/// the store's slot, for a persistent one). `extra` store writes (a
+/// deduplication key) go in the message's batch, or alone for a message
+/// that is not stored. Each queue's sequence is taken
 /// and its message sent with no await in between, so the sequences a queue
 /// receives are dense; the store write is submitted before any queue sees
 /// the message (a queue's page reads wait for it).
@@ -346,9 +404,12 @@ fn hand_over(
     slots: &[&QueueHandle],
     stored: Option<u64>,
     writer: Option<OwnedSemaphorePermit>,
+    extra: Vec<MessageOp>,
 ) {
     let seqs: SmallVec<[u64; 4]> = slots.iter().map(|q| q.take_seq()).collect();
-    if let Some(id) = stored {
+    if stored.is_none() && !extra.is_empty() {
+        broker.persister.submit_nowait(extra);
+    } else if let Some(id) = stored {
         // Persistent: written once for every durable queue it reached; the
         // confirm waits for the sync too.
         let refs = slots.iter().filter(|q| q.persisted()).count() as u32;
@@ -370,8 +431,10 @@ fn hand_over(
                     id,
                     meta,
                 });
+                ops.extend(q.dedup_put(&msg, seq));
             }
         }
+        ops.extend(extra);
         let t = ticket.clone();
         let done: crate::persist::Done = Box::new(move |synced| {
             if let Some(t) = t {
@@ -480,13 +543,16 @@ pub async fn publish_direct(
     let c = routed.counters();
     c.publish_in
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (events, mut confirms) = tokio::sync::mpsc::unbounded_channel();
+    let ticket = Arc::new(ConfirmTicket::new(events, 0, 1));
+    let Some(extra) = admit(broker, &routed, &msg, Some(&ticket)) else {
+        return Ok(Published::Routed); // a duplicate: an idempotent success
+    };
     if routed.queues().is_empty() {
         return Ok(Published::Unroutable);
     }
     c.publish_out
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (events, mut confirms) = tokio::sync::mpsc::unbounded_channel();
-    let ticket = Arc::new(ConfirmTicket::new(events, 0, 1));
     let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();
     for q in routed.queues() {
         if q.reserve().await {
@@ -498,7 +564,7 @@ pub async fn publish_direct(
         Some(_) => broker.persister.reserve().await,
         None => None,
     };
-    hand_over(broker, msg, Some(ticket), &slots, stored, writer);
+    hand_over(broker, msg, Some(ticket), &slots, stored, writer, extra);
     match confirms.recv().await {
         Some(crate::events::ConnEvent::Confirm { nack: false, .. }) => Ok(Published::Routed),
         _ => Ok(Published::Refused),

@@ -11,6 +11,16 @@ pub static TYPE: ExchangeType = ExchangeType {
     check_arguments: any_arguments,
 };
 
+/// `x-message-deduplication` (the plugin's exchange type): a fanout that
+/// deduplicates (see `crate::dedup`; its arguments are checked there).
+pub static DEDUP_TYPE: ExchangeType = ExchangeType {
+    name: crate::dedup::EXCHANGE_TYPE,
+    uses_headers: false,
+    new_index: |_| Box::new(Fanout),
+    check_binding: any_binding,
+    check_arguments: any_arguments,
+};
+
 #[derive(Debug)]
 struct Fanout;
 

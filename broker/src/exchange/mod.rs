@@ -24,6 +24,7 @@ pub static TYPES: &[&ExchangeType] = &[
     &topic::TYPE,
     &headers::TYPE,
     &consistent_hash::TYPE,
+    &fanout::DEDUP_TYPE,
 ];
 
 /// An exchange type.
@@ -130,6 +131,8 @@ pub struct Exchange {
     pub bindings: Vec<Binding>,
     /// Messages published to it and routed on (for operators).
     pub counters: Arc<crate::metrics::ExchangeCounters>,
+    /// Its deduplication cache, if it deduplicates (set by the vhost).
+    pub dedup: Option<Arc<crate::dedup::ExchangeDedup>>,
     /// The type's routing index over `bindings`.
     index: Box<dyn Index>,
 }
@@ -161,6 +164,7 @@ impl Exchange {
             alternate,
             bindings: Vec::new(),
             counters: Default::default(),
+            dedup: None,
             index: (kind.new_index)(&arguments),
             arguments,
         }

@@ -204,6 +204,8 @@ async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> 
         "operator_policy": applied.operator.map(|p| p.name.clone()),
         "effective_policy_definition": applied.effective_definition(),
         "message_stats": rates.queue(q.id(), &s),
+        // Warren's: duplicates dropped (x-message-deduplication queues).
+        "messages_deduplicated": s.deduplicated,
     })
 }
 
@@ -369,6 +371,8 @@ fn exchange_json(
         "user_who_performed_action": "",
         "policy": applied.policy.map(|p| p.name.clone()),
         "message_stats": rates.exchange(vhost, x),
+        // Warren's: duplicates dropped (deduplicating exchanges only).
+        "messages_deduplicated": x.deduplicated,
     })
 }
 

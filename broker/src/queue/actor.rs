@@ -101,6 +101,8 @@ pub(super) struct Actor {
     pub(super) registrations: u64,
     /// When deliveries were last checked for consumer timeouts.
     pub(super) timeouts_checked: u64,
+    /// `x-message-deduplication: true`: the keys of the messages held.
+    pub(super) dedup: Option<Box<super::dedup::QueueDedup>>,
 }
 
 /// A queue's message totals (plain counters: the actor owns them).
@@ -159,6 +161,8 @@ impl Actor {
         mailbox: &mpsc::UnboundedSender<QueueCmd>,
     ) -> Actor {
         let pageable = pageable(&args);
+        let info_args = info.arguments.clone();
+        let info_id = info.id;
         Actor {
             persisted: info.durable && info.exclusive_owner.is_none(),
             info,
@@ -191,6 +195,13 @@ impl Actor {
             active: None,
             registrations: 0,
             timeouts_checked: 0,
+            dedup: crate::dedup::queue_enabled(&info_args).then(|| {
+                Box::new(super::dedup::QueueDedup::new(
+                    crate::dedup::header_name(&info_args)
+                        .unwrap_or_else(|_| crate::dedup::DEFAULT_HEADER.to_owned()),
+                    info_id,
+                ))
+            }),
         }
     }
 
@@ -255,9 +266,15 @@ impl Actor {
         self.flush_store();
         if self.deleted {
             if let Some(p) = &self.persister {
-                p.submit_nowait(vec![MessageOp::DropQueue {
+                let mut ops = vec![MessageOp::DropQueue {
                     queue: self.info.id,
-                }]);
+                }];
+                if let Some(d) = &self.dedup {
+                    ops.push(MessageOp::DedupDropScope {
+                        scope: d.scope.clone(),
+                    });
+                }
+                p.submit_nowait(ops);
             }
         }
         // Publishers waiting for a permit give up; later sends fail.
@@ -352,6 +369,22 @@ impl Actor {
         self.max_seen = self.max_seen.max(p.seq);
         // The publisher stored it for this queue (before sending it here).
         let on_disk = p.msg.stored.is_some() && self.persisted;
+        if self.dedup.is_some() && self.is_duplicate(&p.msg, p.seq, on_disk) {
+            // Dropped as an idempotent success: the publisher hears ack.
+            if let Some(t) = p.confirm {
+                t.settle();
+            }
+            self.unstore(&Entry {
+                seq: p.seq,
+                msg: p.msg,
+                redelivered: false,
+                expires: NEVER,
+                on_disk,
+                enqueued_at: 0,
+                deliveries: 0,
+            });
+            return;
+        }
         if self.pageable && self.tail.as_ref().is_some_and(|t| p.seq >= t.start) {
             let confirm = self.page_out(p, on_disk);
             if let Some(t) = confirm {
@@ -564,13 +597,20 @@ impl Actor {
                     delivered: self.counts.delivered,
                     acked: self.counts.acked,
                     redelivered: self.counts.redelivered,
+                    deduplicated: self.dedup.as_ref().map(|d| d.duplicates),
                 });
             }
             QueueCmd::Purge { reply } => {
                 let n = self.purge();
+                if self.dedup.is_some() {
+                    self.release_purged_keys();
+                }
                 let _ = reply.send(n.min(u32::MAX as u64) as u32);
             }
             QueueCmd::Recovered { first, end, count } => {
+                if self.dedup.is_some() {
+                    self.restore_keys(first, end);
+                }
                 self.recovered_below = end;
                 self.max_seen = self.max_seen.max(end.saturating_sub(1));
                 self.generations += 1;
@@ -607,6 +647,9 @@ impl Actor {
     /// A message left the queue for good: remove its store entry (in this
     /// wake-up's batch).
     pub(super) fn unstore(&mut self, e: &Entry) {
+        if self.dedup.is_some() {
+            self.release_key(e);
+        }
         if let (true, Some(id), Some(_)) = (e.on_disk, e.msg.stored, &self.persister) {
             self.pending.push(MessageOp::Remove {
                 queue: self.info.id,

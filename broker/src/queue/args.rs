@@ -236,11 +236,14 @@ pub fn validate(queue: &str, vhost: &str, args: &FieldTable) -> AmqpResult<()> {
                 Ok(v) => Some(format!("{{invalid_leader_locator,<<\"{v}\">>}}")),
             },
             "x-quorum-initial-group-size" => int_arg(value, 1, i128::from(u16::MAX), false),
-            "x-max-age"
-            | "x-message-deduplication"
-            | "x-cache-size"
-            | "x-cache-ttl"
-            | "x-cache-persistence" => Some("\"not supported by Warren yet\"".into()),
+            "x-message-deduplication" => match value {
+                AMQPValue::Boolean(_) => None,
+                other => Some(format!("{{unacceptable_type,{}}}", type_name(other))),
+            },
+            "x-deduplication-header" => str_arg(value).err(),
+            "x-max-age" | "x-cache-size" | "x-cache-ttl" | "x-cache-persistence" => {
+                Some("\"not supported by Warren yet\"".into())
+            }
             "x-queue-type" => match str_arg(value) {
                 Err(e) => Some(e),
                 Ok(t) if t == "classic" || t == "quorum" => None,

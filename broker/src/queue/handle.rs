@@ -28,6 +28,8 @@ pub struct HandleInner {
     /// The next sequence number: publishers take one per message, right
     /// before handing it over (so the sequences a queue receives are dense).
     seqs: AtomicU64,
+    /// The header holding a message's key, for a deduplicating queue.
+    dedup_header: Option<String>,
 }
 
 impl std::ops::Deref for QueueHandle {
@@ -51,12 +53,33 @@ impl QueueHandle {
         permits: Arc<Semaphore>,
         mailbox: mpsc::UnboundedSender<QueueCmd>,
     ) -> QueueHandle {
+        let dedup_header = crate::dedup::queue_enabled(&info.arguments).then(|| {
+            crate::dedup::header_name(&info.arguments)
+                .unwrap_or_else(|_| crate::dedup::DEFAULT_HEADER.to_owned())
+        });
         QueueHandle(Arc::new(HandleInner {
             info,
             permits,
             mailbox,
             seqs: AtomicU64::new(1),
+            dedup_header,
         }))
+    }
+
+    /// Whether the queue deduplicates (`x-message-deduplication`).
+    pub fn dedups(&self) -> bool {
+        self.dedup_header.is_some()
+    }
+
+    /// The store write of a stored message's deduplication key, for a
+    /// deduplicating queue (written in the batch that enqueues it).
+    pub fn dedup_put(&self, msg: &MessageRef, seq: u64) -> Option<warren_storage::MessageOp> {
+        let key = crate::dedup::key_of(&msg.header, self.dedup_header.as_deref()?)?;
+        Some(warren_storage::MessageOp::DedupPut {
+            scope: crate::dedup::queue_scope(self.info.id),
+            key,
+            value: seq,
+        })
     }
     pub fn name(&self) -> &str {
         &self.info.name
@@ -344,6 +367,8 @@ pub struct QueueStats {
     pub delivered: u64,
     pub acked: u64,
     pub redelivered: u64,
+    /// Duplicates dropped (a deduplicating queue), else None.
+    pub deduplicated: Option<u64>,
 }
 
 /// Called by the actor when it deletes itself (auto-delete, `x-expires`).

@@ -176,6 +176,7 @@ impl Actor {
                         id,
                         meta,
                     });
+                    ops.extend(q.dedup_put(&dead, seq));
                 }
             }
         }

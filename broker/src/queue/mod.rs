@@ -48,10 +48,12 @@
 //! - [`args`]: the queue arguments, checked and decoded.
 //! - [`dead_letter`]: the dead-lettered message and its `x-death` header.
 //! - `timeouts`: consumer timeouts.
+//! - `dedup`: queue-level deduplication.
 
 mod actor;
 pub mod args;
 pub mod dead_letter;
+mod dedup;
 mod deliver;
 pub mod handle;
 mod limits;

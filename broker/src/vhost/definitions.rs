@@ -118,7 +118,8 @@ impl VHost {
             ));
         };
         (kind.check_arguments)(s.arguments)?;
-        let x = Exchange::new(
+        let dedup = crate::dedup::exchange_settings(kind.name, s.durable, s.arguments)?;
+        let mut x = Exchange::new(
             s.name,
             kind,
             s.durable,
@@ -126,6 +127,8 @@ impl VHost {
             s.internal,
             s.arguments.clone(),
         );
+        x.dedup = dedup
+            .map(|d| std::sync::Arc::new(crate::dedup::ExchangeDedup::new(d, &self.name, s.name)));
         self.change(move |v| v.add_exchange(x)).await
     }
 
@@ -206,6 +209,7 @@ impl VHost {
         };
         if durable {
             self.store(self.meta.delete_exchange(&self.name, name))?;
+            self.forget_dedup_keys(name);
         }
         let gone = {
             let mut t = self.write();
@@ -222,6 +226,17 @@ impl VHost {
     fn forget_stored_exchanges(&self, names: Vec<String>) {
         for n in names {
             let _ = self.store(self.meta.delete_exchange(&self.name, &n));
+            self.forget_dedup_keys(&n);
+        }
+    }
+
+    /// Drop a deleted durable exchange's stored deduplication keys (a
+    /// range delete: nothing to do if it had none).
+    fn forget_dedup_keys(&self, exchange: &str) {
+        if let Some(p) = &self.persister {
+            p.submit_nowait(vec![warren_storage::MessageOp::DedupDropScope {
+                scope: crate::dedup::exchange_scope(&self.name, exchange),
+            }]);
         }
     }
 

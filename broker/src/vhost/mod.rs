@@ -56,6 +56,8 @@ pub struct ExchangeView {
     pub arguments: FieldTable,
     pub bindings: Vec<exchange::Binding>,
     pub counters: Arc<crate::metrics::ExchangeCounters>,
+    /// Duplicates dropped, for a deduplicating exchange.
+    pub deduplicated: Option<u64>,
 }
 
 fn view(x: &Exchange) -> ExchangeView {
@@ -68,6 +70,10 @@ fn view(x: &Exchange) -> ExchangeView {
         arguments: x.arguments.clone(),
         bindings: x.bindings.clone(),
         counters: x.counters.clone(),
+        deduplicated: x
+            .dedup
+            .as_ref()
+            .map(|d| d.duplicates.load(Ordering::Relaxed)),
     }
 }
 
@@ -370,7 +376,22 @@ impl VHost {
                 .ok_or_else(|| format!("exchange '{}' has unknown type '{}'", e.name, e.kind))?;
             let args = decode_table(&e.arguments)
                 .map_err(|why| format!("exchange '{}': {why}", e.name))?;
+            let dedup = crate::dedup::exchange_settings(kind.name, true, &args)
+                .map_err(|err| format!("exchange '{}': {}", e.name, err.text))?;
             let mut x = Exchange::new(&e.name, kind, true, e.auto_delete, e.internal, args);
+            if let Some(d) = dedup {
+                let d = Arc::new(crate::dedup::ExchangeDedup::new(d, &self.name, &e.name));
+                if let (true, Some(p)) = (d.settings.persist, &self.persister) {
+                    let keys = p
+                        .load_dedup(&d.scope)
+                        .map_err(|why| format!("exchange '{}': {why}", e.name))?;
+                    let ops = d.restore(keys, crate::message::unix_ms());
+                    if !ops.is_empty() {
+                        p.submit_nowait(ops);
+                    }
+                }
+                x.dedup = Some(d);
+            }
             self.apply_exchange_policy(&policies, &mut x);
             t.exchanges.insert(e.name.clone(), x);
         }

@@ -4,6 +4,7 @@
 //! exchanges depend on the message and are never cached.
 
 use super::{Topology, VHost};
+use crate::dedup::ExchangeDedup;
 use crate::error::{access_refused, not_found, AmqpResult};
 use crate::exchange::{Dest, Exchange, Msg};
 use crate::metrics::ExchangeCounters;
@@ -22,20 +23,35 @@ pub struct Route {
     queues: Vec<QueueHandle>,
     /// The exchange's counters.
     counters: Arc<ExchangeCounters>,
+    /// The exchange's deduplication cache, if it deduplicates.
+    dedup: Option<Arc<ExchangeDedup>>,
 }
 
 /// Queues a message goes to.
 pub enum Routed {
     Cached(Arc<Route>),
-    /// Not cacheable (a headers exchange); with the exchange's counters.
-    Fresh(Vec<QueueHandle>, Arc<ExchangeCounters>),
+    /// Not cacheable (a headers exchange); with the exchange's counters
+    /// and deduplication cache.
+    Fresh(
+        Vec<QueueHandle>,
+        Arc<ExchangeCounters>,
+        Option<Arc<ExchangeDedup>>,
+    ),
 }
 
 impl Routed {
     pub fn queues(&self) -> &[QueueHandle] {
         match self {
             Routed::Cached(r) => &r.queues,
-            Routed::Fresh(v, _) => v,
+            Routed::Fresh(v, _, _) => v,
+        }
+    }
+
+    /// The deduplication cache of the exchange published to, if any.
+    pub fn dedup(&self) -> Option<&Arc<ExchangeDedup>> {
+        match self {
+            Routed::Cached(r) => r.dedup.as_ref(),
+            Routed::Fresh(_, _, d) => d.as_ref(),
         }
     }
 
@@ -43,7 +59,7 @@ impl Routed {
     pub fn counters(&self) -> &Arc<ExchangeCounters> {
         match self {
             Routed::Cached(r) => &r.counters,
-            Routed::Fresh(_, c) => c,
+            Routed::Fresh(_, c, _) => c,
         }
     }
 }
@@ -115,6 +131,7 @@ impl VHost {
             )));
         }
         let counters = e.counters.clone();
+        let dedup = e.dedup.clone();
         let mut queues = Vec::new();
         let mut cacheable = true;
         if ex.is_empty() {
@@ -141,7 +158,7 @@ impl VHost {
         }
         drop(t);
         if !cacheable {
-            return Ok(Routed::Fresh(queues, counters));
+            return Ok(Routed::Fresh(queues, counters, dedup));
         }
         let r = Arc::new(Route {
             exchange: exchange.clone(),
@@ -149,6 +166,7 @@ impl VHost {
             generation,
             queues,
             counters,
+            dedup,
         });
         self.routes.insert(key, r.clone());
         Ok(Routed::Cached(r))

@@ -14,6 +14,8 @@
 //!   entries iterate in order.
 //! - `refs`: message id → remaining references, only for bodies held by more
 //!   than one queue.
+//! - `dedup`: `scope length ‖ scope ‖ key` → value (8 bytes): the
+//!   deduplication keys of exchanges and queues.
 //!
 //! A body shared by several queues is freed with its last index entry. The
 //! shared counts live in memory and in `refs`, written in the same batch as
@@ -42,6 +44,7 @@ const META: &str = "meta";
 const MESSAGES: &str = "messages";
 const INDEX: &str = "index";
 const REFS: &str = "refs";
+const DEDUP: &str = "dedup";
 /// Present once the `refs` family holds every shared count.
 const REFS_READY_KEY: &[u8] = b"\x00refs-ready";
 const FORMAT_KEY: &[u8] = b"\x00format";
@@ -109,6 +112,29 @@ fn decode_message(v: Vec<u8>) -> Result<StoredMessage> {
         header: part()?,
         body: part()?,
     })
+}
+
+/// A deduplication key: `scope length ‖ scope ‖ key`, so one scope's keys
+/// are contiguous and no scope is a prefix of another's.
+fn dedup_key(scope: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + scope.len() + key.len());
+    k.extend_from_slice(&(scope.len() as u32).to_be_bytes());
+    k.extend_from_slice(scope);
+    k.extend_from_slice(key);
+    k
+}
+
+/// The smallest byte string greater than every string starting with
+/// `prefix` (None if there is none: all 0xff).
+fn next_prefix(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut p = prefix.to_vec();
+    while let Some(last) = p.pop() {
+        if last < 0xff {
+            p.push(last + 1);
+            return Some(p);
+        }
+    }
+    None
 }
 
 fn id_value(v: &[u8]) -> Result<MessageId> {
@@ -193,6 +219,7 @@ impl RocksStore {
             (MESSAGES, share(8)),
             (INDEX, share(4)),
             (REFS, share(1)),
+            (DEDUP, share(1)),
         ]
         .map(|(n, wb)| ColumnFamilyDescriptor::new(n, family(wb)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
@@ -473,6 +500,10 @@ impl MetaStore for RocksStore {
 impl MessageStore for RocksStore {
     fn apply(&self, ops: &[MessageOp]) -> Result<()> {
         let (messages, index, refs) = (self.cf(MESSAGES), self.cf(INDEX), self.cf(REFS));
+        let dedup = self.cf(DEDUP);
+        // Deduplication keys this batch has written (Some) or deleted
+        // (None): a conditional delete looks here before the database.
+        let mut dedup_batch: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
         let mut b = WriteBatch::default();
         // Shared-count changes take effect only once the batch is written.
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -546,6 +577,38 @@ impl MessageStore for RocksStore {
                             keys::entry_value(*id, *meta),
                         );
                     }
+                }
+                MessageOp::DedupPut { scope, key, value } => {
+                    let k = dedup_key(scope, key);
+                    b.put_cf(dedup, &k, value.to_be_bytes());
+                    dedup_batch.insert(k, Some(*value));
+                }
+                MessageOp::DedupDelete {
+                    scope,
+                    key,
+                    if_value,
+                } => {
+                    let k = dedup_key(scope, key);
+                    let current = match dedup_batch.get(&k) {
+                        Some(v) => *v,
+                        None => self
+                            .db
+                            .get_cf(dedup, &k)
+                            .map_err(io)?
+                            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes)),
+                    };
+                    if if_value.is_none() || current == *if_value {
+                        b.delete_cf(dedup, &k);
+                        dedup_batch.insert(k, None);
+                    }
+                }
+                MessageOp::DedupDropScope { scope } => {
+                    let from = dedup_key(scope, b"");
+                    // (A prefix is never all 0xff: its length comes first.)
+                    if let Some(to) = next_prefix(&from) {
+                        b.delete_range_cf(dedup, &from, &to);
+                    }
+                    dedup_batch.retain(|k, _| !k.starts_with(&from));
                 }
                 MessageOp::Remove { queue, seq, id } => {
                     b.delete_cf(index, keys::queue_entry(*queue, *seq));
@@ -695,6 +758,34 @@ impl MessageStore for RocksStore {
         Ok(found)
     }
 
+    fn load_dedup(&self, scope: &[u8]) -> Result<Vec<(Bytes, u64)>> {
+        let prefix = dedup_key(scope, b"");
+        let mut ro = ReadOptions::default();
+        if let Some(end) = next_prefix(&prefix) {
+            ro.set_iterate_upper_bound(end);
+        }
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            self.cf(DEDUP),
+            ro,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(io)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let v: [u8; 8] = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("a deduplication value is not 8 bytes".into()))?;
+            out.push((
+                Bytes::copy_from_slice(&k[prefix.len()..]),
+                u64::from_be_bytes(v),
+            ));
+        }
+        Ok(out)
+    }
+
     fn max_message_id(&self) -> Result<MessageId> {
         let mut it = self.db.raw_iterator_cf(self.cf(MESSAGES));
         it.seek_to_last();
@@ -745,6 +836,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RocksStore::open(dir.path(), true).unwrap();
         warren_storage::contract::entry_meta(&s, &|| s.body_count());
+    }
+
+    #[test]
+    fn dedup_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), true).unwrap();
+        warren_storage::contract::dedup(&s);
     }
 
     #[test]
