@@ -37,7 +37,7 @@ def warren_only(conn):
 
 
 # Exchange types Warren implements: on Warren their tests never skip.
-WARREN_HAS = {"x-consistent-hash", "x-message-deduplication"}
+WARREN_HAS = {"x-consistent-hash", "x-message-deduplication", "x-delayed-message"}
 
 
 def require_exchange_type(conn, names, exchange_type, arguments=None):

@@ -52,6 +52,8 @@ pub struct Broker {
     pub metrics: crate::metrics::Global,
     /// Connection and queue churn.
     pub churn: Arc<crate::metrics::Churn>,
+    /// Delayed messages (`x-delayed-message` exchanges).
+    pub delayed: crate::delayed::Delays,
 }
 
 /// The listeners' addresses.

@@ -63,6 +63,7 @@ pub mod config_file;
 pub mod connection;
 pub mod dedup;
 pub mod definitions;
+pub mod delayed;
 pub mod error;
 pub mod events;
 pub mod exchange;

@@ -289,6 +289,38 @@ impl Persister {
         })
     }
 
+    /// How many jobs have been submitted so far (a read that must see them
+    /// waits for this many: [`Persister::read_delayed`]).
+    pub fn submitted(&self) -> u64 {
+        self.progress.submitted.load(Ordering::Acquire)
+    }
+
+    /// Up to `limit` delayed messages after `after`, in due order, with
+    /// their messages, once the first `since` jobs are applied. Blocks:
+    /// for `spawn_blocking`.
+    pub fn read_delayed(
+        &self,
+        after: Option<(u64, MessageId)>,
+        limit: usize,
+        since: u64,
+    ) -> Result<Vec<(warren_storage::DelayedEntry, Option<Message>)>, String> {
+        self.progress.wait_applied(since);
+        let entries = self
+            .store
+            .read_delayed(after, limit)
+            .map_err(|e| e.to_string())?;
+        let ids: Vec<MessageId> = entries.iter().map(|e| e.1).collect();
+        let bodies = self.store.get_messages(&ids).map_err(|e| e.to_string())?;
+        Ok(entries
+            .into_iter()
+            .zip(bodies)
+            .map(|(e, m)| {
+                let id = e.1;
+                (e, m.and_then(|m| Message::from_stored(id, m)))
+            })
+            .collect())
+    }
+
     /// The deduplication keys stored for `scope` (read at start-up).
     pub fn load_dedup(&self, scope: &[u8]) -> Result<Vec<(bytes::Bytes, u64)>, String> {
         self.store.load_dedup(scope).map_err(|e| e.to_string())

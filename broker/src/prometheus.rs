@@ -311,7 +311,22 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
         route_hits += v.route_stats.hits.load(Relaxed);
         route_misses += v.route_stats.misses.load(Relaxed);
     }
-    let own: [(&str, &str, u64); 6] = [
+    let own: [(&str, &str, u64); 9] = [
+        (
+            "warren_delayed_messages_total",
+            "Messages held by delayed-message exchanges",
+            crate::delayed::DELAYED.load(Relaxed),
+        ),
+        (
+            "warren_delayed_sent_total",
+            "Delayed messages sent on at their due time",
+            crate::delayed::SENT.load(Relaxed),
+        ),
+        (
+            "warren_delayed_unroutable_total",
+            "Delayed messages that routed nowhere at their due time (dropped)",
+            crate::delayed::UNROUTABLE.load(Relaxed),
+        ),
         (
             "warren_body_cache_hits_total",
             "Message bodies read back from the hot-body cache instead of the store",

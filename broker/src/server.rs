@@ -275,6 +275,7 @@ impl Server {
         }
         let max_connections = config.max_connections;
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let (delayed, delay_inbox) = crate::delayed::Delays::new();
         let broker = Arc::new(Broker {
             config,
             vhosts: RwLock::new(vhosts),
@@ -293,7 +294,9 @@ impl Server {
             listen_addrs,
             metrics: Default::default(),
             churn,
+            delayed,
         });
+        tokio::spawn(crate::delayed::run(Arc::downgrade(&broker), delay_inbox));
         if let Some((path, json)) = definitions {
             match crate::definitions::import(&broker, &json).await {
                 Ok(report) => tracing::info!(

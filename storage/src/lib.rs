@@ -191,7 +191,21 @@ pub enum MessageOp {
     },
     /// Forget every key of a scope (its exchange or queue was deleted).
     DedupDropScope { scope: Bytes },
+    /// A delayed message (stored by `PutMessage` in the same batch, with
+    /// one reference for this entry) due at `due` (Unix ms), for `target`
+    /// (the broker's encoding of where it goes).
+    PutDelayed {
+        due: u64,
+        id: MessageId,
+        target: Bytes,
+    },
+    /// The delayed message went out (or was dropped): its entry goes, and
+    /// its body with its last reference.
+    RemoveDelayed { due: u64, id: MessageId },
 }
+
+/// A delayed message's entry: due time (Unix ms), message id, target.
+pub type DelayedEntry = (u64, MessageId, Bytes);
 
 /// What a queue holds on disk, found without reading a body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,6 +239,13 @@ pub trait MessageStore: Send + Sync + 'static {
     fn queue_ids(&self) -> Result<Vec<QueueId>>;
     /// The deduplication keys of `scope` with their values.
     fn load_dedup(&self, scope: &[u8]) -> Result<Vec<(Bytes, u64)>>;
+    /// Up to `limit` delayed entries after `(due, id)` (from the first
+    /// with None), in due order. No body is read.
+    fn read_delayed(
+        &self,
+        after: Option<(u64, MessageId)>,
+        limit: usize,
+    ) -> Result<Vec<DelayedEntry>>;
 
     /// Up to `limit` entries of `queue` with sequence >= `from`, in order,
     /// with their messages.
@@ -570,6 +591,51 @@ pub mod contract {
             .unwrap();
         assert!(s.load_dedup(b"x").unwrap().is_empty());
         assert_eq!(s.load_dedup(b"xy").unwrap().len(), 1, "another scope stays");
+    }
+
+    /// Delayed entries: read in due order (then id) whatever the write
+    /// order, from a cursor; a removal frees the body.
+    pub fn delayed(s: &dyn MessageStore, bodies: &dyn Fn() -> usize) {
+        let t = |v: &'static str| Bytes::from_static(v.as_bytes());
+        let mut ops = Vec::new();
+        for (due, id) in [(300u64, 61u64), (100, 62), (200, 63), (100, 60)] {
+            ops.push(MessageOp::PutMessage {
+                id,
+                refs: 1,
+                message: msg("d"),
+            });
+            ops.push(MessageOp::PutDelayed {
+                due,
+                id,
+                target: t("x"),
+            });
+        }
+        s.apply(&ops).unwrap();
+        let all = s.read_delayed(None, 10).unwrap();
+        let keys: Vec<(u64, u64)> = all.iter().map(|e| (e.0, e.1)).collect();
+        assert_eq!(keys, vec![(100, 60), (100, 62), (200, 63), (300, 61)]);
+        assert_eq!(all[0].2, t("x"));
+        let next: Vec<(u64, u64)> = s
+            .read_delayed(Some((100, 62)), 1)
+            .unwrap()
+            .iter()
+            .map(|e| (e.0, e.1))
+            .collect();
+        assert_eq!(next, vec![(200, 63)]);
+        assert_eq!(bodies(), 4);
+        s.apply(&[
+            MessageOp::RemoveDelayed { due: 100, id: 60 },
+            MessageOp::RemoveDelayed { due: 300, id: 61 },
+        ])
+        .unwrap();
+        assert_eq!(bodies(), 2, "bodies go with their entries");
+        assert_eq!(s.read_delayed(None, 10).unwrap().len(), 2);
+        s.apply(&[
+            MessageOp::RemoveDelayed { due: 100, id: 62 },
+            MessageOp::RemoveDelayed { due: 200, id: 63 },
+        ])
+        .unwrap();
+        assert_eq!(bodies(), 0);
     }
 
     fn binding(source: &str, dest: &str, to_queue: bool) -> BindingDef {

@@ -18,6 +18,7 @@ struct Messages {
     bodies: HashMap<MessageId, (StoredMessage, usize)>,
     index: BTreeMap<(QueueId, u64), (MessageId, EntryMeta)>,
     dedup: BTreeMap<(Bytes, Bytes), u64>,
+    delayed: BTreeMap<(u64, MessageId), Bytes>,
 }
 
 impl MemStore {
@@ -157,6 +158,21 @@ impl MessageStore for MemStore {
                 MessageOp::DedupDropScope { scope } => {
                     m.dedup.retain(|(s, _), _| s != scope);
                 }
+                MessageOp::PutDelayed { due, id, target } => {
+                    if let Some(entry) = m.bodies.get_mut(id) {
+                        entry.1 += 1;
+                        m.delayed.insert((*due, *id), target.clone());
+                    } else {
+                        return Err(StoreError::Corrupt(format!(
+                            "delayed entry of unknown message {id}"
+                        )));
+                    }
+                }
+                MessageOp::RemoveDelayed { due, id } => {
+                    if m.delayed.remove(&(*due, *id)).is_some() {
+                        release(&mut m, *id);
+                    }
+                }
                 MessageOp::Remove { queue, seq, .. } => {
                     if let Some((id, _)) = m.index.remove(&(*queue, *seq)) {
                         release(&mut m, id);
@@ -241,6 +257,24 @@ impl MessageStore for MemStore {
             .collect())
     }
 
+    fn read_delayed(
+        &self,
+        after: Option<(u64, MessageId)>,
+        limit: usize,
+    ) -> Result<Vec<DelayedEntry>> {
+        use std::ops::Bound;
+        let m = lock(&self.messages);
+        let from = match after {
+            Some(k) => Bound::Excluded(k),
+            None => Bound::Unbounded,
+        };
+        Ok(m.delayed
+            .range((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(&(due, id), t)| (due, id, t.clone()))
+            .collect())
+    }
+
     fn queue_ids(&self) -> Result<Vec<QueueId>> {
         let m = lock(&self.messages);
         let mut ids: Vec<QueueId> = m.index.keys().map(|(q, _)| *q).collect();
@@ -262,6 +296,8 @@ mod tests {
         let s = MemStore::new();
         crate::contract::entry_meta(&s, &|| lock(&s.messages).bodies.len());
         crate::contract::dedup(&MemStore::new());
+        let s = MemStore::new();
+        crate::contract::delayed(&s, &|| lock(&s.messages).bodies.len());
     }
 
     #[test]

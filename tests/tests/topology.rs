@@ -1674,3 +1674,122 @@ async fn consistent_hash_sends_a_key_to_one_queue_always() {
     assert_eq!(code(&err), Some(PRECONDITION_FAILED), "{err}");
     broker.stop().await;
 }
+
+/// `x-delayed-message`: more persistent delayed messages than the
+/// scheduler keeps in memory (its window is 10,000), published in reverse
+/// due order: every one arrives once, in due order, none before its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_beyond_the_window_arrive_in_due_order() {
+    let broker = TestBroker::start().await;
+    if !broker.is_warren() {
+        return; // the plugin is not in the reference
+    }
+    let (_conn, ch) = broker.channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let x = unique("delayed");
+    let mut a = FieldTable::default();
+    a.insert(
+        "x-delayed-type".into(),
+        AMQPValue::LongString("direct".into()),
+    );
+    ch.exchange_declare(
+        x.as_str().into(),
+        ExchangeKind::Custom("x-delayed-message".into()),
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        a,
+    )
+    .await
+    .unwrap();
+    let q = unique("delayed-q");
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        q.as_str().into(),
+        x.as_str().into(),
+        "k".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    const N: u64 = 25_000;
+    let start = std::time::Instant::now();
+    let mut confirms = Vec::with_capacity(N as usize);
+    for i in 0..N {
+        // Due (ms after start) in reverse publish order, over 2 s from
+        // 5 s on; the delay is what is left of it when published.
+        let due = 5_000 + (N - i) * 2_000 / N;
+        let delay = due.saturating_sub(start.elapsed().as_millis() as u64);
+        let mut h = FieldTable::default();
+        h.insert("x-delay".into(), AMQPValue::LongLongInt(delay as i64));
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(h);
+        let c = ch
+            .basic_publish(
+                x.as_str().into(),
+                "k".into(),
+                BasicPublishOptions::default(),
+                &due.to_be_bytes(),
+                props,
+            )
+            .await
+            .unwrap();
+        confirms.push(c);
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack());
+    }
+    let published = start.elapsed();
+    assert!(
+        published < Duration::from_millis(4_500),
+        "publishing took {published:?}: the test's timing assumption fails"
+    );
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "c".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // The broker's due time is its receipt plus the delay: never before
+    // the due time computed here, and later by at most the publish's
+    // latency. So arrivals follow these due times, within that latency
+    // (a scheduler that sent them in publish order would be 2 s off).
+    const LATENCY_MS: u64 = 300;
+    let mut latest = 0u64;
+    for n in 0..N {
+        let d = within("the next delayed message", next_delivery(&mut consumer)).await;
+        let due = u64::from_be_bytes(d.data[..8].try_into().unwrap());
+        assert!(
+            due + LATENCY_MS >= latest,
+            "message {n}: due at {due} ms came after one due at {latest} ms"
+        );
+        let since = start.elapsed().as_millis() as u64;
+        assert!(
+            since + 2 >= due,
+            "message {n} came {since} ms in, due at {due}"
+        );
+        latest = latest.max(due);
+    }
+    assert_no_delivery(&mut consumer, Duration::from_millis(200)).await;
+    broker.stop().await;
+}

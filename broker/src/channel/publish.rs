@@ -248,6 +248,23 @@ impl Channel {
         cx.shared
             .exchange_stats
             .count(Some(routed.counters()), !routed.queues().is_empty());
+        if let (Some(durable), Some(ms)) = (routed.delayed(), crate::delayed::delay_of(&msg)) {
+            // A mandatory message is returned only if nothing would route
+            // it now (the plugin returns every mandatory delayed publish).
+            if !(mandatory && routed.queues().is_empty()) {
+                cx.shared.stats.routed += 1;
+                delay(
+                    &cx.session.broker,
+                    &cx.session.vhost.name,
+                    msg,
+                    ms,
+                    durable,
+                    ticket,
+                    extra,
+                );
+                return Ok(None);
+            }
+        }
         if routed.queues().is_empty() {
             if mandatory {
                 cx.shared.stats.unroutable_returned += 1;
@@ -352,6 +369,44 @@ impl Channel {
             })),
         );
         cx.out.put_content(self.number, msg);
+    }
+}
+
+/// Hold a message published to a delayed exchange for `ms` (see
+/// `crate::delayed`): on a durable exchange a persistent one is stored
+/// first (with `extra` writes) and confirmed after the sync; anything
+/// else is confirmed at once and lives in memory.
+fn delay(
+    broker: &Broker,
+    vhost: &str,
+    msg: MessageRef,
+    ms: u64,
+    durable: bool,
+    ticket: Option<Arc<ConfirmTicket>>,
+    extra: Vec<MessageOp>,
+) {
+    let due = crate::message::unix_ms().saturating_add(ms);
+    if durable && msg.stored.is_some() {
+        let mut ops = crate::delayed::Delays::store_ops(&msg, due, vhost);
+        ops.extend(extra);
+        let done: crate::persist::Done = Box::new(move |synced| {
+            if let Some(t) = ticket {
+                if !synced {
+                    t.nack();
+                }
+                t.settle();
+            }
+        });
+        broker.persister.submit_reserved(None, ops, done);
+        broker.delayed.add(vhost, msg, due, true);
+    } else {
+        if !extra.is_empty() {
+            broker.persister.submit_nowait(extra);
+        }
+        broker.delayed.add(vhost, msg, due, false);
+        if let Some(t) = ticket {
+            t.settle();
+        }
     }
 }
 
@@ -548,6 +603,13 @@ pub async fn publish_direct(
     let Some(extra) = admit(broker, &routed, &msg, Some(&ticket)) else {
         return Ok(Published::Routed); // a duplicate: an idempotent success
     };
+    if let (Some(durable), Some(ms)) = (routed.delayed(), crate::delayed::delay_of(&msg)) {
+        delay(broker, &vhost.name, msg, ms, durable, Some(ticket), extra);
+        return match confirms.recv().await {
+            Some(crate::events::ConnEvent::Confirm { nack: false, .. }) => Ok(Published::Routed),
+            _ => Ok(Published::Refused),
+        };
+    }
     if routed.queues().is_empty() {
         return Ok(Published::Unroutable);
     }

@@ -22,7 +22,7 @@ pub static DEDUP_TYPE: ExchangeType = ExchangeType {
 };
 
 #[derive(Debug)]
-struct Fanout;
+pub(super) struct Fanout;
 
 impl Index for Fanout {
     fn bind(&mut self, _: &Binding) {}

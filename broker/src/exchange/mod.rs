@@ -8,6 +8,7 @@
 //! adding a type is a new file and one line there.
 
 mod consistent_hash;
+pub mod delayed;
 mod direct;
 mod fanout;
 mod headers;
@@ -25,6 +26,7 @@ pub static TYPES: &[&ExchangeType] = &[
     &headers::TYPE,
     &consistent_hash::TYPE,
     &fanout::DEDUP_TYPE,
+    &delayed::TYPE,
 ];
 
 /// An exchange type.
@@ -216,6 +218,11 @@ impl Exchange {
     /// Append the destinations for a message to `out` (may contain duplicates).
     pub fn route(&self, m: &Msg<'_>, out: &mut Vec<Dest>) {
         self.index.route(&self.bindings, m, out);
+    }
+
+    /// Whether it holds messages with `x-delay` until due.
+    pub fn delays(&self) -> bool {
+        self.kind.name == delayed::NAME
     }
 
     /// Whether its routes depend on more than the routing key.

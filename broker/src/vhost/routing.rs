@@ -25,6 +25,8 @@ pub struct Route {
     counters: Arc<ExchangeCounters>,
     /// The exchange's deduplication cache, if it deduplicates.
     dedup: Option<Arc<ExchangeDedup>>,
+    /// Some(durable) if the exchange delays messages (`x-delayed-message`).
+    delayed: Option<bool>,
 }
 
 /// Queues a message goes to.
@@ -36,6 +38,7 @@ pub enum Routed {
         Vec<QueueHandle>,
         Arc<ExchangeCounters>,
         Option<Arc<ExchangeDedup>>,
+        Option<bool>,
     ),
 }
 
@@ -43,7 +46,7 @@ impl Routed {
     pub fn queues(&self) -> &[QueueHandle] {
         match self {
             Routed::Cached(r) => &r.queues,
-            Routed::Fresh(v, _, _) => v,
+            Routed::Fresh(v, _, _, _) => v,
         }
     }
 
@@ -51,7 +54,15 @@ impl Routed {
     pub fn dedup(&self) -> Option<&Arc<ExchangeDedup>> {
         match self {
             Routed::Cached(r) => r.dedup.as_ref(),
-            Routed::Fresh(_, _, d) => d.as_ref(),
+            Routed::Fresh(_, _, d, _) => d.as_ref(),
+        }
+    }
+
+    /// Some(durable) if the exchange published to delays messages.
+    pub fn delayed(&self) -> Option<bool> {
+        match self {
+            Routed::Cached(r) => r.delayed,
+            Routed::Fresh(_, _, _, d) => *d,
         }
     }
 
@@ -59,7 +70,7 @@ impl Routed {
     pub fn counters(&self) -> &Arc<ExchangeCounters> {
         match self {
             Routed::Cached(r) => &r.counters,
-            Routed::Fresh(_, c, _) => c,
+            Routed::Fresh(_, c, _, _) => c,
         }
     }
 }
@@ -132,6 +143,7 @@ impl VHost {
         }
         let counters = e.counters.clone();
         let dedup = e.dedup.clone();
+        let delayed = e.delays().then_some(e.durable);
         let mut queues = Vec::new();
         let mut cacheable = true;
         if ex.is_empty() {
@@ -158,7 +170,7 @@ impl VHost {
         }
         drop(t);
         if !cacheable {
-            return Ok(Routed::Fresh(queues, counters, dedup));
+            return Ok(Routed::Fresh(queues, counters, dedup, delayed));
         }
         let r = Arc::new(Route {
             exchange: exchange.clone(),
@@ -167,6 +179,7 @@ impl VHost {
             queues,
             counters,
             dedup,
+            delayed,
         });
         self.routes.insert(key, r.clone());
         Ok(Routed::Cached(r))

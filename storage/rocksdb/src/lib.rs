@@ -16,6 +16,8 @@
 //!   than one queue.
 //! - `dedup`: `scope length ‖ scope ‖ key` → value (8 bytes): the
 //!   deduplication keys of exchanges and queues.
+//! - `delayed`: `due ‖ message id` (big-endian, so iteration is due order)
+//!   → target: delayed messages (their bodies in `messages`).
 //!
 //! A body shared by several queues is freed with its last index entry. The
 //! shared counts live in memory and in `refs`, written in the same batch as
@@ -45,6 +47,7 @@ const MESSAGES: &str = "messages";
 const INDEX: &str = "index";
 const REFS: &str = "refs";
 const DEDUP: &str = "dedup";
+const DELAYED: &str = "delayed";
 /// Present once the `refs` family holds every shared count.
 const REFS_READY_KEY: &[u8] = b"\x00refs-ready";
 const FORMAT_KEY: &[u8] = b"\x00format";
@@ -112,6 +115,11 @@ fn decode_message(v: Vec<u8>) -> Result<StoredMessage> {
         header: part()?,
         body: part()?,
     })
+}
+
+/// A delayed message's key: `due ‖ id`, big-endian (due order).
+fn delayed_key(due: u64, id: MessageId) -> [u8; 16] {
+    keys::queue_entry(due, id)
 }
 
 /// A deduplication key: `scope length ‖ scope ‖ key`, so one scope's keys
@@ -220,6 +228,7 @@ impl RocksStore {
             (INDEX, share(4)),
             (REFS, share(1)),
             (DEDUP, share(1)),
+            (DELAYED, share(1)),
         ]
         .map(|(n, wb)| ColumnFamilyDescriptor::new(n, family(wb)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
@@ -602,6 +611,13 @@ impl MessageStore for RocksStore {
                         dedup_batch.insert(k, None);
                     }
                 }
+                MessageOp::PutDelayed { due, id, target } => {
+                    b.put_cf(self.cf(DELAYED), delayed_key(*due, *id), target);
+                }
+                MessageOp::RemoveDelayed { due, id } => {
+                    b.delete_cf(self.cf(DELAYED), delayed_key(*due, *id));
+                    release(&mut b, &mut counts, *id);
+                }
                 MessageOp::DedupDropScope { scope } => {
                     let from = dedup_key(scope, b"");
                     // (A prefix is never all 0xff: its length comes first.)
@@ -758,6 +774,32 @@ impl MessageStore for RocksStore {
         Ok(found)
     }
 
+    fn read_delayed(
+        &self,
+        after: Option<(u64, MessageId)>,
+        limit: usize,
+    ) -> Result<Vec<DelayedEntry>> {
+        let start = after.map_or([0u8; 16], |(d, i)| delayed_key(d, i));
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(DELAYED),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(io)?;
+            let Some((due, id)) = keys::parse_queue_entry(&k) else {
+                return Err(StoreError::Corrupt("a delayed key is not 16 bytes".into()));
+            };
+            if after == Some((due, id)) {
+                continue;
+            }
+            out.push((due, id, Bytes::copy_from_slice(&v)));
+        }
+        Ok(out)
+    }
+
     fn load_dedup(&self, scope: &[u8]) -> Result<Vec<(Bytes, u64)>> {
         let prefix = dedup_key(scope, b"");
         let mut ro = ReadOptions::default();
@@ -836,6 +878,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RocksStore::open(dir.path(), true).unwrap();
         warren_storage::contract::entry_meta(&s, &|| s.body_count());
+    }
+
+    #[test]
+    fn delayed_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), true).unwrap();
+        warren_storage::contract::delayed(&s, &|| s.body_count());
     }
 
     #[test]
