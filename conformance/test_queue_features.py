@@ -1034,3 +1034,37 @@ def test_warren_consumer_timeout_not_triggered_when_acked(conn, names):
         conn.process_data_events(time_limit=0.05)
     assert got == [b"0", b"1", b"2"]
     assert cancels == [] and tag in ch.consumer_tags
+
+
+# ------------------------------------------------------- exchange equivalence
+
+def test_exchange_redeclared_with_another_alternate_exchange_is_406(conn, names):
+    """A redeclaration must name the same alternate-exchange (406 otherwise,
+    as RabbitMQ checks it)."""
+    x = names.exchange()
+    ch = conn.channel()
+    ch.exchange_declare(x, "direct", arguments={"alternate-exchange": "ae-one"})
+    ch.exchange_declare(x, "direct", arguments={"alternate-exchange": "ae-one"})
+    with channel_error(406) as ei:
+        conn.channel().exchange_declare(x, "direct",
+                                        arguments={"alternate-exchange": "ae-two"})
+    assert ei.value.reply_text == (
+        "PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange "
+        "'%s' in vhost '/': received 'ae-two' but current is 'ae-one'" % x)
+
+
+def test_warren_plugin_exchange_arguments_must_match_on_redeclare(conn, names):
+    """Warren: a delayed exchange redeclared with another x-delayed-type, or a
+    deduplicating one with another cache size, is 406 (never accepted while
+    the exchange keeps doing what it did)."""
+    warren_only(conn)
+    x, y = names.exchange(), names.exchange()
+    ch = conn.channel()
+    ch.exchange_declare(x, "x-delayed-message", arguments={"x-delayed-type": "direct"})
+    with channel_error(406):
+        conn.channel().exchange_declare(x, "x-delayed-message",
+                                        arguments={"x-delayed-type": "topic"})
+    ch.exchange_declare(y, "x-message-deduplication", arguments={"x-cache-size": 10})
+    with channel_error(406):
+        conn.channel().exchange_declare(y, "x-message-deduplication",
+                                        arguments={"x-cache-size": 20})

@@ -82,9 +82,14 @@ struct Entry {
     stored: bool,
 }
 
+/// Entries read back from the store (None: its body could not be read,
+/// e.g. it was sent on while the read was under way), and whether the read
+/// was full (more may follow).
+type Loaded = (Vec<(u64, u64, Option<Entry>)>, bool);
+
 enum Cmd {
     Add { due: u64, entry: Entry },
-    Loaded(Result<Vec<(u64, u64, Entry)>, String>),
+    Loaded(Result<Loaded, String>),
 }
 
 /// The handle publishers hand delayed messages to.
@@ -230,14 +235,20 @@ impl Scheduler {
                 self.reading = false;
                 let fired = std::mem::take(&mut self.fired_while_reading);
                 match r {
-                    Ok(entries) => {
-                        let full = entries.len() >= self.read_limit();
+                    Ok((entries, full)) => {
                         for (due, id, e) in entries {
                             let key = (due, id);
                             self.loaded = Some(self.loaded.map_or(key, |l| l.max(key)));
                             if fired.contains(&key) || self.window.contains_key(&key) {
                                 continue;
                             }
+                            let Some(e) = e else {
+                                tracing::error!(
+                                    id,
+                                    "a delayed message's entry or body is unreadable; skipped"
+                                );
+                                continue;
+                            };
                             self.stored_in_window += 1;
                             self.window.insert(key, e);
                         }
@@ -270,17 +281,29 @@ impl Scheduler {
             self.window.remove(&k);
             self.stored_in_window -= 1;
             self.more_on_disk = true;
-            // Every stored entry before k is still here.
-            self.loaded = Some(match k.1 {
+            // k was the latest in memory: what was covered stays covered
+            // up to just before it. (Entries past the covered range that
+            // came in during a read are in memory but not covered: evicting
+            // one leaves the coverage as it was.)
+            let before_k = match k.1 {
                 0 => (k.0.saturating_sub(1), u64::MAX),
                 id => (k.0, id - 1),
-            });
+            };
+            self.loaded = self.loaded.map(|l| l.min(before_k));
         }
     }
 
     /// Ask the store for the next stored entries when the window runs low.
+    /// (Also when every stored entry left in memory lies past the covered
+    /// range: entries on disk may be due before them.)
     fn maybe_read(&mut self) {
-        if self.reading || !self.more_on_disk || self.stored_in_window >= LOW {
+        if self.reading || !self.more_on_disk {
+            return;
+        }
+        let covered_left = self
+            .loaded
+            .is_some_and(|l| self.window.range(..=l).any(|(_, e)| e.stored));
+        if self.stored_in_window >= LOW && covered_left {
             return;
         }
         let Some(b) = self.broker.upgrade() else {
@@ -294,33 +317,22 @@ impl Scheduler {
         let me = self.me.clone();
         tokio::task::spawn_blocking(move || {
             let r = p.read_delayed(after, limit, since).map(|rows| {
-                rows.into_iter()
-                    .filter_map(|((due, id, target), msg)| {
-                        let Some((vhost, _exchange)) = decode_target(&target) else {
-                            tracing::error!(
-                                id,
-                                "a delayed entry has an unreadable target; skipped"
-                            );
-                            return None;
-                        };
-                        let Some(msg) = msg else {
-                            tracing::error!(
-                                id,
-                                "a delayed entry refers to a missing message; skipped"
-                            );
-                            return None;
-                        };
-                        Some((
-                            due,
-                            id,
-                            Entry {
+                let full = rows.len() >= limit;
+                let entries = rows
+                    .into_iter()
+                    .map(|((due, id, target), msg)| {
+                        let entry = match (decode_target(&target), msg) {
+                            (Some((vhost, _exchange)), Some(msg)) => Some(Entry {
                                 vhost,
                                 msg: Arc::new(msg),
                                 stored: true,
-                            },
-                        ))
+                            }),
+                            _ => None,
+                        };
+                        (due, id, entry)
                     })
-                    .collect()
+                    .collect();
+                (entries, full)
             });
             let _ = me.send(Cmd::Loaded(r));
         });

@@ -36,7 +36,7 @@ pub enum ConnEvent {
         tag: Option<Arc<str>>,
         timeout: u64,
         queue: u64,
-        returned: Vec<u64>,
+        returned: Box<[u64]>,
     },
     /// Close the connection (an operator closed it, or its vhost was
     /// deleted): connection.close with this code and text.

@@ -1676,8 +1676,10 @@ async fn consistent_hash_sends_a_key_to_one_queue_always() {
 }
 
 /// `x-delayed-message`: more persistent delayed messages than the
-/// scheduler keeps in memory (its window is 10,000), published in reverse
-/// due order: every one arrives once, in due order, none before its time.
+/// scheduler keeps in memory (its window is 10,000), published in an order
+/// unrelated to their due times: every one arrives once, in due order, none
+/// before its time (the window trims and reads back from the store while
+/// messages keep coming).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_messages_beyond_the_window_arrive_in_due_order() {
     let broker = TestBroker::start().await;
@@ -1729,9 +1731,9 @@ async fn delayed_messages_beyond_the_window_arrive_in_due_order() {
     let start = std::time::Instant::now();
     let mut confirms = Vec::with_capacity(N as usize);
     for i in 0..N {
-        // Due (ms after start) in reverse publish order, over 2 s from
-        // 5 s on; the delay is what is left of it when published.
-        let due = 5_000 + (N - i) * 2_000 / N;
+        // Due (ms after start) scrambled against publish order, over 2 s
+        // from 5 s on; the delay is what is left of it when published.
+        let due = 5_000 + (i * 7_919 % N) * 2_000 / N;
         let delay = due.saturating_sub(start.elapsed().as_millis() as u64);
         let mut h = FieldTable::default();
         h.insert("x-delay".into(), AMQPValue::LongLongInt(delay as i64));
@@ -1773,7 +1775,7 @@ async fn delayed_messages_beyond_the_window_arrive_in_due_order() {
     // The broker's due time is its receipt plus the delay: never before
     // the due time computed here, and later by at most the publish's
     // latency. So arrivals follow these due times, within that latency
-    // (a scheduler that sent them in publish order would be 2 s off).
+    // (a scheduler that sent them in publish order would be up to 2 s off).
     const LATENCY_MS: u64 = 300;
     let mut latest = 0u64;
     for n in 0..N {

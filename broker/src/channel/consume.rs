@@ -167,7 +167,10 @@ impl Channel {
             cancel_notify: cx.session.caps.consumer_cancel_notify,
         };
         match handle
-            .ask(|reply| QueueCmd::Consume { consumer, reply })
+            .ask(|reply| QueueCmd::Consume {
+                consumer: Box::new(consumer),
+                reply,
+            })
             .await
         {
             Some(r) => r?,

@@ -248,7 +248,10 @@ impl Channel {
         cx.shared
             .exchange_stats
             .count(Some(routed.counters()), !routed.queues().is_empty());
-        if let (Some(durable), Some(ms)) = (routed.delayed(), crate::delayed::delay_of(&msg)) {
+        let delayed = routed
+            .delayed()
+            .and_then(|durable| Some((durable, crate::delayed::delay_of(&msg)?)));
+        if let Some((durable, ms)) = delayed {
             // A mandatory message is returned only if nothing would route
             // it now (the plugin returns every mandatory delayed publish).
             if !(mandatory && routed.queues().is_empty()) {
@@ -603,7 +606,10 @@ pub async fn publish_direct(
     let Some(extra) = admit(broker, &routed, &msg, Some(&ticket)) else {
         return Ok(Published::Routed); // a duplicate: an idempotent success
     };
-    if let (Some(durable), Some(ms)) = (routed.delayed(), crate::delayed::delay_of(&msg)) {
+    let delayed = routed
+        .delayed()
+        .and_then(|durable| Some((durable, crate::delayed::delay_of(&msg)?)));
+    if let Some((durable, ms)) = delayed {
         delay(broker, &vhost.name, msg, ms, durable, Some(ticket), extra);
         return match confirms.recv().await {
             Some(crate::events::ConnEvent::Confirm { nack: false, .. }) => Ok(Published::Routed),

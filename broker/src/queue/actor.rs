@@ -488,7 +488,7 @@ impl Actor {
                     return false;
                 }
                 // Keep consumers ordered by priority, highest first.
-                let mut consumer = consumer;
+                let mut consumer = *consumer;
                 self.registrations += 1;
                 consumer.order = self.registrations;
                 let pos = self

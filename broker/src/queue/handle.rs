@@ -274,7 +274,9 @@ pub enum QueueCmd {
     /// The settings in force changed (a policy was set or cleared).
     Reconfigure(Box<super::args::QueueArgs>),
     Consume {
-        consumer: Consumer,
+        /// Boxed: the mailbox's slots are the size of the largest command,
+        /// and every publish goes through one.
+        consumer: Box<Consumer>,
         reply: oneshot::Sender<Result<(), AmqpError>>,
     },
     /// Remove a consumer; the connection hears `CancelOk` through its event

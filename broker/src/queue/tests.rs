@@ -113,7 +113,10 @@ fn consume(
         cancel_notify: true,
     };
     let (reply, mut answer) = oneshot::channel();
-    assert!(!a.on_cmd(QueueCmd::Consume { consumer, reply }));
+    assert!(!a.on_cmd(QueueCmd::Consume {
+        consumer: Box::new(consumer),
+        reply,
+    }));
     assert!(matches!(answer.try_recv(), Ok(Ok(()))));
     (in_flight, events)
 }
@@ -363,7 +366,7 @@ fn a_timed_out_consumer_is_cancelled_and_its_messages_come_back() {
             ..
         }) => {
             returned.sort();
-            assert_eq!((&*tag, timeout, returned), ("slow", 100, vec![1, 2]));
+            assert_eq!((&*tag, timeout, &*returned), ("slow", 100, &[1u64, 2][..]));
         }
         _ => panic!("no timeout event"),
     }
@@ -404,4 +407,12 @@ fn a_timed_out_consumer_that_cannot_be_cancelled_has_its_channel_closed() {
     // The queue keeps the consumer until its channel closes.
     assert_eq!(a.consumers.len(), 1);
     assert_eq!(a.unacked.len(), 1);
+}
+
+#[test]
+fn mailbox_messages_stay_small() {
+    // Every publish and delivery is moved through a channel slot the size
+    // of the largest variant: keep the rare big ones boxed.
+    assert!(std::mem::size_of::<QueueCmd>() <= 64, "QueueCmd grew");
+    assert!(std::mem::size_of::<ConnEvent>() <= 64, "ConnEvent grew");
 }

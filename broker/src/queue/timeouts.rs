@@ -102,7 +102,7 @@ impl Actor {
                         tag: Some(tag),
                         timeout,
                         queue: self.info.id,
-                        returned: seqs,
+                        returned: seqs.into_boxed_slice(),
                     });
                     self.requeue(back);
                     self.consumer_left();
@@ -130,7 +130,7 @@ impl Actor {
                             tag: None,
                             timeout,
                             queue: self.info.id,
-                            returned: Vec::new(),
+                            returned: Box::default(),
                         });
                     }
                     let _ = tag;

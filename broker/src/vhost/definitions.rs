@@ -57,6 +57,25 @@ const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-queue-type",
     "x-single-active-consumer",
     "x-delivery-limit",
+    "x-consumer-timeout",
+    "x-message-deduplication",
+    "x-deduplication-header",
+];
+
+/// Exchange arguments whose values must match on redeclaration: RabbitMQ's
+/// `alternate-exchange`, and those that decide what an exchange of a
+/// plugin's type does (a redeclaration that changed them would be accepted
+/// and ignored).
+const EQUIVALENT_EXCHANGE_ARGS: &[&str] = &[
+    "alternate-exchange",
+    "x-delayed-type",
+    "hash-header",
+    "hash-property",
+    "x-message-deduplication",
+    "x-cache-size",
+    "x-cache-ttl",
+    "x-cache-persistence",
+    "x-deduplication-header",
 ];
 
 /// A field value as RabbitMQ prints it in an inequivalence error.
@@ -159,6 +178,21 @@ impl VHost {
             }
             if e.internal != x.internal {
                 return Err(ineq("internal", &flag(x.internal), &flag(e.internal)));
+            }
+            for arg in EQUIVALENT_EXCHANGE_ARGS {
+                let got = x.arguments.inner().get(*arg);
+                let cur = e.arguments.inner().get(*arg);
+                let same = match (got, cur) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => crate::fields::values_equal(a, b),
+                    _ => false,
+                };
+                if !same {
+                    return Err(precondition(format!(
+                        "inequivalent arg '{arg}' for exchange '{name}' in vhost '{vh}': {}",
+                        inequivalent(got, cur)
+                    )));
+                }
             }
             return Ok(());
         }
