@@ -202,6 +202,33 @@ pub enum MessageOp {
     /// The delayed message went out (or was dropped): its entry goes, and
     /// its body with its last reference.
     RemoveDelayed { due: u64, id: MessageId },
+    /// Append a record to a stream (an append-only log keyed by offset),
+    /// appended at `timestamp` (Unix ms, never less than the previous
+    /// record's). `index_time`: also note in the stream's time index that
+    /// records from `timestamp` on start at `offset` (the broker does it
+    /// for the first record of each second, so the index stays sparse).
+    StreamAppend {
+        stream: QueueId,
+        offset: u64,
+        timestamp: u64,
+        message: StoredMessage,
+        index_time: bool,
+    },
+    /// Retention: remove a stream's records with offsets below `before`
+    /// (and their time index entries). The record at `before` is stored
+    /// already (not appended in the same batch).
+    StreamTruncate { stream: QueueId, before: u64 },
+    /// Remove every record of a stream (it was deleted).
+    StreamDrop { stream: QueueId },
+}
+
+/// One record of a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamRecord {
+    pub offset: u64,
+    /// When it was appended, Unix ms.
+    pub timestamp: u64,
+    pub message: StoredMessage,
 }
 
 /// A delayed message's entry: due time (Unix ms), message id, target.
@@ -239,6 +266,15 @@ pub trait MessageStore: Send + Sync + 'static {
     fn queue_ids(&self) -> Result<Vec<QueueId>>;
     /// The deduplication keys of `scope` with their values.
     fn load_dedup(&self, scope: &[u8]) -> Result<Vec<(Bytes, u64)>>;
+    /// Up to `limit` records of `stream` from offset `from` on, in order.
+    fn read_stream(&self, stream: QueueId, from: u64, limit: usize) -> Result<Vec<StreamRecord>>;
+    /// The first and last offsets of `stream` (None when it is empty).
+    fn stream_bounds(&self, stream: QueueId) -> Result<Option<(u64, u64)>>;
+    /// Where to start reading for the records appended at `timestamp` or
+    /// later: the offset of the latest time index entry at or before it
+    /// (records before that offset are all older), else the stream's
+    /// first offset. None when the stream is empty.
+    fn stream_seek_time(&self, stream: QueueId, timestamp: u64) -> Result<Option<u64>>;
     /// Up to `limit` delayed entries after `(due, id)` (from the first
     /// with None), in due order. No body is read.
     fn read_delayed(
@@ -636,6 +672,68 @@ pub mod contract {
         ])
         .unwrap();
         assert_eq!(bodies(), 0);
+    }
+
+    /// Streams: appended records read back from any offset; bounds; the
+    /// sparse time index gives a start at or before a timestamp; retention
+    /// removes a prefix (and its index entries); streams are apart.
+    pub fn streams(s: &dyn MessageStore) {
+        let append = |stream, offset, timestamp, index_time| MessageOp::StreamAppend {
+            stream,
+            offset,
+            timestamp,
+            message: msg("s"),
+            index_time,
+        };
+        assert_eq!(s.stream_bounds(7).unwrap(), None);
+        assert_eq!(s.stream_seek_time(7, 0).unwrap(), None);
+        // Offsets 0..10 at 1000, 1000, 1000, 2000, 2000, ... (index entry at
+        // the first record of each second).
+        let mut ops = Vec::new();
+        for o in 0..10u64 {
+            let ts = 1000 * (1 + o / 3);
+            ops.push(append(7, o, ts, o % 3 == 0));
+        }
+        ops.push(append(8, 0, 5000, true));
+        s.apply(&ops).unwrap();
+        assert_eq!(s.stream_bounds(7).unwrap(), Some((0, 9)));
+        let r = s.read_stream(7, 4, 3).unwrap();
+        assert_eq!(
+            r.iter()
+                .map(|r| (r.offset, r.timestamp))
+                .collect::<Vec<_>>(),
+            vec![(4, 2000), (5, 2000), (6, 3000)]
+        );
+        assert_eq!(r[0].message, msg("s"));
+        assert_eq!(
+            s.read_stream(7, 9, 10).unwrap().len(),
+            1,
+            "not into stream 8"
+        );
+        assert_eq!(s.stream_seek_time(7, 2500).unwrap(), Some(3));
+        assert_eq!(s.stream_seek_time(7, 3000).unwrap(), Some(6));
+        assert_eq!(s.stream_seek_time(7, 999_999).unwrap(), Some(9));
+        assert_eq!(
+            s.stream_seek_time(7, 10).unwrap(),
+            Some(0),
+            "before all: the first"
+        );
+        // Retention: offsets below 5 go, with the index entries before them.
+        s.apply(&[MessageOp::StreamTruncate {
+            stream: 7,
+            before: 5,
+        }])
+        .unwrap();
+        assert_eq!(s.stream_bounds(7).unwrap(), Some((5, 9)));
+        assert_eq!(s.stream_seek_time(7, 1500).unwrap(), Some(5));
+        assert_eq!(s.read_stream(7, 0, 2).unwrap()[0].offset, 5);
+        s.apply(&[MessageOp::StreamDrop { stream: 7 }]).unwrap();
+        assert_eq!(s.stream_bounds(7).unwrap(), None);
+        assert_eq!(
+            s.stream_bounds(8).unwrap(),
+            Some((0, 0)),
+            "another stream stays"
+        );
     }
 
     fn binding(source: &str, dest: &str, to_queue: bool) -> BindingDef {

@@ -19,6 +19,8 @@ struct Messages {
     index: BTreeMap<(QueueId, u64), (MessageId, EntryMeta)>,
     dedup: BTreeMap<(Bytes, Bytes), u64>,
     delayed: BTreeMap<(u64, MessageId), Bytes>,
+    streams: BTreeMap<(QueueId, u64), (u64, StoredMessage)>,
+    stream_times: BTreeMap<(QueueId, u64, u64), ()>,
 }
 
 impl MemStore {
@@ -168,6 +170,28 @@ impl MessageStore for MemStore {
                         )));
                     }
                 }
+                MessageOp::StreamAppend {
+                    stream,
+                    offset,
+                    timestamp,
+                    message,
+                    index_time,
+                } => {
+                    m.streams
+                        .insert((*stream, *offset), (*timestamp, message.clone()));
+                    if *index_time {
+                        m.stream_times.insert((*stream, *timestamp, *offset), ());
+                    }
+                }
+                MessageOp::StreamTruncate { stream, before } => {
+                    m.streams.retain(|(s, o), _| s != stream || o >= before);
+                    m.stream_times
+                        .retain(|(s, _, o), _| s != stream || o >= before);
+                }
+                MessageOp::StreamDrop { stream } => {
+                    m.streams.retain(|(s, _), _| s != stream);
+                    m.stream_times.retain(|(s, _, _), _| s != stream);
+                }
                 MessageOp::RemoveDelayed { due, id } => {
                     if m.delayed.remove(&(*due, *id)).is_some() {
                         release(&mut m, *id);
@@ -257,6 +281,43 @@ impl MessageStore for MemStore {
             .collect())
     }
 
+    fn read_stream(&self, stream: QueueId, from: u64, limit: usize) -> Result<Vec<StreamRecord>> {
+        let m = lock(&self.messages);
+        Ok(m.streams
+            .range((stream, from)..=(stream, u64::MAX))
+            .take(limit)
+            .map(|(&(_, offset), (timestamp, message))| StreamRecord {
+                offset,
+                timestamp: *timestamp,
+                message: message.clone(),
+            })
+            .collect())
+    }
+
+    fn stream_bounds(&self, stream: QueueId) -> Result<Option<(u64, u64)>> {
+        let m = lock(&self.messages);
+        let mut r = m.streams.range((stream, 0)..=(stream, u64::MAX));
+        Ok(match (r.next(), r.next_back()) {
+            (Some((&(_, a), _)), Some((&(_, b), _))) => Some((a, b)),
+            (Some((&(_, a), _)), None) => Some((a, a)),
+            _ => None,
+        })
+    }
+
+    fn stream_seek_time(&self, stream: QueueId, timestamp: u64) -> Result<Option<u64>> {
+        let first = match self.stream_bounds(stream)? {
+            Some((first, _)) => first,
+            None => return Ok(None),
+        };
+        let m = lock(&self.messages);
+        Ok(Some(
+            m.stream_times
+                .range((stream, 0, 0)..=(stream, timestamp, u64::MAX))
+                .next_back()
+                .map_or(first, |(&(_, _, o), _)| o.max(first)),
+        ))
+    }
+
     fn read_delayed(
         &self,
         after: Option<(u64, MessageId)>,
@@ -298,6 +359,7 @@ mod tests {
         crate::contract::dedup(&MemStore::new());
         let s = MemStore::new();
         crate::contract::delayed(&s, &|| lock(&s.messages).bodies.len());
+        crate::contract::streams(&MemStore::new());
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //!   deduplication keys of exchanges and queues.
 //! - `delayed`: `due ‖ message id` (big-endian, so iteration is due order)
 //!   → target: delayed messages (their bodies in `messages`).
+//! - `stream`: `stream ‖ offset` → `timestamp ‖ message`: streams'
+//!   records, each stored once, in offset order.
+//! - `stream-time`: `stream ‖ timestamp ‖ offset` → nothing: a sparse
+//!   index from time to offset (one entry per second of appends).
 //!
 //! A body shared by several queues is freed with its last index entry. The
 //! shared counts live in memory and in `refs`, written in the same batch as
@@ -48,6 +52,8 @@ const INDEX: &str = "index";
 const REFS: &str = "refs";
 const DEDUP: &str = "dedup";
 const DELAYED: &str = "delayed";
+const STREAM: &str = "stream";
+const STREAM_TIME: &str = "stream-time";
 /// Present once the `refs` family holds every shared count.
 const REFS_READY_KEY: &[u8] = b"\x00refs-ready";
 const FORMAT_KEY: &[u8] = b"\x00format";
@@ -115,6 +121,15 @@ fn decode_message(v: Vec<u8>) -> Result<StoredMessage> {
         header: part()?,
         body: part()?,
     })
+}
+
+/// A stream's time index key: `stream ‖ timestamp ‖ offset`.
+fn stream_time_key(stream: QueueId, timestamp: u64, offset: u64) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&stream.to_be_bytes());
+    k[8..16].copy_from_slice(&timestamp.to_be_bytes());
+    k[16..].copy_from_slice(&offset.to_be_bytes());
+    k
 }
 
 /// A delayed message's key: `due ‖ id`, big-endian (due order).
@@ -229,6 +244,8 @@ impl RocksStore {
             (REFS, share(1)),
             (DEDUP, share(1)),
             (DELAYED, share(1)),
+            (STREAM, share(4)),
+            (STREAM_TIME, share(1)),
         ]
         .map(|(n, wb)| ColumnFamilyDescriptor::new(n, family(wb)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
@@ -614,6 +631,61 @@ impl MessageStore for RocksStore {
                 MessageOp::PutDelayed { due, id, target } => {
                     b.put_cf(self.cf(DELAYED), delayed_key(*due, *id), target);
                 }
+                MessageOp::StreamAppend {
+                    stream,
+                    offset,
+                    timestamp,
+                    message,
+                    index_time,
+                } => {
+                    let mut v = Vec::with_capacity(8 + message.body.len() + 64);
+                    v.extend_from_slice(&timestamp.to_be_bytes());
+                    v.extend_from_slice(&encode_message(message));
+                    b.put_cf(self.cf(STREAM), keys::queue_entry(*stream, *offset), v);
+                    if *index_time {
+                        b.put_cf(
+                            self.cf(STREAM_TIME),
+                            stream_time_key(*stream, *timestamp, *offset),
+                            [],
+                        );
+                    }
+                }
+                MessageOp::StreamTruncate { stream, before } => {
+                    // The records' timestamps grow with their offsets: the
+                    // index entries before the first kept record's time go
+                    // (and those at that time for lower offsets).
+                    let kept = self
+                        .db
+                        .get_cf(self.cf(STREAM), keys::queue_entry(*stream, *before))
+                        .map_err(io)?;
+                    let until = match kept.as_deref().and_then(|v| v.get(..8)) {
+                        Some(t) => {
+                            let ts = u64::from_be_bytes(t.try_into().unwrap_or([0; 8]));
+                            stream_time_key(*stream, ts, *before)
+                        }
+                        // Nothing kept at `before`: the whole index goes.
+                        None => stream_time_key(stream.wrapping_add(1), 0, 0),
+                    };
+                    b.delete_range_cf(
+                        self.cf(STREAM),
+                        keys::queue_entry(*stream, 0),
+                        keys::queue_entry(*stream, *before),
+                    );
+                    b.delete_range_cf(self.cf(STREAM_TIME), stream_time_key(*stream, 0, 0), until);
+                }
+                MessageOp::StreamDrop { stream } => {
+                    let next = stream.wrapping_add(1);
+                    b.delete_range_cf(
+                        self.cf(STREAM),
+                        keys::queue_entry(*stream, 0),
+                        keys::queue_entry(next, 0),
+                    );
+                    b.delete_range_cf(
+                        self.cf(STREAM_TIME),
+                        stream_time_key(*stream, 0, 0),
+                        stream_time_key(next, 0, 0),
+                    );
+                }
                 MessageOp::RemoveDelayed { due, id } => {
                     b.delete_cf(self.cf(DELAYED), delayed_key(*due, *id));
                     release(&mut b, &mut counts, *id);
@@ -774,6 +846,69 @@ impl MessageStore for RocksStore {
         Ok(found)
     }
 
+    fn read_stream(&self, stream: QueueId, from: u64, limit: usize) -> Result<Vec<StreamRecord>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::queue_entry(stream.wrapping_add(1), 0));
+        let start = keys::queue_entry(stream, from);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            self.cf(STREAM),
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(io)?;
+            let Some((s, offset)) = keys::parse_queue_entry(&k) else {
+                break;
+            };
+            if s != stream || v.len() < 8 {
+                break;
+            }
+            let timestamp = u64::from_be_bytes(v[..8].try_into().unwrap_or([0; 8]));
+            out.push(StreamRecord {
+                offset,
+                timestamp,
+                message: decode_message(v[8..].to_vec())?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn stream_bounds(&self, stream: QueueId) -> Result<Option<(u64, u64)>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::queue_entry(stream.wrapping_add(1), 0));
+        ro.set_iterate_lower_bound(keys::queue_entry(stream, 0));
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(STREAM), ro);
+        it.seek_to_first();
+        let first = it.key().and_then(keys::parse_queue_entry);
+        it.seek_to_last();
+        let last = it.key().and_then(keys::parse_queue_entry);
+        it.status().map_err(io)?;
+        Ok(match (first, last) {
+            (Some((_, a)), Some((_, b))) => Some((a, b)),
+            _ => None,
+        })
+    }
+
+    fn stream_seek_time(&self, stream: QueueId, timestamp: u64) -> Result<Option<u64>> {
+        let Some((first, _)) = self.stream_bounds(stream)? else {
+            return Ok(None);
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(stream_time_key(stream, 0, 0));
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(STREAM_TIME), ro);
+        it.seek_for_prev(stream_time_key(stream, timestamp, u64::MAX));
+        let at = it.key().and_then(|k| {
+            let s = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+            let o = u64::from_be_bytes(k.get(16..24)?.try_into().ok()?);
+            (s == stream).then_some(o)
+        });
+        it.status().map_err(io)?;
+        Ok(Some(at.map_or(first, |o| o.max(first))))
+    }
+
     fn read_delayed(
         &self,
         after: Option<(u64, MessageId)>,
@@ -878,6 +1013,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RocksStore::open(dir.path(), true).unwrap();
         warren_storage::contract::entry_meta(&s, &|| s.body_count());
+    }
+
+    #[test]
+    fn streams_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), true).unwrap();
+        warren_storage::contract::streams(&s);
     }
 
     #[test]
