@@ -1068,3 +1068,20 @@ def test_warren_plugin_exchange_arguments_must_match_on_redeclare(conn, names):
     with channel_error(406):
         conn.channel().exchange_declare(y, "x-message-deduplication",
                                         arguments={"x-cache-size": 20})
+
+
+def test_warren_delayed_exchange_checks_bindings_as_its_type(conn, names):
+    """Warren: a delayed exchange checks a binding as the type it routes as
+    (x-delayed-type headers: x-match; x-consistent-hash: the weight)."""
+    warren_only(conn)
+    x, y, q = names.exchange(), names.exchange(), names.queue()
+    ch = conn.channel()
+    ch.queue_declare(q)
+    ch.exchange_declare(x, "x-delayed-message", arguments={"x-delayed-type": "headers"})
+    with channel_error(406):
+        conn.channel().queue_bind(q, x, "", arguments={"x-match": "some"})
+    ch.exchange_declare(y, "x-delayed-message",
+                        arguments={"x-delayed-type": "x-consistent-hash"})
+    with channel_error(406):
+        conn.channel().queue_bind(q, y, "heavy")
+    ch.queue_bind(q, y, "2")

@@ -49,6 +49,13 @@ pub enum Pending {
         /// Store writes that go with the message (its deduplication key).
         extra: Vec<MessageOp>,
     },
+    /// Room at the store writer for a delayed message to be stored.
+    Delay {
+        msg: MessageRef,
+        due: u64,
+        ticket: Option<Arc<ConfirmTicket>>,
+        extra: Vec<MessageOp>,
+    },
     /// Credit at a direct reply-to consumer that is behind.
     Reply {
         target: reply_to::Target,
@@ -256,12 +263,36 @@ impl Channel {
             // it now (the plugin returns every mandatory delayed publish).
             if !(mandatory && routed.queues().is_empty()) {
                 cx.shared.stats.routed += 1;
+                let broker = &cx.session.broker;
+                let due = crate::message::unix_ms().saturating_add(ms);
+                if !(durable && msg.stored.is_some()) {
+                    delay(
+                        broker,
+                        &cx.session.vhost.name,
+                        msg,
+                        due,
+                        None,
+                        ticket,
+                        extra,
+                    );
+                    return Ok(None);
+                }
+                // Stored: a slot at the store writer, as any persistent
+                // publish takes (the publisher waits while it is behind).
+                let Some(writer) = broker.persister.try_reserve() else {
+                    return Ok(Some(Pending::Delay {
+                        msg,
+                        due,
+                        ticket,
+                        extra,
+                    }));
+                };
                 delay(
-                    &cx.session.broker,
+                    broker,
                     &cx.session.vhost.name,
                     msg,
-                    ms,
-                    durable,
+                    due,
+                    Some(writer),
                     ticket,
                     extra,
                 );
@@ -347,6 +378,17 @@ impl Channel {
                 };
                 hand_over(broker, msg, ticket, &slots, stored, writer, extra);
             }
+            Pending::Delay {
+                msg,
+                due,
+                ticket,
+                extra,
+            } => {
+                let broker = &cx.session.broker;
+                let writer = broker.persister.reserve().await;
+                let vhost = &cx.session.vhost.name;
+                delay(broker, vhost, msg, due, Some(writer), ticket, extra);
+            }
             Pending::Reply {
                 target,
                 msg,
@@ -375,21 +417,21 @@ impl Channel {
     }
 }
 
-/// Hold a message published to a delayed exchange for `ms` (see
-/// `crate::delayed`): on a durable exchange a persistent one is stored
-/// first (with `extra` writes) and confirmed after the sync; anything
-/// else is confirmed at once and lives in memory.
+/// Hold a message published to a delayed exchange until `due` (see
+/// `crate::delayed`). `writer`: a store slot, for a persistent message on
+/// a durable exchange: it is stored first (with `extra` writes) and
+/// confirmed after the sync. Anything else is confirmed at once and lives
+/// in memory.
 fn delay(
     broker: &Broker,
     vhost: &str,
     msg: MessageRef,
-    ms: u64,
-    durable: bool,
+    due: u64,
+    writer: Option<Option<OwnedSemaphorePermit>>,
     ticket: Option<Arc<ConfirmTicket>>,
     extra: Vec<MessageOp>,
 ) {
-    let due = crate::message::unix_ms().saturating_add(ms);
-    if durable && msg.stored.is_some() {
+    if let Some(writer) = writer {
         let mut ops = crate::delayed::Delays::store_ops(&msg, due, vhost);
         ops.extend(extra);
         let done: crate::persist::Done = Box::new(move |synced| {
@@ -400,7 +442,7 @@ fn delay(
                 t.settle();
             }
         });
-        broker.persister.submit_reserved(None, ops, done);
+        broker.persister.submit_reserved(writer, ops, done);
         broker.delayed.add(vhost, msg, due, true);
     } else {
         if !extra.is_empty() {
@@ -610,7 +652,12 @@ pub async fn publish_direct(
         .delayed()
         .and_then(|durable| Some((durable, crate::delayed::delay_of(&msg)?)));
     if let Some((durable, ms)) = delayed {
-        delay(broker, &vhost.name, msg, ms, durable, Some(ticket), extra);
+        let due = crate::message::unix_ms().saturating_add(ms);
+        let writer = match durable && msg.stored.is_some() {
+            true => Some(broker.persister.reserve().await),
+            false => None,
+        };
+        delay(broker, &vhost.name, msg, due, writer, Some(ticket), extra);
         return match confirms.recv().await {
             Some(crate::events::ConnEvent::Confirm { nack: false, .. }) => Ok(Published::Routed),
             _ => Ok(Published::Refused),

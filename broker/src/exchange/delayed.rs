@@ -21,12 +21,13 @@ pub static TYPE: ExchangeType = ExchangeType {
         // Checked at declaration; a stored one was checked then.
         Err(_) => (super::fanout::TYPE.new_index)(args),
     },
+    // (Checked by `Exchange::check_binding` against the underlying type.)
     check_binding: any_binding,
     check_arguments: |args| underlying(args).map(|_| ()),
 };
 
 /// The type named by `x-delayed-type`.
-fn underlying(args: &FieldTable) -> AmqpResult<Kind> {
+pub(super) fn underlying(args: &FieldTable) -> AmqpResult<Kind> {
     match args
         .inner()
         .get("x-delayed-type")

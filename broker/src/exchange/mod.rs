@@ -220,6 +220,17 @@ impl Exchange {
         self.index.route(&self.bindings, m, out);
     }
 
+    /// Check a binding's key and arguments before it is made (406 if
+    /// refused): as its type checks them, or for a delayed exchange as the
+    /// type it routes as.
+    pub fn check_binding(&self, key: &str, args: &FieldTable) -> AmqpResult<()> {
+        let kind = match self.delays() {
+            true => delayed::underlying(&self.arguments).unwrap_or(self.kind),
+            false => self.kind,
+        };
+        (kind.check_binding)(key, args)
+    }
+
     /// Whether it holds messages with `x-delay` until due.
     pub fn delays(&self) -> bool {
         self.kind.name == delayed::NAME

@@ -532,7 +532,7 @@ impl VHost {
                 None => return Ok(()),
             };
             if bind {
-                (src.kind.check_binding)(&b.key, &b.args)?;
+                src.check_binding(&b.key, &b.args)?;
             }
             if src.bindings.contains(&b) == bind {
                 return Ok(()); // already bound, or not bound
