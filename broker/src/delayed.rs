@@ -43,8 +43,9 @@ const LOW: usize = WINDOW / 2;
 /// Delayed messages that routed nowhere at their due time (and had no
 /// alternate exchange): dropped and counted.
 pub static UNROUTABLE: AtomicU64 = AtomicU64::new(0);
-/// Delayed messages accepted and sent on, so far.
+/// Delayed messages accepted so far.
 pub static DELAYED: AtomicU64 = AtomicU64::new(0);
+/// Delayed messages sent on at their due time so far.
 pub static SENT: AtomicU64 = AtomicU64::new(0);
 
 /// The `x-delay` header: Some(ms) when it is an integer > 0 (anything else
@@ -166,13 +167,15 @@ struct Scheduler {
     /// Stored entries fired while a read was under way (the read may
     /// return them again).
     fired_while_reading: HashSet<(u64, u64)>,
-    me: mpsc::UnboundedSender<Cmd>,
+    /// Its own mailbox, for read results (weak: the mailbox closes, and the
+    /// task ends, when the broker's handle goes).
+    me: mpsc::WeakUnboundedSender<Cmd>,
 }
 
 /// The scheduler task: runs until the broker is gone.
 pub async fn run(broker: Weak<Broker>, inbox: DelayInbox) {
     let Some(b) = broker.upgrade() else { return };
-    let me = b.delayed.tx.clone();
+    let me = b.delayed.tx.downgrade();
     drop(b);
     let mut s = Scheduler {
         broker,
@@ -306,7 +309,7 @@ impl Scheduler {
         if self.stored_in_window >= LOW && covered_left {
             return;
         }
-        let Some(b) = self.broker.upgrade() else {
+        let (Some(b), Some(me)) = (self.broker.upgrade(), self.me.upgrade()) else {
             return;
         };
         self.reading = true;
@@ -314,7 +317,6 @@ impl Scheduler {
         let since = p.submitted();
         let after = self.loaded;
         let limit = self.read_limit();
-        let me = self.me.clone();
         tokio::task::spawn_blocking(move || {
             let r = p.read_delayed(after, limit, since).map(|rows| {
                 let full = rows.len() >= limit;

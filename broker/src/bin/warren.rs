@@ -292,6 +292,9 @@ fn main() -> std::process::ExitCode {
     };
     let mut store_threads = None;
     let code = rt.block_on(async {
+        // Before the listeners open: a SIGTERM that comes while the broker
+        // starts stops it cleanly instead of killing it.
+        let signal = shutdown_signal();
         let server = match Server::bind(config.clone()).await {
             Ok(s) => s,
             Err(e) => {
@@ -303,7 +306,7 @@ fn main() -> std::process::ExitCode {
         let addr = server.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "off".into());
         let tls_addr = server.tls_local_addr().map(|a| a.to_string()).unwrap_or_else(|| "off".into());
         tracing::info!(%addr, %tls_addr, data_dir = %config.data_dir.display(), "Warren {} listening on {addr} (AMQPS: {tls_addr})", env!("CARGO_PKG_VERSION"));
-        server.run(shutdown_signal()).await;
+        server.run(signal).await;
         std::process::ExitCode::SUCCESS
     });
     // Dropping the runtime drops every queue and connection task, and with
@@ -358,25 +361,37 @@ fn connection_capacity() -> Option<usize> {
     Some(capacity)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Take SIGINT and SIGTERM now (the handlers are installed by this call,
+/// not when the future is first polled), and return the future that ends
+/// at the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let int = signal(SignalKind::interrupt());
+        let term = signal(SignalKind::terminate());
+        async move {
+            match (int, term) {
+                (Ok(mut i), Ok(mut t)) => {
+                    tokio::select! {
+                        _ = i.recv() => {}
+                        _ = t.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+                (Ok(mut i), Err(_)) => {
+                    i.recv().await;
+                }
+                (Err(_), Ok(mut t)) => {
+                    t.recv().await;
+                }
+                (Err(_), Err(_)) => std::future::pending::<()>().await,
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
