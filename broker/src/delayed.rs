@@ -27,13 +27,14 @@
 
 use crate::broker::Broker;
 use crate::message::{unix_ms, Message, MessageRef};
+use crate::queue::QueueHandle;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use warren_storage::{EntryMeta, MessageOp};
+use warren_storage::MessageOp;
 
 /// Stored delayed messages kept in memory at most.
 pub const WINDOW: usize = 10_000;
@@ -394,45 +395,16 @@ fn send_on(b: &Broker, key: (u64, u64), e: Entry) {
         return;
     }
     // A fresh copy for the queues (the delayed one's body goes with its
-    // entry), stored for the durable ones.
-    let persisted = queues.iter().filter(|q| q.persisted()).count() as u32;
-    let stored = (e.msg.persistent() && persisted > 0).then(|| b.persister.next_id());
-    let msg = Arc::new(Message {
+    // entry), stored for the durable ones in the batch that removes it.
+    let msg = Message {
         exchange: e.msg.exchange.clone(),
         routing_key: e.msg.routing_key.clone(),
         header: e.msg.header.clone(),
         body: e.msg.body.clone(),
-        stored,
-    });
-    let seqs: Vec<u64> = queues.iter().map(|q| q.take_seq()).collect();
-    if let Some(id) = stored {
-        ops.push(MessageOp::PutMessage {
-            id,
-            refs: persisted,
-            message: msg.to_stored(),
-        });
-        let meta = EntryMeta {
-            enqueued_at: unix_ms(),
-            deliveries: 0,
-        };
-        for (q, &seq) in queues.iter().zip(&seqs) {
-            if q.persisted() {
-                ops.push(MessageOp::Enqueue {
-                    queue: q.id(),
-                    seq,
-                    id,
-                    meta,
-                });
-                ops.extend(q.dedup_put(&msg, seq));
-            }
-        }
-    }
-    if !ops.is_empty() {
-        b.persister.submit_nowait(ops);
-    }
-    for (q, seq) in queues.iter().zip(seqs) {
-        q.send(seq, msg.clone(), None, false);
-    }
+        stored: None,
+    };
+    let targets: Vec<&QueueHandle> = queues.iter().collect();
+    crate::queue::send_unreserved(Some(&b.persister), msg, &targets, ops);
 }
 
 #[cfg(test)]

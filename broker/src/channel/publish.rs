@@ -364,19 +364,7 @@ impl Channel {
                 ticket,
                 extra,
             } => {
-                let broker = &cx.session.broker;
-                let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();
-                for q in routed.queues() {
-                    if q.reserve().await {
-                        slots.push(q);
-                    }
-                }
-                let stored = msg.stored.filter(|_| slots.iter().any(|q| q.persisted()));
-                let writer = match stored {
-                    Some(_) => broker.persister.reserve().await,
-                    None => None,
-                };
-                hand_over(broker, msg, ticket, &slots, stored, writer, extra);
+                hand_over_waiting(&cx.session.broker, msg, &routed, ticket, extra).await;
             }
             Pending::Delay {
                 msg,
@@ -453,6 +441,29 @@ fn delay(
             t.settle();
         }
     }
+}
+
+/// [`hand_over`] once there is room in every queue the message routes to
+/// and, for a persistent one, at the store writer (waiting for it).
+async fn hand_over_waiting(
+    broker: &Broker,
+    msg: MessageRef,
+    routed: &Routed,
+    ticket: Option<Arc<ConfirmTicket>>,
+    extra: Vec<MessageOp>,
+) {
+    let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();
+    for q in routed.queues() {
+        if q.reserve().await {
+            slots.push(q);
+        }
+    }
+    let stored = msg.stored.filter(|_| slots.iter().any(|q| q.persisted()));
+    let writer = match stored {
+        Some(_) => broker.persister.reserve().await,
+        None => None,
+    };
+    hand_over(broker, msg, ticket, &slots, stored, writer, extra);
 }
 
 /// Deduplication at the exchange a message was published to: None for a
@@ -658,28 +669,14 @@ pub async fn publish_direct(
             false => None,
         };
         delay(broker, &vhost.name, msg, due, writer, Some(ticket), extra);
-        return match confirms.recv().await {
-            Some(crate::events::ConnEvent::Confirm { nack: false, .. }) => Ok(Published::Routed),
-            _ => Ok(Published::Refused),
-        };
-    }
-    if routed.queues().is_empty() {
-        return Ok(Published::Unroutable);
-    }
-    c.publish_out
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut slots: SmallVec<[&QueueHandle; 4]> = SmallVec::new();
-    for q in routed.queues() {
-        if q.reserve().await {
-            slots.push(q);
+    } else {
+        if routed.queues().is_empty() {
+            return Ok(Published::Unroutable);
         }
+        c.publish_out
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        hand_over_waiting(broker, msg, &routed, Some(ticket), extra).await;
     }
-    let stored = msg.stored.filter(|_| slots.iter().any(|q| q.persisted()));
-    let writer = match stored {
-        Some(_) => broker.persister.reserve().await,
-        None => None,
-    };
-    hand_over(broker, msg, Some(ticket), &slots, stored, writer, extra);
     match confirms.recv().await {
         Some(crate::events::ConnEvent::Confirm { nack: false, .. }) => Ok(Published::Routed),
         _ => Ok(Published::Refused),

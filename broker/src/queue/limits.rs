@@ -9,8 +9,6 @@ use super::dead_letter::{self, Reason};
 use super::ready::{Entry, NEVER};
 use super::QueueHandle;
 use crate::message::MessageRef;
-use std::sync::Arc;
-use warren_storage::{EntryMeta, MessageOp};
 
 impl Actor {
     pub(super) fn unused_too_long(&self) -> bool {
@@ -122,7 +120,7 @@ impl Actor {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let rk = self.args.dead_letter_routing_key.as_deref();
-        let Some(mut dead) = dead_letter::make(msg, reason, &self.info.name, dlx, rk, now) else {
+        let Some(dead) = dead_letter::make(msg, reason, &self.info.name, dlx, rk, now) else {
             // Never silently: counted, and logged.
             dead_letter::DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
@@ -149,43 +147,7 @@ impl Actor {
                 !cycle
             })
             .collect();
-        let stored = targets.iter().filter(|q| q.persisted()).count() as u32;
-        let mut ops = Vec::new();
-        if let (true, true, Some(p)) = (dead.persistent(), stored > 0, &self.persister) {
-            let id = p.next_id();
-            dead.stored = Some(id);
-            ops.push(MessageOp::PutMessage {
-                id,
-                refs: stored,
-                message: dead.to_stored(),
-            });
-        }
-        let dead = Arc::new(dead);
-        // No await from taking a sequence to sending (the actor never waits).
-        let seqs: Vec<u64> = targets.iter().map(|q| q.take_seq()).collect();
-        if let Some(id) = dead.stored {
-            let meta = EntryMeta {
-                enqueued_at: self.wall_now(),
-                deliveries: 0,
-            };
-            for (q, &seq) in targets.iter().zip(&seqs) {
-                if q.persisted() {
-                    ops.push(MessageOp::Enqueue {
-                        queue: q.id(),
-                        seq,
-                        id,
-                        meta,
-                    });
-                    ops.extend(q.dedup_put(&dead, seq));
-                }
-            }
-        }
-        if let (false, Some(p)) = (ops.is_empty(), &self.persister) {
-            p.submit_nowait(ops);
-        }
-        for (q, seq) in targets.into_iter().zip(seqs) {
-            q.send(seq, dead.clone(), None, false);
-        }
+        super::send_unreserved(self.persister.as_ref(), dead, &targets, Vec::new());
     }
 }
 

@@ -109,6 +109,57 @@ pub struct QueueInfo {
     pub arguments: FieldTable,
 }
 
+/// Hand `msg` to `targets` without mailbox slots and without waiting: for
+/// messages the broker makes itself (dead letters, delayed messages at
+/// their due time), whose volume is bounded elsewhere. A persistent one is
+/// stored first, under a fresh id, for its durable targets, in one batch
+/// with `ops` (which is written in any case).
+pub fn send_unreserved(
+    persister: Option<&crate::persist::Persister>,
+    mut msg: Message,
+    targets: &[&QueueHandle],
+    mut ops: Vec<warren_storage::MessageOp>,
+) {
+    use warren_storage::{EntryMeta, MessageOp};
+    let stored = targets.iter().filter(|q| q.persisted()).count() as u32;
+    msg.stored = None;
+    if let (true, true, Some(p)) = (msg.persistent(), stored > 0, persister) {
+        let id = p.next_id();
+        msg.stored = Some(id);
+        ops.push(MessageOp::PutMessage {
+            id,
+            refs: stored,
+            message: msg.to_stored(),
+        });
+    }
+    let msg = Arc::new(msg);
+    // No await from taking a sequence to sending (callers never wait).
+    let seqs: Vec<u64> = targets.iter().map(|q| q.take_seq()).collect();
+    if let Some(id) = msg.stored {
+        let meta = EntryMeta {
+            enqueued_at: crate::message::unix_ms(),
+            deliveries: 0,
+        };
+        for (q, &seq) in targets.iter().zip(&seqs) {
+            if q.persisted() {
+                ops.push(MessageOp::Enqueue {
+                    queue: q.id(),
+                    seq,
+                    id,
+                    meta,
+                });
+                ops.extend(q.dedup_put(&msg, seq));
+            }
+        }
+    }
+    if let (false, Some(p)) = (ops.is_empty(), persister) {
+        p.submit_nowait(ops);
+    }
+    for (q, seq) in targets.iter().zip(seqs) {
+        q.send(seq, msg.clone(), None, false);
+    }
+}
+
 /// Where a queue's dead letters go: the queues a message published to its
 /// exchange with its routing key reaches. The vhost implements it and hands
 /// itself (weakly) to every queue it spawns, so the queue layer needs
