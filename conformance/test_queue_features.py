@@ -165,18 +165,24 @@ def test_quorum_delivery_limit_dead_letters_after_limit_plus_one_deliveries(
     assert queue_depth(ch, q) == 0
 
 
+def requeue_until_dropped(ch, q, limit):
+    """Publish one message to q, get and requeue it limit + 1 times (each
+    delivery carrying the count so far); then it is gone."""
+    ch.confirm_delivery()
+    ch.basic_publish("", q, b"doomed")
+    for i in range(limit + 1):
+        m, p, body = get_one(ch, q)
+        assert body == b"doomed" and delivery_count(p) == i
+        ch.basic_reject(m.delivery_tag, requeue=True)
+    assert_empty_after_marker(ch, q)
+
+
 def test_quorum_delivery_limit_without_dlx_drops(conn, names):
     """x-delivery-limit 1 and no DLX: after the 2nd requeue the message is gone."""
     ch = conn.channel()
     q = names.queue()
     ch.queue_declare(q, durable=True, arguments={**QUORUM, "x-delivery-limit": 1})
-    ch.confirm_delivery()
-    ch.basic_publish("", q, b"doomed")
-    for i in range(2):
-        m, p, body = get_one(ch, q)
-        assert body == b"doomed" and delivery_count(p) == i
-        ch.basic_reject(m.delivery_tag, requeue=True)
-    assert_empty_after_marker(ch, q)
+    requeue_until_dropped(ch, q, limit=1)
 
 
 def test_quorum_delivery_limit_zero_drops_on_first_requeue(conn, names):
@@ -290,13 +296,7 @@ def test_warren_classic_queue_delivery_limit_without_dlx_drops(conn, names):
     ch = conn.channel()
     q = names.queue()
     ch.queue_declare(q, arguments={"x-delivery-limit": 1})
-    ch.confirm_delivery()
-    ch.basic_publish("", q, b"doomed")
-    for i in range(2):
-        m, p, body = get_one(ch, q)
-        assert body == b"doomed" and delivery_count(p) == i
-        ch.basic_reject(m.delivery_tag, requeue=True)
-    assert_empty_after_marker(ch, q)
+    requeue_until_dropped(ch, q, limit=1)
 
 
 def test_warren_quorum_default_delivery_limit_is_20(conn, names):
