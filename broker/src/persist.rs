@@ -42,6 +42,15 @@ pub struct Page {
 /// Called on the reader thread with the page (or the error text).
 pub type PageDone = Box<dyn FnOnce(Result<Page, String>) + Send>;
 
+/// A read run on the reader thread.
+pub type ReadFn = Box<dyn FnOnce(&dyn MessageStore) + Send>;
+
+/// A read on the reader thread: a queue's page, or any other read.
+enum Read {
+    Page(ReadJob),
+    With { after: u64, run: ReadFn },
+}
+
 struct ReadJob {
     queue: QueueId,
     from: u64,
@@ -139,7 +148,7 @@ impl Drop for Joiner {
 pub struct Persister {
     pub threads: StoreThreads,
     tx: mpsc::UnboundedSender<Job>,
-    reads: std::sync::mpsc::Sender<ReadJob>,
+    reads: std::sync::mpsc::Sender<Read>,
     permits: Arc<Semaphore>,
     /// Failed batches so far (a barrier reports failures since it began).
     failures: Arc<AtomicU64>,
@@ -223,7 +232,8 @@ impl Persister {
                 unchecked += ops
                     .iter()
                     .map(|op| match op {
-                        MessageOp::PutMessage { message, .. } => {
+                        MessageOp::PutMessage { message, .. }
+                        | MessageOp::StreamAppend { message, .. } => {
                             (message.body.len() + message.header.len() + 64) as u64
                         }
                         _ => 32,
@@ -247,7 +257,7 @@ impl Persister {
             .weigher(|_, m: &MessageRef| (m.body.len() + 256).min(u32::MAX as usize) as u32)
             .build();
         let body_stats = Arc::new(CacheStats::default());
-        let (reads, read_rx) = std::sync::mpsc::channel::<ReadJob>();
+        let (reads, read_rx) = std::sync::mpsc::channel::<Read>();
         {
             let store = store.clone();
             let progress = progress.clone();
@@ -258,6 +268,14 @@ impl Persister {
                 .name("warren-pager".into())
                 .spawn(move || {
                     while let Ok(job) = read_rx.recv() {
+                        let job = match job {
+                            Read::Page(job) => job,
+                            Read::With { after, run } => {
+                                progress.wait_applied(after);
+                                run(&*store);
+                                continue;
+                            }
+                        };
                         progress.wait_applied(job.after);
                         let page = read_page(&*store, &bodies, &stats, &job);
                         reader_stats.page_reads.fetch_add(1, Ordering::Relaxed);
@@ -391,6 +409,16 @@ impl Persister {
         rx.await.unwrap_or(false) && self.failures.load(Ordering::Acquire) == before
     }
 
+    /// Submit without waiting, and hear when the job is durable (a
+    /// stream's appends: the stream bounds what it has outstanding).
+    pub fn submit_then(&self, ops: Vec<MessageOp>, done: Done) {
+        self.send(Job {
+            ops,
+            done: Some(done),
+            _permit: None,
+        });
+    }
+
     /// Submit without waiting (queue actors: removals, page-outs).
     pub fn submit_nowait(&self, ops: Vec<MessageOp>) {
         self.send(Job {
@@ -411,9 +439,23 @@ impl Persister {
             after: self.progress.submitted.load(Ordering::Acquire),
             done,
         };
-        if let Err(e) = self.reads.send(job) {
-            (e.0.done)(Err("the store reader has stopped".into()));
+        if let Err(std::sync::mpsc::SendError(Read::Page(job))) = self.reads.send(Read::Page(job)) {
+            (job.done)(Err("the store reader has stopped".into()));
         }
+    }
+
+    /// Run `run` on the reader thread once every job submitted so far is
+    /// applied (streams read their records this way). If the reader has
+    /// stopped, `run` is dropped unrun.
+    pub fn read_with(&self, run: ReadFn) {
+        let after = self.progress.submitted.load(Ordering::Acquire);
+        let _ = self.reads.send(Read::With { after, run });
+    }
+
+    /// Read the store now, on the calling thread (start-up and rare
+    /// commands: a stream's bounds, a timestamp seek).
+    pub fn read_now<T>(&self, f: impl FnOnce(&dyn MessageStore) -> T) -> T {
+        f(&*self.store)
     }
 
     /// Keep a message that was just written and will be read back soon.
