@@ -9,6 +9,7 @@ skips without it. For the RabbitMQ reference a restart that keeps the data is
   AMQP_RESTART_CMD='/work/shared/tools/rabbitmq-reference ctl 5673 stop_app &&
                     /work/shared/tools/rabbitmq-reference ctl 5673 start_app'"""
 
+import datetime
 import time
 
 import pika
@@ -314,3 +315,88 @@ def test_warren_delayed_messages_survive_a_crash_and_arrive_on_time(clients, nam
     # Not before the due time (the clock of this test starts before the
     # publish, so a message can only look late here, never early).
     assert got[0][1] >= 2.5 - 0.05 and got[1][1] >= 4.0 - 0.05, got
+
+
+# ------------------------------------------------------------ streams
+
+STREAM = {"x-queue-type": "stream"}
+
+
+def read_stream(conn, q, offset, n, timeout=10.0):
+    """(offset, body) of up to n deliveries from x-stream-offset `offset`,
+    acked; waits up to `timeout` for the n-th, then a little for more."""
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=1000)
+    got = []
+
+    def on_msg(c, m, p, b):
+        got.append((p.headers["x-stream-offset"], b))
+        c.basic_ack(m.delivery_tag)
+
+    ch.basic_consume(q, on_msg, arguments={"x-stream-offset": offset})
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        conn.process_data_events(time_limit=0.05)
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        conn.process_data_events(time_limit=0.05)
+    ch.close()
+    return got
+
+
+def stream_back(clients, q, timeout=30.0):
+    """After a restart RabbitMQ brings a stream's replica back a moment
+    after it accepts connections (404 "home node ... is down" meanwhile):
+    wait until a consumer can attach."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = clients.connect()
+        try:
+            ch = conn.channel()
+            ch.basic_qos(prefetch_count=1)
+            ch.basic_consume(q, lambda *a: None, arguments={"x-stream-offset": "next"})
+            ch.close()
+            return conn
+        except pe.ChannelClosedByBroker as e:
+            if e.reply_code != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_stream_keeps_its_messages_and_offsets_across_a_restart(clients, names):
+    """Transient and persistent messages alike: a stream stores everything.
+    After the restart each message has the offset it had, and new ones
+    continue after the last."""
+    q = names.queue()
+    ch = clients.confirm_channel()
+    ch.queue_declare(q, durable=True, arguments=STREAM)
+    for i in range(300):
+        ch.basic_publish("", q, b"s%d" % i, PERSISTENT if i % 2 else None)
+    before = read_stream(clients.connect(), q, "first", 300)
+    assert [b for _o, b in before] == [b"s%d" % i for i in range(300)]
+    clients.restart(settle=SETTLE)
+    conn = stream_back(clients, q)
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ch.queue_declare(q, durable=True, arguments=STREAM)
+    assert read_stream(conn, q, "first", 300) == before
+    ch.basic_publish("", q, b"after")
+    last = read_stream(conn, q, "last", 1)
+    assert last[-1][1] == b"after" and last[-1][0] > before[-1][0]
+
+
+def test_a_stream_timestamp_offset_works_after_a_restart(clients, names):
+    """Nothing of the stream is in memory after a restart: starting by
+    time finds the place from what is stored."""
+    q = names.queue()
+    ch = clients.confirm_channel()
+    ch.queue_declare(q, durable=True, arguments=STREAM)
+    for i in range(50):
+        ch.basic_publish("", q, b"early%d" % i)
+    time.sleep(2.2)
+    cut = datetime.datetime.fromtimestamp(time.time() - 1)
+    for i in range(50):
+        ch.basic_publish("", q, b"late%d" % i)
+    clients.restart(settle=SETTLE)
+    got = read_stream(stream_back(clients, q), q, cut, 50)
+    assert [b for _o, b in got] == [b"late%d" % i for i in range(50)]

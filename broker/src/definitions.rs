@@ -272,7 +272,18 @@ pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>>
         if !has_vhost(&q.vhost, &label, &mut errors) {
             continue;
         }
-        if let Err(e) = crate::queue::args::validate(&q.name, &q.vhost, &q.arguments) {
+        if let Err(e) =
+            crate::queue::args::validate(&q.name, &q.vhost, &q.arguments).and_then(|()| {
+                crate::queue::args::validate_type(
+                    &q.name,
+                    &q.vhost,
+                    q.durable,
+                    false,
+                    q.auto_delete,
+                    &q.arguments,
+                )
+            })
+        {
             errors.push(format!("{label}: {}", e.text));
         } else if exists_queue(&q.vhost, &q.name) {
             report.skipped.push(label);

@@ -69,6 +69,7 @@ impl ApplyTo {
             Target::QuorumQueue => {
                 matches!(self, ApplyTo::Queues | ApplyTo::All | ApplyTo::QuorumQueues)
             }
+            Target::Stream => matches!(self, ApplyTo::Queues | ApplyTo::All | ApplyTo::Streams),
             Target::Exchange => matches!(self, ApplyTo::Exchanges | ApplyTo::All),
         }
     }
@@ -80,6 +81,7 @@ pub enum Target {
     /// A classic queue.
     Queue,
     QuorumQueue,
+    Stream,
     Exchange,
 }
 
@@ -89,6 +91,9 @@ impl Target {
         match arguments.inner().get("x-queue-type") {
             Some(warren_protocol::types::AMQPValue::LongString(t)) if t.as_bytes() == b"quorum" => {
                 Target::QuorumQueue
+            }
+            Some(warren_protocol::types::AMQPValue::LongString(t)) if t.as_bytes() == b"stream" => {
+                Target::Stream
             }
             _ => Target::Queue,
         }
@@ -118,6 +123,10 @@ pub struct Definition {
     pub alternate_exchange: Option<String>,
     pub delivery_limit: Option<u64>,
     pub consumer_timeout: Option<u64>,
+    /// `max-age` (streams), ms.
+    pub max_age: Option<u64>,
+    /// `stream-max-segment-size-bytes`.
+    pub segment_bytes: Option<u64>,
 }
 
 /// Keys an operator policy may set (RabbitMQ's list, less those Warren does
@@ -145,9 +154,6 @@ fn unsupported(key: &str) -> Option<&'static str> {
         | "target-group-size"
         | "initial-cluster-size" => "Warren runs on one node",
         "federation-upstream" | "federation-upstream-set" => "Warren has no federation",
-        "max-age" | "stream-max-segment-size-bytes" | "stream-filter-size-bytes" => {
-            "Warren has no streams yet"
-        }
         "queue-version" => "Warren's classic queues have one storage format",
         "max-in-memory-length" | "max-in-memory-bytes" => {
             "Warren has no quorum-queue memory limits"
@@ -250,6 +256,21 @@ impl Definition {
                 "delivery-limit" => {
                     d.delivery_limit = Some(uint(v, 0, u32::MAX as u64, "delivery limit")?)
                 }
+                "max-age" => {
+                    d.max_age = Some(
+                        v.as_str()
+                            .and_then(crate::queue::args::parse_age)
+                            .ok_or_else(|| format!("{} is not a valid max age", show(v)))?,
+                    )
+                }
+                "stream-max-segment-size-bytes" => {
+                    d.segment_bytes = Some(uint(v, 0, u64::MAX, "segment size")?)
+                }
+                // RabbitMQ's Bloom filter size: Warren filters exactly, so
+                // a valid size changes nothing.
+                "stream-filter-size-bytes" => {
+                    uint(v, 16, 255, "filter size")?;
+                }
                 _ => unreachable!("checked above"),
             }
         }
@@ -258,7 +279,10 @@ impl Definition {
 }
 
 /// The keys a policy may hold.
-const KEYS: [&str; 11] = [
+const KEYS: [&str; 14] = [
+    "max-age",
+    "stream-max-segment-size-bytes",
+    "stream-filter-size-bytes",
     "consumer-timeout",
     "delivery-limit",
     "message-ttl",
@@ -482,7 +506,8 @@ mod tests {
                 "overflow": "reject-publish-dlx", "dead-letter-exchange": "dlx",
                 "dead-letter-routing-key": "rk", "queue-mode": "lazy",
                 "alternate-exchange": "ae", "delivery-limit": 5,
-                "consumer-timeout": 60000
+                "consumer-timeout": 60000, "max-age": "2h",
+                "stream-max-segment-size-bytes": 1000, "stream-filter-size-bytes": 32
             })),
             false,
         )
@@ -501,8 +526,12 @@ mod tests {
                 alternate_exchange: Some("ae".into()),
                 delivery_limit: Some(5),
                 consumer_timeout: Some(60000),
+                max_age: Some(7_200_000),
+                segment_bytes: Some(1000),
             }
         );
+        assert!(Definition::parse(&def(json!({"max-age": "2x"})), false).is_err());
+        assert!(Definition::parse(&def(json!({"stream-filter-size-bytes": 300})), false).is_err());
     }
 
     #[test]
@@ -536,10 +565,16 @@ mod tests {
             applied.alternate_exchange(Some("mine".into())),
             Some("mine".into())
         );
-        // Quorum queues and streams: Warren has neither, so never matched.
+        // Each queue type by its apply-to; "queues" covers all three.
         let q = policy("qq", ".*", "quorum_queues", 0, json!({"max-length": 1}));
         assert!(!q.matches(Target::Queue, "a"));
         assert!(q.matches(Target::QuorumQueue, "a"));
+        assert!(!q.matches(Target::Stream, "a"));
+        let s = policy("st", ".*", "streams", 0, json!({"max-age": "1D"}));
+        assert!(s.matches(Target::Stream, "a"));
+        assert!(!s.matches(Target::Queue, "a"));
+        let all = policy("all", ".*", "queues", 0, json!({"max-length-bytes": 1}));
+        assert!(all.matches(Target::Stream, "a") && all.matches(Target::Queue, "a"));
         let c = policy("cq", ".*", "classic_queues", 0, json!({"max-length": 1}));
         assert!(c.matches(Target::Queue, "a"));
         assert!(!c.matches(Target::QuorumQueue, "a"));

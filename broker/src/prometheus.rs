@@ -84,6 +84,8 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
 
     // Topology and queue depths.
     let mut queues: Vec<(String, String, QueueStats)> = Vec::new();
+    // Stream consumers' lag (per-object only): vhost, stream, tag, lag.
+    let mut lags: Vec<(String, String, String, u64)> = Vec::new();
     for v in b.vhosts() {
         for q in v.queues() {
             let s = q
@@ -91,6 +93,17 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
                 .await
                 .unwrap_or_default();
             queues.push((v.name.clone(), q.name().to_owned(), s));
+            if per_object && q.is_stream() {
+                for c in q
+                    .ask(|reply| QueueCmd::Consumers { reply })
+                    .await
+                    .unwrap_or_default()
+                {
+                    if let Some((_, lag)) = c.stream {
+                        lags.push((v.name.clone(), q.name().to_owned(), c.tag.to_string(), lag));
+                    }
+                }
+            }
         }
     }
     let conns = b.connections();
@@ -420,6 +433,44 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
             for (vhost, queue, s) in &queues {
                 out.sample(name, &[("vhost", vhost), ("queue", queue)], f(s));
             }
+        }
+        // Streams (Warren's names): offsets kept, segments, consumer lag.
+        type StreamPick = fn(&crate::queue::StreamStats) -> Option<u64>;
+        let per_stream: [(&str, &str, StreamPick); 3] = [
+            (
+                "warren_stream_first_offset",
+                "First offset a stream keeps",
+                |t| t.first,
+            ),
+            (
+                "warren_stream_last_offset",
+                "Last offset appended to a stream",
+                |t| t.last,
+            ),
+            ("warren_stream_segments", "Segments a stream keeps", |t| {
+                Some(t.segments)
+            }),
+        ];
+        for (name, help, f) in per_stream {
+            out.family(name, "gauge", help);
+            for (vhost, queue, s) in &queues {
+                if let Some(v) = s.stream.as_ref().and_then(f) {
+                    out.sample(name, &[("vhost", vhost), ("queue", queue)], v);
+                }
+            }
+        }
+        let name = "warren_stream_consumer_offset_lag";
+        out.family(
+            name,
+            "gauge",
+            "Messages appended to a stream that its consumer has not reached",
+        );
+        for (vhost, queue, tag, lag) in &lags {
+            out.sample(
+                name,
+                &[("vhost", vhost), ("queue", queue), ("consumer_tag", tag)],
+                *lag,
+            );
         }
     }
     out.0

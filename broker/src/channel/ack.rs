@@ -127,6 +127,12 @@ impl Channel {
         requeue: bool,
     ) -> AmqpResult<()> {
         let ds = self.take_deliveries(tag, multiple)?;
+        if let Some((_, d)) = ds.iter().find(|(_, d)| d.queue.is_stream()) {
+            return Err(crate::queue::stream::not_supported(
+                "basic.nack and basic.reject",
+                &d.queue,
+            ));
+        }
         self.settle(cx, Settle::Reject(ds, requeue));
         Ok(())
     }

@@ -148,6 +148,49 @@ impl Channel {
                 }
             },
         };
+        let stream = if handle.is_stream() {
+            if cm.no_ack {
+                return Err(crate::queue::stream::not_supported(
+                    "automatic acknowledgement",
+                    &handle,
+                ));
+            }
+            if self.prefetch == 0 {
+                return Err(precondition(format!(
+                    "consumer prefetch count is not set for 'queue '{name}' in vhost '{}''",
+                    vhost.name
+                )));
+            }
+            if timeout.is_some() {
+                return Err(precondition(format!(
+                    "invalid arg 'x-consumer-timeout' for queue '{name}' in vhost '{}': stream consumers have no timeout (acknowledgements only return credit)",
+                    vhost.name
+                )));
+            }
+            Some(Box::new(crate::queue::stream::parse_consume(
+                &name,
+                &vhost.name,
+                &cm.arguments,
+                crate::message::unix_ms(),
+            )?))
+        } else {
+            let args = cm.arguments.inner();
+            if let Some(arg) = crate::queue::stream::STREAM_CONSUMER_ARGS
+                .iter()
+                .find(|a| args.contains_key(**a))
+            {
+                let kind = match crate::queue::args::QueueArgs::parse(&handle.info.arguments).quorum
+                {
+                    true => "rabbit_quorum_queue",
+                    false => "rabbit_classic_queue",
+                };
+                return Err(precondition(format!(
+                    "invalid arg '{arg}' for queue '{name}' in vhost '{}' of queue type {kind}",
+                    vhost.name
+                )));
+            }
+            None
+        };
         let in_flight = Arc::new(AtomicU32::new(0));
         let consumer = Consumer {
             tag: tag.clone(),
@@ -165,6 +208,7 @@ impl Channel {
             order: 0,
             timeout,
             cancel_notify: cx.session.caps.consumer_cancel_notify,
+            stream,
         };
         match handle
             .ask(|reply| QueueCmd::Consume {
@@ -330,6 +374,9 @@ impl Channel {
         let name = self.queue_name(queue)?;
         cx.session.check(Kind::Queue, &name, Perm::Read)?;
         let handle = cx.session.vhost.queue(&name, cx.session.conn_id)?;
+        if handle.is_stream() {
+            return Err(crate::queue::stream::not_supported("basic.get", &handle));
+        }
         let chan_key = self.key;
         let got = handle
             .ask(|reply| QueueCmd::Get {

@@ -333,7 +333,9 @@ impl Channel {
                 }
             }
         }
-        let stored = msg.stored.filter(|_| slots.iter().any(|q| q.persisted()));
+        let stored = msg
+            .stored
+            .filter(|_| slots.iter().any(|q| q.stored_by_publisher()));
         let writer = match (full, stored) {
             (true, _) => None,
             (false, None) => Some(None),
@@ -458,7 +460,9 @@ async fn hand_over_waiting(
             slots.push(q);
         }
     }
-    let stored = msg.stored.filter(|_| slots.iter().any(|q| q.persisted()));
+    let stored = msg
+        .stored
+        .filter(|_| slots.iter().any(|q| q.stored_by_publisher()));
     let writer = match stored {
         Some(_) => broker.persister.reserve().await,
         None => None,
@@ -523,7 +527,7 @@ fn hand_over(
     } else if let Some(id) = stored {
         // Persistent: written once for every durable queue it reached; the
         // confirm waits for the sync too.
-        let refs = slots.iter().filter(|q| q.persisted()).count() as u32;
+        let refs = slots.iter().filter(|q| q.stored_by_publisher()).count() as u32;
         let mut ops = Vec::with_capacity(refs as usize + 1);
         let meta = EntryMeta {
             enqueued_at: crate::message::unix_ms(),
@@ -535,7 +539,7 @@ fn hand_over(
             message: msg.to_stored(),
         });
         for (q, &seq) in slots.iter().zip(&seqs) {
-            if q.persisted() {
+            if q.stored_by_publisher() {
                 ops.push(MessageOp::Enqueue {
                     queue: q.id(),
                     seq,

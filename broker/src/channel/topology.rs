@@ -148,10 +148,18 @@ impl Channel {
                     )));
                 }
                 if name.is_empty() {
-                    if string_arg(&d.arguments, "x-queue-type").as_deref() == Some("quorum") {
-                        return Err(precondition(
-                            "Cannot declare a server-named queue for type rabbit_quorum_queue",
-                        ));
+                    match string_arg(&d.arguments, "x-queue-type").as_deref() {
+                        Some("quorum") => {
+                            return Err(precondition(
+                                "Cannot declare a server-named queue for type rabbit_quorum_queue",
+                            ))
+                        }
+                        Some("stream") => {
+                            return Err(precondition(
+                                "Cannot declare a server-named queue for type rabbit_stream_queue",
+                            ))
+                        }
+                        _ => {}
                     }
                     name = generated_name("amq.gen-");
                 }
@@ -236,6 +244,9 @@ impl Channel {
                 let name = self.queue_name(p.queue.as_str())?;
                 cx.session.check(Kind::Queue, &name, Perm::Read)?;
                 let handle = v.queue(&name, conn)?;
+                if handle.is_stream() {
+                    return Err(crate::queue::stream::not_supported("queue.purge", &handle));
+                }
                 let n = handle
                     .ask(|reply| QueueCmd::Purge { reply })
                     .await

@@ -481,24 +481,34 @@ pub(super) fn parse(json: &[u8]) -> Result<File, Vec<String>> {
     }
     for it in items(&root, "queues", &mut errors, named("queue")) {
         let r = (|| {
-            match it.map.get("type").and_then(Value::as_str) {
-                None | Some("classic") => {}
+            let kind = match it.map.get("type").and_then(Value::as_str) {
+                None | Some("classic") => None,
+                Some(t @ ("quorum" | "stream")) => Some(t),
                 Some(t) => {
                     return Err(format!(
-                        "{}: queue type '{t}' is not supported by Warren yet",
+                        "{}: queue type '{t}' is not supported by Warren",
                         it.label
                     ))
                 }
-            }
-            let arguments = it.table("arguments")?;
-            if let Some(AMQPValue::LongString(t)) = arguments.inner().get("x-queue-type") {
-                if t.as_bytes() != b"classic" {
+            };
+            let mut arguments = it.table("arguments")?;
+            match arguments.inner().get("x-queue-type") {
+                Some(AMQPValue::LongString(t))
+                    if kind.is_some_and(|k| k.as_bytes() != t.as_bytes()) =>
+                {
                     return Err(format!(
-                        "{}: queue type '{}' is not supported by Warren yet",
+                        "{}: type '{}' and argument x-queue-type '{}' disagree",
                         it.label,
+                        kind.unwrap_or("classic"),
                         String::from_utf8_lossy(t.as_bytes())
                     ));
                 }
+                None => {
+                    if let Some(k) = kind {
+                        arguments.insert("x-queue-type".into(), AMQPValue::LongString(k.into()));
+                    }
+                }
+                _ => {}
             }
             Ok(QueueItem {
                 vhost: it.str("vhost")?,

@@ -166,6 +166,10 @@ async fn list_consumers(auth: Auth, st: St, q: Query<Paging>, vhost: Option<Stri
                     // The timeout in force (consumer's, queue's, policy's
                     // or the broker's), null for none.
                     "consumer_timeout": c.timeout,
+                    // Stream consumers: the next offset and how far
+                    // behind the end it is (RabbitMQ's stream names).
+                    "offset": c.stream.map(|(o, _)| o),
+                    "offset_lag": c.stream.map(|(_, l)| l),
                 }));
             }
         }

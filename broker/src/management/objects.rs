@@ -192,6 +192,7 @@ async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> 
         "node": node_name(),
         "type": match Target::queue(&i.arguments) {
             Target::QuorumQueue => "quorum",
+            Target::Stream => "stream",
             _ => "classic",
         },
         "state": "running",
@@ -206,6 +207,11 @@ async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> 
         "message_stats": rates.queue(q.id(), &s),
         // Warren's: duplicates dropped (x-message-deduplication queues).
         "messages_deduplicated": s.deduplicated,
+        // Streams: the last offset appended (RabbitMQ's name), and
+        // Warren's first offset kept and total bytes; segments as RabbitMQ.
+        "committed_offset": s.stream.and_then(|t| t.last),
+        "first_offset": s.stream.and_then(|t| t.first),
+        "segments": s.stream.map(|t| t.segments),
     })
 }
 

@@ -582,6 +582,7 @@ impl Actor {
                                     .as_ref()
                                     .is_some_and(|(k, t)| *k == c.chan_key && *t == c.tag),
                             timeout: c.timeout.or(self.args.consumer_timeout),
+                            stream: None,
                         })
                         .collect(),
                 );
@@ -598,6 +599,7 @@ impl Actor {
                     acked: self.counts.acked,
                     redelivered: self.counts.redelivered,
                     deduplicated: self.dedup.as_ref().map(|d| d.duplicates),
+                    stream: None,
                 });
             }
             QueueCmd::Purge { reply } => {
@@ -617,6 +619,8 @@ impl Actor {
                 self.tail = Some(Tail::new(first, end, count, self.generations));
             }
             QueueCmd::Paged { generation, page } => self.paged(generation, page),
+            // A stream's own commands; never sent to a queue.
+            QueueCmd::StreamCommitted { .. } | QueueCmd::StreamRead(_) => {}
             QueueCmd::Delete {
                 if_unused,
                 if_empty,

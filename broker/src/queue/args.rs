@@ -61,6 +61,14 @@ pub struct QueueArgs {
     /// ms a delivery may stay unacknowledged before its consumer is
     /// cancelled (or its channel closed) and its messages returned.
     pub consumer_timeout: Option<u64>,
+    /// `x-queue-type: stream`: an append-only log read by offset.
+    pub stream: bool,
+    /// `x-max-age` / policy `max-age` (streams): ms after which a whole
+    /// segment whose newest message is older is removed.
+    pub max_age: Option<u64>,
+    /// `x-stream-max-segment-size-bytes` / policy
+    /// `stream-max-segment-size-bytes`: the retention unit of a stream.
+    pub segment_bytes: Option<u64>,
 }
 
 /// The delivery limit of a quorum queue that sets none (RabbitMQ 4's).
@@ -103,6 +111,9 @@ impl QueueArgs {
             quorum: text("x-queue-type").as_deref() == Some("quorum"),
             delivery_limit: uint("x-delivery-limit"),
             consumer_timeout: uint("x-consumer-timeout").filter(|&v| v > 0),
+            stream: text("x-queue-type").as_deref() == Some("stream"),
+            max_age: text("x-max-age").as_deref().and_then(parse_age),
+            segment_bytes: uint("x-stream-max-segment-size-bytes"),
         }
     }
 }
@@ -129,6 +140,7 @@ impl QueueArgs {
             a.max_length_bytes = min(a.max_length_bytes, d.max_length_bytes);
             a.delivery_limit = min(a.delivery_limit, d.delivery_limit);
             a.consumer_timeout = min(a.consumer_timeout, d.consumer_timeout);
+            a.max_age = min(a.max_age, d.max_age);
         }
         if a.quorum && a.delivery_limit.is_none() {
             a.delivery_limit = Some(QUORUM_DELIVERY_LIMIT);
@@ -152,6 +164,9 @@ impl QueueArgs {
         }
         if !t.contains_key("x-dead-letter-routing-key") {
             a.dead_letter_routing_key = d.dead_letter_routing_key.clone();
+        }
+        if !t.contains_key("x-stream-max-segment-size-bytes") {
+            a.segment_bytes = a.segment_bytes.or(d.segment_bytes);
         }
         if !t.contains_key("x-queue-mode") {
             if let Some(lazy) = d.lazy {
@@ -241,17 +256,27 @@ pub fn validate(queue: &str, vhost: &str, args: &FieldTable) -> AmqpResult<()> {
                 other => Some(format!("{{unacceptable_type,{}}}", type_name(other))),
             },
             "x-deduplication-header" => str_arg(value).err(),
-            "x-max-age" | "x-cache-size" | "x-cache-ttl" | "x-cache-persistence" => {
+            "x-max-age" => match value {
+                AMQPValue::LongString(s) => match parse_age(&String::from_utf8_lossy(s.as_bytes())) {
+                    Some(_) => None,
+                    None => Some(format!(
+                        "{{invalid_max_age,<<\"{}\">>}} (a positive number followed by Y, M, D, h, m or s)",
+                        String::from_utf8_lossy(s.as_bytes())
+                    )),
+                },
+                other => Some(format!("{{unacceptable_type,{}}}", type_name(other))),
+            },
+            "x-stream-max-segment-size-bytes" => int_arg(value, 0, i128::MAX, false),
+            "x-initial-cluster-size" => int_arg(value, 1, i128::from(u16::MAX), false),
+            // The size of RabbitMQ's per-chunk Bloom filter. Warren filters
+            // each message exactly, so any valid size gives the same result.
+            "x-stream-filter-size-bytes" => int_arg(value, 16, 255, false),
+            "x-cache-size" | "x-cache-ttl" | "x-cache-persistence" => {
                 Some("\"not supported by Warren yet\"".into())
             }
             "x-queue-type" => match str_arg(value) {
                 Err(e) => Some(e),
-                Ok(t) if t == "classic" || t == "quorum" => None,
-                // Refused until Warren has streams, never turned into a
-                // classic queue.
-                Ok(t) if t == "stream" => Some(format!(
-                    "\"queue type '{t}' is not supported by Warren yet\""
-                )),
+                Ok(t) if t == "classic" || t == "quorum" || t == "stream" => None,
                 Ok(t) => Some(format!("\"unsupported queue type '{t}'\"")),
             },
             "x-single-active-consumer" => match value {
@@ -288,10 +313,45 @@ pub fn validate(queue: &str, vhost: &str, args: &FieldTable) -> AmqpResult<()> {
     Ok(())
 }
 
-/// What a quorum queue refuses at declaration, as RabbitMQ refuses it (406):
-/// it is durable, not exclusive and not auto-delete, has no priorities and
-/// no queue mode. Only for a queue being created.
-pub fn validate_quorum(
+/// Arguments only a stream takes.
+const STREAM_ONLY: [&str; 4] = [
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-initial-cluster-size",
+    "x-stream-filter-size-bytes",
+];
+
+/// Arguments a stream refuses (RabbitMQ's list, and Warren's queue-only
+/// features: deduplication, consumer timeouts).
+const NOT_FOR_STREAMS: [&str; 20] = [
+    "x-max-length",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
+    "x-max-priority",
+    "x-expires",
+    "x-single-active-consumer",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-master-locator",
+    "x-delivery-limit",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-quorum-initial-group-size",
+    "x-consumer-timeout",
+    "x-message-deduplication",
+    "x-deduplication-header",
+    "x-cache-size",
+    "x-cache-ttl",
+];
+
+/// What a queue of its type refuses at declaration, as RabbitMQ refuses it
+/// (406). Quorum queues and streams are durable, not exclusive and not
+/// auto-delete; quorum queues have no priorities and no queue mode;
+/// streams refuse the arguments of destructive queues; only streams take
+/// the stream arguments. Only for a queue being created.
+pub fn validate_type(
     queue: &str,
     vhost: &str,
     durable: bool,
@@ -300,32 +360,59 @@ pub fn validate_quorum(
     args: &FieldTable,
 ) -> AmqpResult<()> {
     let t = args.inner();
-    let quorum = matches!(
-        t.get("x-queue-type").and_then(string_value).as_deref(),
-        Some("quorum")
-    );
-    if !quorum {
-        return Ok(());
-    }
-    for (bad, property) in [
-        (!durable, "non-durable"),
-        (exclusive, "exclusive-owner"),
-        (auto_delete, "auto-delete"),
-    ] {
-        if bad {
-            return Err(precondition(format!(
-                "invalid property '{property}' for queue '{queue}' in vhost '{vhost}'"
-            )));
+    let kind = t.get("x-queue-type").and_then(string_value);
+    let (type_name, refused): (&str, &[&str]) = match kind.as_deref() {
+        Some("quorum") => (
+            "rabbit_quorum_queue",
+            &["x-max-priority", "x-queue-mode", "x-queue-master-locator"],
+        ),
+        Some("stream") => ("rabbit_stream_queue", &NOT_FOR_STREAMS),
+        _ => ("rabbit_classic_queue", &[]),
+    };
+    if kind
+        .as_deref()
+        .is_some_and(|k| k == "quorum" || k == "stream")
+    {
+        for (bad, property) in [
+            (!durable, "non-durable"),
+            (exclusive, "exclusive-owner"),
+            (auto_delete, "auto-delete"),
+        ] {
+            if bad {
+                return Err(precondition(format!(
+                    "invalid property '{property}' for queue '{queue}' in vhost '{vhost}'"
+                )));
+            }
         }
     }
-    for arg in ["x-max-priority", "x-queue-mode", "x-queue-master-locator"] {
-        if t.contains_key(arg) {
+    let stream = kind.as_deref() == Some("stream");
+    for arg in t.keys() {
+        let arg = arg.as_str();
+        if refused.contains(&arg) || (!stream && STREAM_ONLY.contains(&arg)) {
             return Err(precondition(format!(
-                "invalid arg '{arg}' for queue '{queue}' in vhost '{vhost}' of queue type rabbit_quorum_queue"
+                "invalid arg '{arg}' for queue '{queue}' in vhost '{vhost}' of queue type {type_name}"
             )));
         }
     }
     Ok(())
+}
+
+/// A retention age as RabbitMQ writes it (`x-max-age`, policy `max-age`):
+/// a positive number and a unit, `Y`, `M` (30 days), `D`, `h`, `m` or `s`;
+/// in ms.
+pub fn parse_age(s: &str) -> Option<u64> {
+    let unit = s.chars().last()?;
+    let n: u64 = s[..s.len() - unit.len_utf8()].parse().ok()?;
+    let secs: u64 = match unit {
+        'Y' => 365 * 86_400,
+        'M' => 30 * 86_400,
+        'D' => 86_400,
+        'h' => 3_600,
+        'm' => 60,
+        's' => 1,
+        _ => return None,
+    };
+    (n > 0).then(|| n.saturating_mul(secs).saturating_mul(1000))
 }
 
 /// An integer within `min..=max`; the Erlang-style reason otherwise.
@@ -399,6 +486,9 @@ mod tests {
                 quorum: false,
                 delivery_limit: None,
                 consumer_timeout: None,
+                stream: false,
+                max_age: None,
+                segment_bytes: None,
             }
         );
         assert_eq!(

@@ -30,6 +30,8 @@ pub struct HandleInner {
     seqs: AtomicU64,
     /// The header holding a message's key, for a deduplicating queue.
     dedup_header: Option<String>,
+    /// A stream (`x-queue-type: stream`): it stores what it is sent itself.
+    stream: bool,
 }
 
 impl std::ops::Deref for QueueHandle {
@@ -57,13 +59,27 @@ impl QueueHandle {
             crate::dedup::header_name(&info.arguments)
                 .unwrap_or_else(|_| crate::dedup::DEFAULT_HEADER.to_owned())
         });
+        let stream = super::args::QueueArgs::parse(&info.arguments).stream;
         QueueHandle(Arc::new(HandleInner {
             info,
             permits,
             mailbox,
             seqs: AtomicU64::new(1),
             dedup_header,
+            stream,
         }))
+    }
+
+    /// Whether it is a stream.
+    pub fn is_stream(&self) -> bool {
+        self.stream
+    }
+
+    /// Whether a publisher stores a persistent message for this queue
+    /// before handing it over (a durable classic or quorum queue). A
+    /// stream stores every message itself, in offset order.
+    pub fn stored_by_publisher(&self) -> bool {
+        self.persisted() && !self.stream
     }
 
     /// Whether the queue deduplicates (`x-message-deduplication`).
@@ -242,6 +258,8 @@ pub struct Consumer {
     /// Its client announced `consumer_cancel_notify`: a timed-out consumer
     /// is cancelled with basic.cancel (else its channel is closed).
     pub cancel_notify: bool,
+    /// A stream consumer's arguments (where to start, filter, tracking).
+    pub stream: Option<Box<super::stream::StreamConsume>>,
 }
 
 /// A message fetched by `basic.get`.
@@ -265,6 +283,15 @@ pub enum QueueCmd {
         end: u64,
         count: u64,
     },
+    /// A stream's appends up to (not including) offset `upto` are
+    /// durable (`ok`), or failed; `permits` mailbox slots go back.
+    StreamCommitted {
+        upto: u64,
+        permits: u32,
+        ok: bool,
+    },
+    /// Records a stream consumer asked for, read from the store.
+    StreamRead(Box<super::stream::StreamRead>),
     /// Messages read back from the store (reply to a page read).
     Paged {
         generation: u64,
@@ -351,6 +378,8 @@ pub struct ConsumerInfo {
     pub active: bool,
     /// The consumer timeout in force for it (ms), if any.
     pub timeout: Option<u64>,
+    /// A stream consumer's next offset and how far it is behind the end.
+    pub stream: Option<(u64, u64)>,
 }
 
 /// A queue's numbers, as operators see them.
@@ -371,6 +400,17 @@ pub struct QueueStats {
     pub redelivered: u64,
     /// Duplicates dropped (a deduplicating queue), else None.
     pub deduplicated: Option<u64>,
+    /// A stream's offsets and segments, else None.
+    pub stream: Option<StreamStats>,
+}
+
+/// What operators see of a stream beyond a queue's numbers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamStats {
+    /// The first offset kept and the last appended (None: empty).
+    pub first: Option<u64>,
+    pub last: Option<u64>,
+    pub segments: u64,
 }
 
 /// Called by the actor when it deletes itself (auto-delete, `x-expires`).

@@ -49,6 +49,8 @@
 //! - [`dead_letter`]: the dead-lettered message and its `x-death` header.
 //! - `timeouts`: consumer timeouts.
 //! - `dedup`: queue-level deduplication.
+//! - [`stream`]: streams (`x-queue-type: stream`), an actor of their own
+//!   behind the same handle and mailbox.
 
 mod actor;
 pub mod args;
@@ -59,6 +61,7 @@ pub mod handle;
 mod limits;
 mod paging;
 mod ready;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 mod timeouts;
@@ -66,7 +69,7 @@ mod timeouts;
 pub use actor::spawn;
 pub use handle::{
     ChannelCredit, Consumer, ConsumerInfo, Got, OnAutoDelete, Publish, QueueCmd, QueueHandle,
-    QueueStats, Seqs,
+    QueueStats, Seqs, StreamStats,
 };
 
 use crate::error::AmqpResult;
@@ -121,7 +124,7 @@ pub fn send_unreserved(
     mut ops: Vec<warren_storage::MessageOp>,
 ) {
     use warren_storage::{EntryMeta, MessageOp};
-    let stored = targets.iter().filter(|q| q.persisted()).count() as u32;
+    let stored = targets.iter().filter(|q| q.stored_by_publisher()).count() as u32;
     msg.stored = None;
     if let (true, true, Some(p)) = (msg.persistent(), stored > 0, persister) {
         let id = p.next_id();
@@ -141,7 +144,7 @@ pub fn send_unreserved(
             deliveries: 0,
         };
         for (q, &seq) in targets.iter().zip(&seqs) {
-            if q.persisted() {
+            if q.stored_by_publisher() {
                 ops.push(MessageOp::Enqueue {
                     queue: q.id(),
                     seq,

@@ -111,6 +111,7 @@ fn consume(
         order: 0,
         timeout: None,
         cancel_notify: true,
+        stream: None,
     };
     let (reply, mut answer) = oneshot::channel();
     assert!(!a.on_cmd(QueueCmd::Consume {

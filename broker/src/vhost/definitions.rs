@@ -60,6 +60,8 @@ const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-consumer-timeout",
     "x-message-deduplication",
     "x-deduplication-header",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
 ];
 
 /// Exchange arguments whose values must match on redeclaration: RabbitMQ's
@@ -292,7 +294,7 @@ impl VHost {
             q.tell(QueueCmd::Touch);
             return Ok(q);
         }
-        crate::queue::args::validate_quorum(
+        crate::queue::args::validate_type(
             s.name,
             &self.name,
             s.durable,
@@ -327,6 +329,19 @@ impl VHost {
             return Ok(q);
         }
         let id = self.next_queue_id.fetch_add(1, Ordering::AcqRel);
+        // Started first: a stream reads the store as it starts, and one
+        // that cannot is not declared (nothing stored yet).
+        let q = self
+            .spawn_queue(QueueInfo {
+                name: s.name.as_str().into(),
+                id,
+                vhost: self.name.clone(),
+                durable: s.durable,
+                exclusive_owner: s.exclusive.then_some(conn),
+                auto_delete: s.auto_delete,
+                arguments: s.arguments.clone(),
+            })
+            .map_err(|why| AmqpError::new(reply::INTERNAL_ERROR, why))?;
         if s.durable && !s.exclusive {
             self.store(self.meta.put_queue(&QueueDef {
                 vhost: self.name.clone(),
@@ -336,15 +351,6 @@ impl VHost {
                 arguments: encode_table(&s.arguments),
             }))?;
         }
-        let q = self.spawn_queue(QueueInfo {
-            name: s.name.as_str().into(),
-            id,
-            vhost: self.name.clone(),
-            durable: s.durable,
-            exclusive_owner: s.exclusive.then_some(conn),
-            auto_delete: s.auto_delete,
-            arguments: s.arguments,
-        });
         self.write().queues.insert(s.name, q.clone());
         self.changed();
         crate::metrics::Churn::add(&self.churn.queues_created);

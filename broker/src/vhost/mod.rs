@@ -345,12 +345,19 @@ impl VHost {
         args
     }
 
-    /// Start a queue actor that forgets itself here when it auto-deletes.
-    fn spawn_queue(&self, info: QueueInfo) -> QueueHandle {
+    /// Start a queue actor that forgets itself here when it auto-deletes
+    /// (a stream's actor, for a stream: it needs the store).
+    fn spawn_queue(&self, info: QueueInfo) -> Result<QueueHandle, String> {
         let me = self.me.clone();
         let router: Weak<dyn queue::DeadLetterRouter> = self.me.clone();
         let args = self.queue_args(&self.policies(), &info);
-        queue::spawn(
+        if args.stream {
+            let Some(p) = self.persister.clone() else {
+                return Err("streams need the message store".into());
+            };
+            return queue::stream::spawn(info, args, p);
+        }
+        Ok(queue::spawn(
             info,
             args,
             router,
@@ -360,7 +367,7 @@ impl VHost {
                     v.forget_queue(&info.name, info.id);
                 }
             }),
-        )
+        ))
     }
 
     /// Rebuild this vhost's durable exchanges, queues and bindings from
@@ -399,15 +406,17 @@ impl VHost {
             let arguments =
                 decode_table(&q.arguments).map_err(|why| format!("queue '{}': {why}", q.name))?;
             max_id = max_id.max(q.id);
-            let handle = self.spawn_queue(QueueInfo {
-                name: q.name.as_str().into(),
-                id: q.id,
-                vhost: self.name.clone(),
-                durable: true,
-                exclusive_owner: None,
-                auto_delete: q.auto_delete,
-                arguments,
-            });
+            let handle = self
+                .spawn_queue(QueueInfo {
+                    name: q.name.as_str().into(),
+                    id: q.id,
+                    vhost: self.name.clone(),
+                    durable: true,
+                    exclusive_owner: None,
+                    auto_delete: q.auto_delete,
+                    arguments,
+                })
+                .map_err(|why| format!("queue '{}': {why}", q.name))?;
             t.queues.insert(q.name.clone(), handle);
         }
         for b in defs.bindings.iter().filter(|b| mine(&b.vhost)) {

@@ -1,0 +1,208 @@
+//! A stream's writing side: appending (offsets, the `x-stream-offset`
+//! header, segments), submitting a wake-up's appends as one store job,
+//! taking the sync's answer, and retention.
+
+use super::{
+    segment_scope, Rec, Segment, Stream, DEFAULT_SEGMENT_BYTES, TAIL_BYTES, TAIL_MESSAGES,
+};
+use crate::message::Message;
+use crate::queue::handle::{Publish, QueueCmd};
+use bytes::Bytes;
+use std::sync::Arc;
+use warren_protocol::types::AMQPValue;
+use warren_storage::MessageOp;
+
+/// `msg` with `x-stream-offset` set in its headers, and its filter value.
+fn with_offset(msg: &Message, offset: u64) -> (Message, Option<Arc<[u8]>>) {
+    let mut headers = msg.header.headers().unwrap_or_default();
+    let filter = match headers.inner().get("x-stream-filter-value") {
+        Some(AMQPValue::LongString(s)) => Some(Arc::from(s.as_bytes())),
+        Some(AMQPValue::ShortString(s)) => Some(Arc::from(s.as_str().as_bytes())),
+        _ => None,
+    };
+    headers.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongLongInt(offset as i64),
+    );
+    let table = cookie_factory::gen_simple(
+        warren_protocol::types::generation::gen_field_table(&headers),
+        Vec::new(),
+    )
+    .ok();
+    let header = table
+        .and_then(|t| msg.header.rebuilt(Some(&t), false).ok())
+        .unwrap_or_else(|| msg.header.clone());
+    (
+        Message {
+            exchange: msg.exchange.clone(),
+            routing_key: msg.routing_key.clone(),
+            header,
+            body: msg.body.clone(),
+            stored: None,
+        },
+        filter,
+    )
+}
+
+impl Stream {
+    /// Give a message the next offset and write it in this wake-up's job.
+    pub(super) fn append(&mut self, p: Publish) {
+        self.counts.published += 1;
+        self.permits += p.permit as u32;
+        let offset = self.next;
+        self.next += 1;
+        let ts = self.wall_now().max(self.last_ts);
+        self.last_ts = ts;
+        let (msg, filter) = with_offset(&p.msg, offset);
+        let size = (msg.body.len() + msg.header.raw().len()) as u64;
+        let sec = ts / 1000;
+        // The time index: the first message of each second.
+        let index_time = sec != self.indexed_sec;
+        self.indexed_sec = sec;
+        self.ops.push(MessageOp::StreamAppend {
+            stream: self.info.id,
+            offset,
+            timestamp: ts,
+            message: msg.to_stored(),
+            index_time,
+        });
+        self.batch_from.get_or_insert(offset);
+        if let Some(t) = p.confirm {
+            self.tickets.push(t);
+        }
+        // The segment it belongs to; a full one ends with it.
+        let seg = self.segments.back_mut().expect("a stream has a segment");
+        seg.bytes += size;
+        seg.last_ts = ts;
+        if seg.bytes
+            >= self
+                .args
+                .segment_bytes
+                .unwrap_or(DEFAULT_SEGMENT_BYTES)
+                .max(1)
+        {
+            let done = *seg;
+            self.put_segment(done);
+            self.segments.push_back(Segment {
+                first: offset + 1,
+                bytes: 0,
+                last_ts: ts,
+            });
+        }
+        self.tail_bytes += size;
+        self.tail.push_back(Rec {
+            offset,
+            ts,
+            msg: Arc::new(msg),
+            filter,
+        });
+    }
+
+    pub(super) fn put_segment(&mut self, s: Segment) {
+        self.ops.push(MessageOp::DedupPut {
+            scope: segment_scope(self.info.id),
+            key: Bytes::copy_from_slice(&s.first.to_be_bytes()),
+            value: s.bytes,
+        });
+    }
+
+    /// Submit this wake-up's writes: the appends (with the current
+    /// segment's size) are confirmed, and become readable, after the sync.
+    pub(super) fn flush(&mut self) {
+        self.save_dirty_offsets();
+        if self.batch_from.take().is_none() {
+            if !self.ops.is_empty() {
+                self.persister.submit_nowait(std::mem::take(&mut self.ops));
+            }
+            return;
+        }
+        let cur = *self.segments.back().expect("a stream has a segment");
+        self.put_segment(cur);
+        let ops = std::mem::take(&mut self.ops);
+        let tickets = std::mem::take(&mut self.tickets);
+        let permits = std::mem::take(&mut self.permits);
+        let upto = self.next;
+        let me = self.myself.clone();
+        self.persister.submit_then(
+            ops,
+            Box::new(move |ok| {
+                for t in tickets {
+                    if !ok {
+                        t.nack();
+                    }
+                    t.settle();
+                }
+                if let Some(me) = me.upgrade() {
+                    let _ = me.send(QueueCmd::StreamCommitted { upto, permits, ok });
+                }
+            }),
+        );
+    }
+
+    /// Appends up to `upto` are durable (or failed): consumers may have
+    /// them; the publishers' slots come back; retention looks again.
+    pub(super) fn committed(&mut self, upto: u64, permits: u32, ok: bool) {
+        self.freed += permits as usize;
+        let from = self.committed;
+        if !ok {
+            tracing::error!(stream = %self.info.name, from, upto, "stream append failed; those offsets are skipped");
+            self.lost.push(from..upto);
+        }
+        if upto > from {
+            self.last_chunk = from;
+        }
+        self.committed = self.committed.max(upto);
+        // Memory: the oldest committed messages leave the tail.
+        while self.tail.len() > TAIL_MESSAGES || self.tail_bytes > TAIL_BYTES {
+            match self.tail.front() {
+                Some(r) if r.offset < self.committed => {
+                    let r = self.tail.pop_front().expect("front exists");
+                    self.tail_bytes -= (r.msg.body.len() + r.msg.header.raw().len()) as u64;
+                    self.tail_start = r.offset + 1;
+                }
+                _ => break,
+            }
+        }
+        self.retain();
+    }
+
+    /// Retention: drop whole segments, oldest first, while the stream is
+    /// over its byte limit or the oldest segment is past the maximum age.
+    /// The segment being written stays, and a segment goes only once the
+    /// next one's first message is durable.
+    pub(super) fn retain(&mut self) {
+        let now = self.wall_now();
+        let mut total: u64 = self.segments.iter().map(|s| s.bytes).sum();
+        while self.segments.len() > 1 {
+            let oldest = self.segments[0];
+            let next_first = self.segments[1].first;
+            let over = self.args.max_length_bytes.is_some_and(|m| total > m);
+            let old = self
+                .args
+                .max_age
+                .is_some_and(|age| oldest.last_ts.saturating_add(age) < now);
+            if !(over || old) || next_first >= self.committed {
+                break;
+            }
+            self.segments.pop_front();
+            total -= oldest.bytes;
+            self.ops.push(MessageOp::StreamTruncate {
+                stream: self.info.id,
+                before: next_first,
+            });
+            self.ops.push(MessageOp::DedupDelete {
+                scope: segment_scope(self.info.id),
+                key: Bytes::copy_from_slice(&oldest.first.to_be_bytes()),
+                if_value: None,
+            });
+            self.first = next_first;
+            tracing::debug!(first = next_first, "stream segment removed by retention");
+        }
+        while self.tail.front().is_some_and(|r| r.offset < self.first) {
+            let r = self.tail.pop_front().expect("front exists");
+            self.tail_bytes -= (r.msg.body.len() + r.msg.header.raw().len()) as u64;
+            self.tail_start = r.offset + 1;
+        }
+        self.lost.retain(|r| r.end > self.first);
+    }
+}
