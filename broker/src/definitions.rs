@@ -541,9 +541,16 @@ pub fn export(state: &access::State, defs: &Definitions) -> Value {
         .queues
         .iter()
         .map(|q| {
+            let arguments = table(&q.arguments);
+            // RabbitMQ exports the type beside the arguments.
+            let kind = arguments
+                .get("x-queue-type")
+                .and_then(Value::as_str)
+                .unwrap_or("classic")
+                .to_owned();
             json!({
                 "name": q.name, "vhost": q.vhost, "durable": true,
-                "auto_delete": q.auto_delete, "arguments": table(&q.arguments),
+                "auto_delete": q.auto_delete, "arguments": arguments, "type": kind,
             })
         })
         .collect();

@@ -189,3 +189,43 @@ async fn export_then_import_round_trips() {
         Some(50)
     );
 }
+
+#[tokio::test]
+async fn streams_import_and_export_with_their_type() {
+    let store = Arc::new(MemStore::new());
+    let b = broker(store.clone()).await;
+    let file = |queue: &str| format!(r#"{{"vhosts": [{{"name": "s"}}], "queues": [{queue}]}}"#);
+    // RabbitMQ exports the type beside the arguments; either names it.
+    let stream = r#"{"name": "ledger", "vhost": "s", "durable": true, "auto_delete": false,
+        "type": "stream", "arguments": {"x-max-age": "7D"}}"#;
+    import(&b, file(stream).as_bytes()).await.unwrap();
+    let q = b.vhost("s").unwrap().queue("ledger", 0).unwrap();
+    assert!(q.is_stream());
+    let out = export(&b.access.snapshot(), &store.load().unwrap());
+    let q = &out["queues"][0];
+    assert_eq!(q["type"], "stream");
+    assert_eq!(q["arguments"]["x-queue-type"], "stream");
+    assert_eq!(q["arguments"]["x-max-age"], "7D");
+    // A type that contradicts the argument, and what a stream refuses.
+    for (queue, want) in [
+        (
+            r#"{"name": "a", "vhost": "s", "type": "stream", "arguments": {"x-queue-type": "quorum"}}"#,
+            "disagree",
+        ),
+        (
+            r#"{"name": "b", "vhost": "s", "durable": false, "arguments": {"x-queue-type": "stream"}}"#,
+            "invalid property 'non-durable'",
+        ),
+        (
+            r#"{"name": "c", "vhost": "s", "type": "stream", "arguments": {"x-max-length": 5}}"#,
+            "of queue type rabbit_stream_queue",
+        ),
+        (
+            r#"{"name": "d", "vhost": "s", "type": "lazy-log", "arguments": {}}"#,
+            "queue type 'lazy-log' is not supported",
+        ),
+    ] {
+        let problems = import(&b, file(queue).as_bytes()).await.unwrap_err();
+        assert!(problems.join("\n").contains(want), "{want}: {problems:?}");
+    }
+}
