@@ -128,6 +128,17 @@ struct RunOpts {
     /// Persistent messages (delivery-mode 2) and durable queues.
     #[arg(long)]
     persistent: bool,
+    /// Durable queues even for transient messages (streams must be durable).
+    #[arg(long)]
+    durable: bool,
+    /// A queue argument, KEY=VALUE (repeatable): an integer VALUE is sent
+    /// as a long, anything else as a string (`x-queue-type=stream`).
+    #[arg(long = "queue-arg", value_name = "KEY=VALUE", value_parser = key_value)]
+    queue_args: Vec<(String, String)>,
+    /// A `basic.consume` argument, KEY=VALUE, as --queue-arg
+    /// (`x-stream-offset=first`).
+    #[arg(long = "consumer-arg", value_name = "KEY=VALUE", value_parser = key_value)]
+    consumer_args: Vec<(String, String)>,
     /// Publisher confirms with at most W outstanding per producer (0 = off).
     #[arg(long, short = 'c', default_value_t = 0)]
     confirm: u32,
@@ -164,6 +175,13 @@ struct RunOpts {
     /// No per-second lines.
     #[arg(long)]
     quiet: bool,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("'{s}' is not KEY=VALUE")),
+    }
 }
 
 /// Completes after `seconds` (0 = never), on SIGINT or SIGTERM, or, when
@@ -312,6 +330,9 @@ fn main() {
                     queues: o.queues,
                     size: o.size,
                     persistent: o.persistent,
+                    durable: o.durable || o.persistent,
+                    queue_args: o.queue_args.clone(),
+                    consumer_args: o.consumer_args.clone(),
                     confirm: o.confirm,
                     prefetch: o.prefetch,
                     ack_every: o.ack_every,

@@ -21,6 +21,12 @@ pub struct Config {
     pub queues: usize,
     pub size: usize,
     pub persistent: bool,
+    /// Durable queues (and exchange).
+    pub durable: bool,
+    /// Queue arguments and consumer arguments (KEY, VALUE: an integer
+    /// VALUE goes as a long, anything else as a string).
+    pub queue_args: Vec<(String, String)>,
+    pub consumer_args: Vec<(String, String)>,
     /// Outstanding confirms per producer; 0 = no confirms.
     pub confirm: u32,
     pub prefetch: u16,
@@ -198,16 +204,47 @@ fn percentiles(h: &Histogram<u64>) -> Option<[u64; 6]> {
     ])
 }
 
+/// An encoded field table (length prefix included): integers as longs
+/// (`l`), anything else as long strings.
+fn arguments(args: &[(String, String)]) -> Vec<u8> {
+    let mut t = Vec::new();
+    for (k, v) in args {
+        t.push(k.len() as u8);
+        t.extend_from_slice(k.as_bytes());
+        match v.parse::<i64>() {
+            Ok(n) => {
+                t.push(b'l');
+                t.extend_from_slice(&n.to_be_bytes());
+            }
+            Err(_) => {
+                t.push(b'S');
+                t.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                t.extend_from_slice(v.as_bytes());
+            }
+        }
+    }
+    let mut out = (t.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&t);
+    out
+}
+
 /// Declare queues (and the fanout exchange with its bindings).
 async fn setup(cfg: &Config) -> Res<()> {
     let mut c = Conn::connect(&cfg.target).await?;
     c.channel(1).await?;
     for i in 0..cfg.queues {
-        wire::queue_declare(&mut c.wbuf, 1, &queue_name(i), cfg.persistent);
+        let flags = if cfg.durable { wire::DURABLE } else { 0 };
+        wire::queue_declare_with(
+            &mut c.wbuf,
+            1,
+            &queue_name(i),
+            flags,
+            &arguments(&cfg.queue_args),
+        );
         c.expect(1, wire::QUEUE_DECLARE_OK).await?;
     }
     if cfg.fanout {
-        wire::exchange_declare(&mut c.wbuf, 1, FANOUT, "fanout", cfg.persistent);
+        wire::exchange_declare(&mut c.wbuf, 1, FANOUT, "fanout", cfg.durable);
         c.expect(1, wire::EXCHANGE_DECLARE_OK).await?;
         for i in 0..cfg.queues {
             wire::queue_bind(&mut c.wbuf, 1, &queue_name(i), FANOUT, "");
@@ -415,7 +452,14 @@ async fn consumer(sh: Arc<Shared>, i: usize) -> Res<()> {
         c.expect(1, wire::BASIC_QOS_OK).await?;
     }
     let q = queue_name(i % cfg.queues);
-    wire::consume(&mut c.wbuf, 1, &q, &format!("perf-c{i}"), cfg.no_ack);
+    wire::consume_with(
+        &mut c.wbuf,
+        1,
+        &q,
+        &format!("perf-c{i}"),
+        cfg.no_ack,
+        &arguments(&cfg.consumer_args),
+    );
     c.expect(1, wire::BASIC_CONSUME_OK).await?;
     let mut ack_every = cfg.ack_every.max(1) as u64;
     if cfg.prefetch > 0 {
@@ -682,6 +726,9 @@ mod tests {
             queues: 1,
             size: 16,
             persistent: false,
+            durable: false,
+            queue_args: Vec::new(),
+            consumer_args: Vec::new(),
             confirm: 0,
             prefetch: 0,
             ack_every: 1,
@@ -708,5 +755,26 @@ mod tests {
             "{none}"
         );
         assert!(j.contains("\"error\":\"a \\\"b\\\"\""), "{j}");
+    }
+
+    #[test]
+    fn arguments_encode_integers_as_longs_and_the_rest_as_strings() {
+        let t = arguments(&[
+            ("x-queue-type".into(), "stream".into()),
+            ("x-max-length-bytes".into(), "1000".into()),
+        ]);
+        let mut want = Vec::new();
+        want.extend_from_slice(&[12]);
+        want.extend_from_slice(b"x-queue-type");
+        want.push(b'S');
+        want.extend_from_slice(&6u32.to_be_bytes());
+        want.extend_from_slice(b"stream");
+        want.push(18);
+        want.extend_from_slice(b"x-max-length-bytes");
+        want.push(b'l');
+        want.extend_from_slice(&1000i64.to_be_bytes());
+        assert_eq!(&t[..4], &(want.len() as u32).to_be_bytes());
+        assert_eq!(&t[4..], &want[..]);
+        assert_eq!(arguments(&[]), 0u32.to_be_bytes().to_vec());
     }
 }

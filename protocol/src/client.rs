@@ -199,12 +199,25 @@ pub fn qos(buf: &mut BytesMut, ch: u16, prefetch: u16) {
 }
 
 pub fn consume(buf: &mut BytesMut, ch: u16, queue: &str, tag: &str, no_ack: bool) {
+    consume_with(buf, ch, queue, tag, no_ack, &0u32.to_be_bytes());
+}
+
+/// `basic.consume` with an encoded arguments table (length prefix
+/// included), written as given.
+pub fn consume_with(
+    buf: &mut BytesMut,
+    ch: u16,
+    queue: &str,
+    tag: &str,
+    no_ack: bool,
+    arguments: &[u8],
+) {
     method(buf, ch, BASIC_CONSUME, |b| {
         b.put_u16(0);
         short(b, queue.as_bytes());
         short(b, tag.as_bytes());
         b.put_u8(if no_ack { 2 } else { 0 });
-        b.put_u32(0);
+        b.put_slice(arguments);
     });
 }
 
