@@ -24,6 +24,10 @@ impl Writer {
     pub fn str(&mut self, s: &str) -> &mut Self {
         self.bytes(s.as_bytes())
     }
+    /// What [`Writer::bytes`] writes for `b`.
+    pub fn len_of(&self, b: &[u8]) -> usize {
+        4 + b.len()
+    }
 }
 
 pub struct Reader<'a>(pub &'a [u8]);

@@ -727,6 +727,38 @@ pub mod contract {
         assert_eq!(s.stream_bounds(7).unwrap(), Some((5, 9)));
         assert_eq!(s.stream_seek_time(7, 1500).unwrap(), Some(5));
         assert_eq!(s.read_stream(7, 0, 2).unwrap()[0].offset, 5);
+        // Appends in several batches (an engine may keep each batch's run
+        // together): reads cross them, a cut inside one keeps the rest.
+        for batch in 0..4u64 {
+            let ops: Vec<MessageOp> = (0..5u64)
+                .map(|i| append(7, 10 + batch * 5 + i, 9000 + batch, i == 0))
+                .collect();
+            s.apply(&ops).unwrap();
+        }
+        assert_eq!(s.stream_bounds(7).unwrap(), Some((5, 29)));
+        let offsets = |from, limit| -> Vec<u64> {
+            s.read_stream(7, from, limit)
+                .unwrap()
+                .iter()
+                .map(|r| r.offset)
+                .collect()
+        };
+        assert_eq!(offsets(12, 6), (12..18).collect::<Vec<_>>());
+        assert_eq!(offsets(28, 10), vec![28, 29]);
+        assert_eq!(offsets(30, 10), Vec::<u64>::new());
+        s.apply(&[MessageOp::StreamTruncate {
+            stream: 7,
+            before: 17,
+        }])
+        .unwrap();
+        assert_eq!(s.stream_bounds(7).unwrap(), Some((17, 29)));
+        assert_eq!(offsets(0, 4), vec![17, 18, 19, 20]);
+        assert_eq!(s.read_stream(7, 17, 1).unwrap()[0].timestamp, 9001);
+        assert_eq!(s.stream_seek_time(7, 9002).unwrap(), Some(20));
+        assert_eq!(s.stream_seek_time(7, 0).unwrap(), Some(17));
+        // A later append continues after a cut.
+        s.apply(&[append(7, 30, 9999, false)]).unwrap();
+        assert_eq!(s.stream_bounds(7).unwrap(), Some((17, 30)));
         s.apply(&[MessageOp::StreamDrop { stream: 7 }]).unwrap();
         assert_eq!(s.stream_bounds(7).unwrap(), None);
         assert_eq!(

@@ -18,8 +18,12 @@
 //!   deduplication keys of exchanges and queues.
 //! - `delayed`: `due ‖ message id` (big-endian, so iteration is due order)
 //!   → target: delayed messages (their bodies in `messages`).
-//! - `stream`: `stream ‖ offset` → `timestamp ‖ message`: streams'
-//!   records, each stored once, in offset order.
+//! - `stream`: `stream ‖ first offset` → a chunk: the records with
+//!   consecutive offsets that one batch appended (`count`, then each
+//!   record's `timestamp ‖ length ‖ message`), so a busy stream costs one
+//!   put per batch, not per message. Retention that cuts a chunk rewrites
+//!   its kept part under its new first offset, so a chunk key is always
+//!   the offset of its first record.
 //! - `stream-time`: `stream ‖ timestamp ‖ offset` → nothing: a sparse
 //!   index from time to offset (one entry per second of appends).
 //!
@@ -110,9 +114,18 @@ fn encode_message(m: &StoredMessage) -> Vec<u8> {
     w.0
 }
 
+/// The size of [`encode_message`]'s encoding.
+fn encoded_len(m: &StoredMessage) -> usize {
+    let w = Writer::default();
+    w.len_of(&m.exchange) + w.len_of(&m.routing_key) + w.len_of(&m.header) + w.len_of(&m.body)
+}
+
 /// Decode a stored message; its parts are slices of the one value buffer.
 fn decode_message(v: Vec<u8>) -> Result<StoredMessage> {
-    let v = Bytes::from(v);
+    decode_message_bytes(Bytes::from(v))
+}
+
+fn decode_message_bytes(v: Bytes) -> Result<StoredMessage> {
     let mut r = Reader(&v);
     let mut part = || -> Result<Bytes> { Ok(v.slice_ref(r.bytes()?)) };
     Ok(StoredMessage {
@@ -121,6 +134,91 @@ fn decode_message(v: Vec<u8>) -> Result<StoredMessage> {
         header: part()?,
         body: part()?,
     })
+}
+
+/// Records a stream chunk holds at most, and its size: a larger batch of
+/// appends is split.
+const CHUNK_RECORDS: u32 = 4096;
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// A stream chunk being built from a batch's appends.
+struct ChunkBuilder {
+    stream: QueueId,
+    first: u64,
+    /// The offset the next record must have to join it.
+    next: u64,
+    count: u32,
+    buf: Vec<u8>,
+}
+
+impl ChunkBuilder {
+    /// A chunk starting at `first`, with room for `bytes` of records.
+    fn new(stream: QueueId, first: u64, bytes: usize) -> ChunkBuilder {
+        let mut buf = Vec::with_capacity(4 + bytes.min(CHUNK_BYTES + (64 << 10)));
+        buf.extend_from_slice(&0u32.to_be_bytes());
+        ChunkBuilder {
+            stream,
+            first,
+            next: first,
+            count: 0,
+            buf,
+        }
+    }
+    /// Add a record, encoding the message straight into the chunk.
+    fn push(&mut self, timestamp: u64, message: &StoredMessage) {
+        self.buf.extend_from_slice(&timestamp.to_be_bytes());
+        self.buf
+            .extend_from_slice(&(encoded_len(message) as u32).to_be_bytes());
+        let mut w = Writer(std::mem::take(&mut self.buf));
+        w.bytes(&message.exchange)
+            .bytes(&message.routing_key)
+            .bytes(&message.header)
+            .bytes(&message.body);
+        self.buf = w.0;
+        self.count += 1;
+        self.next += 1;
+    }
+    fn full(&self) -> bool {
+        self.count >= CHUNK_RECORDS || self.buf.len() >= CHUNK_BYTES
+    }
+    fn finish(mut self) -> ([u8; 16], Vec<u8>) {
+        self.buf[..4].copy_from_slice(&self.count.to_be_bytes());
+        (keys::queue_entry(self.stream, self.first), self.buf)
+    }
+}
+
+/// The records of a chunk stored under first offset `first`: (offset,
+/// timestamp, message), the messages slices of `v`.
+fn decode_chunk(first: u64, v: Bytes) -> Result<Vec<StreamRecord>> {
+    let bad = || StoreError::Corrupt("stream chunk".into());
+    let count = chunk_count(&v);
+    let mut at = 4usize;
+    let mut out = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let head = v.get(at..at + 12).ok_or_else(bad)?;
+        let timestamp = u64::from_be_bytes(head[..8].try_into().map_err(|_| bad())?);
+        let len = u32::from_be_bytes(head[8..].try_into().map_err(|_| bad())?) as usize;
+        at += 12;
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= v.len())
+            .ok_or_else(bad)?;
+        let m = v.slice(at..end);
+        at = end;
+        out.push(StreamRecord {
+            offset: first + i,
+            timestamp,
+            message: decode_message_bytes(m)?,
+        });
+    }
+    Ok(out)
+}
+
+/// How many records a chunk value holds (its first four bytes).
+fn chunk_count(v: &[u8]) -> u64 {
+    v.get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, |b| u32::from_be_bytes(b) as u64)
 }
 
 /// A stream's time index key: `stream ‖ timestamp ‖ offset`.
@@ -278,6 +376,23 @@ impl RocksStore {
         let mut w = WriteOptions::default();
         w.set_sync(self.sync);
         w
+    }
+
+    /// The chunk of `stream` that holds `offset` (its first offset and
+    /// value), if any.
+    fn stream_chunk_at(&self, stream: QueueId, offset: u64) -> Result<Option<(u64, Bytes)>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(keys::queue_entry(stream, 0));
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(STREAM), ro);
+        it.seek_for_prev(keys::queue_entry(stream, offset));
+        let found = match (it.key().and_then(keys::parse_queue_entry), it.value()) {
+            (Some((s, first)), Some(v)) if s == stream && offset < first + chunk_count(v) => {
+                Some((first, Bytes::copy_from_slice(v)))
+            }
+            _ => None,
+        };
+        it.status().map_err(io)?;
+        Ok(found)
     }
 
     fn write(&self, batch: WriteBatch) -> Result<()> {
@@ -562,7 +677,56 @@ impl MessageStore for RocksStore {
             }),
             ..BatchIndex::default()
         };
-        for op in ops {
+        // Appends with consecutive offsets to one stream, gathered into a
+        // chunk that is written when anything else comes between.
+        let mut chunk: Option<ChunkBuilder> = None;
+        let stream_cf = self.cf(STREAM);
+        for (i, op) in ops.iter().enumerate() {
+            if let MessageOp::StreamAppend {
+                stream,
+                offset,
+                timestamp,
+                message,
+                index_time,
+            } = op
+            {
+                let joins = chunk
+                    .as_ref()
+                    .is_some_and(|c| c.stream == *stream && c.next == *offset && !c.full());
+                if !joins {
+                    if let Some(c) = chunk.take() {
+                        let (k, v) = c.finish();
+                        b.put_cf(stream_cf, k, v);
+                    }
+                    // Room for the run of appends that starts here.
+                    let room: usize = ops[i..]
+                        .iter()
+                        .take(CHUNK_RECORDS as usize)
+                        .map_while(|op| match op {
+                            MessageOp::StreamAppend {
+                                stream: s, message, ..
+                            } if s == stream => Some(12 + encoded_len(message)),
+                            _ => None,
+                        })
+                        .sum();
+                    chunk = Some(ChunkBuilder::new(*stream, *offset, room));
+                }
+                if let Some(c) = chunk.as_mut() {
+                    c.push(*timestamp, message);
+                }
+                if *index_time {
+                    b.put_cf(
+                        self.cf(STREAM_TIME),
+                        stream_time_key(*stream, *timestamp, *offset),
+                        [],
+                    );
+                }
+                continue;
+            }
+            if let Some(c) = chunk.take() {
+                let (k, v) = c.finish();
+                b.put_cf(stream_cf, k, v);
+            }
             match op {
                 MessageOp::PutMessage { id, refs, message } => {
                     b.put_cf(messages, id.to_be_bytes(), encode_message(message));
@@ -631,46 +795,43 @@ impl MessageStore for RocksStore {
                 MessageOp::PutDelayed { due, id, target } => {
                     b.put_cf(self.cf(DELAYED), delayed_key(*due, *id), target);
                 }
-                MessageOp::StreamAppend {
-                    stream,
-                    offset,
-                    timestamp,
-                    message,
-                    index_time,
-                } => {
-                    let mut v = Vec::with_capacity(8 + message.body.len() + 64);
-                    v.extend_from_slice(&timestamp.to_be_bytes());
-                    v.extend_from_slice(&encode_message(message));
-                    b.put_cf(self.cf(STREAM), keys::queue_entry(*stream, *offset), v);
-                    if *index_time {
-                        b.put_cf(
-                            self.cf(STREAM_TIME),
-                            stream_time_key(*stream, *timestamp, *offset),
-                            [],
-                        );
-                    }
-                }
+                MessageOp::StreamAppend { .. } => unreachable!("handled above"),
                 MessageOp::StreamTruncate { stream, before } => {
+                    // The chunk holding `before`: if it starts earlier, its
+                    // kept part is written again under `before`.
+                    let mut kept_ts = None;
+                    let mut rewrite = None;
+                    if let Some((first, v)) = self.stream_chunk_at(*stream, *before)? {
+                        let v_len = v.len();
+                        let recs = decode_chunk(first, v)?;
+                        kept_ts = recs
+                            .iter()
+                            .find(|r| r.offset == *before)
+                            .map(|r| r.timestamp);
+                        if first < *before {
+                            let mut c = ChunkBuilder::new(*stream, *before, v_len);
+                            for r in recs.iter().filter(|r| r.offset >= *before) {
+                                c.push(r.timestamp, &r.message);
+                            }
+                            rewrite = Some(c.finish());
+                        }
+                    }
                     // The records' timestamps grow with their offsets: the
                     // index entries before the first kept record's time go
                     // (and those at that time for lower offsets).
-                    let kept = self
-                        .db
-                        .get_cf(self.cf(STREAM), keys::queue_entry(*stream, *before))
-                        .map_err(io)?;
-                    let until = match kept.as_deref().and_then(|v| v.get(..8)) {
-                        Some(t) => {
-                            let ts = u64::from_be_bytes(t.try_into().unwrap_or([0; 8]));
-                            stream_time_key(*stream, ts, *before)
-                        }
+                    let until = match kept_ts {
+                        Some(ts) => stream_time_key(*stream, ts, *before),
                         // Nothing kept at `before`: the whole index goes.
                         None => stream_time_key(stream.wrapping_add(1), 0, 0),
                     };
                     b.delete_range_cf(
-                        self.cf(STREAM),
+                        stream_cf,
                         keys::queue_entry(*stream, 0),
                         keys::queue_entry(*stream, *before),
                     );
+                    if let Some((k, v)) = rewrite {
+                        b.put_cf(stream_cf, k, v);
+                    }
                     b.delete_range_cf(self.cf(STREAM_TIME), stream_time_key(*stream, 0, 0), until);
                 }
                 MessageOp::StreamDrop { stream } => {
@@ -752,6 +913,10 @@ impl MessageStore for RocksStore {
                     batch.ranges.push((queue, first, end));
                 }
             }
+        }
+        if let Some(c) = chunk.take() {
+            let (k, v) = c.finish();
+            b.put_cf(stream_cf, k, v);
         }
         // Shared counts are written down with the batch, so opening the
         // store never has to count the whole index.
@@ -849,30 +1014,30 @@ impl MessageStore for RocksStore {
     fn read_stream(&self, stream: QueueId, from: u64, limit: usize) -> Result<Vec<StreamRecord>> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(keys::queue_entry(stream.wrapping_add(1), 0));
-        let start = keys::queue_entry(stream, from);
+        ro.set_iterate_lower_bound(keys::queue_entry(stream, 0));
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(STREAM), ro);
+        // The chunk holding `from` starts at or before it.
+        it.seek_for_prev(keys::queue_entry(stream, from));
+        if !it.valid() {
+            it.seek(keys::queue_entry(stream, from));
+        }
         let mut out = Vec::new();
-        for item in self.db.iterator_cf_opt(
-            self.cf(STREAM),
-            ro,
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = item.map_err(io)?;
-            let Some((s, offset)) = keys::parse_queue_entry(&k) else {
+        while out.len() < limit {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
-            if s != stream || v.len() < 8 {
+            let Some((s, first)) = keys::parse_queue_entry(k) else {
+                break;
+            };
+            if s != stream {
                 break;
             }
-            let timestamp = u64::from_be_bytes(v[..8].try_into().unwrap_or([0; 8]));
-            out.push(StreamRecord {
-                offset,
-                timestamp,
-                message: decode_message(v[8..].to_vec())?,
-            });
+            let recs = decode_chunk(first, Bytes::copy_from_slice(v))?;
+            let room = limit - out.len();
+            out.extend(recs.into_iter().filter(|r| r.offset >= from).take(room));
+            it.next();
         }
+        it.status().map_err(io)?;
         Ok(out)
     }
 
@@ -884,10 +1049,13 @@ impl MessageStore for RocksStore {
         it.seek_to_first();
         let first = it.key().and_then(keys::parse_queue_entry);
         it.seek_to_last();
-        let last = it.key().and_then(keys::parse_queue_entry);
+        let last = it
+            .key()
+            .and_then(keys::parse_queue_entry)
+            .map(|(_, f)| f + it.value().map_or(1, chunk_count).max(1) - 1);
         it.status().map_err(io)?;
         Ok(match (first, last) {
-            (Some((_, a)), Some((_, b))) => Some((a, b)),
+            (Some((_, a)), Some(b)) => Some((a, b)),
             _ => None,
         })
     }
