@@ -191,6 +191,12 @@ impl ContentHeader {
     pub fn has_headers(&self) -> bool {
         self.flags & HEADERS != 0
     }
+    /// The headers table as the publisher encoded it, length prefix
+    /// included.
+    pub fn headers_raw(&self) -> Option<&[u8]> {
+        let (a, b) = self.headers?;
+        Some(&self.raw[a as usize..b as usize])
+    }
     /// The headers table, decoded (validated already, so safe to parse).
     pub fn headers(&self) -> Option<FieldTable> {
         let (a, b) = self.headers?;

@@ -14,21 +14,41 @@ use warren_storage::MessageOp;
 
 /// `msg` with `x-stream-offset` set in its headers, and its filter value.
 fn with_offset(msg: &Message, offset: u64) -> (Message, Option<Arc<[u8]>>) {
-    let mut headers = msg.header.headers().unwrap_or_default();
-    let filter = match headers.inner().get("x-stream-filter-value") {
-        Some(AMQPValue::LongString(s)) => Some(Arc::from(s.as_bytes())),
-        Some(AMQPValue::ShortString(s)) => Some(Arc::from(s.as_str().as_bytes())),
-        _ => None,
+    const KEY: &[u8] = b"x-stream-offset";
+    const FILTER: &[u8] = b"x-stream-filter-value";
+    let contains = |t: &[u8], k: &[u8]| t.windows(k.len()).any(|w| w == k);
+    // The common case, without decoding the table: the entry is appended
+    // to the publisher's table bytes (no offset or filter value there).
+    let raw = msg.header.headers_raw().unwrap_or(&[0, 0, 0, 0]);
+    let (table, filter) = if raw.len() >= 4 && !contains(raw, KEY) && !contains(raw, FILTER) {
+        let mut t = Vec::with_capacity(raw.len() + 1 + KEY.len() + 9);
+        t.extend_from_slice(&[0; 4]);
+        t.extend_from_slice(&raw[4..]);
+        t.push(KEY.len() as u8);
+        t.extend_from_slice(KEY);
+        t.push(b'l');
+        t.extend_from_slice(&(offset as i64).to_be_bytes());
+        let n = (t.len() - 4) as u32;
+        t[..4].copy_from_slice(&n.to_be_bytes());
+        (Some(t), None)
+    } else {
+        let mut headers = msg.header.headers().unwrap_or_default();
+        let filter = match headers.inner().get("x-stream-filter-value") {
+            Some(AMQPValue::LongString(s)) => Some(Arc::from(s.as_bytes())),
+            Some(AMQPValue::ShortString(s)) => Some(Arc::from(s.as_str().as_bytes())),
+            _ => None,
+        };
+        headers.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongLongInt(offset as i64),
+        );
+        let table = cookie_factory::gen_simple(
+            warren_protocol::types::generation::gen_field_table(&headers),
+            Vec::new(),
+        )
+        .ok();
+        (table, filter)
     };
-    headers.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongLongInt(offset as i64),
-    );
-    let table = cookie_factory::gen_simple(
-        warren_protocol::types::generation::gen_field_table(&headers),
-        Vec::new(),
-    )
-    .ok();
     let header = table
         .and_then(|t| msg.header.rebuilt(Some(&t), false).ok())
         .unwrap_or_else(|| msg.header.clone());
@@ -204,5 +224,69 @@ impl Stream {
             self.tail_start = r.offset + 1;
         }
         self.lost.retain(|r| r.end > self.first);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_protocol::content::ContentHeader;
+    use warren_protocol::types::{FieldTable, LongString};
+
+    fn message(headers: Option<FieldTable>) -> Message {
+        let mut props =
+            warren_protocol::amqp::basic::AMQPProperties::default().with_delivery_mode(2);
+        if let Some(h) = headers {
+            props = props.with_headers(h);
+        }
+        Message {
+            exchange: warren_protocol::method::ShortStr::from_bytes(bytes::Bytes::from_static(
+                b"x",
+            ))
+            .unwrap(),
+            routing_key: warren_protocol::method::ShortStr::from_bytes(bytes::Bytes::from_static(
+                b"k",
+            ))
+            .unwrap(),
+            header: ContentHeader::from_properties(props, 3).unwrap(),
+            body: bytes::Bytes::from_static(b"abc"),
+            stored: None,
+        }
+    }
+
+    fn offset(m: &Message) -> Option<AMQPValue> {
+        m.header.headers()?.inner().get("x-stream-offset").cloned()
+    }
+
+    #[test]
+    fn the_offset_header_is_added_with_or_without_other_headers() {
+        let (m, f) = with_offset(&message(None), 7);
+        assert_eq!(offset(&m), Some(AMQPValue::LongLongInt(7)));
+        assert_eq!(f, None);
+        assert!(m.header.is_persistent());
+        let mut h = FieldTable::default();
+        h.insert("app".into(), AMQPValue::LongString(LongString::from("v")));
+        let (m, f) = with_offset(&message(Some(h)), 1 << 40);
+        let got = m.header.headers().unwrap();
+        assert_eq!(
+            got.inner().get("x-stream-offset"),
+            Some(&AMQPValue::LongLongInt(1 << 40))
+        );
+        assert_eq!(
+            got.inner().get("app"),
+            Some(&AMQPValue::LongString(LongString::from("v")))
+        );
+        assert_eq!(f, None);
+        // A filter value is found; an offset the publisher set is replaced.
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-stream-filter-value".into(),
+            AMQPValue::LongString(LongString::from("eu")),
+        );
+        h.insert("x-stream-offset".into(), AMQPValue::LongLongInt(999));
+        let (m, f) = with_offset(&message(Some(h)), 3);
+        assert_eq!(offset(&m), Some(AMQPValue::LongLongInt(3)));
+        assert_eq!(f.as_deref(), Some(&b"eu"[..]));
+        assert_eq!(m.body, bytes::Bytes::from_static(b"abc"));
     }
 }
