@@ -154,3 +154,33 @@ def test_per_object_metrics_have_one_series_per_queue():
         assert sample.labels["vhost"] == "/"
     finally:
         c.close()
+
+
+def test_streams_have_their_offsets_segments_and_consumer_lag_per_object():
+    """Warren-only families (RabbitMQ 3.10 has no per-stream series over
+    AMQP): first and last offset, segments, and each consumer's lag."""
+    from test_queue_features import warren_only
+    c = connect()
+    warren_only(c)
+    ch = c.channel()
+    n = "conf-prom-stream-%d" % int(time.time() * 1000)
+    try:
+        ch.queue_declare(n, durable=True, arguments={"x-queue-type": "stream"})
+        ch.confirm_delivery()
+        for i in range(4):
+            ch.basic_publish("", n, b"x")
+        reader = c.channel()
+        reader.basic_qos(prefetch_count=1)
+        reader.basic_consume(n, lambda *a: None, consumer_tag="lagging",
+                             arguments={"x-stream-offset": "first"})
+        c.process_data_events(time_limit=0.3)
+        fams = scrape("/metrics/per-object")
+        assert value(fams, "warren_stream_first_offset", queue=n) == 0
+        assert value(fams, "warren_stream_last_offset", queue=n) == 3
+        assert value(fams, "warren_stream_segments", queue=n) == 1
+        # One delivered, unacked (prefetch 1): it is at offset 1, 3 behind.
+        assert value(fams, "warren_stream_consumer_offset_lag", queue=n,
+                     consumer_tag="lagging") == 3
+    finally:
+        c.channel().queue_delete(n)
+        c.close()

@@ -389,10 +389,8 @@ def test_a_deleted_stream_cancels_its_consumers(conn, names):
 
 # ------------------------------------------------------------ policies and the API
 
-try:
-    from test_management import MGMT_URL, api, ok, q, wait_until
-except ImportError:  # pragma: no cover
-    MGMT_URL = ""
+from test_management import MGMT_URL, api, ok, q, wait_until  # noqa: E402
+from test_queue_features import is_warren  # noqa: E402
 
 
 @pytest.mark.skipif(not MGMT_URL, reason="no MGMT_URL (management API) given")
@@ -416,3 +414,28 @@ def test_a_policy_sets_retention_and_the_api_shows_a_stream(conn, names):
         assert got["arguments"]["x-queue-type"] == "stream"
     finally:
         api("DELETE", "policies/%%2F/%s" % n)
+
+
+@pytest.mark.skipif(not MGMT_URL, reason="no MGMT_URL (management API) given")
+def test_the_api_shows_a_stream_and_its_consumers(conn, names):
+    """Both brokers: type stream, the message count, the consumer with its
+    prefetch. Warren also shows the offsets kept, the segments and each
+    consumer's offset and lag (RabbitMQ 3.10 shows none of them)."""
+    n = names.queue()
+    declare(conn.channel(), n)
+    fill(conn, n, [b"m%d" % i for i in range(5)])
+    r = Reader(conn, n, prefetch=2, ack=False, **{"x-stream-offset": "first"})
+    r.wait(2)
+
+    def shown():
+        j = ok("GET", "queues/%%2F/%s" % q(n))
+        return j if j.get("messages") == 5 and j.get("consumers") == 1 else None
+
+    got = wait_until("the stream's numbers in the API", shown)
+    assert got["type"] == "stream"
+    consumers = [c for c in ok("GET", "consumers") if c["queue"]["name"] == n]
+    assert len(consumers) == 1 and consumers[0]["prefetch_count"] == 2
+    if is_warren(conn):
+        assert (got["first_offset"], got["committed_offset"], got["segments"]) == (0, 4, 1)
+        # Two delivered (prefetch 2, none acked): next offset 2, 3 behind.
+        assert (consumers[0]["offset"], consumers[0]["offset_lag"]) == (2, 3)

@@ -167,7 +167,8 @@ async fn list_consumers(auth: Auth, st: St, q: Query<Paging>, vhost: Option<Stri
                     // or the broker's), null for none.
                     "consumer_timeout": c.timeout,
                     // Stream consumers: the next offset and how far
-                    // behind the end it is (RabbitMQ's stream names).
+                    // behind the end it is (the names RabbitMQ's stream
+                    // plugin lists its own consumers with).
                     "offset": c.stream.map(|(o, _)| o),
                     "offset_lag": c.stream.map(|(_, l)| l),
                 }));

@@ -207,8 +207,8 @@ async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> 
         "message_stats": rates.queue(q.id(), &s),
         // Warren's: duplicates dropped (x-message-deduplication queues).
         "messages_deduplicated": s.deduplicated,
-        // Streams: the last offset appended (RabbitMQ's name), and
-        // Warren's first offset kept and total bytes; segments as RabbitMQ.
+        // Streams (Warren's fields; RabbitMQ 3.10 shows none of these): the
+        // last offset appended, the first kept, the segments kept.
         "committed_offset": s.stream.and_then(|t| t.last),
         "first_offset": s.stream.and_then(|t| t.first),
         "segments": s.stream.map(|t| t.segments),

@@ -460,11 +460,9 @@ impl Stream {
                 let _ = reply.send(super::handle::QueueStats {
                     ready: self.count(),
                     ready_bytes: self.segments.iter().map(|s| s.bytes).sum(),
-                    unacked: self
-                        .readers
-                        .iter()
-                        .map(|r| r.outstanding.len() as u64)
-                        .sum(),
+                    // As RabbitMQ: a stream's messages are all "ready";
+                    // what consumers hold unacked is still in the stream.
+                    unacked: 0,
                     consumers: self.readers.len() as u32,
                     published: self.counts.published,
                     delivered: self.counts.delivered,
