@@ -3,7 +3,8 @@
 //! taking the sync's answer, and retention.
 
 use super::{
-    segment_scope, Rec, Segment, Stream, DEFAULT_SEGMENT_BYTES, TAIL_BYTES, TAIL_MESSAGES,
+    segment_scope, Rec, Segment, Stream, DEFAULT_SEGMENT_BYTES, TAIL_BYTES,
+    TAIL_BYTES_UNDER_PRESSURE, TAIL_MESSAGES, TAIL_UNDER_PRESSURE,
 };
 use crate::message::Message;
 use crate::queue::handle::{Publish, QueueCmd};
@@ -173,7 +174,14 @@ impl Stream {
         }
         self.committed = self.committed.max(upto);
         // Memory: the oldest committed messages leave the tail.
-        while self.tail.len() > TAIL_MESSAGES || self.tail_bytes > TAIL_BYTES {
+        // Under memory pressure the tail shrinks to a small window (readers
+        // behind it read from the store, as when it is full).
+        let (most, most_bytes) = if self.persister.paging() {
+            (TAIL_UNDER_PRESSURE, TAIL_BYTES_UNDER_PRESSURE)
+        } else {
+            (TAIL_MESSAGES, TAIL_BYTES)
+        };
+        while self.tail.len() > most || self.tail_bytes > most_bytes {
             match self.tail.front() {
                 Some(r) if r.offset < self.committed => {
                     let r = self.tail.pop_front().expect("front exists");

@@ -14,9 +14,10 @@
 //! a stream has in flight.
 //!
 //! Reads: the newest messages stay in memory ([`TAIL_MESSAGES`],
-//! [`TAIL_BYTES`]) and serve consumers near the end, however many; a
-//! consumer further back reads pages from the store on the reader thread,
-//! with a bounded read-ahead of its own. Acks only return credit (and move
+//! [`TAIL_BYTES`]; far fewer under memory pressure) and serve consumers
+//! near the end, however many; a consumer further back reads pages from
+//! the store on the reader thread, with a read-ahead of its own bounded in
+//! messages and bytes. Acks only return credit (and move
 //! a tracked offset). Filters are applied per message, exactly.
 //!
 //! Retention: the log is cut into segments of
@@ -54,6 +55,10 @@ use warren_storage::{MessageOp, MessageStore};
 pub const TAIL_MESSAGES: usize = 65_536;
 /// ... and their bytes.
 pub const TAIL_BYTES: u64 = 64 << 20;
+/// The same while the broker's memory is under pressure (the paging
+/// threshold, half the memory alarm's).
+const TAIL_UNDER_PRESSURE: usize = 1024;
+const TAIL_BYTES_UNDER_PRESSURE: u64 = 1 << 20;
 /// Publishes a stream may have on their way to disk.
 const STREAM_PERMITS: usize = 8192;
 /// RabbitMQ's default segment size.

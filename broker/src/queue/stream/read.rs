@@ -17,7 +17,11 @@ use warren_storage::MessageOp;
 
 /// Records one store read brings back at most ...
 const READ_PAGE: usize = 2048;
-/// ... and a reader asks for the next page once it holds fewer than this.
+/// ... and bytes of bodies and headers, at most (so a consumer's read-ahead
+/// is bounded whatever the message size)...
+const READ_BYTES: u64 = 4 << 20;
+/// ... and a reader asks for the next page once it holds fewer than half
+/// of either.
 const READ_AHEAD_LOW: usize = READ_PAGE / 2;
 /// Messages a reader passes over (filtered out, too old) in one wake-up
 /// before the stream lets the others have a turn.
@@ -31,8 +35,9 @@ pub(super) struct Reader {
     pub(super) next: u64,
     /// Delivered, not yet acknowledged (offsets, in delivery order).
     pub(super) outstanding: VecDeque<u64>,
-    /// Records read from the store for it, from `next` on.
+    /// Records read from the store for it, from `next` on, and their size.
     ahead: VecDeque<Rec>,
+    ahead_bytes: u64,
     /// Store reads have covered offsets below this.
     fetched: u64,
     /// A read is under way.
@@ -59,6 +64,18 @@ pub struct StreamRead {
     records: Result<Vec<Rec>, String>,
 }
 
+/// Drop the first record of a read-ahead, and its weight.
+fn pop_ahead(ahead: &mut VecDeque<Rec>, bytes: &mut u64) {
+    if let Some(r) = ahead.pop_front() {
+        *bytes = bytes.saturating_sub(size(&r));
+    }
+}
+
+/// What a record weighs in memory (body and header).
+fn size(r: &Rec) -> u64 {
+    (r.msg.body.len() + r.msg.header.raw().len()) as u64
+}
+
 /// A message's `x-stream-filter-value`.
 fn filter_value(msg: &Message) -> Option<Arc<[u8]>> {
     match msg.header.headers()?.inner().get("x-stream-filter-value")? {
@@ -76,6 +93,7 @@ impl Reader {
         }
         self.outstanding.clear();
         self.ahead.clear();
+        self.ahead_bytes = 0;
         self.fetched = self.next;
         self.reading = false;
         self.generation += 1;
@@ -116,6 +134,7 @@ impl Stream {
             next,
             outstanding: VecDeque::new(),
             ahead: VecDeque::new(),
+            ahead_bytes: 0,
             fetched: next,
             reading: false,
             generation: 0,
@@ -164,6 +183,7 @@ impl Stream {
         let committed = self.committed;
         let first = self.first;
         let tail_start = self.tail_start;
+        let avg_size = self.tail_bytes / self.tail.len().max(1) as u64;
         let r = &mut self.readers[i];
         let mut scanned = 0;
         let mut yielded = false;
@@ -178,7 +198,7 @@ impl Stream {
                 r.next = first;
             }
             while r.ahead.front().is_some_and(|a| a.offset < r.next) {
-                r.ahead.pop_front();
+                pop_ahead(&mut r.ahead, &mut r.ahead_bytes);
             }
             if r.next >= committed {
                 break;
@@ -230,14 +250,24 @@ impl Stream {
             }
             r.next = rec.offset + 1;
             if from_ahead {
-                r.ahead.pop_front();
+                pop_ahead(&mut r.ahead, &mut r.ahead_bytes);
             }
         }
         // Read ahead from the store while it is behind the tail.
         let from = r.fetched.max(r.next);
-        if !r.reading && from < tail_start && from < committed && r.ahead.len() < READ_AHEAD_LOW {
+        if !r.reading
+            && from < tail_start
+            && from < committed
+            && r.ahead.len() < READ_AHEAD_LOW
+            && r.ahead_bytes < READ_BYTES / 2
+        {
             r.reading = true;
-            let limit = READ_PAGE.min((tail_start - from) as usize);
+            // Sized by the tail's average message, so that large messages
+            // are not read only to be dropped by the byte cap.
+            let avg = avg_size.max(1);
+            let limit = READ_PAGE
+                .min((READ_BYTES / avg) as usize + 1)
+                .min((tail_start - from) as usize);
             let (id, reader, generation) = (self.info.id, r.id, r.generation);
             let filters = r.settings.filter.is_some();
             let me = self.myself.clone();
@@ -250,8 +280,23 @@ impl Stream {
                     _ => tail_start,
                 }
                 .min(tail_start);
+                let mut end = end;
                 let records = read.map_err(|e| e.to_string()).map(|recs| {
+                    // At most READ_BYTES (at least one record): the rest is
+                    // read again next time.
+                    let mut bytes = 0u64;
+                    let keep = recs
+                        .iter()
+                        .position(|x| {
+                            bytes += (x.message.body.len() + x.message.header.len()) as u64;
+                            bytes > READ_BYTES
+                        })
+                        .map_or(recs.len(), |i| i.max(1));
+                    if keep < recs.len() {
+                        end = end.min(recs[keep].offset);
+                    }
                     recs.into_iter()
+                        .take(keep)
                         .filter(|x| x.offset < tail_start)
                         .filter_map(|x| {
                             let mut msg = Message::from_stored(0, x.message)?;
@@ -292,8 +337,10 @@ impl Stream {
         match read.records {
             Ok(recs) => {
                 let next = r.next;
-                r.ahead
-                    .extend(recs.into_iter().filter(|x| x.offset >= next));
+                for x in recs.into_iter().filter(|x| x.offset >= next) {
+                    r.ahead_bytes += size(&x);
+                    r.ahead.push_back(x);
+                }
                 r.fetched = r.fetched.max(read.end);
             }
             Err(e) => {
