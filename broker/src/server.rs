@@ -52,7 +52,8 @@ fn recover_messages(store: &dyn Store, vhost: &VHost, defs: &Definitions) -> Res
     Ok(())
 }
 
-/// Drop the index entries of queues that no longer exist.
+/// Drop the index entries of queues, and the records of streams, that no
+/// longer exist.
 fn drop_orphans(
     store: &dyn Store,
     persister: &Persister,
@@ -66,6 +67,16 @@ fn drop_orphans(
                 "dropping stored messages of a queue that no longer exists"
             );
             persister.submit_nowait(vec![MessageOp::DropQueue { queue: id }]);
+        }
+    }
+    // A stream deleted just before a crash may have kept its records.
+    for id in store.stream_ids().map_err(|e| e.to_string())? {
+        if !known.contains(&id) {
+            tracing::info!(
+                stream_id = id,
+                "dropping the records of a stream that no longer exists"
+            );
+            persister.submit_nowait(crate::queue::stream::drop_ops(id));
         }
     }
     Ok(())
@@ -558,5 +569,49 @@ impl Drop for RunningBroker {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::sync::Arc;
+    use warren_storage::mem::MemStore;
+    use warren_storage::{MessageOp, MessageStore, StoredMessage};
+
+    /// A stream deleted just before a crash kept its records: the next
+    /// start drops them (and keeps the streams that exist).
+    #[tokio::test]
+    async fn records_of_a_stream_that_no_longer_exists_are_dropped_at_start() {
+        let store = Arc::new(MemStore::new());
+        let message = StoredMessage {
+            exchange: bytes::Bytes::new(),
+            routing_key: bytes::Bytes::from_static(b"s"),
+            header: bytes::Bytes::new(),
+            body: bytes::Bytes::from_static(b"left behind"),
+        };
+        store
+            .apply(&[MessageOp::StreamAppend {
+                stream: 4242,
+                offset: 0,
+                timestamp: 1,
+                message,
+                index_time: true,
+            }])
+            .unwrap();
+        assert_eq!(store.stream_ids().unwrap(), vec![4242]);
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_owned(),
+            memory_limit: u64::MAX >> 2,
+            ..Config::default()
+        };
+        let b = super::Server::bind_with_store(config, store.clone())
+            .await
+            .unwrap()
+            .broker();
+        assert!(b.persister.barrier().await);
+        assert_eq!(store.stream_ids().unwrap(), Vec::<u64>::new());
     }
 }

@@ -268,6 +268,8 @@ pub trait MessageStore: Send + Sync + 'static {
     fn load_dedup(&self, scope: &[u8]) -> Result<Vec<(Bytes, u64)>>;
     /// Up to `limit` records of `stream` from offset `from` on, in order.
     fn read_stream(&self, stream: QueueId, from: u64, limit: usize) -> Result<Vec<StreamRecord>>;
+    /// Every stream id that has at least one record.
+    fn stream_ids(&self) -> Result<Vec<QueueId>>;
     /// The first and last offsets of `stream` (None when it is empty).
     fn stream_bounds(&self, stream: QueueId) -> Result<Option<(u64, u64)>>;
     /// Where to start reading for the records appended at `timestamp` or
@@ -759,8 +761,10 @@ pub mod contract {
         // A later append continues after a cut.
         s.apply(&[append(7, 30, 9999, false)]).unwrap();
         assert_eq!(s.stream_bounds(7).unwrap(), Some((17, 30)));
+        assert_eq!(s.stream_ids().unwrap(), vec![7, 8]);
         s.apply(&[MessageOp::StreamDrop { stream: 7 }]).unwrap();
         assert_eq!(s.stream_bounds(7).unwrap(), None);
+        assert_eq!(s.stream_ids().unwrap(), vec![8]);
         assert_eq!(
             s.stream_bounds(8).unwrap(),
             Some((0, 0)),

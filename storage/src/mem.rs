@@ -294,6 +294,13 @@ impl MessageStore for MemStore {
             .collect())
     }
 
+    fn stream_ids(&self) -> Result<Vec<QueueId>> {
+        let m = lock(&self.messages);
+        let mut ids: Vec<QueueId> = m.streams.keys().map(|(s, _)| *s).collect();
+        ids.dedup();
+        Ok(ids)
+    }
+
     fn stream_bounds(&self, stream: QueueId) -> Result<Option<(u64, u64)>> {
         let m = lock(&self.messages);
         let mut r = m.streams.range((stream, 0)..=(stream, u64::MAX));

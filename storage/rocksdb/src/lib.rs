@@ -1041,6 +1041,28 @@ impl MessageStore for RocksStore {
         Ok(out)
     }
 
+    fn stream_ids(&self) -> Result<Vec<QueueId>> {
+        let mut ids = Vec::new();
+        let mut from = keys::queue_entry(0, 0);
+        loop {
+            let mut it = self.db.iterator_cf(
+                self.cf(STREAM),
+                IteratorMode::From(&from, Direction::Forward),
+            );
+            let Some(item) = it.next() else { break };
+            let (k, _) = item.map_err(io)?;
+            let Some((s, _)) = keys::parse_queue_entry(&k) else {
+                return Err(StoreError::Corrupt("malformed stream key".into()));
+            };
+            ids.push(s);
+            match s.checked_add(1) {
+                Some(next) => from = keys::queue_entry(next, 0),
+                None => break,
+            }
+        }
+        Ok(ids)
+    }
+
     fn stream_bounds(&self, stream: QueueId) -> Result<Option<(u64, u64)>> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(keys::queue_entry(stream.wrapping_add(1), 0));

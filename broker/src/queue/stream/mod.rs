@@ -103,6 +103,20 @@ struct Segment {
     last_ts: u64,
 }
 
+/// The store writes that remove everything of a deleted stream: its
+/// records, time index, segment sizes and tracked offsets.
+pub fn drop_ops(id: u64) -> Vec<MessageOp> {
+    vec![
+        MessageOp::StreamDrop { stream: id },
+        MessageOp::DedupDropScope {
+            scope: segment_scope(id),
+        },
+        MessageOp::DedupDropScope {
+            scope: offset_scope(id),
+        },
+    ]
+}
+
 /// The store's keyed-map scope of a stream's segment sizes.
 fn segment_scope(stream: u64) -> Bytes {
     scope(b's', stream)
@@ -341,16 +355,7 @@ impl Stream {
         }
         self.flush();
         if self.deleted {
-            let id = self.info.id;
-            self.persister.submit_nowait(vec![
-                MessageOp::StreamDrop { stream: id },
-                MessageOp::DedupDropScope {
-                    scope: segment_scope(id),
-                },
-                MessageOp::DedupDropScope {
-                    scope: offset_scope(id),
-                },
-            ]);
+            self.persister.submit_nowait(drop_ops(self.info.id));
         }
         permits.close();
         mailbox.close();
