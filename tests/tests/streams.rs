@@ -437,3 +437,30 @@ async fn large_messages_replay_in_order_through_a_bounded_read_ahead() {
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_stream_consumer_timeout_is_refused_not_ignored() {
+    let b = TestBroker::start().await;
+    if !b.is_warren() {
+        return;
+    }
+    let (conn, ch) = b.channel().await;
+    let s = unique("stream-timeout");
+    declare_stream(&ch, &s).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let err = ch
+        .basic_consume(
+            s.as_str().into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            args(&[("x-consumer-timeout", AMQPValue::LongLongInt(1000))]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(406), "{err}");
+    assert!(
+        err.to_string().contains("stream consumers have no timeout"),
+        "{err}"
+    );
+}
