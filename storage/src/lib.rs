@@ -13,6 +13,7 @@
 //!   show, as functions each engine's tests call.
 
 pub mod codec;
+pub mod elide;
 pub mod keys;
 pub mod mem;
 

@@ -27,6 +27,22 @@ impl MemStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Everything the message store holds, in a comparable form (tests).
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> String {
+        let m = lock(&self.messages);
+        let mut bodies: Vec<_> = m
+            .bodies
+            .iter()
+            .map(|(id, (_, refs))| (*id, *refs))
+            .collect();
+        bodies.sort();
+        format!(
+            "bodies {bodies:?}\nindex {:?}\ndedup {:?}",
+            m.index, m.dedup
+        )
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
