@@ -77,6 +77,8 @@ struct Shared {
     failed: Mutex<Option<String>>,
     /// One interval histogram per consumer, drained by the reporter.
     lat: Vec<Mutex<Histogram<u64>>>,
+    /// Publish-to-confirm times, one interval histogram per producer.
+    clat: Vec<Mutex<Histogram<u64>>>,
 }
 
 impl Shared {
@@ -102,6 +104,8 @@ pub struct Summary {
     pub consume_per_second: Vec<u64>,
     /// Latency percentiles in µs: p50, p75, p95, p99, p99.9, max; `None` without samples.
     pub latency_us: Option<[u64; 6]>,
+    /// The same for publish to confirm (with --confirm).
+    pub confirm_latency_us: Option<[u64; 6]>,
     pub error: Option<String>,
 }
 
@@ -138,6 +142,12 @@ impl Summary {
             }
             None => s += "  latency: no samples\n",
         }
+        if let Some(l) = self.confirm_latency_us {
+            s += &format!(
+                "  confirm latency µs: p50 {} p75 {} p95 {} p99 {} p99.9 {} max {}\n",
+                l[0], l[1], l[2], l[3], l[4], l[5]
+            );
+        }
         if let Some(e) = &self.error {
             s += &format!("  error: {e}\n");
         }
@@ -145,13 +155,15 @@ impl Summary {
     }
 
     pub fn json(&self, cfg: &Config) -> String {
-        let lat = match self.latency_us {
+        let pct = |p: Option<[u64; 6]>| match p {
             Some(l) => format!(
                 "{{\"p50\":{},\"p75\":{},\"p95\":{},\"p99\":{},\"p999\":{},\"max\":{}}}",
                 l[0], l[1], l[2], l[3], l[4], l[5]
             ),
             None => "null".into(),
         };
+        let lat = pct(self.latency_us);
+        let clat = pct(self.confirm_latency_us);
         let per_sec = self
             .consume_per_second
             .iter()
@@ -167,7 +179,7 @@ impl Summary {
             None => "null".into(),
         };
         format!(
-            "{{\"seconds\":{:.3},\"producers\":{},\"consumers\":{},\"queues\":{},\"size\":{},\"persistent\":{},\"confirm\":{},\"published\":{},\"confirmed\":{},\"nacked\":{},\"consumed\":{},\"publish_rate\":{:.0},\"confirm_rate\":{:.0},\"consume_rate\":{:.0},\"consume_per_second\":[{}],\"consume_per_second_min\":{},\"latency_us\":{},\"error\":{}}}",
+            "{{\"seconds\":{:.3},\"producers\":{},\"consumers\":{},\"queues\":{},\"size\":{},\"persistent\":{},\"confirm\":{},\"published\":{},\"confirmed\":{},\"nacked\":{},\"consumed\":{},\"publish_rate\":{:.0},\"confirm_rate\":{:.0},\"consume_rate\":{:.0},\"consume_per_second\":[{}],\"consume_per_second_min\":{},\"latency_us\":{},\"confirm_latency_us\":{},\"error\":{}}}",
             self.seconds,
             cfg.producers,
             cfg.consumers,
@@ -185,6 +197,7 @@ impl Summary {
             per_sec,
             per_sec_min,
             lat,
+            clat,
             err
         )
     }
@@ -325,10 +338,15 @@ async fn producer(sh: Arc<Shared>, i: usize) -> Res<()> {
     // Reader: confirms, and anything fatal from the broker.
     let settled = Arc::new(AtomicU64::new(0));
     let wake = Arc::new(Notify::new());
+    // Each write of publishes: the last tag in it and when it was sent, for
+    // the publish-to-confirm latency (taken once every tag up to it is
+    // confirmed).
+    let sent: Arc<Mutex<std::collections::VecDeque<(u64, u64)>>> = Default::default();
     let reader = {
-        let (sh, settled, wake) = (sh.clone(), settled.clone(), wake.clone());
+        let (sh, settled, wake, sent) = (sh.clone(), settled.clone(), wake.clone(), sent.clone());
         tokio::spawn(async move {
             let mut conf = Confirms::default();
+            let mut timed_upto = 0u64;
             let res: Res<()> = async {
                 loop {
                     let mut acked = 0;
@@ -361,6 +379,20 @@ async fn producer(sh: Arc<Shared>, i: usize) -> Res<()> {
                             }
                         }
                         rbuf.advance(n);
+                    }
+                    if conf.upto > timed_upto {
+                        let now = now_ns();
+                        let mut h = sh.clat[i].lock().unwrap();
+                        let mut sent = sent.lock().unwrap();
+                        while let Some(&(last, stamp)) = sent.front() {
+                            if last > conf.upto {
+                                break;
+                            }
+                            sent.pop_front();
+                            let us = (now.saturating_sub(stamp) / 1000).max(1);
+                            h.saturating_record_n(us, last - timed_upto);
+                            timed_upto = last;
+                        }
                     }
                     if acked + nacked > 0 {
                         sh.c.confirmed.fetch_add(acked, Relaxed);
@@ -421,6 +453,9 @@ async fn producer(sh: Arc<Shared>, i: usize) -> Res<()> {
             let stamp = now_ns();
             for _ in 0..n {
                 wire::put_message(&mut out, &prefix, 1, &body, frame_max, stamp);
+            }
+            if confirm {
+                sent.lock().unwrap().push_back((seq + n, stamp));
             }
             wr.write_all(&out).await?;
             out.clear();
@@ -561,6 +596,9 @@ pub async fn run(cfg: Config) -> Res<Summary> {
         lat: (0..cfg.consumers)
             .map(|_| Mutex::new(histogram()))
             .collect(),
+        clat: (0..cfg.producers)
+            .map(|_| Mutex::new(histogram()))
+            .collect(),
         cfg: cfg.clone(),
         c: Counters::default(),
         stop: AtomicBool::new(false),
@@ -606,6 +644,7 @@ pub async fn run(cfg: Config) -> Res<Summary> {
     );
     let mut total = histogram();
     let mut sec = histogram();
+    let mut ctotal = histogram();
     let mut prev = snap(&sh.c);
     let mut base = prev;
     let mut base_at = start;
@@ -625,6 +664,13 @@ pub async fn run(cfg: Config) -> Res<Summary> {
         }
         let dt = now.duration_since(last_at).as_secs_f64();
         let warm = s <= cfg.warmup;
+        for h in &sh.clat {
+            let mut h = h.lock().unwrap();
+            if !warm {
+                let _ = ctotal.add(&*h);
+            }
+            h.reset();
+        }
         if !warm {
             let _ = total.add(&sec);
             consume_per_second.push(((cur[3] - prev[3]) as f64 / dt).round() as u64);
@@ -687,6 +733,7 @@ pub async fn run(cfg: Config) -> Res<Summary> {
         consumed: fin[3] - base[3],
         consume_per_second,
         latency_us: percentiles(&total),
+        confirm_latency_us: percentiles(&ctotal),
         error,
     })
 }
@@ -716,6 +763,7 @@ mod tests {
             published: 10,
             consume_per_second: vec![9, 7, 8],
             latency_us: Some([1, 2, 3, 4, 5, 6]),
+            confirm_latency_us: None,
             error: Some("a \"b\"".into()),
             ..Default::default()
         };
