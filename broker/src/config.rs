@@ -61,6 +61,9 @@ pub struct Config {
     pub consumer_timeout: Option<u64>,
     /// Sync the store's write-ahead log on every write. Off only for benchmarks.
     pub fsync: bool,
+    /// How long a store write of a few messages may wait for the acks that
+    /// cancel it (see `persist::CommitWait`). Zero: never.
+    pub commit_wait: Duration,
     /// Bytes of hot message bodies kept in memory for messages that live on
     /// disk (queues paging their tail).
     pub body_cache_bytes: u64,
@@ -109,6 +112,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(15),
             consumer_timeout: None,
             fsync: true,
+            commit_wait: Duration::from_micros(crate::persist::COMMIT_WAIT_US),
             body_cache_bytes: 64 << 20,
             memory_limit: MemoryLimit::Fraction(crate::alarm::DEFAULT_MEMORY_FRACTION)
                 .resolve()

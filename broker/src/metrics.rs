@@ -206,6 +206,9 @@ pub const WRITE_BOUNDS: &[f64] = &[
 pub struct StoreStats {
     pub batch_ops: Histogram,
     pub write_seconds: Histogram,
+    /// Operations dropped before a write because they cancelled out (a
+    /// message acked before it was written).
+    pub elided_ops: AtomicU64,
     pub page_reads: AtomicU64,
     pub paged_messages: AtomicU64,
 }
@@ -215,6 +218,7 @@ impl Default for StoreStats {
         StoreStats {
             batch_ops: Histogram::new(BATCH_BOUNDS),
             write_seconds: Histogram::new(WRITE_BOUNDS),
+            elided_ops: AtomicU64::new(0),
             page_reads: AtomicU64::new(0),
             paged_messages: AtomicU64::new(0),
         }

@@ -20,7 +20,7 @@ use crate::alarm::Alarms;
 use crate::message::{Message, MessageRef};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use warren_storage::{EntryMeta, MessageId, MessageOp, MessageStore, QueueId};
 
 /// Called with `true` once the job is durable, `false` if the write failed.
@@ -65,6 +65,72 @@ struct ReadJob {
 const JOB_PERMITS: usize = 8192;
 /// Operations merged into one write at most.
 const MAX_BATCH_OPS: usize = 64 * 1024;
+
+/// How long a batch with a few messages to store may wait for more
+/// (`CommitWait`; `--commit-wait`) by default, in µs: less than one WAL
+/// sync on a virtual disk, and longer than a consumer on the same host
+/// takes to ack a message delivered at once.
+pub const COMMIT_WAIT_US: u64 = 200;
+/// A batch that already stores this many messages is written at once.
+const COMMIT_WAIT_MAX_PUTS: usize = 64;
+/// Without a recent wait that paid off, one batch in this many waits (to
+/// find out whether waiting pays off again).
+const COMMIT_WAIT_PROBE: u64 = 32;
+
+/// When the writer waits before a write.
+///
+/// A message that is consumed and acked before it is written needs no write
+/// at all (`elide_consumed`): its write, its ack and the WAL sync they
+/// would cost all go. So a batch with a few messages to store waits a
+/// moment, for those acks and for more publishers to share the sync;
+/// deliveries never wait for it, only the confirms. Waiting only pays off
+/// where consumers keep up: a publisher whose messages stay queued would
+/// just see its confirms later. So the writer waits while recent waits
+/// paid off (most of the messages stored in the batches that waited were
+/// consumed meanwhile), and otherwise waits in one batch out of
+/// COMMIT_WAIT_PROBE only, to notice when consumers catch up. A busy writer
+/// (batches of COMMIT_WAIT_MAX_PUTS or more) never waits: its syncs are
+/// shared already.
+struct CommitWait {
+    wait: std::time::Duration,
+    /// Share of stored messages elided in the recent batches that waited
+    /// (a moving average).
+    paid: f64,
+    batches: u64,
+}
+
+impl CommitWait {
+    fn new(wait: std::time::Duration) -> CommitWait {
+        CommitWait {
+            wait,
+            // Waiting is tried first: a few batches tell if it pays off.
+            paid: 1.0,
+            batches: 0,
+        }
+    }
+
+    fn should_wait(&mut self, puts: usize) -> bool {
+        if self.wait.is_zero() || puts == 0 || puts >= COMMIT_WAIT_MAX_PUTS {
+            return false;
+        }
+        self.batches += 1;
+        self.paid >= 0.5 || self.batches.is_multiple_of(COMMIT_WAIT_PROBE)
+    }
+
+    /// A batch that waited stored `puts` messages, of which `elided` were
+    /// acked meanwhile.
+    fn observe(&mut self, puts: usize, elided: usize) {
+        if puts > 0 {
+            self.paid = 0.75 * self.paid + 0.25 * (elided as f64 / puts as f64);
+        }
+    }
+}
+
+fn count_puts<'a>(ops: impl IntoIterator<Item = &'a MessageOp>) -> usize {
+    ops.into_iter()
+        .filter(|op| matches!(op, MessageOp::PutMessage { .. }))
+        .count()
+}
 
 /// Jobs handed to the writer and jobs it has applied.
 #[derive(Default)]
@@ -147,7 +213,7 @@ impl Drop for Joiner {
 #[derive(Clone)]
 pub struct Persister {
     pub threads: StoreThreads,
-    tx: mpsc::UnboundedSender<Job>,
+    tx: std::sync::mpsc::Sender<Job>,
     reads: std::sync::mpsc::Sender<Read>,
     permits: Arc<Semaphore>,
     /// Failed batches so far (a barrier reports failures since it began).
@@ -181,8 +247,10 @@ impl Persister {
         max_id: MessageId,
         cache_bytes: u64,
         alarms: Arc<Alarms>,
+        commit_wait: std::time::Duration,
     ) -> std::io::Result<Persister> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let mut waits = CommitWait::new(commit_wait);
         let failures = Arc::new(AtomicU64::new(0));
         let progress = Arc::new(Progress::default());
         let failed = failures.clone();
@@ -199,21 +267,52 @@ impl Persister {
             // written, or DISK_CHECK_EVERY, whichever comes first.
             let mut unchecked: u64 = 0;
             let mut checked = std::time::Instant::now();
-            while let Some(first) = rx.blocking_recv() {
-                let mut jobs = vec![first];
-                let mut n = jobs[0].ops.len();
-                while n < MAX_BATCH_OPS {
+            let gather = |jobs: &mut Vec<Job>, n: &mut usize| {
+                while *n < MAX_BATCH_OPS {
                     match rx.try_recv() {
                         Ok(j) => {
-                            n += j.ops.len();
+                            *n += j.ops.len();
                             jobs.push(j);
                         }
                         Err(_) => break,
                     }
                 }
+            };
+            while let Ok(first) = rx.recv() {
+                let mut jobs = vec![first];
+                let mut n = jobs[0].ops.len();
+                gather(&mut jobs, &mut n);
+                // A few messages to store: maybe wait a moment (CommitWait).
+                let puts = count_puts(jobs.iter().flat_map(|j| &j.ops));
+                let waited = n < MAX_BATCH_OPS && waits.should_wait(puts);
+                if waited {
+                    std::thread::sleep(waits.wait);
+                    gather(&mut jobs, &mut n);
+                }
                 ops.clear();
                 for j in &mut jobs {
                     ops.append(&mut j.ops);
+                }
+                let puts = count_puts(&ops);
+                let elided = warren_storage::elide::elide_consumed(&mut ops);
+                if elided > 0 {
+                    writer_stats
+                        .elided_ops
+                        .fetch_add(elided as u64, Ordering::Relaxed);
+                }
+                if waited {
+                    waits.observe(puts, puts - count_puts(&ops));
+                }
+                if ops.is_empty() {
+                    // Everything cancelled out (or a barrier alone): every
+                    // earlier batch is durable already, nothing to sync.
+                    writer_progress.add_applied(jobs.len() as u64);
+                    for j in jobs {
+                        if let Some(done) = j.done {
+                            done(true);
+                        }
+                    }
+                    continue;
                 }
                 let started = std::time::Instant::now();
                 let applied = writer_store.apply(&ops);
@@ -530,4 +629,99 @@ fn read_page(
         .filter_map(|((seq, _, meta), m)| m.map(|m| (seq, m, meta)))
         .collect();
     Ok(Page { entries, next })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waits_in(w: &mut CommitWait, batches: u64, puts: usize) -> u64 {
+        (0..batches).filter(|_| w.should_wait(puts)).count() as u64
+    }
+
+    #[test]
+    fn the_writer_waits_only_while_waiting_pays_off() {
+        let mut w = CommitWait::new(std::time::Duration::from_micros(200));
+        // Nothing to store, or a batch big enough: never.
+        assert!(!w.should_wait(0));
+        assert!(!w.should_wait(COMMIT_WAIT_MAX_PUTS));
+        // At first it tries waiting.
+        assert_eq!(waits_in(&mut w, 10, 3), 10);
+        // Nothing elided (no consumer kept up): one batch in
+        // COMMIT_WAIT_PROBE waits, to notice a change.
+        for _ in 0..3 {
+            w.observe(3, 0);
+        }
+        assert_eq!(waits_in(&mut w, 10 * COMMIT_WAIT_PROBE, 3), 10);
+        // Probes whose messages were all acked meanwhile: every batch waits.
+        for _ in 0..3 {
+            w.observe(3, 3);
+        }
+        assert_eq!(waits_in(&mut w, 100, 3), 100);
+        // Off: never.
+        let mut off = CommitWait::new(std::time::Duration::ZERO);
+        assert_eq!(waits_in(&mut off, 100, 3), 0);
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use super::*;
+    use warren_storage::mem::MemStore;
+
+    fn put_ops(id: MessageId) -> Vec<MessageOp> {
+        vec![
+            MessageOp::PutMessage {
+                id,
+                refs: 1,
+                message: warren_storage::StoredMessage {
+                    exchange: bytes::Bytes::new(),
+                    routing_key: bytes::Bytes::from_static(b"q"),
+                    header: bytes::Bytes::new(),
+                    body: bytes::Bytes::from_static(b"payment"),
+                },
+            },
+            MessageOp::Enqueue {
+                queue: 1,
+                seq: id,
+                id,
+                meta: EntryMeta::default(),
+            },
+        ]
+    }
+
+    #[test]
+    fn a_message_acked_while_its_write_waits_is_never_written() {
+        let store = Arc::new(MemStore::new());
+        let dir = tempfile::tempdir().unwrap();
+        let alarms = Alarms::start(dir.path(), u64::MAX, 0);
+        let p = Persister::start(
+            store.clone(),
+            0,
+            1 << 20,
+            alarms,
+            std::time::Duration::from_millis(50),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let confirmed = move |tx: std::sync::mpsc::Sender<bool>| -> Done {
+            Box::new(move |ok| tx.send(ok).unwrap())
+        };
+        // Acked within the wait: confirmed, and nothing is stored.
+        p.submit_then(put_ops(1), confirmed(tx.clone()));
+        p.submit_nowait(vec![MessageOp::Remove {
+            queue: 1,
+            seq: 1,
+            id: 1,
+        }]);
+        assert!(rx.recv().unwrap());
+        assert_eq!(p.store_stats.elided_ops.load(Ordering::Relaxed), 3);
+        assert_eq!(store.get_messages(&[1]).unwrap(), vec![None]);
+        // Not acked: stored as ever, and confirmed once it is.
+        p.submit_then(put_ops(2), confirmed(tx));
+        assert!(rx.recv().unwrap());
+        assert!(store.get_messages(&[2]).unwrap()[0].is_some());
+        assert_eq!(store.read_index(1, 0, u64::MAX, 10).unwrap().len(), 1);
+        assert_eq!(p.store_stats.elided_ops.load(Ordering::Relaxed), 3);
+    }
 }

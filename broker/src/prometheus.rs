@@ -388,6 +388,11 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
     );
     for (name, help, v) in [
         (
+            "warren_store_elided_operations_total",
+            "Store operations cancelled before they were written (messages acked before their write)",
+            st.elided_ops.load(Relaxed),
+        ),
+        (
             "warren_paging_reads_total",
             "Pages of messages read back from the store",
             st.page_reads.load(Relaxed),

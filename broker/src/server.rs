@@ -180,7 +180,13 @@ impl Server {
         );
         // Hot bodies take at most an eighth of the memory limit.
         let cache_bytes = config.body_cache_bytes.min(config.memory_limit / 8);
-        let persister = Persister::start(store.clone(), max_message, cache_bytes, alarms.clone())?;
+        let persister = Persister::start(
+            store.clone(),
+            max_message,
+            cache_bytes,
+            alarms.clone(),
+            config.commit_wait,
+        )?;
         let default_user = config
             .default_user
             .as_ref()

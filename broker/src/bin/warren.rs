@@ -87,6 +87,13 @@ struct Args {
     /// Sync the write-ahead log on every write (turn off only for benchmarks).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     fsync: bool,
+    /// Microseconds a store write of a few persistent messages may wait
+    /// for consumers' acks that make it unnecessary (a message acked before
+    /// it is written is never written) and for more publishers to share its
+    /// sync. Only confirms wait, never deliveries, and only while waiting
+    /// has recently paid off. 0: write at once.
+    #[arg(long, default_value_t = 200, value_name = "MICROSECONDS", value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    commit_wait: u64,
     /// Memory high watermark: publishers are blocked while the broker's
     /// resident memory is at or above it. A fraction of total memory ("0.4",
     /// "40%"; the total is MemTotal or a lower cgroup limit) or an absolute
@@ -266,6 +273,7 @@ fn main() -> std::process::ExitCode {
         max_message_size: args.max_message_size,
         max_connections: max_connections.max(1),
         fsync: args.fsync,
+        commit_wait: std::time::Duration::from_micros(args.commit_wait),
         consumer_timeout: (args.consumer_timeout > 0).then_some(args.consumer_timeout),
         memory_limit,
         disk_free_limit: args.disk_free_limit,

@@ -216,7 +216,8 @@ async fn a_lazy_queue_pages_its_tail_out_and_reads_it_back_in_order() {
     let alarms = crate::alarm::Alarms::start(dir.path(), 1 << 60, 0);
     let store = Arc::new(warren_storage::mem::MemStore::new());
     let persister =
-        crate::persist::Persister::start(store, 0, 1 << 20, alarms).expect("store service");
+        crate::persist::Persister::start(store, 0, 1 << 20, alarms, std::time::Duration::ZERO)
+            .expect("store service");
     let mut args = FieldTable::default();
     args.insert("x-queue-mode".into(), AMQPValue::LongString("lazy".into()));
     let mut f = fixture(args, Some(persister));
