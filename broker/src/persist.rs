@@ -5,7 +5,9 @@
 //! Group commit: the writer applies every queued job in one atomic batch and
 //! one WAL sync, then tells each job's owner. Jobs that arrive while a sync
 //! is running go into the next batch, so many publishes from many
-//! connections share one fsync.
+//! connections share one fsync. A message acked before its batch is written
+//! is not written at all (its writes cancel out: `elide_consumed`), and a
+//! small batch may wait a moment for such acks first (`CommitWait`).
 //!
 //! One FIFO for everyone: a queue's `Remove` for a message is always applied
 //! after the publisher's `PutMessage`/`Enqueue` for it (the publisher submits
