@@ -20,6 +20,17 @@ pub enum ConnEvent {
         queue: u64,
         in_flight: Arc<AtomicU32>,
     },
+    /// Several deliveries to one consumer, in order: what a queue hands it
+    /// in one wake-up travels as one event (one mailbox push, one clone of
+    /// the tag and of the flow counter, which counts every message in it).
+    DeliverMany {
+        chan_key: u64,
+        channel: u16,
+        tag: Arc<str>,
+        /// (message, redelivered, queue sequence)
+        items: Vec<(MessageRef, bool, u64)>,
+        in_flight: Arc<AtomicU32>,
+    },
     /// A publish is enqueued on every queue it was routed to (`nack`: a
     /// queue refused it, e.g. `x-overflow: reject-publish`).
     Confirm { chan_key: u64, seq: u64, nack: bool },

@@ -45,7 +45,13 @@ pub struct Deliver<'m> {
 /// Take a delivery off its consumer's in-flight window (whether or not
 /// its channel still exists); true if that reopens a full window.
 pub fn took_in_flight(in_flight: &AtomicU32) -> bool {
-    in_flight.fetch_sub(1, Ordering::AcqRel) == FLOW_WINDOW
+    took_in_flight_n(in_flight, 1)
+}
+
+/// [`took_in_flight`] for `n` deliveries at once.
+pub fn took_in_flight_n(in_flight: &AtomicU32, n: u32) -> bool {
+    let before = in_flight.fetch_sub(n, Ordering::AcqRel);
+    before >= FLOW_WINDOW && before - n < FLOW_WINDOW
 }
 
 impl Channel {

@@ -4,7 +4,7 @@
 //! channel's key too, and events for an older incarnation are dropped.
 
 use super::{ctx, Connection};
-use crate::channel::consume::{took_in_flight, Deliver};
+use crate::channel::consume::{took_in_flight, took_in_flight_n, Deliver};
 use crate::channel::Ctx;
 use crate::events::ConnEvent;
 
@@ -31,6 +31,27 @@ impl Connection {
                         seq,
                     };
                     c.deliver(&mut ctx!(self), d, reopened);
+                }
+            }
+            ConnEvent::DeliverMany {
+                chan_key,
+                channel,
+                tag,
+                items,
+                in_flight,
+            } => {
+                let mut reopened = took_in_flight_n(&in_flight, items.len() as u32);
+                if let Some(c) = self.channels.get_mut(&channel) {
+                    for (msg, redelivered, seq) in &items {
+                        let d = Deliver {
+                            chan_key,
+                            tag: &tag,
+                            msg,
+                            redelivered: *redelivered,
+                            seq: *seq,
+                        };
+                        c.deliver(&mut ctx!(self), d, std::mem::take(&mut reopened));
+                    }
                 }
             }
             ConnEvent::Reply {

@@ -17,39 +17,84 @@ use warren_storage::{EntryMeta, MessageOp};
 impl Actor {
     /// Hand ready messages to consumers with credit, round robin.
     pub(super) fn dispatch(&mut self) {
+        // A run of deliveries to one consumer goes out as one event.
+        let mut run: Option<(usize, Vec<Entry>)> = None;
         while !self.consumers.is_empty() && self.has_live() {
             let Some(i) = self.pick() else { break };
+            if let Some((j, entries)) = run.take_if(|(j, _)| *j != i) {
+                if !self.hand_out(j, entries) {
+                    return;
+                }
+            }
             let Some(entry) = self.ready.pop_front() else {
                 break;
             };
+            // Counted at once: the consumer's credit checks see it.
             let c = &mut self.consumers[i];
             c.in_flight.fetch_add(1, Ordering::AcqRel);
-            let ev = ConnEvent::Deliver {
+            if !c.no_ack {
+                c.unacked += 1;
+            }
+            run.get_or_insert_with(|| (i, Vec::new())).1.push(entry);
+        }
+        if let Some((i, entries)) = run {
+            self.hand_out(i, entries);
+        }
+    }
+
+    /// Send consumer `i` the `entries` picked for it (their flow and prefetch
+    /// counts taken already), then account for them. False when its
+    /// connection is gone: they go back to the head of the queue, in order.
+    fn hand_out(&mut self, i: usize, entries: Vec<Entry>) -> bool {
+        let n = entries.len();
+        let c = &mut self.consumers[i];
+        let ev = if n == 1 {
+            let e = &entries[0];
+            ConnEvent::Deliver {
                 chan_key: c.chan_key,
                 channel: c.channel,
                 tag: c.tag.clone(),
-                msg: entry.msg.clone(),
-                redelivered: entry.redelivered,
-                seq: entry.seq,
+                msg: e.msg.clone(),
+                redelivered: e.redelivered,
+                seq: e.seq,
                 queue: self.info.id,
                 in_flight: c.in_flight.clone(),
-            };
-            if c.conn.send(ev).is_err() {
-                // The connection is gone; its ChannelClosed is on the way.
-                self.ready.push_front(entry);
-                break;
             }
-            self.last_delivery = self.now;
+        } else {
+            ConnEvent::DeliverMany {
+                chan_key: c.chan_key,
+                channel: c.channel,
+                tag: c.tag.clone(),
+                items: entries
+                    .iter()
+                    .map(|e| (e.msg.clone(), e.redelivered, e.seq))
+                    .collect(),
+                in_flight: c.in_flight.clone(),
+            }
+        };
+        if c.conn.send(ev).is_err() {
+            // The connection is gone; its ChannelClosed is on the way.
+            c.in_flight.fetch_sub(n as u32, Ordering::AcqRel);
+            if !c.no_ack {
+                c.unacked -= n as u32;
+            }
+            for e in entries.into_iter().rev() {
+                self.ready.push_front(e);
+            }
+            return false;
+        }
+        let (no_ack, chan_key, tag) = (c.no_ack, c.chan_key, c.tag.clone());
+        self.last_delivery = self.now;
+        for entry in entries {
             self.counts.delivered += 1;
             self.counts.redelivered += entry.redelivered as u64;
-            if c.no_ack {
+            if no_ack {
                 self.unstore(&entry);
             } else {
-                c.unacked += 1;
                 let u = Unacked {
                     entry,
-                    chan_key: c.chan_key,
-                    tag: Some(c.tag.clone()),
+                    chan_key,
+                    tag: Some(tag.clone()),
                     delivered_at: self.now,
                     get_conn: None,
                 };
@@ -57,6 +102,7 @@ impl Actor {
                 self.unacked.insert(u.entry.seq, u);
             }
         }
+        true
     }
 
     /// The consumer to deliver to next: the highest priority level that has

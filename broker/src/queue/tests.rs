@@ -124,12 +124,13 @@ fn consume(
 
 /// The sequences delivered so far on a consumer's connection.
 fn delivered(events: &mut mpsc::UnboundedReceiver<ConnEvent>) -> Vec<u64> {
-    std::iter::from_fn(|| match events.try_recv() {
-        Ok(ConnEvent::Deliver { seq, .. }) => Some(seq),
-        Ok(_) => Some(0),
-        Err(_) => None,
-    })
-    .collect()
+    std::iter::from_fn(|| events.try_recv().ok())
+        .flat_map(|e| match e {
+            ConnEvent::Deliver { seq, .. } => vec![seq],
+            ConnEvent::DeliverMany { items, .. } => items.iter().map(|i| i.2).collect(),
+            _ => vec![0],
+        })
+        .collect()
 }
 
 #[test]
@@ -275,22 +276,26 @@ fn reject(a: &mut Actor, chan_key: u64, seq: u64) {
 
 /// Deliveries on a consumer's connection: (seq, redelivered, x-delivery-count).
 fn deliveries(events: &mut mpsc::UnboundedReceiver<ConnEvent>) -> Vec<(u64, bool, Option<i128>)> {
+    let count = |msg: &crate::message::MessageRef| {
+        msg.header.headers().and_then(|h| {
+            h.inner()
+                .get("x-delivery-count")
+                .and_then(crate::fields::as_int)
+        })
+    };
     std::iter::from_fn(|| events.try_recv().ok())
-        .filter_map(|e| match e {
+        .flat_map(|e| match e {
             ConnEvent::Deliver {
                 seq,
                 redelivered,
                 msg,
                 ..
-            } => {
-                let count = msg.header.headers().and_then(|h| {
-                    h.inner()
-                        .get("x-delivery-count")
-                        .and_then(crate::fields::as_int)
-                });
-                Some((seq, redelivered, count))
-            }
-            _ => None,
+            } => vec![(seq, redelivered, count(&msg))],
+            ConnEvent::DeliverMany { items, .. } => items
+                .iter()
+                .map(|(msg, redelivered, seq)| (*seq, *redelivered, count(msg)))
+                .collect(),
+            _ => vec![],
         })
         .collect()
 }
@@ -409,6 +414,58 @@ fn a_timed_out_consumer_that_cannot_be_cancelled_has_its_channel_closed() {
     // The queue keeps the consumer until its channel closes.
     assert_eq!(a.consumers.len(), 1);
     assert_eq!(a.unacked.len(), 1);
+}
+
+#[test]
+fn a_consumer_gets_a_wake_ups_deliveries_in_one_event_within_its_windows() {
+    let mut f = fixture(FieldTable::default(), None);
+    let a = &mut f.actor;
+    let (in_flight, mut events) = consume(a, 1, "c", 0, 0);
+    in_flight.store(FLOW_WINDOW - 3, Ordering::Release);
+    for seq in 1..=5 {
+        publish(a, seq);
+    }
+    a.end_wakeup();
+    // The flow window had room for three: one event carries them, and the
+    // window counts all three at once.
+    match events.try_recv() {
+        Ok(ConnEvent::DeliverMany { items, .. }) => {
+            assert_eq!(items.iter().map(|i| i.2).collect::<Vec<_>>(), [1, 2, 3])
+        }
+        _ => panic!("expected one DeliverMany"),
+    }
+    assert!(events.try_recv().is_err());
+    assert_eq!(in_flight.load(Ordering::Acquire), FLOW_WINDOW);
+    // A prefetch bounds a run too.
+    let (_, mut limited) = consume(a, 2, "limited", 0, 1);
+    a.end_wakeup();
+    assert_eq!(delivered(&mut limited), vec![4]);
+}
+
+#[test]
+fn deliveries_to_a_vanished_connection_go_back_in_order() {
+    let mut f = fixture(FieldTable::default(), None);
+    let a = &mut f.actor;
+    let (gone_flow, gone) = consume(a, 1, "gone", 0, 0);
+    drop(gone);
+    for seq in 1..=4 {
+        publish(a, seq);
+    }
+    a.end_wakeup();
+    assert_eq!(
+        gone_flow.load(Ordering::Acquire),
+        0,
+        "nothing counted as sent"
+    );
+    // Its channel closes (the connection's ChannelClosed); the next
+    // consumer gets every message, in order, none marked redelivered.
+    assert!(!a.on_cmd(QueueCmd::ChannelClosed { chan_key: 1 }));
+    let (_, mut next) = consume(a, 2, "next", 0, 0);
+    a.end_wakeup();
+    assert_eq!(
+        deliveries(&mut next),
+        (1..=4).map(|s| (s, false, None)).collect::<Vec<_>>()
+    );
 }
 
 #[test]
