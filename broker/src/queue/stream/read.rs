@@ -5,7 +5,7 @@
 use super::consume::{Start, StreamConsume};
 use super::{offset_scope, Rec, Stream};
 use crate::events::ConnEvent;
-use crate::message::Message;
+use crate::message::{Message, MessageRef};
 use crate::queue::handle::{Consumer, QueueCmd};
 use crate::queue::FLOW_WINDOW;
 use bytes::Bytes;
@@ -187,6 +187,8 @@ impl Stream {
         let r = &mut self.readers[i];
         let mut scanned = 0;
         let mut yielded = false;
+        // What this wake-up hands the reader goes out as one event.
+        let mut batch: Vec<(MessageRef, bool, u64)> = Vec::new();
         loop {
             let c = &r.c;
             if r.outstanding.len() as u32 >= c.prefetch
@@ -231,20 +233,7 @@ impl Stream {
                     break;
                 }
                 c.in_flight.fetch_add(1, Ordering::AcqRel);
-                let ev = ConnEvent::Deliver {
-                    chan_key: c.chan_key,
-                    channel: c.channel,
-                    tag: c.tag.clone(),
-                    msg: rec.msg,
-                    redelivered: false,
-                    seq: rec.offset,
-                    queue: self.info.id,
-                    in_flight: c.in_flight.clone(),
-                };
-                if c.conn.send(ev).is_err() {
-                    // The connection is gone; its ChannelClosed is coming.
-                    break;
-                }
+                batch.push((rec.msg, false, rec.offset));
                 r.outstanding.push_back(rec.offset);
                 self.counts.delivered += 1;
             }
@@ -252,6 +241,33 @@ impl Stream {
             if from_ahead {
                 pop_ahead(&mut r.ahead, &mut r.ahead_bytes);
             }
+        }
+        if !batch.is_empty() {
+            let c = &r.c;
+            let ev = if batch.len() == 1 {
+                let (msg, _, seq) = batch.pop().expect("one");
+                ConnEvent::Deliver {
+                    chan_key: c.chan_key,
+                    channel: c.channel,
+                    tag: c.tag.clone(),
+                    msg,
+                    redelivered: false,
+                    seq,
+                    queue: self.info.id,
+                    in_flight: c.in_flight.clone(),
+                }
+            } else {
+                ConnEvent::DeliverMany {
+                    chan_key: c.chan_key,
+                    channel: c.channel,
+                    tag: c.tag.clone(),
+                    items: batch,
+                    in_flight: c.in_flight.clone(),
+                }
+            };
+            // A connection that is gone has its ChannelClosed on the way,
+            // which drops this reader; a stream loses nothing by it.
+            let _ = c.conn.send(ev);
         }
         // Read ahead from the store while it is behind the tail.
         let from = r.fetched.max(r.next);
