@@ -305,46 +305,39 @@ impl Persister {
                 if waited {
                     waits.observe(puts, puts - count_puts(&ops));
                 }
-                if ops.is_empty() {
-                    // Everything cancelled out (or a barrier alone): every
-                    // earlier batch is durable already, nothing to sync.
-                    writer_progress.add_applied(jobs.len() as u64);
-                    for j in jobs {
-                        if let Some(done) = j.done {
-                            done(true);
-                        }
+                // Everything cancelled out (or a barrier alone): every earlier
+                // batch is durable already, nothing to write or sync.
+                let ok = ops.is_empty() || {
+                    let started = std::time::Instant::now();
+                    let applied = writer_store.apply(&ops);
+                    writer_stats.batch_ops.observe(ops.len() as f64);
+                    writer_stats
+                        .write_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    unchecked += ops
+                        .iter()
+                        .map(|op| match op {
+                            MessageOp::PutMessage { message, .. }
+                            | MessageOp::StreamAppend { message, .. } => {
+                                (message.body.len() + message.header.len() + 64) as u64
+                            }
+                            _ => 32,
+                        })
+                        .sum::<u64>();
+                    if unchecked >= DISK_CHECK_BYTES || checked.elapsed() >= DISK_CHECK_EVERY {
+                        writer_alarms.refresh_disk();
+                        unchecked = 0;
+                        checked = std::time::Instant::now();
                     }
-                    continue;
-                }
-                let started = std::time::Instant::now();
-                let applied = writer_store.apply(&ops);
-                writer_stats.batch_ops.observe(ops.len() as f64);
-                writer_stats
-                    .write_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                let ok = match applied {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::error!(error = %e, ops = ops.len(), "message store write failed; confirms will be nacked");
-                        failed.fetch_add(1, Ordering::AcqRel);
-                        false
+                    match applied {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::error!(error = %e, ops = ops.len(), "message store write failed; confirms will be nacked");
+                            failed.fetch_add(1, Ordering::AcqRel);
+                            false
+                        }
                     }
                 };
-                unchecked += ops
-                    .iter()
-                    .map(|op| match op {
-                        MessageOp::PutMessage { message, .. }
-                        | MessageOp::StreamAppend { message, .. } => {
-                            (message.body.len() + message.header.len() + 64) as u64
-                        }
-                        _ => 32,
-                    })
-                    .sum::<u64>();
-                if unchecked >= DISK_CHECK_BYTES || checked.elapsed() >= DISK_CHECK_EVERY {
-                    writer_alarms.refresh_disk();
-                    unchecked = 0;
-                    checked = std::time::Instant::now();
-                }
                 writer_progress.add_applied(jobs.len() as u64);
                 for j in jobs {
                     if let Some(done) = j.done {

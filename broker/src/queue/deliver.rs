@@ -7,7 +7,6 @@ use super::dead_letter::{self, Reason};
 use super::handle::Got;
 use super::ready::{Entry, Unacked};
 use super::FLOW_WINDOW;
-use crate::events::ConnEvent;
 use crate::message::MessageRef;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -48,30 +47,12 @@ impl Actor {
     fn hand_out(&mut self, i: usize, entries: Vec<Entry>) -> bool {
         let n = entries.len();
         let c = &mut self.consumers[i];
-        let ev = if n == 1 {
-            let e = &entries[0];
-            ConnEvent::Deliver {
-                chan_key: c.chan_key,
-                channel: c.channel,
-                tag: c.tag.clone(),
-                msg: e.msg.clone(),
-                redelivered: e.redelivered,
-                seq: e.seq,
-                queue: self.info.id,
-                in_flight: c.in_flight.clone(),
-            }
-        } else {
-            ConnEvent::DeliverMany {
-                chan_key: c.chan_key,
-                channel: c.channel,
-                tag: c.tag.clone(),
-                items: entries
-                    .iter()
-                    .map(|e| (e.msg.clone(), e.redelivered, e.seq))
-                    .collect(),
-                in_flight: c.in_flight.clone(),
-            }
-        };
+        let ev = c.deliveries(
+            self.info.id,
+            entries
+                .iter()
+                .map(|e| (e.msg.clone(), e.redelivered, e.seq)),
+        );
         if c.conn.send(ev).is_err() {
             // The connection is gone; its ChannelClosed is on the way.
             c.in_flight.fetch_sub(n as u32, Ordering::AcqRel);

@@ -364,6 +364,38 @@ pub enum QueueCmd {
     },
 }
 
+impl Consumer {
+    /// The event handing this consumer `items` (message, redelivered,
+    /// sequence or offset) from queue `queue`, in order: one `Deliver` for
+    /// one message, else one `DeliverMany` for the run.
+    pub fn deliveries(
+        &self,
+        queue: u64,
+        mut items: impl ExactSizeIterator<Item = (MessageRef, bool, u64)>,
+    ) -> ConnEvent {
+        if items.len() == 1 {
+            let (msg, redelivered, seq) = items.next().expect("one item");
+            return ConnEvent::Deliver {
+                chan_key: self.chan_key,
+                channel: self.channel,
+                tag: self.tag.clone(),
+                msg,
+                redelivered,
+                seq,
+                queue,
+                in_flight: self.in_flight.clone(),
+            };
+        }
+        ConnEvent::DeliverMany {
+            chan_key: self.chan_key,
+            channel: self.channel,
+            tag: self.tag.clone(),
+            items: items.collect(),
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
 /// A consumer, as operators see it.
 #[derive(Clone, Debug)]
 pub struct ConsumerInfo {

@@ -243,31 +243,10 @@ impl Stream {
             }
         }
         if !batch.is_empty() {
-            let c = &r.c;
-            let ev = if batch.len() == 1 {
-                let (msg, _, seq) = batch.pop().expect("one");
-                ConnEvent::Deliver {
-                    chan_key: c.chan_key,
-                    channel: c.channel,
-                    tag: c.tag.clone(),
-                    msg,
-                    redelivered: false,
-                    seq,
-                    queue: self.info.id,
-                    in_flight: c.in_flight.clone(),
-                }
-            } else {
-                ConnEvent::DeliverMany {
-                    chan_key: c.chan_key,
-                    channel: c.channel,
-                    tag: c.tag.clone(),
-                    items: batch,
-                    in_flight: c.in_flight.clone(),
-                }
-            };
+            let ev = r.c.deliveries(self.info.id, batch.into_iter());
             // A connection that is gone has its ChannelClosed on the way,
             // which drops this reader; a stream loses nothing by it.
-            let _ = c.conn.send(ev);
+            let _ = r.c.conn.send(ev);
         }
         // Read ahead from the store while it is behind the tail.
         let from = r.fetched.max(r.next);
