@@ -195,7 +195,7 @@ impl Histogram {
 pub const BATCH_BOUNDS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
-/// Store write-and-sync times, seconds.
+/// Store write times (with the WAL sync, if any), seconds.
 pub const WRITE_BOUNDS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
@@ -209,6 +209,11 @@ pub struct StoreStats {
     /// Operations dropped before a write because they cancelled out (a
     /// message acked before it was written).
     pub elided_ops: AtomicU64,
+    /// Batches written without a WAL sync (nobody waited for them).
+    pub unsynced_writes: AtomicU64,
+    /// WAL syncs made for such batches alone, when no synced write
+    /// followed them in time.
+    pub deferred_syncs: AtomicU64,
     pub page_reads: AtomicU64,
     pub paged_messages: AtomicU64,
 }
@@ -219,6 +224,8 @@ impl Default for StoreStats {
             batch_ops: Histogram::new(BATCH_BOUNDS),
             write_seconds: Histogram::new(WRITE_BOUNDS),
             elided_ops: AtomicU64::new(0),
+            unsynced_writes: AtomicU64::new(0),
+            deferred_syncs: AtomicU64::new(0),
             page_reads: AtomicU64::new(0),
             paged_messages: AtomicU64::new(0),
         }

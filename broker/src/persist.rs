@@ -8,6 +8,8 @@
 //! connections share one fsync. A message acked before its batch is written
 //! is not written at all (its writes cancel out: `elide_consumed`), and a
 //! small batch may wait a moment for such acks first (`CommitWait`).
+//! A batch nobody waits for (acks, page-outs) is written without a sync;
+//! the next sync covers it, at most UNSYNCED_FOR later.
 //!
 //! One FIFO for everyone: a queue's `Remove` for a message is always applied
 //! after the publisher's `PutMessage`/`Enqueue` for it (the publisher submits
@@ -67,6 +69,13 @@ struct ReadJob {
 const JOB_PERMITS: usize = 8192;
 /// Operations merged into one write at most.
 const MAX_BATCH_OPS: usize = 64 * 1024;
+
+/// Writes nobody waits for (acks, requeue counts, page-outs) are made
+/// without a WAL sync: the next synced write covers them, or a sync at most
+/// this long after the first of them. A crash can lose only the last of
+/// them, so an acked message may come back after a crash, marked
+/// redelivered; no confirmed message can be lost.
+const UNSYNCED_FOR: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How long a batch with a few messages to store may wait for more
 /// (`CommitWait`; `--commit-wait`) by default, in µs: less than one WAL
@@ -280,7 +289,31 @@ impl Persister {
                     }
                 }
             };
-            while let Ok(first) = rx.recv() {
+            // Since when writes nobody waited for are not synced.
+            let mut unsynced: Option<std::time::Instant> = None;
+            let sync_failed = |e: warren_storage::StoreError| {
+                tracing::error!(error = %e, "message store sync failed; confirms will be nacked");
+                failed.fetch_add(1, Ordering::AcqRel);
+            };
+            loop {
+                let first = match unsynced {
+                    None => match rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => break,
+                    },
+                    Some(since) => match rx.recv_timeout(UNSYNCED_FOR.saturating_sub(since.elapsed())) {
+                        Ok(j) => j,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            writer_stats.deferred_syncs.fetch_add(1, Ordering::Relaxed);
+                            if let Err(e) = writer_store.sync() {
+                                sync_failed(e);
+                            }
+                            unsynced = None;
+                            continue;
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    },
+                };
                 let mut jobs = vec![first];
                 let mut n = jobs[0].ops.len();
                 gather(&mut jobs, &mut n);
@@ -305,11 +338,31 @@ impl Persister {
                 if waited {
                     waits.observe(puts, puts - count_puts(&ops));
                 }
-                // Everything cancelled out (or a barrier alone): every earlier
-                // batch is durable already, nothing to write or sync.
-                let ok = ops.is_empty() || {
+                // Sync when somebody waits for this batch, or when earlier
+                // unsynced writes are due.
+                let sync = jobs.iter().any(|j| j.done.is_some())
+                    || unsynced.is_some_and(|t| t.elapsed() >= UNSYNCED_FOR);
+                // Everything cancelled out (or a barrier alone): nothing to
+                // write, but earlier unsynced writes may need their sync.
+                let ok = if ops.is_empty() {
+                    match (sync, unsynced) {
+                        (true, Some(_)) => match writer_store.sync() {
+                            Ok(()) => true,
+                            Err(e) => {
+                                sync_failed(e);
+                                false
+                            }
+                        },
+                        _ => true,
+                    }
+                } else {
                     let started = std::time::Instant::now();
-                    let applied = writer_store.apply(&ops);
+                    let applied = if sync {
+                        writer_store.apply(&ops)
+                    } else {
+                        writer_stats.unsynced_writes.fetch_add(1, Ordering::Relaxed);
+                        writer_store.apply_unsynced(&ops)
+                    };
                     writer_stats.batch_ops.observe(ops.len() as f64);
                     writer_stats
                         .write_seconds
@@ -338,11 +391,21 @@ impl Persister {
                         }
                     }
                 };
+                if sync {
+                    unsynced = None;
+                } else if !ops.is_empty() && unsynced.is_none() {
+                    unsynced = Some(std::time::Instant::now());
+                }
                 writer_progress.add_applied(jobs.len() as u64);
                 for j in jobs {
                     if let Some(done) = j.done {
                         done(ok);
                     }
+                }
+            }
+            if unsynced.is_some() {
+                if let Err(e) = writer_store.sync() {
+                    sync_failed(e);
                 }
             }
         })?;
@@ -718,5 +781,160 @@ mod writer_tests {
         assert!(store.get_messages(&[2]).unwrap()[0].is_some());
         assert_eq!(store.read_index(1, 0, u64::MAX, 10).unwrap().len(), 1);
         assert_eq!(p.store_stats.elided_ops.load(Ordering::Relaxed), 3);
+    }
+
+    /// A store that remembers what a crash would keep: the writes made up
+    /// to its last sync.
+    struct Durable {
+        live: MemStore,
+        durable: MemStore,
+        unsynced: std::sync::Mutex<Vec<Vec<MessageOp>>>,
+    }
+
+    impl Durable {
+        fn sync_now(&self) -> warren_storage::Result<()> {
+            for ops in self.unsynced.lock().unwrap().drain(..) {
+                self.durable.apply(&ops)?;
+            }
+            Ok(())
+        }
+    }
+
+    impl MessageStore for Durable {
+        fn apply(&self, ops: &[MessageOp]) -> warren_storage::Result<()> {
+            self.live.apply(ops)?;
+            self.unsynced.lock().unwrap().push(ops.to_vec());
+            self.sync_now()
+        }
+        fn apply_unsynced(&self, ops: &[MessageOp]) -> warren_storage::Result<()> {
+            self.live.apply(ops)?;
+            self.unsynced.lock().unwrap().push(ops.to_vec());
+            Ok(())
+        }
+        fn sync(&self) -> warren_storage::Result<()> {
+            self.sync_now()
+        }
+        fn read_index(
+            &self,
+            queue: QueueId,
+            from: u64,
+            to: u64,
+            limit: usize,
+        ) -> warren_storage::Result<Vec<(u64, MessageId, EntryMeta)>> {
+            self.live.read_index(queue, from, to, limit)
+        }
+        fn get_messages(
+            &self,
+            ids: &[MessageId],
+        ) -> warren_storage::Result<Vec<Option<warren_storage::StoredMessage>>> {
+            self.live.get_messages(ids)
+        }
+        fn bounds(
+            &self,
+            queue: QueueId,
+        ) -> warren_storage::Result<Option<warren_storage::QueueBounds>> {
+            self.live.bounds(queue)
+        }
+        fn max_message_id(&self) -> warren_storage::Result<MessageId> {
+            self.live.max_message_id()
+        }
+        fn queue_ids(&self) -> warren_storage::Result<Vec<QueueId>> {
+            self.live.queue_ids()
+        }
+        fn load_dedup(&self, scope: &[u8]) -> warren_storage::Result<Vec<(bytes::Bytes, u64)>> {
+            self.live.load_dedup(scope)
+        }
+        fn read_stream(
+            &self,
+            stream: QueueId,
+            from: u64,
+            limit: usize,
+        ) -> warren_storage::Result<Vec<warren_storage::StreamRecord>> {
+            self.live.read_stream(stream, from, limit)
+        }
+        fn stream_ids(&self) -> warren_storage::Result<Vec<QueueId>> {
+            self.live.stream_ids()
+        }
+        fn stream_bounds(&self, stream: QueueId) -> warren_storage::Result<Option<(u64, u64)>> {
+            self.live.stream_bounds(stream)
+        }
+        fn stream_seek_time(
+            &self,
+            stream: QueueId,
+            timestamp: u64,
+        ) -> warren_storage::Result<Option<u64>> {
+            self.live.stream_seek_time(stream, timestamp)
+        }
+        fn read_delayed(
+            &self,
+            after: Option<(u64, MessageId)>,
+            limit: usize,
+        ) -> warren_storage::Result<Vec<warren_storage::DelayedEntry>> {
+            self.live.read_delayed(after, limit)
+        }
+    }
+
+    fn remove(id: MessageId) -> Vec<MessageOp> {
+        vec![MessageOp::Remove {
+            queue: 1,
+            seq: id,
+            id,
+        }]
+    }
+
+    #[test]
+    fn acks_are_written_without_a_sync_and_synced_soon_after() {
+        let store = Arc::new(Durable {
+            live: MemStore::new(),
+            durable: MemStore::new(),
+            unsynced: Default::default(),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let alarms = Alarms::start(dir.path(), u64::MAX, 0);
+        let p =
+            Persister::start(store.clone(), 0, 1 << 20, alarms, std::time::Duration::ZERO).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let confirmed = move |tx: std::sync::mpsc::Sender<bool>| -> Done {
+            Box::new(move |ok| tx.send(ok).unwrap())
+        };
+        let stored = |s: &MemStore, id| s.get_messages(&[id]).unwrap()[0].is_some();
+        for id in [1, 2] {
+            p.submit_then(put_ops(id), confirmed(tx.clone()));
+            assert!(rx.recv().unwrap());
+            assert!(stored(&store.durable, id), "a confirm waits for the sync");
+        }
+        // An ack: applied at once, durable only later.
+        p.submit_nowait(remove(1));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stored(&store.live, 1) {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let durable_then = stored(&store.durable, 1);
+        if p.store_stats.deferred_syncs.load(Ordering::Relaxed) == 0 {
+            assert!(durable_then, "no sync was due yet");
+        }
+        assert_eq!(p.store_stats.unsynced_writes.load(Ordering::Relaxed), 1);
+        // ... synced within UNSYNCED_FOR, with no other write to carry it.
+        while stored(&store.durable, 1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the ack was never synced"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(p.store_stats.deferred_syncs.load(Ordering::Relaxed), 1);
+        // An ack followed by a write somebody waits for: that sync covers it.
+        p.submit_nowait(remove(2));
+        p.submit_then(put_ops(3), confirmed(tx));
+        assert!(rx.recv().unwrap());
+        assert!(!stored(&store.durable, 2) && stored(&store.durable, 3));
+        // A barrier (tx.commit) makes earlier acks durable too.
+        p.submit_nowait(remove(3));
+        assert!(tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(p.barrier()));
+        assert!(!stored(&store.durable, 3));
     }
 }

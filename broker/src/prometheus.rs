@@ -378,12 +378,12 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
     let st = &b.persister.store_stats;
     out.histogram(
         "warren_store_batch_operations",
-        "Operations per store write batch (one atomic write and one WAL sync)",
+        "Operations per store write batch (one atomic write)",
         &st.batch_ops,
     );
     out.histogram(
         "warren_store_write_seconds",
-        "Time to write a store batch, its WAL sync included",
+        "Time to write a store batch, its WAL sync (if any) included",
         &st.write_seconds,
     );
     for (name, help, v) in [
@@ -391,6 +391,16 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
             "warren_store_elided_operations_total",
             "Store operations cancelled before they were written (messages acked before their write)",
             st.elided_ops.load(Relaxed),
+        ),
+        (
+            "warren_store_unsynced_writes_total",
+            "Store batches written without a WAL sync (acks and other changes no client waits for)",
+            st.unsynced_writes.load(Relaxed),
+        ),
+        (
+            "warren_store_deferred_syncs_total",
+            "WAL syncs made for unsynced batches alone, at most 20 ms after them",
+            st.deferred_syncs.load(Relaxed),
         ),
         (
             "warren_paging_reads_total",

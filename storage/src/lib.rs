@@ -247,6 +247,17 @@ pub struct QueueBounds {
 /// group many operations per call (group commit).
 pub trait MessageStore: Send + Sync + 'static {
     fn apply(&self, ops: &[MessageOp]) -> Result<()>;
+    /// Apply `ops` atomically without waiting for them to be durable: a
+    /// crash may lose them, with every later write, until the next `apply`
+    /// or `sync`. What survives a crash is always a prefix of the writes.
+    /// For changes nobody was promised (acks, requeue counts).
+    fn apply_unsynced(&self, ops: &[MessageOp]) -> Result<()> {
+        self.apply(ops)
+    }
+    /// Make every earlier write durable.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
     /// Up to `limit` index entries `(seq, message id, meta)` of `queue`
     /// with `from <= seq < to`, in order. No body is read.
     fn read_index(

@@ -399,6 +399,13 @@ impl RocksStore {
         self.db.write_opt(batch, &self.write_opts()).map_err(io)
     }
 
+    /// `write`, without the WAL sync when `sync` is false.
+    fn write_synced(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        let mut w = WriteOptions::default();
+        w.set_sync(sync && self.sync);
+        self.db.write_opt(batch, &w).map_err(io)
+    }
+
     fn check_format(&self) -> Result<()> {
         let meta = self.cf(META);
         match self.db.get_cf(meta, FORMAT_KEY).map_err(io)? {
@@ -638,8 +645,9 @@ impl MetaStore for RocksStore {
     }
 }
 
-impl MessageStore for RocksStore {
-    fn apply(&self, ops: &[MessageOp]) -> Result<()> {
+impl RocksStore {
+    /// `apply`, with the WAL synced or not.
+    fn apply_ops(&self, ops: &[MessageOp], sync: bool) -> Result<()> {
         let (messages, index, refs) = (self.cf(MESSAGES), self.cf(INDEX), self.cf(REFS));
         let dedup = self.cf(DEDUP);
         // Deduplication keys this batch has written (Some) or deleted
@@ -927,13 +935,32 @@ impl MessageStore for RocksStore {
                 b.delete_cf(refs, id.to_be_bytes());
             }
         }
-        self.write(b)?;
+        self.write_synced(b, sync)?;
         for (id, n) in counts {
             if n > 1 {
                 shared.insert(id, n);
             } else {
                 shared.remove(&id);
             }
+        }
+        Ok(())
+    }
+}
+
+impl MessageStore for RocksStore {
+    fn apply(&self, ops: &[MessageOp]) -> Result<()> {
+        self.apply_ops(ops, true)
+    }
+
+    fn apply_unsynced(&self, ops: &[MessageOp]) -> Result<()> {
+        self.apply_ops(ops, false)
+    }
+
+    /// A sync of the WAL covers every earlier write, in older WAL files
+    /// too (RocksDB's SyncWAL).
+    fn sync(&self) -> Result<()> {
+        if self.sync {
+            self.db.flush_wal(true).map_err(io)?;
         }
         Ok(())
     }
