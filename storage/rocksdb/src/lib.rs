@@ -187,31 +187,46 @@ impl ChunkBuilder {
     }
 }
 
-/// The records of a chunk stored under first offset `first`: (offset,
-/// timestamp, message), the messages slices of `v`.
-fn decode_chunk(first: u64, v: Bytes) -> Result<Vec<StreamRecord>> {
+/// The records of the chunk value `v` stored under first offset `first`
+/// from offset `from` on, `room` at most: only their bytes are copied out
+/// of `v` (a page of a large chunk copies and decodes that page, not the
+/// chunk).
+fn decode_chunk_range(first: u64, v: &[u8], from: u64, room: usize) -> Result<Vec<StreamRecord>> {
     let bad = || StoreError::Corrupt("stream chunk".into());
-    let count = chunk_count(&v);
+    let count = chunk_count(v);
+    // (offset, timestamp, start, end) of each wanted record in `v`.
+    let mut spans = Vec::with_capacity(room.min(count as usize));
     let mut at = 4usize;
-    let mut out = Vec::with_capacity(count as usize);
     for i in 0..count {
+        if spans.len() >= room {
+            break;
+        }
         let head = v.get(at..at + 12).ok_or_else(bad)?;
         let timestamp = u64::from_be_bytes(head[..8].try_into().map_err(|_| bad())?);
         let len = u32::from_be_bytes(head[8..].try_into().map_err(|_| bad())?) as usize;
-        at += 12;
-        let end = at
+        let end = (at + 12)
             .checked_add(len)
             .filter(|&e| e <= v.len())
             .ok_or_else(bad)?;
-        let m = v.slice(at..end);
+        if first + i >= from {
+            spans.push((first + i, timestamp, at + 12, end));
+        }
         at = end;
-        out.push(StreamRecord {
-            offset: first + i,
-            timestamp,
-            message: decode_message_bytes(m)?,
-        });
     }
-    Ok(out)
+    let (Some(&(_, _, start, _)), Some(&(_, _, _, stop))) = (spans.first(), spans.last()) else {
+        return Ok(Vec::new());
+    };
+    let copy = Bytes::copy_from_slice(&v[start..stop]);
+    spans
+        .into_iter()
+        .map(|(offset, timestamp, a, b)| {
+            Ok(StreamRecord {
+                offset,
+                timestamp,
+                message: decode_message_bytes(copy.slice(a - start..b - start))?,
+            })
+        })
+        .collect()
 }
 
 /// How many records a chunk value holds (its first four bytes).
@@ -811,7 +826,7 @@ impl RocksStore {
                     let mut rewrite = None;
                     if let Some((first, v)) = self.stream_chunk_at(*stream, *before)? {
                         let v_len = v.len();
-                        let recs = decode_chunk(first, v)?;
+                        let recs = decode_chunk_range(first, &v, first, usize::MAX)?;
                         kept_ts = recs
                             .iter()
                             .find(|r| r.offset == *before)
@@ -1059,9 +1074,7 @@ impl MessageStore for RocksStore {
             if s != stream {
                 break;
             }
-            let recs = decode_chunk(first, Bytes::copy_from_slice(v))?;
-            let room = limit - out.len();
-            out.extend(recs.into_iter().filter(|r| r.offset >= from).take(room));
+            out.extend(decode_chunk_range(first, v, from, limit - out.len())?);
             it.next();
         }
         it.status().map_err(io)?;
@@ -1217,6 +1230,45 @@ impl MessageStore for RocksStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_range_copies_and_decodes_only_its_records() {
+        let mut c = ChunkBuilder::new(7, 100, 1024);
+        for i in 0..10u64 {
+            c.push(
+                1000 + i,
+                &StoredMessage {
+                    exchange: Bytes::new(),
+                    routing_key: Bytes::from(format!("rk{i}")),
+                    header: Bytes::from_static(b"h"),
+                    body: Bytes::from(format!("body {i}")),
+                },
+            );
+        }
+        let (_, v) = c.finish();
+        let offsets = |from, room| -> Vec<(u64, u64, Bytes)> {
+            decode_chunk_range(100, &v, from, room)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.offset, r.timestamp, r.message.body))
+                .collect()
+        };
+        let all = offsets(0, usize::MAX);
+        assert_eq!(all.len(), 10);
+        assert_eq!(all[9], (109, 1009, Bytes::from("body 9")));
+        let mid = offsets(104, 3);
+        assert_eq!(mid.iter().map(|r| r.0).collect::<Vec<_>>(), [104, 105, 106]);
+        assert_eq!(mid[0].2, "body 4");
+        assert_eq!(mid[2].2, "body 6");
+        assert!(offsets(110, 5).is_empty());
+        assert!(offsets(100, 0).is_empty());
+        // One record from late in the chunk.
+        let r = decode_chunk_range(100, &v, 108, 1).unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].message.routing_key, "rk8");
+        // A truncated chunk is an error, not a panic.
+        assert!(decode_chunk_range(100, &v[..v.len() - 3], 0, usize::MAX).is_err());
+    }
 
     #[test]
     fn message_contract() {
