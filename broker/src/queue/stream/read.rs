@@ -16,13 +16,14 @@ use warren_protocol::types::AMQPValue;
 use warren_storage::MessageOp;
 
 /// Records one store read brings back at most ...
-const READ_PAGE: usize = 2048;
+const READ_PAGE: usize = 4096;
 /// ... and bytes of bodies and headers, at most (so a consumer's read-ahead
 /// is bounded whatever the message size)...
 const READ_BYTES: u64 = 4 << 20;
-/// ... and a reader asks for the next page once it holds fewer than half
-/// of either.
-const READ_AHEAD_LOW: usize = READ_PAGE / 2;
+/// ... and a reader asks for the next page once it holds fewer than a
+/// page, or half of READ_BYTES: the next page is read while the consumer
+/// takes this one.
+const READ_AHEAD_LOW: usize = READ_PAGE;
 /// Messages a reader passes over (filtered out, too old) in one wake-up
 /// before the stream lets the others have a turn.
 const MAX_SCAN: usize = 65_536;
