@@ -34,6 +34,12 @@ pub enum ConnEvent {
     /// A publish is enqueued on every queue it was routed to (`nack`: a
     /// queue refused it, e.g. `x-overflow: reject-publish`).
     Confirm { chan_key: u64, seq: u64, nack: bool },
+    /// Several of those for one channel at once: `(seq, nack)` in the
+    /// order they were settled.
+    Confirms {
+        chan_key: u64,
+        seqs: Vec<(u64, bool)>,
+    },
     /// The queue removed a consumer at the client's request.
     CancelOk { chan_key: u64, tag: Arc<str> },
     /// The queue went away under a consumer.
@@ -130,7 +136,37 @@ impl ConfirmTicket {
         }
     }
 
-    fn send(&mut self) {
+    /// `settle` for many tickets at once (a stream's batch of appends):
+    /// the confirms that are due go to each channel as one event per run
+    /// of tickets of that channel.
+    pub fn settle_all(tickets: impl IntoIterator<Item = Arc<Self>>) {
+        let mut run: Option<(mpsc::UnboundedSender<ConnEvent>, u64, Vec<(u64, bool)>)> = None;
+        let flush = |run: Option<(mpsc::UnboundedSender<ConnEvent>, u64, Vec<(u64, bool)>)>| {
+            if let Some((conn, chan_key, seqs)) = run {
+                let _ = conn.send(ConnEvent::Confirms { chan_key, seqs });
+            }
+        };
+        for t in tickets {
+            let Some(mut t) = Arc::into_inner(t) else {
+                continue;
+            };
+            t.sent = true;
+            let nack = t.take_nack();
+            match &mut run {
+                Some((conn, key, seqs)) if *key == t.chan_key && conn.same_channel(&t.conn) => {
+                    seqs.push((t.seq, nack));
+                }
+                _ => {
+                    flush(run.take());
+                    run = Some((t.conn.clone(), t.chan_key, vec![(t.seq, nack)]));
+                }
+            }
+        }
+        flush(run);
+    }
+
+    /// Whether the confirm is a nack; runs the nack hook if so.
+    fn take_nack(&mut self) -> bool {
         let nack = self.nacked.load(Ordering::Relaxed);
         if nack {
             let hook = self
@@ -142,6 +178,11 @@ impl ConfirmTicket {
                 f();
             }
         }
+        nack
+    }
+
+    fn send(&mut self) {
+        let nack = self.take_nack();
         let _ = self.conn.send(ConnEvent::Confirm {
             chan_key: self.chan_key,
             seq: self.seq,
@@ -157,5 +198,61 @@ impl Drop for ConfirmTicket {
         if !self.sent {
             self.send();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn confirms(rx: &mut mpsc::UnboundedReceiver<ConnEvent>) -> Vec<(u64, Vec<(u64, bool)>)> {
+        let mut out = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                ConnEvent::Confirms { chan_key, seqs } => out.push((chan_key, seqs)),
+                ConnEvent::Confirm {
+                    chan_key,
+                    seq,
+                    nack,
+                } => out.push((chan_key, vec![(seq, nack)])),
+                _ => panic!("not a confirm"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn settling_many_tickets_sends_one_event_per_run_of_a_channel() {
+        let (a, mut rx_a) = mpsc::unbounded_channel();
+        let (b, mut rx_b) = mpsc::unbounded_channel();
+        let t = |conn: &mpsc::UnboundedSender<ConnEvent>, key, seq| {
+            Arc::new(ConfirmTicket::new(conn.clone(), key, seq))
+        };
+        let refused = t(&a, 1, 3);
+        refused.nack();
+        // Held by another queue too: its confirm waits for that one.
+        let shared = t(&a, 1, 4);
+        let other_holder = shared.clone();
+        let tickets = vec![
+            t(&a, 1, 1),
+            t(&a, 1, 2),
+            refused,
+            shared,
+            t(&a, 2, 1),
+            t(&b, 1, 1),
+            t(&a, 1, 5),
+        ];
+        ConfirmTicket::settle_all(tickets);
+        assert_eq!(
+            confirms(&mut rx_a),
+            vec![
+                (1, vec![(1, false), (2, false), (3, true)]),
+                (2, vec![(1, false)]),
+                (1, vec![(5, false)])
+            ]
+        );
+        assert_eq!(confirms(&mut rx_b), vec![(1, vec![(1, false)])]);
+        other_holder.settle();
+        assert_eq!(confirms(&mut rx_a), vec![(1, vec![(4, false)])]);
     }
 }

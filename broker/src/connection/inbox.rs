@@ -78,6 +78,18 @@ impl Connection {
                     }
                 }
             }
+            ConnEvent::Confirms { chan_key, seqs } => {
+                let c = self.channels.values_mut().find(|c| c.key == chan_key);
+                if let Some(cf) = c.and_then(|c| c.confirms.as_mut()) {
+                    for (seq, nack) in seqs {
+                        if nack {
+                            cf.nack(seq);
+                        } else {
+                            cf.confirm(seq);
+                        }
+                    }
+                }
+            }
             ConnEvent::CancelOk { chan_key, tag } => {
                 if let Some(c) = self.channels.values_mut().find(|c| c.key == chan_key) {
                     c.cancel_done(&mut ctx!(self), &tag);

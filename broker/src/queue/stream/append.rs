@@ -147,12 +147,10 @@ impl Stream {
         self.persister.submit_then(
             ops,
             Box::new(move |ok| {
-                for t in tickets {
-                    if !ok {
-                        t.nack();
-                    }
-                    t.settle();
+                if !ok {
+                    tickets.iter().for_each(|t| t.nack());
                 }
+                crate::events::ConfirmTicket::settle_all(tickets);
                 if let Some(me) = me.upgrade() {
                     let _ = me.send(QueueCmd::StreamCommitted { upto, permits, ok });
                 }
