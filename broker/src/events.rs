@@ -140,8 +140,10 @@ impl ConfirmTicket {
     /// the confirms that are due go to each channel as one event per run
     /// of tickets of that channel.
     pub fn settle_all(tickets: impl IntoIterator<Item = Arc<Self>>) {
-        let mut run: Option<(mpsc::UnboundedSender<ConnEvent>, u64, Vec<(u64, bool)>)> = None;
-        let flush = |run: Option<(mpsc::UnboundedSender<ConnEvent>, u64, Vec<(u64, bool)>)>| {
+        // The channel's connection, its key, and its confirms so far.
+        type Run = (mpsc::UnboundedSender<ConnEvent>, u64, Vec<(u64, bool)>);
+        let mut run: Option<Run> = None;
+        let flush = |run: Option<Run>| {
             if let Some((conn, chan_key, seqs)) = run {
                 let _ = conn.send(ConnEvent::Confirms { chan_key, seqs });
             }
