@@ -1,0 +1,60 @@
+//! Error type of the cluster crate.
+
+use std::io;
+
+use crate::types::{NodeId, NodeInfo};
+
+/// Errors returned by the transport and by [`crate::ClusterNode`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Socket-level failure.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+
+    /// The peer does not share our secret (or is not a Warren cluster node).
+    #[error("authentication with {peer} failed")]
+    AuthFailed { peer: String },
+
+    /// An operation did not finish in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+
+    /// A frame header announced (or a message needed) more than the frame cap.
+    #[error("frame of {len} bytes exceeds the {max} byte limit")]
+    FrameTooLarge { len: usize, max: usize },
+
+    /// The peer sent something we did not expect.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+
+    /// The connection closed while a request was in flight.
+    #[error("connection to {peer} closed")]
+    ConnectionClosed { peer: String },
+
+    /// Writes must go to the leader; this tells the caller where it is, when known.
+    #[error("not the leader; forward to {}", leader_display(.leader_id, .leader))]
+    ForwardToLeader {
+        leader_id: Option<NodeId>,
+        leader: Option<NodeInfo>,
+    },
+
+    /// Any other Raft failure (fatal errors, membership changes in progress...).
+    #[error("raft error: {0}")]
+    Raft(String),
+
+    /// The configuration cannot work (for example duplicate member names).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// The node has been shut down.
+    #[error("cluster node is shut down")]
+    Shutdown,
+}
+
+fn leader_display(id: &Option<NodeId>, node: &Option<NodeInfo>) -> String {
+    match (id, node) {
+        (_, Some(n)) => n.to_string(),
+        (Some(id), None) => format!("node {id}"),
+        (None, None) => "unknown leader".to_string(),
+    }
+}

@@ -1,0 +1,31 @@
+//! Clustering for Warren: a Raft group (openraft) of broker nodes that replicates
+//! metadata (vhosts, users, queues...) as a key → JSON map.
+//!
+//! - [`types`]: the openraft type configuration and the replicated command.
+//! - [`log`] / [`sm`]: log storage and state machine (in memory for now).
+//! - [`net`]: authenticated, framed TCP transport and openraft's network traits.
+//! - [`node`]: [`ClusterNode`], which ties them together; [`config`]: its settings.
+//!
+//! Current limits, to lift before production use:
+//! - storage is in memory: a restarted node has lost its log and its vote; the leader
+//!   refills it, but a forgotten vote voids Raft's safety, so restarts need durable storage;
+//! - only the handshake is authenticated: frames after it carry no MAC and no encryption,
+//!   so the transport must run on a trusted network (or gain TLS / per-frame MACs);
+//! - removing members and joining without the leader's help are not implemented yet
+//!   ([`ClusterNode::add_member`] runs on the leader).
+
+mod bootstrap;
+pub mod config;
+pub mod error;
+pub mod log;
+pub mod net;
+pub mod node;
+pub mod sm;
+pub mod types;
+
+pub use config::ClusterConfig;
+pub use error::ClusterError;
+pub use net::HelloReply;
+pub use node::{ClusterNode, ClusterStatus, Role};
+pub use sm::MetaReader;
+pub use types::{node_id, MetaCommand, MetaResponse, NodeId, NodeInfo, TypeConfig};

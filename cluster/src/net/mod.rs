@@ -1,0 +1,84 @@
+//! TCP transport between cluster members.
+//!
+//! Each connection starts with a mutual HMAC handshake ([`auth`]), then carries
+//! length-prefixed JSON frames ([`frame`]). Requests carry an id and get exactly one
+//! response with the same id, so several RPCs can share one connection and a late reply
+//! to a timed-out request is simply discarded.
+
+pub mod auth;
+mod client;
+pub mod frame;
+mod raft_net;
+mod server;
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+pub use client::PeerPool;
+pub use raft_net::{NetworkFactory, PeerNetwork};
+pub use server::serve;
+
+use crate::types::{NodeId, NodeInfo, TypeConfig};
+
+/// A request frame.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct RpcRequest {
+    pub id: u64,
+    pub body: RequestBody,
+}
+
+/// The operations a member can ask of another.
+#[derive(Serialize, Deserialize)]
+pub(crate) enum RequestBody {
+    /// Who are you? Used for discovery before Raft knows the peer.
+    Hello,
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+/// A response frame, matched to its request by `id`.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct RpcResponse {
+    pub id: u64,
+    pub body: ResponseBody,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) enum ResponseBody {
+    Hello(HelloReply),
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    /// The server could not produce a response (e.g. it would not fit in a frame).
+    Error(String),
+}
+
+impl ResponseBody {
+    /// Name of the variant, for "unexpected response" errors.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            ResponseBody::Hello(_) => "Hello",
+            ResponseBody::AppendEntries(_) => "AppendEntries",
+            ResponseBody::Vote(_) => "Vote",
+            ResponseBody::InstallSnapshot(_) => "InstallSnapshot",
+            ResponseBody::Error(_) => "Error",
+        }
+    }
+}
+
+/// Answer to a Hello request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// The answering node.
+    pub node: NodeInfo,
+    /// Whether it already belongs to an initialized Raft group; a bootstrapping node must
+    /// not initialize a second group next to an existing one.
+    pub initialized: bool,
+}

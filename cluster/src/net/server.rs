@@ -1,0 +1,136 @@
+//! Incoming connections: authenticate, then hand each request to the local Raft node.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::auth::server_handshake;
+use super::frame::{encode, read_frame};
+use super::{HelloReply, RequestBody, ResponseBody, RpcRequest, RpcResponse};
+use crate::error::ClusterError;
+use crate::types::{NodeInfo, Raft};
+
+/// Responses queued for a connection's writer task before handlers wait.
+const RESPONSE_QUEUE: usize = 64;
+
+/// Accepts cluster connections on `listener` until the returned future is dropped.
+///
+/// Every connection runs in its own task, owned by this future: dropping (or aborting)
+/// it closes the listener and every accepted connection, which is how a node leaves.
+pub async fn serve(listener: TcpListener, raft: Raft, secret: Arc<[u8]>, self_info: NodeInfo) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    conns.spawn(handle_conn(stream, peer, raft.clone(), secret.clone(), self_info.clone()));
+                }
+                Err(e) => {
+                    // Typically fd exhaustion: back off instead of spinning.
+                    tracing::warn!("cluster listener accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn handle_conn(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    raft: Raft,
+    secret: Arc<[u8]>,
+    me: NodeInfo,
+) {
+    let _ = stream.set_nodelay(true);
+    let remote = match server_handshake(&mut stream, &secret, &me, &peer.to_string()).await {
+        Ok(remote) => remote,
+        Err(ClusterError::AuthFailed { .. }) => {
+            tracing::warn!(%peer, "rejected cluster connection: authentication failed");
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(%peer, "cluster handshake failed: {e}");
+            return;
+        }
+    };
+    tracing::debug!(%peer, node = %remote, "cluster connection authenticated");
+
+    let (rd, wr) = stream.into_split();
+    let (responses, queue) = mpsc::channel(RESPONSE_QUEUE);
+    // Handlers and the writer live in this set: when the connection ends they are
+    // aborted with it.
+    let mut tasks = JoinSet::new();
+    tasks.spawn(write_loop(wr, queue));
+    let mut rd = BufReader::new(rd);
+    loop {
+        let req: RpcRequest = match read_frame(&mut rd).await {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::debug!(%peer, "cluster connection ended: {e}");
+                break;
+            }
+        };
+        let (raft, me, responses) = (raft.clone(), me.clone(), responses.clone());
+        tasks.spawn(async move {
+            let body = dispatch(&raft, me, req.body).await;
+            let _ = responses.send(RpcResponse { id: req.id, body }).await;
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut queue: mpsc::Receiver<RpcResponse>) {
+    while let Some(resp) = queue.recv().await {
+        let frame = match encode(&resp) {
+            Ok(frame) => frame,
+            Err(e) => {
+                // Answer anyway so the caller fails fast instead of timing out.
+                let fallback = RpcResponse {
+                    id: resp.id,
+                    body: ResponseBody::Error(e.to_string()),
+                };
+                match encode(&fallback) {
+                    Ok(frame) => frame,
+                    Err(_) => continue,
+                }
+            }
+        };
+        if wr.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn dispatch(raft: &Raft, me: NodeInfo, body: RequestBody) -> ResponseBody {
+    match body {
+        RequestBody::Hello => {
+            let initialized = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .next()
+                .is_some();
+            ResponseBody::Hello(HelloReply {
+                node: me,
+                initialized,
+            })
+        }
+        RequestBody::AppendEntries(req) => {
+            ResponseBody::AppendEntries(raft.append_entries(req).await)
+        }
+        RequestBody::Vote(req) => ResponseBody::Vote(raft.vote(req).await),
+        RequestBody::InstallSnapshot(req) => {
+            ResponseBody::InstallSnapshot(raft.install_snapshot(req).await)
+        }
+    }
+}

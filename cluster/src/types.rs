@@ -1,0 +1,120 @@
+//! Raft type configuration shared by every part of the cluster: node identity, the
+//! replicated command and its response.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Raft node id. Derived from the node name with [`node_id`], so a node keeps its id
+/// across restarts without having to persist it separately.
+pub type NodeId = u64;
+
+/// What the cluster knows about a member: its stable name and its cluster address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Stable, unique node name (the id is derived from it).
+    pub name: String,
+    /// Cluster address as `HOST:PORT`, as other members should dial it.
+    pub addr: String,
+}
+
+impl NodeInfo {
+    /// Builds a node description.
+    pub fn new(name: impl Into<String>, addr: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            addr: addr.into(),
+        }
+    }
+
+    /// The Raft id of this node.
+    pub fn id(&self) -> NodeId {
+        node_id(&self.name)
+    }
+}
+
+impl fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.addr)
+    }
+}
+
+/// A change to the replicated metadata map. Kept generic (key/JSON value) so the broker
+/// can layer vhosts, users, queues... on top without changing the Raft log format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Sets `key` to `value`.
+    Put {
+        key: String,
+        value: serde_json::Value,
+    },
+    /// Removes `key` (a no-op when absent).
+    Delete { key: String },
+}
+
+/// Result of applying a [`MetaCommand`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetaResponse {
+    /// The value the key had before the command, if any.
+    pub previous: Option<serde_json::Value>,
+}
+
+openraft::declare_raft_types!(
+    /// openraft type configuration for Warren's metadata group.
+    pub TypeConfig:
+        D = MetaCommand,
+        R = MetaResponse,
+        NodeId = u64,
+        Node = NodeInfo,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The Raft handle for [`TypeConfig`].
+pub type Raft = openraft::Raft<TypeConfig>;
+/// Log id for [`TypeConfig`].
+pub type LogId = openraft::LogId<NodeId>;
+/// Stored membership for [`TypeConfig`].
+pub type StoredMembership = openraft::StoredMembership<NodeId, NodeInfo>;
+
+/// Derives a node id from a node name: the first 8 bytes of SHA-256(name), big-endian.
+///
+/// Stable across processes and versions. Id 0 is reserved (openraft treats the default
+/// id specially in places), so a name hashing to 0 maps to 1.
+pub fn node_id(name: &str) -> NodeId {
+    let digest = Sha256::digest(name.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    match u64::from_be_bytes(first) {
+        0 => 1,
+        id => id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_id_is_stable_and_distinct() {
+        assert_eq!(node_id("rabbit-1"), node_id("rabbit-1"));
+        assert_ne!(node_id("rabbit-1"), node_id("rabbit-2"));
+        assert_ne!(node_id(""), 0);
+        // SHA-256("abc") starts with ba7816bf8f01cfea.
+        assert_eq!(node_id("abc"), 0xba78_16bf_8f01_cfea);
+    }
+
+    #[test]
+    fn command_json_shape() {
+        let cmd = MetaCommand::Put {
+            key: "vhost/a".into(),
+            value: serde_json::json!({"x": 1}),
+        };
+        let json = serde_json::to_string(&cmd).expect("serialize");
+        assert_eq!(json, r#"{"Put":{"key":"vhost/a","value":{"x":1}}}"#);
+        let back: MetaCommand = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, cmd);
+    }
+}

@@ -1,0 +1,333 @@
+//! End-to-end tests: real nodes over loopback TCP (127.0.0.1, ephemeral ports only).
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::net::TcpListener;
+use warren_cluster::{ClusterConfig, ClusterError, ClusterNode, MetaCommand, NodeId, Role};
+
+const SECRET: &[u8] = b"test-cluster-secret";
+
+/// Logs go to the test output when `RUST_LOG` is set (e.g. `RUST_LOG=warren_cluster=debug`).
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Binds every listener first so each node's peer list can name the others.
+async fn start_nodes(specs: &[(&str, &[u8], &[usize])]) -> Vec<ClusterNode> {
+    init_logs();
+    let mut listeners = Vec::new();
+    for _ in specs {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    let mut nodes = Vec::new();
+    for ((name, secret, peers), listener) in specs.iter().zip(listeners) {
+        let peers = peers.iter().map(|&i| addrs[i].clone()).collect();
+        let cfg = config(name, secret, &listener, peers);
+        nodes.push(ClusterNode::start_on(cfg, listener).await.expect("start"));
+    }
+    nodes
+}
+
+fn config(name: &str, secret: &[u8], listener: &TcpListener, peers: Vec<String>) -> ClusterConfig {
+    let mut cfg = ClusterConfig::new(name, listener.local_addr().expect("addr"), secret.to_vec());
+    cfg.peers = peers;
+    cfg
+}
+
+/// Polls `check` every 50 ms until it holds or `timeout` elapses.
+async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until all `nodes` report the same leader and `members` voters; returns the
+/// leader's id.
+async fn agreed_leader(nodes: &[&ClusterNode], members: usize, timeout: Duration) -> NodeId {
+    eventually("one agreed leader", timeout, || {
+        let st: Vec<_> = nodes.iter().map(|n| n.status()).collect();
+        st[0].leader_id.is_some()
+            && st
+                .iter()
+                .all(|s| s.leader_id == st[0].leader_id && s.members.len() == members)
+    })
+    .await;
+    nodes[0].status().leader_id.expect("leader")
+}
+
+fn put(key: &str, value: serde_json::Value) -> MetaCommand {
+    MetaCommand::Put {
+        key: key.into(),
+        value,
+    }
+}
+
+async fn shutdown_all(nodes: &[ClusterNode]) {
+    for n in nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_one_leader_and_replicate() {
+    let nodes = start_nodes(&[
+        ("node-a", SECRET, &[1, 2]),
+        ("node-b", SECRET, &[0, 2]),
+        ("node-c", SECRET, &[0, 1]),
+    ])
+    .await;
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    let first_seen = nodes[2]
+        .wait_for_leader(Duration::from_secs(15))
+        .await
+        .expect("a leader");
+    let leader_id = agreed_leader(&all, 3, Duration::from_secs(15)).await;
+
+    let leader = nodes
+        .iter()
+        .find(|n| n.id() == leader_id)
+        .expect("leader is a node");
+    assert_eq!(&first_seen, leader.info());
+    let st = leader.status();
+    assert_eq!(st.role, Role::Leader);
+    assert_eq!(st.leader.as_ref(), Some(leader.info()));
+    let mut names: Vec<_> = st.members.iter().map(|m| m.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["node-a", "node-b", "node-c"]);
+
+    let resp = leader
+        .write(put("vhost/prod", json!({"tracing": false})))
+        .await
+        .expect("write");
+    assert_eq!(resp.previous, None);
+    eventually("replication to all nodes", Duration::from_secs(5), || {
+        nodes
+            .iter()
+            .all(|n| n.get("vhost/prod") == Some(json!({"tracing": false})))
+    })
+    .await;
+
+    // A follower refuses writes and names the leader.
+    let follower = nodes
+        .iter()
+        .find(|n| n.id() != leader_id)
+        .expect("follower");
+    match follower.write(put("x", json!(1))).await {
+        Err(ClusterError::ForwardToLeader {
+            leader_id: id,
+            leader: node,
+        }) => {
+            assert_eq!(id, Some(leader_id));
+            assert_eq!(node.as_ref(), Some(leader.info()));
+        }
+        other => panic!("expected ForwardToLeader, got {other:?}"),
+    }
+
+    shutdown_all(&nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survivors_elect_a_new_leader_after_leader_shutdown() {
+    let nodes = start_nodes(&[
+        ("node-a", SECRET, &[1, 2]),
+        ("node-b", SECRET, &[0, 2]),
+        ("node-c", SECRET, &[0, 1]),
+    ])
+    .await;
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    let old_id = agreed_leader(&all, 3, Duration::from_secs(15)).await;
+    let old = nodes.iter().find(|n| n.id() == old_id).expect("leader");
+    old.write(put("before", json!(1)))
+        .await
+        .expect("first write");
+
+    let old_addr = old.local_addr();
+    old.shutdown().await.expect("shutdown leader");
+    assert!(
+        tokio::net::TcpStream::connect(old_addr).await.is_err(),
+        "the stopped node's port must not accept connections"
+    );
+
+    let survivors: Vec<&ClusterNode> = nodes.iter().filter(|n| n.id() != old_id).collect();
+    let started = tokio::time::Instant::now();
+    eventually("a new leader", Duration::from_secs(10), || {
+        let st: Vec<_> = survivors.iter().map(|n| n.status()).collect();
+        st[0].leader_id.is_some_and(|l| l != old_id) && st[1].leader_id == st[0].leader_id
+    })
+    .await;
+    let new_id = survivors[0].status().leader_id.expect("leader");
+    eprintln!("new leader elected after {:?}", started.elapsed());
+
+    let new_leader = survivors
+        .iter()
+        .find(|n| n.id() == new_id)
+        .expect("new leader");
+    let resp = new_leader
+        .write(put("before", json!(2)))
+        .await
+        .expect("write after failover");
+    assert_eq!(resp.previous, Some(json!(1)));
+    eventually("replication to survivors", Duration::from_secs(5), || {
+        survivors.iter().all(|n| n.get("before") == Some(json!(2)))
+    })
+    .await;
+
+    shutdown_all(&nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_wrong_secret_is_locked_out() {
+    // The good nodes only list each other; the intruder lists both of them.
+    let nodes = start_nodes(&[
+        ("good-1", SECRET, &[1]),
+        ("good-2", SECRET, &[0]),
+        ("intruder", b"wrong-secret", &[0, 1]),
+    ])
+    .await;
+    let (good, intruder) = (&nodes[..2], &nodes[2]);
+    let good_addr = good[0].info().addr.clone();
+
+    // Intruder → good node: the server rejects the client proof.
+    match intruder.probe(&good_addr).await {
+        Err(ClusterError::AuthFailed { peer }) => assert_eq!(peer, good_addr),
+        other => panic!("expected AuthFailed, got {other:?}"),
+    }
+    // Good node → intruder: the client rejects the server proof.
+    match good[0].probe(&intruder.info().addr).await {
+        Err(ClusterError::AuthFailed { .. }) => {}
+        other => panic!("expected AuthFailed, got {other:?}"),
+    }
+    // Good nodes authenticate each other.
+    let reply = good[0]
+        .probe(&good[1].info().addr)
+        .await
+        .expect("good probe");
+    assert_eq!(reply.node.name, "good-2");
+
+    let good_refs: Vec<&ClusterNode> = good.iter().collect();
+    let leader_id = agreed_leader(&good_refs, 2, Duration::from_secs(15)).await;
+    let leader = good.iter().find(|n| n.id() == leader_id).expect("leader");
+    leader.write(put("k", json!("v"))).await.expect("write");
+    eventually("replication to good nodes", Duration::from_secs(5), || {
+        good.iter().all(|n| n.get("k") == Some(json!("v")))
+    })
+    .await;
+
+    let st = intruder.status();
+    assert_eq!(st.leader_id, None);
+    assert!(st.members.is_empty(), "intruder joined: {st:?}");
+    assert_eq!(intruder.get("k"), None);
+
+    shutdown_all(&nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_member_catches_up_from_a_snapshot() {
+    init_logs();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    // Snapshot every 5 entries and keep no log behind it, so a newcomer can only catch
+    // up through InstallSnapshot.
+    let snapshotting = |mut cfg: ClusterConfig| {
+        cfg.snapshot_after_logs = 5;
+        cfg.logs_kept_after_snapshot = 0;
+        cfg
+    };
+    let mut listeners = listeners.into_iter();
+    let (la, lb, lc) = (
+        listeners.next().expect("a"),
+        listeners.next().expect("b"),
+        listeners.next().expect("c"),
+    );
+    let a_cfg = snapshotting(config("join-a", SECRET, &la, vec![addrs[1].clone()]));
+    let b_cfg = snapshotting(config("join-b", SECRET, &lb, vec![addrs[0].clone()]));
+    let a = ClusterNode::start_on(a_cfg, la).await.expect("start a");
+    let b = ClusterNode::start_on(b_cfg, lb).await.expect("start b");
+    let leader_id = agreed_leader(&[&a, &b], 2, Duration::from_secs(15)).await;
+    let leader = if a.id() == leader_id { &a } else { &b };
+    for i in 0..20 {
+        leader
+            .write(put(&format!("queue/{i}"), json!(i)))
+            .await
+            .expect("write");
+    }
+    // Large values make the snapshot span several InstallSnapshot chunks.
+    let blob = "x".repeat(256 * 1024);
+    for i in 0..8 {
+        leader
+            .write(put(&format!("blob/{i}"), json!(blob)))
+            .await
+            .expect("write blob");
+    }
+    eventually("a snapshot on the leader", Duration::from_secs(10), || {
+        leader.status().snapshot_index >= Some(25)
+    })
+    .await;
+
+    // The newcomer lists the existing members; they report being initialized, so it
+    // waits to be added instead of creating a cluster of its own.
+    // The newcomer never builds snapshots itself: one on it must have been received.
+    let mut c_cfg = config("join-c", SECRET, &lc, addrs[..2].to_vec());
+    c_cfg.snapshot_after_logs = 1_000_000;
+    let c = ClusterNode::start_on(c_cfg, lc).await.expect("start c");
+    let added = leader.add_member(&addrs[2]).await.expect("add member");
+    assert_eq!(added.name, "join-c");
+
+    eventually("the newcomer to catch up", Duration::from_secs(10), || {
+        c.get("queue/0") == Some(json!(0))
+            && c.get("queue/19") == Some(json!(19))
+            && c.get("blob/7") == Some(json!(blob))
+    })
+    .await;
+    assert!(
+        c.status().snapshot_index >= Some(25),
+        "the newcomer did not receive the leader's snapshot"
+    );
+    let new_leader = agreed_leader(&[&a, &b, &c], 3, Duration::from_secs(10)).await;
+    assert_eq!(new_leader, leader_id);
+    assert_eq!(c.status().bootstrap_error, None);
+
+    leader
+        .write(put("after-join", json!(true)))
+        .await
+        .expect("write");
+    eventually(
+        "replication to the newcomer",
+        Duration::from_secs(5),
+        || c.get("after-join") == Some(json!(true)),
+    )
+    .await;
+
+    for n in [&a, &b, &c] {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_rejects_bad_config() {
+    let listen = "127.0.0.1:0".parse().expect("addr");
+    let err = ClusterNode::start(ClusterConfig::new("n", listen, Vec::new()))
+        .await
+        .err()
+        .expect("empty secret must be refused");
+    assert!(matches!(err, ClusterError::Config(_)), "{err:?}");
+}
