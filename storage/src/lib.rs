@@ -9,6 +9,8 @@
 //!   the process).
 //! - The RocksDB engine is a crate of its own (`storage/rocksdb`,
 //!   `warren-storage-rocksdb`), so that this one does not depend on it.
+//! - [`RaftLogStore`]: the durable state of Raft groups (log, vote), as
+//!   bytes, for the cluster crate.
 //! - [`contract`] (feature `contract`) — the behaviour every engine must
 //!   show, as functions each engine's tests call.
 
@@ -324,6 +326,42 @@ pub trait MessageStore: Send + Sync + 'static {
     fn count(&self, queue: QueueId) -> Result<u64> {
         Ok(self.bounds(queue)?.map_or(0, |b| b.count))
     }
+}
+
+/// Identifies a Raft group: 0 is the cluster's metadata group; quorum
+/// queues get groups of their own.
+pub type RaftGroup = u64;
+
+/// The durable state of Raft groups (log entries, vote, committed and
+/// last purged log ids) as opaque bytes the caller encodes, so engines need
+/// no Raft types. Each call is atomic and durable when it returns, except
+/// [`RaftLogStore::save_committed`]: a node that forgets its vote or an
+/// acknowledged entry voids Raft's safety, so these are synced.
+pub trait RaftLogStore: Send + Sync + 'static {
+    /// Replace the group's vote.
+    fn save_vote(&self, group: RaftGroup, vote: &[u8]) -> Result<()>;
+    fn read_vote(&self, group: RaftGroup) -> Result<Option<Bytes>>;
+    /// Replace (or with None, forget) the group's committed log id. Not
+    /// synced: Raft may lose it (it is learned again from the leader), so
+    /// it rides along with the next synced write.
+    fn save_committed(&self, group: RaftGroup, committed: Option<&[u8]>) -> Result<()>;
+    fn read_committed(&self, group: RaftGroup) -> Result<Option<Bytes>>;
+    /// Store `(index, entry)` pairs, replacing any at the same index, all
+    /// in one synced write.
+    fn append(&self, group: RaftGroup, entries: &[(u64, Vec<u8>)]) -> Result<()>;
+    /// Remove the entries with index >= `from` (a conflicting suffix).
+    fn truncate(&self, group: RaftGroup, from: u64) -> Result<()>;
+    /// Remove the entries with index <= `upto` (now in a snapshot) and
+    /// remember `last_purged` (the last purged log id), in one write.
+    fn purge(&self, group: RaftGroup, upto: u64, last_purged: &[u8]) -> Result<()>;
+    fn read_last_purged(&self, group: RaftGroup) -> Result<Option<Bytes>>;
+    /// Forget the group's entries, committed id and purge point, keeping
+    /// its vote, in one write (a log that can no longer be replayed).
+    fn reset_log(&self, group: RaftGroup) -> Result<()>;
+    /// The entries with `from <= index < to`, in index order.
+    fn entries(&self, group: RaftGroup, from: u64, to: u64) -> Result<Vec<(u64, Bytes)>>;
+    /// The entry with the highest index, if the group has any.
+    fn last_entry(&self, group: RaftGroup) -> Result<Option<(u64, Bytes)>>;
 }
 
 /// A store that keeps both definitions and messages: what the broker runs
@@ -782,6 +820,94 @@ pub mod contract {
             Some((0, 0)),
             "another stream stays"
         );
+    }
+
+    /// Raft logs: empty state; entries appended (and replaced), read by
+    /// range; truncation of a suffix, purge of a prefix with its marker;
+    /// vote and committed id replaced and read; two groups apart.
+    pub fn raft_log(s: &dyn RaftLogStore) {
+        let b = |v: &str| Bytes::copy_from_slice(v.as_bytes());
+        let entry = |g: u64, i: u64| (i, format!("g{g}e{i}").into_bytes());
+        for g in [0, 1] {
+            assert_eq!(s.read_vote(g).unwrap(), None);
+            assert_eq!(s.read_committed(g).unwrap(), None);
+            assert_eq!(s.read_last_purged(g).unwrap(), None);
+            assert_eq!(s.last_entry(g).unwrap(), None);
+            assert!(s.entries(g, 0, u64::MAX).unwrap().is_empty());
+        }
+        // Group 1 sits between entries of group 0 and of group 2 in any
+        // ordered layout: its operations must not reach them.
+        for g in [0, 1, 2] {
+            let es: Vec<_> = (1..=5).map(|i| entry(g, i)).collect();
+            s.append(g, &es).unwrap();
+        }
+        let indexes = |g, from, to| -> Vec<u64> {
+            s.entries(g, from, to)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.0)
+                .collect()
+        };
+        assert_eq!(indexes(1, 0, u64::MAX), vec![1, 2, 3, 4, 5]);
+        assert_eq!(
+            s.entries(1, 2, 4).unwrap(),
+            vec![(2, b("g1e2")), (3, b("g1e3"))]
+        );
+        assert!(s.entries(1, 4, 4).unwrap().is_empty());
+        assert_eq!(s.last_entry(1).unwrap(), Some((5, b("g1e5"))));
+        // A replacement at an existing index, and appends continuing.
+        s.append(1, &[(5, b"new5".to_vec()), (6, b"new6".to_vec())])
+            .unwrap();
+        assert_eq!(
+            s.entries(1, 5, 7).unwrap(),
+            vec![(5, b("new5")), (6, b("new6"))]
+        );
+        // Truncate a suffix.
+        s.truncate(1, 4).unwrap();
+        assert_eq!(indexes(1, 0, u64::MAX), vec![1, 2, 3]);
+        assert_eq!(s.last_entry(1).unwrap(), Some((3, b("g1e3"))));
+        // Purge a prefix; the marker is kept.
+        s.purge(1, 2, b"purged-2").unwrap();
+        assert_eq!(indexes(1, 0, u64::MAX), vec![3]);
+        assert_eq!(s.read_last_purged(1).unwrap(), Some(b("purged-2")));
+        // Purge everything: no entry left, the marker stays.
+        s.purge(1, 3, b"purged-3").unwrap();
+        assert_eq!(s.last_entry(1).unwrap(), None);
+        assert_eq!(s.read_last_purged(1).unwrap(), Some(b("purged-3")));
+        s.append(1, &[entry(1, 4)]).unwrap();
+        assert_eq!(s.last_entry(1).unwrap(), Some((4, b("g1e4"))));
+        s.truncate(1, 0).unwrap();
+        assert_eq!(s.last_entry(1).unwrap(), None);
+        // Vote and committed; a reset keeps the vote alone.
+        s.append(1, &[entry(1, 7)]).unwrap();
+        s.save_vote(1, b"vote-a").unwrap();
+        s.save_committed(1, Some(b"c-0")).unwrap();
+        s.reset_log(1).unwrap();
+        assert_eq!(s.last_entry(1).unwrap(), None);
+        assert_eq!(s.read_last_purged(1).unwrap(), None);
+        assert_eq!(s.read_committed(1).unwrap(), None);
+        assert_eq!(s.read_vote(1).unwrap(), Some(b("vote-a")));
+        s.save_vote(1, b"vote-b").unwrap();
+        assert_eq!(s.read_vote(1).unwrap(), Some(b("vote-b")));
+        s.save_committed(1, Some(b"c-1")).unwrap();
+        assert_eq!(s.read_committed(1).unwrap(), Some(b("c-1")));
+        s.save_committed(1, None).unwrap();
+        assert_eq!(s.read_committed(1).unwrap(), None);
+        s.save_committed(1, Some(b"c-2")).unwrap();
+        // The neighbours kept everything.
+        for g in [0, 2] {
+            assert_eq!(indexes(g, 0, u64::MAX), vec![1, 2, 3, 4, 5], "group {g}");
+            assert_eq!(s.last_entry(g).unwrap(), Some((5, b(&format!("g{g}e5")))));
+            assert_eq!(s.read_vote(g).unwrap(), None);
+            assert_eq!(s.read_committed(g).unwrap(), None);
+            assert_eq!(s.read_last_purged(g).unwrap(), None);
+        }
+        // The largest group and index are usable.
+        s.append(u64::MAX, &[(u64::MAX, b"last".to_vec())]).unwrap();
+        assert_eq!(s.last_entry(u64::MAX).unwrap(), Some((u64::MAX, b("last"))));
+        s.purge(u64::MAX, u64::MAX, b"all").unwrap();
+        assert_eq!(s.last_entry(u64::MAX).unwrap(), None);
+        assert_eq!(s.last_entry(2).unwrap(), Some((5, b("g2e5"))));
     }
 
     fn binding(source: &str, dest: &str, to_queue: bool) -> BindingDef {

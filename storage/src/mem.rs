@@ -1,5 +1,7 @@
 //! The in-memory engine: the same contracts as the durable one, kept in
-//! process memory (nothing survives a restart). Locks are std mutexes held
+//! process memory (nothing survives a restart; a Raft log survives a
+//! cluster node's restart within the process when the same `MemStore` is
+//! handed to it again). Locks are std mutexes held
 //! only for the duration of a map operation.
 
 use crate::*;
@@ -11,6 +13,16 @@ pub struct MemStore {
     meta: Mutex<Definitions>,
     records: Mutex<BTreeMap<(String, String), Bytes>>,
     messages: Mutex<Messages>,
+    raft: Mutex<BTreeMap<RaftGroup, RaftState>>,
+}
+
+/// One Raft group's state.
+#[derive(Default)]
+struct RaftState {
+    vote: Option<Bytes>,
+    committed: Option<Bytes>,
+    last_purged: Option<Bytes>,
+    entries: BTreeMap<u64, Bytes>,
 }
 
 #[derive(Default)]
@@ -367,6 +379,80 @@ impl MessageStore for MemStore {
     }
 }
 
+impl RaftLogStore for MemStore {
+    fn save_vote(&self, group: RaftGroup, vote: &[u8]) -> Result<()> {
+        lock(&self.raft).entry(group).or_default().vote = Some(Bytes::copy_from_slice(vote));
+        Ok(())
+    }
+    fn read_vote(&self, group: RaftGroup) -> Result<Option<Bytes>> {
+        Ok(lock(&self.raft).get(&group).and_then(|g| g.vote.clone()))
+    }
+    fn save_committed(&self, group: RaftGroup, committed: Option<&[u8]>) -> Result<()> {
+        lock(&self.raft).entry(group).or_default().committed =
+            committed.map(Bytes::copy_from_slice);
+        Ok(())
+    }
+    fn read_committed(&self, group: RaftGroup) -> Result<Option<Bytes>> {
+        Ok(lock(&self.raft)
+            .get(&group)
+            .and_then(|g| g.committed.clone()))
+    }
+    fn append(&self, group: RaftGroup, entries: &[(u64, Vec<u8>)]) -> Result<()> {
+        let mut r = lock(&self.raft);
+        let g = r.entry(group).or_default();
+        for (index, entry) in entries {
+            g.entries.insert(*index, Bytes::copy_from_slice(entry));
+        }
+        Ok(())
+    }
+    fn truncate(&self, group: RaftGroup, from: u64) -> Result<()> {
+        if let Some(g) = lock(&self.raft).get_mut(&group) {
+            g.entries.split_off(&from);
+        }
+        Ok(())
+    }
+    fn purge(&self, group: RaftGroup, upto: u64, last_purged: &[u8]) -> Result<()> {
+        let mut r = lock(&self.raft);
+        let g = r.entry(group).or_default();
+        g.entries = match upto.checked_add(1) {
+            Some(next) => g.entries.split_off(&next),
+            None => BTreeMap::new(),
+        };
+        g.last_purged = Some(Bytes::copy_from_slice(last_purged));
+        Ok(())
+    }
+    fn read_last_purged(&self, group: RaftGroup) -> Result<Option<Bytes>> {
+        Ok(lock(&self.raft)
+            .get(&group)
+            .and_then(|g| g.last_purged.clone()))
+    }
+    fn reset_log(&self, group: RaftGroup) -> Result<()> {
+        if let Some(g) = lock(&self.raft).get_mut(&group) {
+            *g = RaftState {
+                vote: g.vote.take(),
+                ..RaftState::default()
+            };
+        }
+        Ok(())
+    }
+    fn entries(&self, group: RaftGroup, from: u64, to: u64) -> Result<Vec<(u64, Bytes)>> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        Ok(lock(&self.raft).get(&group).map_or_else(Vec::new, |g| {
+            g.entries
+                .range(from..to)
+                .map(|(i, e)| (*i, e.clone()))
+                .collect()
+        }))
+    }
+    fn last_entry(&self, group: RaftGroup) -> Result<Option<(u64, Bytes)>> {
+        Ok(lock(&self.raft)
+            .get(&group)
+            .and_then(|g| g.entries.last_key_value().map(|(i, e)| (*i, e.clone()))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +474,11 @@ mod tests {
     #[test]
     fn definitions_contract() {
         crate::contract::definitions(&MemStore::new());
+    }
+
+    #[test]
+    fn raft_log_contract() {
+        crate::contract::raft_log(&MemStore::new());
     }
 
     #[test]

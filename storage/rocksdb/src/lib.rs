@@ -26,6 +26,10 @@
 //!   the offset of its first record.
 //! - `stream-time`: `stream ‖ timestamp ‖ offset` → nothing: a sparse
 //!   index from time to offset (one entry per second of appends).
+//! - `raft`: the state of Raft groups, keyed `group ‖ kind` (vote,
+//!   committed id, last purged id) or `group ‖ kind ‖ index` (log
+//!   entries), big-endian, so a group's entries are contiguous and in index
+//!   order and a range delete truncates or purges them.
 //!
 //! A body shared by several queues is freed with its last index entry. The
 //! shared counts live in memory and in `refs`, written in the same batch as
@@ -58,6 +62,7 @@ const DEDUP: &str = "dedup";
 const DELAYED: &str = "delayed";
 const STREAM: &str = "stream";
 const STREAM_TIME: &str = "stream-time";
+const RAFT: &str = "raft";
 /// Present once the `refs` family holds every shared count.
 const REFS_READY_KEY: &[u8] = b"\x00refs-ready";
 const FORMAT_KEY: &[u8] = b"\x00format";
@@ -68,6 +73,47 @@ const EXCHANGE: u8 = b'x';
 const QUEUE: u8 = b'q';
 const BINDING: u8 = b'b';
 const RECORD: u8 = b'r';
+
+/// Kinds of keys in `raft`, after the group. Entries sort between the
+/// single values, and `RAFT_ENTRY + 1` bounds them; the vote sorts last, so
+/// `[RAFT_COMMITTED, RAFT_VOTE)` is everything but the vote.
+const RAFT_COMMITTED: u8 = b'c';
+const RAFT_ENTRY: u8 = b'e';
+const RAFT_PURGED: u8 = b'p';
+const RAFT_VOTE: u8 = b'v';
+
+/// `group ‖ kind`: a group's single value, or the end of its entries.
+fn raft_key(group: RaftGroup, kind: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.extend_from_slice(&group.to_be_bytes());
+    k.push(kind);
+    k
+}
+
+/// `group ‖ RAFT_ENTRY ‖ index`.
+fn raft_entry_key(group: RaftGroup, index: u64) -> Vec<u8> {
+    let mut k = raft_key(group, RAFT_ENTRY);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// The exclusive end of the entries with index <= `upto`.
+fn raft_entries_end(group: RaftGroup, upto: u64) -> Vec<u8> {
+    match upto.checked_add(1) {
+        Some(next) => raft_entry_key(group, next),
+        None => raft_key(group, RAFT_ENTRY + 1),
+    }
+}
+
+fn parse_raft_entry_key(group: RaftGroup, k: &[u8]) -> Result<u64> {
+    match k.split_at_checked(9) {
+        Some((head, index)) if head == raft_key(group, RAFT_ENTRY).as_slice() => index
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt("malformed raft entry key".into())),
+        _ => Err(StoreError::Corrupt("malformed raft entry key".into())),
+    }
+}
 
 pub struct RocksStore {
     db: DB,
@@ -359,6 +405,7 @@ impl RocksStore {
             (DELAYED, share(1)),
             (STREAM, share(4)),
             (STREAM_TIME, share(1)),
+            (RAFT, share(1)),
         ]
         .map(|(n, wb)| ColumnFamilyDescriptor::new(n, family(wb)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
@@ -378,6 +425,14 @@ impl RocksStore {
         store.check_format()?;
         store.rebuild_shared()?;
         Ok(store)
+    }
+
+    fn raft_get(&self, k: Vec<u8>) -> Result<Option<Bytes>> {
+        Ok(self
+            .db
+            .get_cf(self.cf(RAFT), k)
+            .map_err(io)?
+            .map(Bytes::from))
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -1227,6 +1282,105 @@ impl MessageStore for RocksStore {
     }
 }
 
+/// Every write is one batch synced with the store's `sync` setting, but
+/// the committed id's (openraft may lose it).
+impl RaftLogStore for RocksStore {
+    fn save_vote(&self, group: RaftGroup, vote: &[u8]) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(RAFT), raft_key(group, RAFT_VOTE), vote);
+        self.write(b)
+    }
+    fn read_vote(&self, group: RaftGroup) -> Result<Option<Bytes>> {
+        self.raft_get(raft_key(group, RAFT_VOTE))
+    }
+    fn save_committed(&self, group: RaftGroup, committed: Option<&[u8]>) -> Result<()> {
+        let mut b = WriteBatch::default();
+        let k = raft_key(group, RAFT_COMMITTED);
+        match committed {
+            Some(v) => b.put_cf(self.cf(RAFT), k, v),
+            None => b.delete_cf(self.cf(RAFT), k),
+        }
+        self.write_synced(b, false)
+    }
+    fn read_committed(&self, group: RaftGroup) -> Result<Option<Bytes>> {
+        self.raft_get(raft_key(group, RAFT_COMMITTED))
+    }
+    fn append(&self, group: RaftGroup, entries: &[(u64, Vec<u8>)]) -> Result<()> {
+        let raft = self.cf(RAFT);
+        let mut b = WriteBatch::default();
+        for (index, entry) in entries {
+            b.put_cf(raft, raft_entry_key(group, *index), entry);
+        }
+        self.write(b)
+    }
+    fn truncate(&self, group: RaftGroup, from: u64) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(
+            self.cf(RAFT),
+            raft_entry_key(group, from),
+            raft_key(group, RAFT_ENTRY + 1),
+        );
+        self.write(b)
+    }
+    fn purge(&self, group: RaftGroup, upto: u64, last_purged: &[u8]) -> Result<()> {
+        let raft = self.cf(RAFT);
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(
+            raft,
+            raft_entry_key(group, 0),
+            raft_entries_end(group, upto),
+        );
+        b.put_cf(raft, raft_key(group, RAFT_PURGED), last_purged);
+        self.write(b)
+    }
+    fn read_last_purged(&self, group: RaftGroup) -> Result<Option<Bytes>> {
+        self.raft_get(raft_key(group, RAFT_PURGED))
+    }
+    fn reset_log(&self, group: RaftGroup) -> Result<()> {
+        let raft = self.cf(RAFT);
+        let mut b = WriteBatch::default();
+        // Committed, entries and purge point sort together, before the vote.
+        b.delete_range_cf(
+            raft,
+            raft_key(group, RAFT_COMMITTED),
+            raft_key(group, RAFT_VOTE),
+        );
+        self.write(b)
+    }
+    fn entries(&self, group: RaftGroup, from: u64, to: u64) -> Result<Vec<(u64, Bytes)>> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(raft_entry_key(group, from));
+        ro.set_iterate_upper_bound(raft_entry_key(group, to));
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(RAFT), ro);
+        it.seek_to_first();
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            out.push((parse_raft_entry_key(group, k)?, Bytes::copy_from_slice(v)));
+            it.next();
+        }
+        it.status().map_err(io)?;
+        Ok(out)
+    }
+    fn last_entry(&self, group: RaftGroup) -> Result<Option<(u64, Bytes)>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(raft_entry_key(group, 0));
+        ro.set_iterate_upper_bound(raft_key(group, RAFT_ENTRY + 1));
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(RAFT), ro);
+        it.seek_to_last();
+        let found = match (it.key(), it.value()) {
+            (Some(k), Some(v)) => {
+                Some((parse_raft_entry_key(group, k)?, Bytes::copy_from_slice(v)))
+            }
+            _ => None,
+        };
+        it.status().map_err(io)?;
+        Ok(found)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1282,6 +1436,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = RocksStore::open(dir.path(), true).unwrap();
         warren_storage::contract::entry_meta(&s, &|| s.body_count());
+    }
+
+    #[test]
+    fn raft_log_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), true).unwrap();
+        warren_storage::contract::raft_log(&s);
+    }
+
+    #[test]
+    fn raft_log_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RocksStore::open(dir.path(), true).unwrap();
+            s.append(
+                3,
+                &[(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"c".to_vec())],
+            )
+            .unwrap();
+            s.purge(3, 1, b"p1").unwrap();
+            s.save_vote(3, b"v").unwrap();
+        }
+        let s = RocksStore::open(dir.path(), true).unwrap();
+        assert_eq!(s.read_vote(3).unwrap(), Some(Bytes::from_static(b"v")));
+        assert_eq!(
+            s.read_last_purged(3).unwrap(),
+            Some(Bytes::from_static(b"p1"))
+        );
+        assert_eq!(
+            s.entries(3, 0, u64::MAX).unwrap(),
+            vec![(2, Bytes::from_static(b"b")), (3, Bytes::from_static(b"c"))]
+        );
     }
 
     #[test]
