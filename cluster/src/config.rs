@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use openraft::{Config, SnapshotPolicy};
+use warren_storage::mem::MemStore;
+use warren_storage::RaftLogStore;
 
 use crate::error::ClusterError;
 
@@ -37,6 +39,10 @@ pub struct ClusterConfig {
     /// Log entries kept after a snapshot, so slightly lagging followers catch up from the
     /// log instead of receiving the whole snapshot.
     pub logs_kept_after_snapshot: u64,
+    /// Where the Raft log and vote are kept. Defaults to a fresh in-memory store, which
+    /// lasts as long as the process: hand a node restarted in the same process the same
+    /// store, and a durable engine to survive process restarts.
+    pub log_store: Arc<dyn RaftLogStore>,
 }
 
 impl ClusterConfig {
@@ -53,6 +59,7 @@ impl ClusterConfig {
             election_timeout_max_ms: 2000,
             snapshot_after_logs: 5000,
             logs_kept_after_snapshot: 1000,
+            log_store: Arc::new(MemStore::new()),
         }
     }
 
@@ -114,7 +121,7 @@ impl fmt::Debug for ClusterConfig {
             .field("election_timeout_max_ms", &self.election_timeout_max_ms)
             .field("snapshot_after_logs", &self.snapshot_after_logs)
             .field("logs_kept_after_snapshot", &self.logs_kept_after_snapshot)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

@@ -2,13 +2,16 @@
 //! metadata (vhosts, users, queues...) as a key → JSON map.
 //!
 //! - [`types`]: the openraft type configuration and the replicated command.
-//! - [`log`] / [`sm`]: log storage and state machine (in memory for now).
+//! - [`log`] / [`sm`]: log storage (over `warren_storage`'s `RaftLogStore`, durable
+//!   with a durable engine) and state machine (in memory for now).
 //! - [`net`]: authenticated, framed TCP transport and openraft's network traits.
 //! - [`node`]: [`ClusterNode`], which ties them together; [`config`]: its settings.
 //!
 //! Current limits, to lift before production use:
-//! - storage is in memory: a restarted node has lost its log and its vote; the leader
-//!   refills it, but a forgotten vote voids Raft's safety, so restarts need durable storage;
+//! - the state machine and its snapshots are in memory: a restarted node keeps its vote
+//!   and log (with a durable [`ClusterConfig::log_store`]) and replays the log, but once
+//!   the log was compacted into a snapshot the restart drops the log (keeping the vote)
+//!   and waits for the leader's snapshot, forgetting acknowledged entries;
 //! - only the handshake is authenticated: frames after it carry no MAC and no encryption,
 //!   so the transport must run on a trusted network (or gain TLS / per-frame MACs);
 //! - removing members and joining without the leader's help are not implemented yet

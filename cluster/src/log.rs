@@ -1,77 +1,145 @@
-//! Raft log storage (openraft v2 `RaftLogStorage`), held in memory.
+//! Raft log storage (openraft v2 `RaftLogStorage`) over the storage layer's
+//! [`RaftLogStore`]: entries, vote, committed id and purge point are JSON bytes under one
+//! Raft group id, so a restarted node remembers its vote and its log.
 //!
-//! All state lives in `LogData`; a durable backend replaces that struct and keeps the trait impls.
+//! The state machine (and so its snapshots) still lives in memory: on restart openraft
+//! rebuilds it by re-applying the log up to the committed id. That only works while the
+//! log still starts at its beginning; once entries were purged into a snapshot (or the
+//! node joined from a snapshot), the snapshot is gone with the process and
+//! [`LogStore::forget_unreplayable`] must drop the log (keeping the vote) before Raft
+//! starts, so that the leader sends a snapshot again. Durable snapshots lift this.
 
-use std::collections::BTreeMap;
-use std::fmt::Debug;
-use std::ops::RangeBounds;
+use std::fmt::{self, Debug};
+use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{Entry, LogState, RaftLogReader, StorageError, Vote};
-use tokio::sync::Mutex;
+use openraft::{Entry, LogState, RaftLogReader, StorageError, StorageIOError, Vote};
+use serde::de::DeserializeOwned;
+use warren_storage::{RaftGroup, RaftLogStore, StoreError};
 
 use crate::types::{LogId, NodeId, TypeConfig};
 
-/// The persistent part of a Raft node: log entries, vote, committed id, purge point.
-#[derive(Debug, Default)]
-struct LogData {
-    entries: BTreeMap<u64, Entry<TypeConfig>>,
-    vote: Option<Vote<NodeId>>,
-    committed: Option<LogId>,
-    last_purged: Option<LogId>,
-}
+/// The Raft group of the cluster's metadata.
+pub const META_GROUP: RaftGroup = 0;
 
-impl LogData {
-    fn range<R: RangeBounds<u64>>(&self, range: R) -> Vec<Entry<TypeConfig>> {
-        self.entries.range(range).map(|(_, e)| e.clone()).collect()
-    }
-
-    fn state(&self) -> LogState<TypeConfig> {
-        let last = self
-            .entries
-            .values()
-            .next_back()
-            .map(|e| e.log_id)
-            .or(self.last_purged);
-        LogState {
-            last_purged_log_id: self.last_purged,
-            last_log_id: last,
-        }
-    }
-
-    fn append(&mut self, entries: impl IntoIterator<Item = Entry<TypeConfig>>) {
-        for entry in entries {
-            self.entries.insert(entry.log_id.index, entry);
-        }
-    }
-
-    /// Removes entries at and after `log_id` (conflicting suffix).
-    fn truncate(&mut self, log_id: LogId) {
-        self.entries.split_off(&log_id.index);
-    }
-
-    /// Removes entries up to and including `log_id` (already in a snapshot).
-    fn purge(&mut self, log_id: LogId) {
-        if self.last_purged.is_some_and(|p| p >= log_id) {
-            return;
-        }
-        self.last_purged = Some(log_id);
-        self.entries = self.entries.split_off(&(log_id.index + 1));
-    }
-}
-
-/// Cheaply cloneable handle on the node's Raft log; clones share the same data, which is
-/// how openraft's separate log reader sees appends.
-#[derive(Debug, Clone, Default)]
+/// Cheaply cloneable handle on one Raft group's log in a [`RaftLogStore`]; clones share
+/// the backend, which is how openraft's separate log reader sees appends.
+#[derive(Clone)]
 pub struct LogStore {
-    data: Arc<Mutex<LogData>>,
+    store: Arc<dyn RaftLogStore>,
+    group: RaftGroup,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogStore")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which openraft error a failure becomes.
+#[derive(Clone, Copy)]
+enum What {
+    ReadLogs,
+    WriteLogs,
+    ReadVote,
+    WriteVote,
+    Read,
+    Write,
+}
+
+fn storage_error<E: std::error::Error + 'static>(what: What, e: &E) -> StorageError<NodeId> {
+    let any = openraft::AnyError::new(e);
+    match what {
+        What::ReadLogs => StorageIOError::read_logs(any),
+        What::WriteLogs => StorageIOError::write_logs(any),
+        What::ReadVote => StorageIOError::read_vote(any),
+        What::WriteVote => StorageIOError::write_vote(any),
+        What::Read => StorageIOError::read(any),
+        What::Write => StorageIOError::write(any),
+    }
+    .into()
+}
+
+/// Maps a JSON (en|de)coding failure.
+fn json(what: What) -> impl Fn(serde_json::Error) -> StorageError<NodeId> {
+    move |e| storage_error(what, &e)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
+    serde_json::from_slice(bytes)
+}
+
+/// `[from, to)` of a range of log indexes.
+fn index_range<R: RangeBounds<u64>>(range: &R) -> (u64, u64) {
+    let from = match range.start_bound() {
+        Bound::Included(&i) => i,
+        Bound::Excluded(&i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let to = match range.end_bound() {
+        Bound::Included(&i) => i.saturating_add(1),
+        Bound::Excluded(&i) => i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (from, to)
 }
 
 impl LogStore {
-    /// An empty log.
-    pub fn new() -> Self {
-        Self::default()
+    /// The log of `group` in `store`, as left by earlier runs.
+    pub fn new(store: Arc<dyn RaftLogStore>, group: RaftGroup) -> Self {
+        Self { store, group }
+    }
+
+    /// Runs a storage call off the async workers: a synced write may wait on the disk.
+    async fn run<T: Send + 'static>(
+        &self,
+        what: What,
+        f: impl FnOnce(&dyn RaftLogStore, RaftGroup) -> warren_storage::Result<T> + Send + 'static,
+    ) -> Result<T, StorageError<NodeId>> {
+        let (store, group) = (self.store.clone(), self.group);
+        tokio::task::spawn_blocking(move || f(&*store, group))
+            .await
+            .map_err(|e| storage_error(what, &StoreError::Io(format!("storage task: {e}"))))?
+            .map_err(|e| storage_error(what, &e))
+    }
+
+    async fn last_purged(&self) -> Result<Option<LogId>, StorageError<NodeId>> {
+        match self
+            .run(What::ReadLogs, |s, g| s.read_last_purged(g))
+            .await?
+        {
+            Some(b) => Ok(Some(decode(&b).map_err(json(What::ReadLogs))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Drops the log, purge point and committed id (keeping the vote) when the log no
+    /// longer starts at index 0, so the in-memory state machine cannot be rebuilt from
+    /// it (see the module doc); returns whether it did. Call before Raft starts.
+    ///
+    /// Forgetting acknowledged entries is what durable storage is meant to prevent: this
+    /// is a stopgap until snapshots are durable, and warns when it happens.
+    pub async fn forget_unreplayable(&self) -> Result<bool, StorageError<NodeId>> {
+        let purged = self.last_purged().await?;
+        let first = self
+            .run(What::ReadLogs, |s, g| s.entries(g, 0, 1))
+            .await?
+            .into_iter()
+            .next();
+        let last = self.run(What::ReadLogs, |s, g| s.last_entry(g)).await?;
+        if purged.is_none() && (first.is_some() || last.is_none()) {
+            return Ok(false);
+        }
+        tracing::warn!(
+            group = self.group,
+            "the Raft log was compacted into a snapshot that did not survive the restart: \
+             dropping the log (the vote is kept); the leader will send a snapshot"
+        );
+        self.run(What::WriteLogs, |s, g| s.reset_log(g)).await?;
+        Ok(true)
     }
 }
 
@@ -80,7 +148,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
-        Ok(self.data.lock().await.range(range))
+        let (from, to) = index_range(&range);
+        let raw = self
+            .run(What::ReadLogs, move |s, g| s.entries(g, from, to))
+            .await?;
+        raw.iter()
+            .map(|(_, b)| decode(b))
+            .collect::<serde_json::Result<_>>()
+            .map_err(json(What::ReadLogs))
     }
 }
 
@@ -88,7 +163,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
-        Ok(self.data.lock().await.state())
+        let last_purged = self.last_purged().await?;
+        let last = match self.run(What::ReadLogs, |s, g| s.last_entry(g)).await? {
+            Some((_, b)) => Some(
+                decode::<Entry<TypeConfig>>(&b)
+                    .map_err(json(What::ReadLogs))?
+                    .log_id,
+            ),
+            None => None,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            // Purging everything keeps the last log id known through the purge point.
+            last_log_id: last.or(last_purged),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -96,24 +184,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.data.lock().await.vote = Some(*vote);
-        Ok(())
+        let bytes = serde_json::to_vec(vote).map_err(json(What::WriteVote))?;
+        self.run(What::WriteVote, move |s, g| s.save_vote(g, &bytes))
+            .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        Ok(self.data.lock().await.vote)
+        match self.run(What::ReadVote, |s, g| s.read_vote(g)).await? {
+            Some(b) => Ok(Some(decode(&b).map_err(json(What::ReadVote))?)),
+            None => Ok(None),
+        }
     }
 
+    /// Not synced (see [`RaftLogStore::save_committed`]): openraft allows losing it.
     async fn save_committed(
         &mut self,
         committed: Option<LogId>,
     ) -> Result<(), StorageError<NodeId>> {
-        self.data.lock().await.committed = committed;
-        Ok(())
+        let bytes = committed
+            .map(|c| serde_json::to_vec(&c))
+            .transpose()
+            .map_err(json(What::Write))?;
+        self.run(What::Write, move |s, g| {
+            s.save_committed(g, bytes.as_deref())
+        })
+        .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError<NodeId>> {
-        Ok(self.data.lock().await.committed)
+        match self.run(What::Read, |s, g| s.read_committed(g)).await? {
+            Some(b) => Ok(Some(decode(&b).map_err(json(What::Read))?)),
+            None => Ok(None),
+        }
     }
 
     async fn append<I>(
@@ -125,26 +227,43 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        self.data.lock().await.append(entries);
-        // Memory is our "disk": the entries are durable as soon as they are inserted.
-        callback.log_io_completed(Ok(()));
-        Ok(())
+        let encoded = entries
+            .into_iter()
+            .map(|e| Ok((e.log_id.index, serde_json::to_vec(&e)?)))
+            .collect::<serde_json::Result<Vec<_>>>()
+            .map_err(json(What::WriteLogs))?;
+        let result = self
+            .run(What::WriteLogs, move |s, g| s.append(g, &encoded))
+            .await;
+        // Synced when `append` returns: the entries are on disk.
+        callback.log_io_completed(match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        });
+        result
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
-        self.data.lock().await.truncate(log_id);
-        Ok(())
+        self.run(What::WriteLogs, move |s, g| s.truncate(g, log_id.index))
+            .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
-        self.data.lock().await.purge(log_id);
-        Ok(())
+        if self.last_purged().await?.is_some_and(|p| p >= log_id) {
+            return Ok(());
+        }
+        let marker = serde_json::to_vec(&log_id).map_err(json(What::WriteLogs))?;
+        self.run(What::WriteLogs, move |s, g| {
+            s.purge(g, log_id.index, &marker)
+        })
+        .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use openraft::{CommittedLeaderId, EntryPayload};
+    use warren_storage::mem::MemStore;
 
     use super::*;
 
@@ -155,23 +274,109 @@ mod tests {
         }
     }
 
-    #[test]
-    fn truncate_and_purge() {
-        let mut d = LogData::default();
-        d.append((1..=5).map(entry));
-        assert_eq!(d.state().last_log_id.map(|l| l.index), Some(5));
+    async fn append(log: &mut LogStore, entries: impl IntoIterator<Item = u64>) {
+        let encoded: Vec<_> = entries
+            .into_iter()
+            .map(|i| (i, serde_json::to_vec(&entry(i)).expect("encode")))
+            .collect();
+        log.store.append(log.group, &encoded).expect("append");
+    }
 
-        d.truncate(entry(4).log_id);
-        assert_eq!(d.range(..).len(), 3);
+    async fn indexes(log: &mut LogStore) -> Vec<u64> {
+        log.try_get_log_entries(..)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect()
+    }
 
-        d.purge(entry(2).log_id);
-        let st = d.state();
+    #[tokio::test]
+    async fn truncate_and_purge() {
+        let mut d = LogStore::new(Arc::new(MemStore::new()), META_GROUP);
+        append(&mut d, 1..=5).await;
+        let st = d.get_log_state().await.expect("state");
+        assert_eq!(st.last_log_id.map(|l| l.index), Some(5));
+
+        d.truncate(entry(4).log_id).await.expect("truncate");
+        assert_eq!(indexes(&mut d).await, [1, 2, 3]);
+
+        d.purge(entry(2).log_id).await.expect("purge");
+        let st = d.get_log_state().await.expect("state");
         assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(2));
         assert_eq!(st.last_log_id.map(|l| l.index), Some(3));
-        assert_eq!(d.range(..).len(), 1);
+        assert_eq!(indexes(&mut d).await, [3]);
+        assert_eq!(d.try_get_log_entries(2..=3).await.expect("read").len(), 1);
 
         // Purging everything keeps the last log id known through the purge point.
-        d.purge(entry(3).log_id);
-        assert_eq!(d.state().last_log_id.map(|l| l.index), Some(3));
+        d.purge(entry(3).log_id).await.expect("purge");
+        assert_eq!(
+            d.get_log_state()
+                .await
+                .expect("state")
+                .last_log_id
+                .map(|l| l.index),
+            Some(3)
+        );
+        // An older purge point does not replace a newer one.
+        d.purge(entry(1).log_id).await.expect("purge");
+        assert_eq!(
+            d.get_log_state()
+                .await
+                .expect("state")
+                .last_purged_log_id
+                .map(|l| l.index),
+            Some(3)
+        );
+    }
+
+    #[tokio::test]
+    async fn reopened_log_remembers_vote_entries_and_purge_point() {
+        let backend: Arc<dyn RaftLogStore> = Arc::new(MemStore::new());
+        let vote = Vote::new_committed(3, 42);
+        let committed = entry(4).log_id;
+        {
+            let mut log = LogStore::new(backend.clone(), META_GROUP);
+            log.save_vote(&vote).await.expect("vote");
+            append(&mut log, 1..=6).await;
+            log.purge(entry(2).log_id).await.expect("purge");
+            log.save_committed(Some(committed)).await.expect("commit");
+            // Another group in the same backend stays apart.
+            let mut other = LogStore::new(backend.clone(), 7);
+            append(&mut other, 1..=2).await;
+        }
+        let mut log = LogStore::new(backend.clone(), META_GROUP);
+        assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
+        assert_eq!(log.read_committed().await.expect("commit"), Some(committed));
+        let st = log.get_log_state().await.expect("state");
+        assert_eq!(st.last_purged_log_id, Some(entry(2).log_id));
+        assert_eq!(st.last_log_id, Some(entry(6).log_id));
+        assert_eq!(indexes(&mut log).await, [3, 4, 5, 6]);
+        let mut other = LogStore::new(backend, 7);
+        assert_eq!(indexes(&mut other).await, [1, 2]);
+        assert_eq!(other.read_vote().await.expect("vote"), None);
+    }
+
+    #[tokio::test]
+    async fn an_unreplayable_log_is_dropped_but_the_vote_kept() {
+        let backend: Arc<dyn RaftLogStore> = Arc::new(MemStore::new());
+        let mut log = LogStore::new(backend.clone(), META_GROUP);
+        assert!(!log.forget_unreplayable().await.expect("empty"));
+        append(&mut log, 0..=3).await;
+        assert!(!log.forget_unreplayable().await.expect("from 0"));
+        assert_eq!(indexes(&mut log).await, [0, 1, 2, 3]);
+
+        let vote = Vote::new_committed(2, 9);
+        log.save_vote(&vote).await.expect("vote");
+        log.save_committed(Some(entry(3).log_id))
+            .await
+            .expect("commit");
+        log.purge(entry(1).log_id).await.expect("purge");
+        let mut log = LogStore::new(backend, META_GROUP);
+        assert!(log.forget_unreplayable().await.expect("purged"));
+        let st = log.get_log_state().await.expect("state");
+        assert_eq!((st.last_purged_log_id, st.last_log_id), (None, None));
+        assert_eq!(log.read_committed().await.expect("commit"), None);
+        assert_eq!(log.read_vote().await.expect("vote"), Some(vote));
     }
 }

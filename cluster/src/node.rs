@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use crate::bootstrap::{bootstrap, HELLO_TIMEOUT};
 use crate::config::ClusterConfig;
 use crate::error::ClusterError;
-use crate::log::LogStore;
+use crate::log::{LogStore, META_GROUP};
 use crate::net::{serve, HelloReply, NetworkFactory, PeerPool};
 use crate::sm::{MetaReader, StateMachine};
 use crate::types::{node_id, MetaCommand, MetaResponse, NodeId, NodeInfo, Raft};
@@ -147,11 +147,16 @@ impl ClusterNode {
         let pool = PeerPool::new(me.clone(), secret.clone());
         let sm = StateMachine::new();
         let reader = sm.reader();
+        let log = LogStore::new(cfg.log_store.clone(), META_GROUP);
+        // The state machine is in memory: a log it cannot be rebuilt from must go.
+        log.forget_unreplayable()
+            .await
+            .map_err(|e| ClusterError::Raft(format!("cannot read the raft log: {e}")))?;
         let raft = Raft::new(
             id,
             raft_config,
             NetworkFactory::new(pool.clone(), id),
-            LogStore::new(),
+            log,
             sm,
         )
         .await

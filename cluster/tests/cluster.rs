@@ -1,10 +1,12 @@
 //! End-to-end tests: real nodes over loopback TCP (127.0.0.1, ephemeral ports only).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use tokio::net::TcpListener;
 use warren_cluster::{ClusterConfig, ClusterError, ClusterNode, MetaCommand, NodeId, Role};
+use warren_storage::mem::MemStore;
 
 const SECRET: &[u8] = b"test-cluster-secret";
 
@@ -330,4 +332,153 @@ async fn start_rejects_bad_config() {
         .err()
         .expect("empty secret must be refused");
     assert!(matches!(err, ClusterError::Config(_)), "{err:?}");
+}
+
+/// Three nodes, each with its own in-memory log store kept by the test; one follower is
+/// shut down, misses writes, and is started again on the same address with the same
+/// store. `compact`: snapshot (and purge the log) every few entries.
+async fn restart_a_follower(compact: bool) {
+    init_logs();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    let mut cfgs = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let peers = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| addrs[j].clone())
+            .collect();
+        let mut cfg = config(&format!("restart-{i}"), SECRET, &listener, peers);
+        cfg.log_store = Arc::new(MemStore::new());
+        if compact {
+            cfg.snapshot_after_logs = 3;
+            cfg.logs_kept_after_snapshot = 0;
+        }
+        cfgs.push(cfg.clone());
+        nodes.push(Some(
+            ClusterNode::start_on(cfg, listener).await.expect("start"),
+        ));
+    }
+    let live = |nodes: &[Option<ClusterNode>]| -> Vec<NodeId> {
+        nodes.iter().flatten().map(|n| n.id()).collect()
+    };
+    let all: Vec<&ClusterNode> = nodes.iter().flatten().collect();
+    let leader_id = agreed_leader(&all, 3, Duration::from_secs(15)).await;
+    assert_eq!(live(&nodes).len(), 3);
+    let li = nodes
+        .iter()
+        .position(|n| n.as_ref().is_some_and(|n| n.id() == leader_id))
+        .expect("leader");
+    let fi = (li + 1) % 3;
+    let leader = nodes[li].as_ref().expect("leader");
+    for i in 0..5 {
+        leader
+            .write(put(&format!("before/{i}"), json!(i)))
+            .await
+            .expect("write");
+    }
+    let follower = nodes[fi].as_ref().expect("follower");
+    eventually("replication before restart", Duration::from_secs(5), || {
+        follower.get("before/4") == Some(json!(4))
+    })
+    .await;
+    if compact {
+        eventually("a snapshot on the follower", Duration::from_secs(5), || {
+            follower.status().snapshot_index.is_some()
+        })
+        .await;
+    }
+    let before = follower.status();
+    let mut member_names: Vec<_> = before.members.iter().map(|m| m.name.clone()).collect();
+    member_names.sort();
+    follower.shutdown().await.expect("shutdown follower");
+    nodes[fi] = None;
+
+    // The majority goes on without it.
+    let leader = nodes[li].as_ref().expect("leader");
+    for i in 0..5 {
+        leader
+            .write(put(&format!("while-down/{i}"), json!(i)))
+            .await
+            .expect("write while down");
+    }
+
+    // The vote is in the store.
+    let vote = cfgs[fi]
+        .log_store
+        .read_vote(0)
+        .expect("read vote")
+        .expect("a stored vote");
+    let vote: serde_json::Value = serde_json::from_slice(&vote).expect("vote json");
+    assert!(
+        vote["leader_id"]["term"].as_u64() >= Some(before.term),
+        "{vote}"
+    );
+
+    // Same store, same address.
+    let follower = ClusterNode::start(cfgs[fi].clone()).await.expect("restart");
+    assert_eq!(follower.local_addr().to_string(), addrs[fi]);
+    eventually(
+        "the restarted node to load its state",
+        Duration::from_secs(5),
+        || {
+            let st = follower.status();
+            st.term >= before.term && (compact || st.members == before.members)
+        },
+    )
+    .await;
+    eventually(
+        "the restarted node catches up",
+        Duration::from_secs(10),
+        || {
+            follower.get("while-down/4") == Some(json!(4))
+                && follower.get("before/0") == Some(json!(0))
+        },
+    )
+    .await;
+    nodes[fi] = Some(follower);
+    let all: Vec<&ClusterNode> = nodes.iter().flatten().collect();
+    agreed_leader(&all, 3, Duration::from_secs(10)).await;
+    let follower = nodes[fi].as_ref().expect("follower");
+    let st = follower.status();
+    assert!(st.term >= before.term);
+    let mut names: Vec<_> = st.members.iter().map(|m| m.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, member_names);
+    assert_eq!(st.bootstrap_error, None);
+    if compact {
+        // Its log went with the snapshot it was compacted into: it got the leader's.
+        assert!(st.snapshot_index.is_some(), "{st:?}");
+    }
+
+    // And it keeps taking part.
+    let leader_id = all[0].status().leader_id.expect("leader");
+    let leader = all.iter().find(|n| n.id() == leader_id).expect("leader");
+    leader
+        .write(put("after", json!(true)))
+        .await
+        .expect("write");
+    eventually("replication after restart", Duration::from_secs(5), || {
+        follower.get("after") == Some(json!(true))
+    })
+    .await;
+    for n in nodes.iter().flatten() {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_remembers_its_vote_and_log() {
+    restart_a_follower(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_with_a_compacted_log_catches_up_from_a_snapshot() {
+    restart_a_follower(true).await;
 }
