@@ -337,7 +337,9 @@ async fn start_rejects_bad_config() {
 /// Three nodes, each with its own in-memory log store kept by the test; one follower is
 /// shut down, misses writes, and is started again on the same address with the same
 /// store. `compact`: snapshot (and purge the log) every few entries.
-async fn restart_a_follower(compact: bool) {
+/// Shut down a follower (or the leader), write through the majority, and
+/// start it again on the same store and address.
+async fn restart_a_node(compact: bool, the_leader: bool) {
     init_logs();
     let mut listeners = Vec::new();
     for _ in 0..3 {
@@ -375,7 +377,7 @@ async fn restart_a_follower(compact: bool) {
         .iter()
         .position(|n| n.as_ref().is_some_and(|n| n.id() == leader_id))
         .expect("leader");
-    let fi = (li + 1) % 3;
+    let fi = if the_leader { li } else { (li + 1) % 3 };
     let leader = nodes[li].as_ref().expect("leader");
     for i in 0..5 {
         leader
@@ -400,8 +402,27 @@ async fn restart_a_follower(compact: bool) {
     follower.shutdown().await.expect("shutdown follower");
     nodes[fi] = None;
 
-    // The majority goes on without it.
-    let leader = nodes[li].as_ref().expect("leader");
+    // The majority goes on without it (under a new leader if it led).
+    let survivors: Vec<&ClusterNode> = nodes.iter().flatten().collect();
+    // The survivors may still name the node that was shut down for a while.
+    eventually(
+        "a leader among the survivors",
+        Duration::from_secs(15),
+        || {
+            let ids: Vec<_> = survivors.iter().map(|n| n.status().leader_id).collect();
+            ids.iter().all(|&l| l == ids[0])
+                && ids[0].is_some_and(|l| survivors.iter().any(|n| n.id() == l))
+        },
+    )
+    .await;
+    let leader_id = agreed_leader(&survivors, 3, Duration::from_secs(15)).await;
+    if the_leader {
+        assert_ne!(leader_id, before.id, "a new leader, not the one shut down");
+    }
+    let leader = *survivors
+        .iter()
+        .find(|n| n.id() == leader_id)
+        .expect("leader");
     for i in 0..5 {
         leader
             .write(put(&format!("while-down/{i}"), json!(i)))
@@ -475,10 +496,15 @@ async fn restart_a_follower(compact: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_remembers_its_vote_and_log() {
-    restart_a_follower(false).await;
+    restart_a_node(false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_leader_rejoins_as_a_member_and_catches_up() {
+    restart_a_node(false, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_with_a_compacted_log_catches_up_from_a_snapshot() {
-    restart_a_follower(true).await;
+    restart_a_node(true, false).await;
 }
