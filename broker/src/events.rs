@@ -138,15 +138,24 @@ impl ConfirmTicket {
 
     /// `settle` for many tickets at once (a stream's batch of appends):
     /// the confirms that are due go to each channel as one event per run
-    /// of tickets of that channel.
+    /// of tickets of that channel (a `Confirm` for a run of one).
     pub fn settle_all(tickets: impl IntoIterator<Item = Arc<Self>>) {
         // The channel's connection, its key, and its confirms so far.
         type Run = (mpsc::UnboundedSender<ConnEvent>, u64, Vec<(u64, bool)>);
         let mut run: Option<Run> = None;
         let flush = |run: Option<Run>| {
-            if let Some((conn, chan_key, seqs)) = run {
-                let _ = conn.send(ConnEvent::Confirms { chan_key, seqs });
-            }
+            let Some((conn, chan_key, seqs)) = run else {
+                return;
+            };
+            let ev = match seqs[..] {
+                [(seq, nack)] => ConnEvent::Confirm {
+                    chan_key,
+                    seq,
+                    nack,
+                },
+                _ => ConnEvent::Confirms { chan_key, seqs },
+            };
+            let _ = conn.send(ev);
         };
         for t in tickets {
             let Some(mut t) = Arc::into_inner(t) else {

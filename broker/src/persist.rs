@@ -143,6 +143,34 @@ fn count_puts<'a>(ops: impl IntoIterator<Item = &'a MessageOp>) -> usize {
         .count()
 }
 
+/// Write a batch, with its WAL sync when `sync`. An empty batch (everything
+/// in it cancelled out, or a barrier alone) writes nothing, but syncs the
+/// earlier unsynced writes (`pending`) when a sync is due.
+fn commit(
+    store: &dyn MessageStore,
+    ops: &[MessageOp],
+    sync: bool,
+    pending: bool,
+    stats: &crate::metrics::StoreStats,
+) -> warren_storage::Result<()> {
+    if ops.is_empty() {
+        return match sync && pending {
+            true => store.sync(),
+            false => Ok(()),
+        };
+    }
+    let started = std::time::Instant::now();
+    let applied = if sync {
+        store.apply(ops)
+    } else {
+        stats.unsynced_writes.fetch_add(1, Ordering::Relaxed);
+        store.apply_unsynced(ops)
+    };
+    stats.batch_ops.observe(ops.len() as f64);
+    stats.write_seconds.observe(started.elapsed().as_secs_f64());
+    applied
+}
+
 /// Jobs handed to the writer and jobs it has applied.
 #[derive(Default)]
 struct Progress {
@@ -291,9 +319,13 @@ impl Persister {
             };
             // Since when writes nobody waited for are not synced.
             let mut unsynced: Option<std::time::Instant> = None;
-            let sync_failed = |e: warren_storage::StoreError| {
-                tracing::error!(error = %e, "message store sync failed; confirms will be nacked");
-                failed.fetch_add(1, Ordering::AcqRel);
+            let check = |r: warren_storage::Result<()>| match r {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "message store write or sync failed; confirms will be nacked");
+                    failed.fetch_add(1, Ordering::AcqRel);
+                    false
+                }
             };
             loop {
                 let first = match unsynced {
@@ -305,9 +337,7 @@ impl Persister {
                         Ok(j) => j,
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                             writer_stats.deferred_syncs.fetch_add(1, Ordering::Relaxed);
-                            if let Err(e) = writer_store.sync() {
-                                sync_failed(e);
-                            }
+                            check(writer_store.sync());
                             unsynced = None;
                             continue;
                         }
@@ -342,31 +372,8 @@ impl Persister {
                 // unsynced writes are due.
                 let sync = jobs.iter().any(|j| j.done.is_some())
                     || unsynced.is_some_and(|t| t.elapsed() >= UNSYNCED_FOR);
-                // Everything cancelled out (or a barrier alone): nothing to
-                // write, but earlier unsynced writes may need their sync.
-                let ok = if ops.is_empty() {
-                    match (sync, unsynced) {
-                        (true, Some(_)) => match writer_store.sync() {
-                            Ok(()) => true,
-                            Err(e) => {
-                                sync_failed(e);
-                                false
-                            }
-                        },
-                        _ => true,
-                    }
-                } else {
-                    let started = std::time::Instant::now();
-                    let applied = if sync {
-                        writer_store.apply(&ops)
-                    } else {
-                        writer_stats.unsynced_writes.fetch_add(1, Ordering::Relaxed);
-                        writer_store.apply_unsynced(&ops)
-                    };
-                    writer_stats.batch_ops.observe(ops.len() as f64);
-                    writer_stats
-                        .write_seconds
-                        .observe(started.elapsed().as_secs_f64());
+                let ok = check(commit(&*writer_store, &ops, sync, unsynced.is_some(), &writer_stats));
+                if !ops.is_empty() {
                     unchecked += ops
                         .iter()
                         .map(|op| match op {
@@ -382,15 +389,7 @@ impl Persister {
                         unchecked = 0;
                         checked = std::time::Instant::now();
                     }
-                    match applied {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::error!(error = %e, ops = ops.len(), "message store write failed; confirms will be nacked");
-                            failed.fetch_add(1, Ordering::AcqRel);
-                            false
-                        }
-                    }
-                };
+                }
                 if sync {
                     unsynced = None;
                 } else if !ops.is_empty() && unsynced.is_none() {
@@ -404,9 +403,7 @@ impl Persister {
                 }
             }
             if unsynced.is_some() {
-                if let Err(e) = writer_store.sync() {
-                    sync_failed(e);
-                }
+                check(writer_store.sync());
             }
         })?;
         let bodies = moka::sync::Cache::builder()

@@ -464,3 +464,58 @@ async fn a_stream_consumer_timeout_is_refused_not_ignored() {
         "{err}"
     );
 }
+
+/// A publish through the management API into a stream is answered once
+/// the append is durable (the stream settles its confirms in batches, a
+/// batch of one as a plain confirm), and lands in the stream in order with
+/// the AMQP appends around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_publishes_into_a_stream() {
+    let b = TestBroker::start_with(|c| c.management = Some("127.0.0.1:0".parse().unwrap())).await;
+    let Some(broker) = b.broker() else {
+        return;
+    };
+    let api = broker.listen_addrs.http.unwrap();
+    let (conn, ch) = b.channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let stream = unique("api-stream");
+    declare_stream(&ch, &stream).await;
+    append(&ch, &stream, &[("amqp-0".to_string(), None)]).await;
+    let path = "/api/exchanges/%2F/amq.default/publish".to_string();
+    for i in 0..3 {
+        let body = serde_json::json!({
+            "properties": {},
+            "routing_key": stream,
+            "payload": format!("api-{i}"),
+            "payload_encoding": "string",
+        });
+        let r = tokio::task::block_in_place(|| {
+            warren_tests::http::request(api, "POST", &path, ("guest", "guest"), Some(&body))
+        });
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.json()["routed"], true, "{r:?}");
+    }
+    append(&ch, &stream, &[("amqp-1".to_string(), None)]).await;
+    let (_c, mut c) = consume(
+        &conn,
+        &stream,
+        "api-reader",
+        10,
+        args(&[("x-stream-offset", text("first"))]),
+    )
+    .await;
+    let got = within("the five messages", take(&mut c, 5)).await;
+    assert_eq!(
+        got,
+        [
+            ("amqp-0", 0),
+            ("api-0", 1),
+            ("api-1", 2),
+            ("api-2", 3),
+            ("amqp-1", 4)
+        ]
+        .map(|(b, o)| (b.to_string(), o))
+    );
+}

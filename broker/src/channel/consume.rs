@@ -51,7 +51,7 @@ pub fn took_in_flight(in_flight: &AtomicU32) -> bool {
 /// [`took_in_flight`] for `n` deliveries at once.
 pub fn took_in_flight_n(in_flight: &AtomicU32, n: u32) -> bool {
     let before = in_flight.fetch_sub(n, Ordering::AcqRel);
-    before >= FLOW_WINDOW && before - n < FLOW_WINDOW
+    before >= FLOW_WINDOW && before.saturating_sub(n) < FLOW_WINDOW
 }
 
 impl Channel {

@@ -681,14 +681,8 @@ pub async fn publish_direct(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         hand_over_waiting(broker, msg, &routed, Some(ticket), extra).await;
     }
-    // A stream settles its appends together (`Confirms`).
     match confirms.recv().await {
         Some(crate::events::ConnEvent::Confirm { nack: false, .. }) => Ok(Published::Routed),
-        Some(crate::events::ConnEvent::Confirms { seqs, .. })
-            if seqs.iter().all(|&(_, nack)| !nack) =>
-        {
-            Ok(Published::Routed)
-        }
         _ => Ok(Published::Refused),
     }
 }

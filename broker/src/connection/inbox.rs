@@ -68,28 +68,8 @@ impl Connection {
                 chan_key,
                 seq,
                 nack,
-            } => {
-                let c = self.channels.values_mut().find(|c| c.key == chan_key);
-                if let Some(cf) = c.and_then(|c| c.confirms.as_mut()) {
-                    if nack {
-                        cf.nack(seq);
-                    } else {
-                        cf.confirm(seq);
-                    }
-                }
-            }
-            ConnEvent::Confirms { chan_key, seqs } => {
-                let c = self.channels.values_mut().find(|c| c.key == chan_key);
-                if let Some(cf) = c.and_then(|c| c.confirms.as_mut()) {
-                    for (seq, nack) in seqs {
-                        if nack {
-                            cf.nack(seq);
-                        } else {
-                            cf.confirm(seq);
-                        }
-                    }
-                }
-            }
+            } => self.settle_confirms(chan_key, [(seq, nack)]),
+            ConnEvent::Confirms { chan_key, seqs } => self.settle_confirms(chan_key, seqs),
             ConnEvent::CancelOk { chan_key, tag } => {
                 if let Some(c) = self.channels.values_mut().find(|c| c.key == chan_key) {
                     c.cancel_done(&mut ctx!(self), &tag);
@@ -144,6 +124,21 @@ impl Connection {
             ConnEvent::Cancelled { chan_key, tag } => {
                 if let Some(c) = self.channels.values_mut().find(|c| c.key == chan_key) {
                     c.cancelled_by_queue(&mut ctx!(self), &tag);
+                }
+            }
+        }
+    }
+
+    /// Publisher confirms (`(seq, nack)`) for the channel with key
+    /// `chan_key`, if it is still open and in confirm mode.
+    fn settle_confirms(&mut self, chan_key: u64, seqs: impl IntoIterator<Item = (u64, bool)>) {
+        let c = self.channels.values_mut().find(|c| c.key == chan_key);
+        if let Some(cf) = c.and_then(|c| c.confirms.as_mut()) {
+            for (seq, nack) in seqs {
+                if nack {
+                    cf.nack(seq);
+                } else {
+                    cf.confirm(seq);
                 }
             }
         }

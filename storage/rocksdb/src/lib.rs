@@ -442,12 +442,6 @@ impl RocksStore {
             .expect("column family created at open")
     }
 
-    fn write_opts(&self) -> WriteOptions {
-        let mut w = WriteOptions::default();
-        w.set_sync(self.sync);
-        w
-    }
-
     /// The chunk of `stream` that holds `offset` (its first offset and
     /// value), if any.
     fn stream_chunk_at(&self, stream: QueueId, offset: u64) -> Result<Option<(u64, Bytes)>> {
@@ -465,8 +459,9 @@ impl RocksStore {
         Ok(found)
     }
 
+    /// Write `batch`, its WAL synced when the store syncs.
     fn write(&self, batch: WriteBatch) -> Result<()> {
-        self.db.write_opt(batch, &self.write_opts()).map_err(io)
+        self.write_synced(batch, true)
     }
 
     /// `write`, without the WAL sync when `sync` is false.
