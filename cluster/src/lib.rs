@@ -2,16 +2,14 @@
 //! metadata (vhosts, users, queues...) as a key → JSON map.
 //!
 //! - [`types`]: the openraft type configuration and the replicated command.
-//! - [`log`] / [`sm`]: log storage (over `warren_storage`'s `RaftLogStore`, durable
-//!   with a durable engine) and state machine (in memory for now).
+//! - [`log`] / [`sm`]: log storage and state machine. The log, the vote and the state
+//!   machine's snapshots are kept in `warren_storage`'s `RaftLogStore` (durable with a
+//!   durable engine); the state machine itself is in memory, rebuilt at start from its
+//!   last snapshot and the log after it.
 //! - [`net`]: authenticated, framed TCP transport and openraft's network traits.
 //! - [`node`]: [`ClusterNode`], which ties them together; [`config`]: its settings.
 //!
 //! Current limits, to lift before production use:
-//! - the state machine and its snapshots are in memory: a restarted node keeps its vote
-//!   and log (with a durable [`ClusterConfig::log_store`]) and replays the log, but once
-//!   the log was compacted into a snapshot the restart drops the log (keeping the vote)
-//!   and waits for the leader's snapshot, forgetting acknowledged entries;
 //! - only the handshake is authenticated: frames after it carry no MAC and no encryption,
 //!   so the transport must run on a trusted network (or gain TLS / per-frame MACs);
 //! - removing members and joining without the leader's help are not implemented yet

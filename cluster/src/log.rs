@@ -2,12 +2,9 @@
 //! [`RaftLogStore`]: entries, vote, committed id and purge point are JSON bytes under one
 //! Raft group id, so a restarted node remembers its vote and its log.
 //!
-//! The state machine (and so its snapshots) still lives in memory: on restart openraft
-//! rebuilds it by re-applying the log up to the committed id. That only works while the
-//! log still starts at its beginning; once entries were purged into a snapshot (or the
-//! node joined from a snapshot), the snapshot is gone with the process and
-//! [`LogStore::forget_unreplayable`] must drop the log (keeping the vote) before Raft
-//! starts, so that the leader sends a snapshot again. Durable snapshots lift this.
+//! The state machine lives in memory and its snapshots in the same store (see
+//! [`crate::sm`]): on restart it is the saved snapshot, and openraft re-applies the log
+//! after it up to the committed id.
 
 use std::fmt::{self, Debug};
 use std::ops::{Bound, RangeBounds};
@@ -116,27 +113,40 @@ impl LogStore {
         }
     }
 
-    /// Drops the log, purge point and committed id (keeping the vote) when the log no
-    /// longer starts at index 0, so the in-memory state machine cannot be rebuilt from
-    /// it (see the module doc); returns whether it did. Call before Raft starts.
+    /// Drops the log, purge point, committed id and snapshot (keeping the vote) when the
+    /// saved snapshot (up to index `covered`, if any) and the log after it cannot rebuild
+    /// the state machine: entries were purged past the snapshot, or, without one, the
+    /// log does not start at index 0. Returns whether it did. Call before Raft starts.
     ///
-    /// Forgetting acknowledged entries is what durable storage is meant to prevent: this
-    /// is a stopgap until snapshots are durable, and warns when it happens.
-    pub async fn forget_unreplayable(&self) -> Result<bool, StorageError<NodeId>> {
-        let purged = self.last_purged().await?;
-        let first = self
-            .run(What::ReadLogs, |s, g| s.entries(g, 0, 1))
-            .await?
-            .into_iter()
-            .next();
-        let last = self.run(What::ReadLogs, |s, g| s.last_entry(g)).await?;
-        if purged.is_none() && (first.is_some() || last.is_none()) {
+    /// Snapshots are saved before the log they cover is purged, so this happens only to
+    /// a store written before snapshots were saved (or damaged): it warns, and the
+    /// leader sends a snapshot.
+    pub async fn forget_unreplayable(
+        &self,
+        covered: Option<u64>,
+    ) -> Result<bool, StorageError<NodeId>> {
+        let purged = self.last_purged().await?.map(|l| l.index);
+        let replayable = match (purged, covered) {
+            (Some(p), Some(c)) => p <= c,
+            (Some(_), None) => false,
+            (None, Some(_)) => true,
+            (None, None) => {
+                let first = self
+                    .run(What::ReadLogs, |s, g| s.entries(g, 0, 1))
+                    .await?
+                    .into_iter()
+                    .next();
+                let last = self.run(What::ReadLogs, |s, g| s.last_entry(g)).await?;
+                first.is_some() || last.is_none()
+            }
+        };
+        if replayable {
             return Ok(false);
         }
         tracing::warn!(
             group = self.group,
-            "the Raft log was compacted into a snapshot that did not survive the restart: \
-             dropping the log (the vote is kept); the leader will send a snapshot"
+            "the Raft log was compacted past the saved snapshot: dropping the log (the vote \
+             is kept); the leader will send a snapshot"
         );
         self.run(What::WriteLogs, |s, g| s.reset_log(g)).await?;
         Ok(true)
@@ -361,9 +371,9 @@ mod tests {
     async fn an_unreplayable_log_is_dropped_but_the_vote_kept() {
         let backend: Arc<dyn RaftLogStore> = Arc::new(MemStore::new());
         let mut log = LogStore::new(backend.clone(), META_GROUP);
-        assert!(!log.forget_unreplayable().await.expect("empty"));
+        assert!(!log.forget_unreplayable(None).await.expect("empty"));
         append(&mut log, 0..=3).await;
-        assert!(!log.forget_unreplayable().await.expect("from 0"));
+        assert!(!log.forget_unreplayable(None).await.expect("from 0"));
         assert_eq!(indexes(&mut log).await, [0, 1, 2, 3]);
 
         let vote = Vote::new_committed(2, 9);
@@ -373,7 +383,16 @@ mod tests {
             .expect("commit");
         log.purge(entry(1).log_id).await.expect("purge");
         let mut log = LogStore::new(backend, META_GROUP);
-        assert!(log.forget_unreplayable().await.expect("purged"));
+        // A snapshot that covers the purged entries keeps the log; one that does
+        // not, or none, drops it.
+        assert!(!log.forget_unreplayable(Some(1)).await.expect("covered"));
+        assert!(!log.forget_unreplayable(Some(3)).await.expect("covered"));
+        assert_eq!(indexes(&mut log).await, [2, 3]);
+        assert!(log.forget_unreplayable(Some(0)).await.expect("a gap"));
+        let st = log.get_log_state().await.expect("state");
+        assert_eq!((st.last_purged_log_id, st.last_log_id), (None, None));
+        log.purge(entry(1).log_id).await.expect("purge");
+        assert!(log.forget_unreplayable(None).await.expect("purged"));
         let st = log.get_log_state().await.expect("state");
         assert_eq!((st.last_purged_log_id, st.last_log_id), (None, None));
         assert_eq!(log.read_committed().await.expect("commit"), None);

@@ -145,13 +145,23 @@ impl ClusterNode {
         let secret: Arc<[u8]> = cfg.secret.clone().into();
 
         let pool = PeerPool::new(me.clone(), secret.clone());
-        let sm = StateMachine::new();
-        let reader = sm.reader();
+        let open = || async {
+            StateMachine::open(cfg.log_store.clone(), META_GROUP)
+                .await
+                .map_err(|e| ClusterError::Raft(format!("cannot read the raft snapshot: {e}")))
+        };
+        let mut sm = open().await?;
         let log = LogStore::new(cfg.log_store.clone(), META_GROUP);
-        // The state machine is in memory: a log it cannot be rebuilt from must go.
-        log.forget_unreplayable()
+        // The state is the saved snapshot plus the log after it: a log with a gap after
+        // the snapshot cannot rebuild it and goes, with the snapshot.
+        if log
+            .forget_unreplayable(sm.snapshot_index().await)
             .await
-            .map_err(|e| ClusterError::Raft(format!("cannot read the raft log: {e}")))?;
+            .map_err(|e| ClusterError::Raft(format!("cannot read the raft log: {e}")))?
+        {
+            sm = open().await?;
+        }
+        let reader = sm.reader();
         let raft = Raft::new(
             id,
             raft_config,

@@ -1,5 +1,9 @@
 //! The replicated state machine: a key → JSON map plus the Raft bookkeeping openraft needs
 //! (last applied log id, last membership), with JSON snapshots.
+//!
+//! The map lives in memory. Every snapshot, built here or received from the leader, is
+//! saved in the node's store before openraft may purge the log it covers, so a restart
+//! restores the last snapshot and openraft re-applies the log after it.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -12,6 +16,8 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use warren_storage::{RaftGroup, RaftLogStore};
 
 use crate::types::{
     LogId, MetaCommand, MetaResponse, NodeId, NodeInfo, StoredMembership, TypeConfig,
@@ -79,18 +85,117 @@ impl MetaReader {
     }
 }
 
+/// Where a state machine's snapshots are saved: one Raft group's slot in a store.
+#[derive(Clone)]
+struct SnapshotSlot {
+    store: Arc<dyn RaftLogStore>,
+    group: RaftGroup,
+}
+
+impl std::fmt::Debug for SnapshotSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotSlot")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A saved snapshot: the meta's JSON length (u32, big-endian), the meta's JSON, the data.
+fn encode_snapshot(s: &StoredSnapshot) -> serde_json::Result<Vec<u8>> {
+    let meta = serde_json::to_vec(&s.meta)?;
+    let mut out = Vec::with_capacity(4 + meta.len() + s.data.len());
+    out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(&s.data);
+    Ok(out)
+}
+
+fn decode_snapshot(raw: &[u8]) -> Result<StoredSnapshot, String> {
+    let len = raw
+        .get(..4)
+        .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
+        .ok_or("a saved snapshot shorter than its header")?;
+    let meta = raw
+        .get(4..4 + len)
+        .ok_or("a saved snapshot shorter than its meta")?;
+    Ok(StoredSnapshot {
+        meta: serde_json::from_slice(meta).map_err(|e| format!("a saved snapshot's meta: {e}"))?,
+        data: raw[4 + len..].to_vec(),
+    })
+}
+
+/// The state `data` of a snapshot described by `meta` (whose Raft bookkeeping wins).
+fn restore(meta: &SnapshotMeta<NodeId, NodeInfo>, data: &[u8]) -> serde_json::Result<SmData> {
+    let mut sm: SmData = serde_json::from_slice(data)?;
+    sm.last_applied = meta.last_log_id;
+    sm.membership = meta.last_membership.clone();
+    Ok(sm)
+}
+
 /// openraft state machine over `SmData`; clones share state.
 #[derive(Debug, Clone, Default)]
 pub struct StateMachine {
     state: Shared,
     current: Arc<tokio::sync::Mutex<Option<StoredSnapshot>>>,
     snapshot_seq: Arc<AtomicU64>,
+    /// Where snapshots are saved; None: they live in memory only (tests).
+    slot: Option<SnapshotSlot>,
 }
 
 impl StateMachine {
-    /// An empty state machine.
+    /// An empty state machine whose snapshots are not saved.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The state machine of `group`, as its last saved snapshot left it; its snapshots
+    /// are saved in `store`.
+    pub async fn open(
+        store: Arc<dyn RaftLogStore>,
+        group: RaftGroup,
+    ) -> Result<Self, StorageError<NodeId>> {
+        let slot = SnapshotSlot { store, group };
+        let s = slot.clone();
+        let raw = tokio::task::spawn_blocking(move || s.store.read_snapshot(s.group))
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, openraft::AnyError::error(e)))?
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let sm = StateMachine {
+            slot: Some(slot),
+            ..Self::default()
+        };
+        if let Some(raw) = raw {
+            let saved = decode_snapshot(&raw)
+                .map_err(|e| StorageIOError::read_snapshot(None, openraft::AnyError::error(e)))?;
+            let data = restore(&saved.meta, &saved.data)
+                .map_err(|e| StorageIOError::read_snapshot(Some(saved.meta.signature()), &e))?;
+            *write(&sm.state) = data;
+            *sm.current.lock().await = Some(saved);
+        }
+        Ok(sm)
+    }
+
+    /// The index of the last log entry the saved snapshot covers, if there is one.
+    pub async fn snapshot_index(&self) -> Option<u64> {
+        let current = self.current.lock().await;
+        current.as_ref()?.meta.last_log_id.map(|l| l.index)
+    }
+
+    /// Save `snap` (synced) where this state machine's snapshots live, if anywhere.
+    async fn save(&self, snap: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
+        let Some(slot) = self.slot.clone() else {
+            return Ok(());
+        };
+        let sig = snap.meta.signature();
+        let raw = encode_snapshot(snap)
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
+        tokio::task::spawn_blocking(move || slot.store.save_snapshot(slot.group, &raw))
+            .await
+            .map_err(|e| {
+                StorageIOError::write_snapshot(Some(sig.clone()), openraft::AnyError::error(e))
+            })?
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig), &e))?;
+        Ok(())
     }
 
     /// A read handle sharing this state machine's data.
@@ -120,10 +225,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             last_membership: membership,
             snapshot_id,
         };
-        *self.current.lock().await = Some(StoredSnapshot {
+        let built = StoredSnapshot {
             meta: meta.clone(),
             data: data.clone(),
-        });
+        };
+        // Saved before openraft may purge the log it covers.
+        self.save(&built).await?;
+        *self.current.lock().await = Some(built);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -179,16 +287,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let mut incoming: SmData = serde_json::from_slice(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         // The meta is authoritative for the Raft bookkeeping.
-        incoming.last_applied = meta.last_log_id;
-        incoming.membership = meta.last_membership.clone();
-        *write(&self.state) = incoming;
-        *self.current.lock().await = Some(StoredSnapshot {
+        let incoming = restore(meta, &data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let received = StoredSnapshot {
             meta: meta.clone(),
             data,
-        });
+        };
+        // Saved before it replaces the state: a restart finds either the old state with
+        // its log, or this one.
+        self.save(&received).await?;
+        *write(&self.state) = incoming;
+        *self.current.lock().await = Some(received);
         Ok(())
     }
 
@@ -263,5 +373,45 @@ mod tests {
             .await
             .expect("current")
             .is_some());
+    }
+
+    #[tokio::test]
+    async fn snapshots_are_saved_and_restored() {
+        let store: Arc<dyn RaftLogStore> = Arc::new(warren_storage::mem::MemStore::new());
+        let mut sm = StateMachine::open(store.clone(), 3).await.expect("open");
+        assert_eq!(sm.snapshot_index().await, None);
+        let put = |k: &str, v| MetaCommand::Put {
+            key: k.into(),
+            value: v,
+        };
+        sm.apply(vec![normal(1, put("a", json!(1)))])
+            .await
+            .expect("apply");
+        // Applied but not in a snapshot: a restart replays it from the log.
+        let again = StateMachine::open(store.clone(), 3).await.expect("open");
+        assert_eq!(again.reader().get("a"), None);
+        let snap = sm.build_snapshot().await.expect("build");
+        let again = StateMachine::open(store.clone(), 3).await.expect("open");
+        assert_eq!(again.reader().get("a"), Some(json!(1)));
+        assert_eq!(again.reader().last_applied(), Some(log_id(1)));
+        assert_eq!(again.snapshot_index().await, Some(1));
+        // Other groups are apart.
+        let other = StateMachine::open(store.clone(), 4).await.expect("open");
+        assert_eq!(other.reader().get("a"), None);
+        // A snapshot received from a leader is saved too.
+        let mut follower = StateMachine::open(store.clone(), 5).await.expect("open");
+        follower
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .expect("install");
+        let again = StateMachine::open(store, 5).await.expect("open");
+        assert_eq!(again.reader().get("a"), Some(json!(1)));
+        let current = again
+            .clone()
+            .get_current_snapshot()
+            .await
+            .expect("current")
+            .expect("a snapshot");
+        assert_eq!(current.meta.snapshot_id, snap.meta.snapshot_id);
     }
 }

@@ -508,3 +508,88 @@ async fn restarted_leader_rejoins_as_a_member_and_catches_up() {
 async fn restarted_node_with_a_compacted_log_catches_up_from_a_snapshot() {
     restart_a_node(true, false).await;
 }
+
+/// Every node stops after its log was compacted into snapshots, and the whole cluster
+/// starts again from its stores: nothing committed is lost, on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_cluster_restarts_from_its_snapshots_and_logs() {
+    init_logs();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    let mut cfgs = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let peers = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| addrs[j].clone())
+            .collect();
+        let mut cfg = config(&format!("whole-{i}"), SECRET, &listener, peers);
+        cfg.log_store = Arc::new(MemStore::new());
+        cfg.snapshot_after_logs = 4;
+        cfg.logs_kept_after_snapshot = 0;
+        cfgs.push(cfg.clone());
+        nodes.push(ClusterNode::start_on(cfg, listener).await.expect("start"));
+    }
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    let leader_id = agreed_leader(&all, 3, Duration::from_secs(15)).await;
+    let leader = all.iter().find(|n| n.id() == leader_id).expect("leader");
+    for i in 0..10 {
+        leader
+            .write(put(&format!("k/{i}"), json!(i)))
+            .await
+            .expect("write");
+    }
+    eventually(
+        "snapshots and replication everywhere",
+        Duration::from_secs(10),
+        || {
+            all.iter()
+                .all(|n| n.get("k/9") == Some(json!(9)) && n.status().snapshot_index.is_some())
+        },
+    )
+    .await;
+    // Some entries were purged into the snapshots on every node.
+    for c in &cfgs {
+        assert!(c.log_store.read_last_purged(0).expect("read").is_some());
+        assert!(c.log_store.read_snapshot(0).expect("read").is_some());
+    }
+    shutdown_all(&nodes).await;
+    drop(nodes);
+
+    let mut nodes = Vec::new();
+    for c in &cfgs {
+        nodes.push(ClusterNode::start(c.clone()).await.expect("restart"));
+    }
+    // Each node has it back from its own store: its snapshot at once, the log after
+    // it as openraft re-applies it.
+    for n in &nodes {
+        assert!(
+            n.get("k/0").is_some(),
+            "{}: the snapshot restored",
+            n.info()
+        );
+    }
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    eventually("every node has every key", Duration::from_secs(5), || {
+        all.iter()
+            .all(|n| (0..10).all(|i| n.get(&format!("k/{i}")) == Some(json!(i))))
+    })
+    .await;
+    let leader_id = agreed_leader(&all, 3, Duration::from_secs(15)).await;
+    let leader = all.iter().find(|n| n.id() == leader_id).expect("leader");
+    leader.write(put("after", json!(1))).await.expect("write");
+    eventually("a write after the restart", Duration::from_secs(5), || {
+        all.iter().all(|n| n.get("after") == Some(json!(1)))
+    })
+    .await;
+    for n in &nodes {
+        assert_eq!(n.status().bootstrap_error, None);
+    }
+    shutdown_all(&nodes).await;
+}

@@ -355,9 +355,14 @@ pub trait RaftLogStore: Send + Sync + 'static {
     /// remember `last_purged` (the last purged log id), in one write.
     fn purge(&self, group: RaftGroup, upto: u64, last_purged: &[u8]) -> Result<()>;
     fn read_last_purged(&self, group: RaftGroup) -> Result<Option<Bytes>>;
-    /// Forget the group's entries, committed id and purge point, keeping
-    /// its vote, in one write (a log that can no longer be replayed).
+    /// Forget the group's entries, committed id, purge point and snapshot,
+    /// keeping its vote, in one write (a log that can no longer be
+    /// replayed).
     fn reset_log(&self, group: RaftGroup) -> Result<()>;
+    /// Replace the group's snapshot (the state machine's image up to some
+    /// log id, which the log may then be purged to), in one synced write.
+    fn save_snapshot(&self, group: RaftGroup, snapshot: &[u8]) -> Result<()>;
+    fn read_snapshot(&self, group: RaftGroup) -> Result<Option<Bytes>>;
     /// The entries with `from <= index < to`, in index order.
     fn entries(&self, group: RaftGroup, from: u64, to: u64) -> Result<Vec<(u64, Bytes)>>;
     /// The entry with the highest index, if the group has any.
@@ -882,7 +887,15 @@ pub mod contract {
         s.append(1, &[entry(1, 7)]).unwrap();
         s.save_vote(1, b"vote-a").unwrap();
         s.save_committed(1, Some(b"c-0")).unwrap();
+        // A snapshot is replaced whole, and goes with a reset.
+        assert_eq!(s.read_snapshot(1).unwrap(), None);
+        s.save_snapshot(1, b"snap-a").unwrap();
+        s.save_snapshot(1, b"snap-b").unwrap();
+        assert_eq!(s.read_snapshot(1).unwrap(), Some(b("snap-b")));
+        s.purge(1, 7, b"purged-7").unwrap();
+        assert_eq!(s.read_snapshot(1).unwrap(), Some(b("snap-b")));
         s.reset_log(1).unwrap();
+        assert_eq!(s.read_snapshot(1).unwrap(), None);
         assert_eq!(s.last_entry(1).unwrap(), None);
         assert_eq!(s.read_last_purged(1).unwrap(), None);
         assert_eq!(s.read_committed(1).unwrap(), None);
@@ -901,6 +914,7 @@ pub mod contract {
             assert_eq!(s.read_vote(g).unwrap(), None);
             assert_eq!(s.read_committed(g).unwrap(), None);
             assert_eq!(s.read_last_purged(g).unwrap(), None);
+            assert_eq!(s.read_snapshot(g).unwrap(), None);
         }
         // The largest group and index are usable.
         s.append(u64::MAX, &[(u64::MAX, b"last".to_vec())]).unwrap();

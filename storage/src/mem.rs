@@ -22,6 +22,7 @@ struct RaftState {
     vote: Option<Bytes>,
     committed: Option<Bytes>,
     last_purged: Option<Bytes>,
+    snapshot: Option<Bytes>,
     entries: BTreeMap<u64, Bytes>,
 }
 
@@ -434,6 +435,16 @@ impl RaftLogStore for MemStore {
             };
         }
         Ok(())
+    }
+    fn save_snapshot(&self, group: RaftGroup, snapshot: &[u8]) -> Result<()> {
+        lock(&self.raft).entry(group).or_default().snapshot =
+            Some(Bytes::copy_from_slice(snapshot));
+        Ok(())
+    }
+    fn read_snapshot(&self, group: RaftGroup) -> Result<Option<Bytes>> {
+        Ok(lock(&self.raft)
+            .get(&group)
+            .and_then(|g| g.snapshot.clone()))
     }
     fn entries(&self, group: RaftGroup, from: u64, to: u64) -> Result<Vec<(u64, Bytes)>> {
         if from >= to {

@@ -80,6 +80,7 @@ const RECORD: u8 = b'r';
 const RAFT_COMMITTED: u8 = b'c';
 const RAFT_ENTRY: u8 = b'e';
 const RAFT_PURGED: u8 = b'p';
+const RAFT_SNAPSHOT: u8 = b's';
 const RAFT_VOTE: u8 = b'v';
 
 /// `group ‖ kind`: a group's single value, or the end of its entries.
@@ -1334,13 +1335,22 @@ impl RaftLogStore for RocksStore {
     fn reset_log(&self, group: RaftGroup) -> Result<()> {
         let raft = self.cf(RAFT);
         let mut b = WriteBatch::default();
-        // Committed, entries and purge point sort together, before the vote.
+        // Committed, entries, purge point and snapshot sort together,
+        // before the vote.
         b.delete_range_cf(
             raft,
             raft_key(group, RAFT_COMMITTED),
             raft_key(group, RAFT_VOTE),
         );
         self.write(b)
+    }
+    fn save_snapshot(&self, group: RaftGroup, snapshot: &[u8]) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(RAFT), raft_key(group, RAFT_SNAPSHOT), snapshot);
+        self.write(b)
+    }
+    fn read_snapshot(&self, group: RaftGroup) -> Result<Option<Bytes>> {
+        self.raft_get(raft_key(group, RAFT_SNAPSHOT))
     }
     fn entries(&self, group: RaftGroup, from: u64, to: u64) -> Result<Vec<(u64, Bytes)>> {
         if from >= to {
@@ -1452,9 +1462,14 @@ mod tests {
             .unwrap();
             s.purge(3, 1, b"p1").unwrap();
             s.save_vote(3, b"v").unwrap();
+            s.save_snapshot(3, b"snap").unwrap();
         }
         let s = RocksStore::open(dir.path(), true).unwrap();
         assert_eq!(s.read_vote(3).unwrap(), Some(Bytes::from_static(b"v")));
+        assert_eq!(
+            s.read_snapshot(3).unwrap(),
+            Some(Bytes::from_static(b"snap"))
+        );
         assert_eq!(
             s.read_last_purged(3).unwrap(),
             Some(Bytes::from_static(b"p1"))
