@@ -54,6 +54,8 @@ pub struct Broker {
     pub churn: Arc<crate::metrics::Churn>,
     /// Delayed messages (`x-delayed-message` exchanges).
     pub delayed: crate::delayed::Delays,
+    /// This node's membership of a cluster (None: a node on its own).
+    pub cluster: Option<Arc<warren_cluster::ClusterNode>>,
 }
 
 /// The listeners' addresses.

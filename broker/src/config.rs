@@ -73,6 +73,62 @@ pub struct Config {
     /// Free disk space (of `data_dir`) in bytes below which the disk alarm
     /// blocks publishers. 0 disables the disk alarm.
     pub disk_free_limit: u64,
+    /// This node's name, as RabbitMQ names nodes (`warren@` + host name by
+    /// default); unique in a cluster.
+    pub node_name: String,
+    /// Clustering (None: a node on its own).
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// How a node takes part in a cluster.
+#[derive(Clone)]
+pub struct ClusterSettings {
+    /// Where the cluster port listens (`--cluster-port` on `--bind`).
+    pub listen: SocketAddr,
+    /// The address other nodes dial (default: `listen`, which must then
+    /// not be a wildcard).
+    pub advertise: Option<String>,
+    /// The other initial members' cluster addresses (`host:port`).
+    pub peers: Vec<String>,
+    /// The secret nodes authenticate each other with (as the Erlang
+    /// cookie).
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSettings")
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("peers", &self.peers)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The node's name, set once per process when the broker starts (a daemon
+/// runs one broker; brokers started in one test process share the first
+/// one's name).
+static NODE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// This process's node name (see [`Config::node_name`]).
+pub fn node_name() -> &'static str {
+    NODE_NAME.get_or_init(default_node_name)
+}
+
+/// Name the process's node (the first call wins).
+pub(crate) fn set_node_name(name: &str) {
+    let _ = NODE_NAME.set(name.to_owned());
+}
+
+/// `warren@` and the host's name: the default node name.
+pub fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("warren@{host}")
 }
 
 /// The AMQPS listener: where, and its certificates.
@@ -118,6 +174,8 @@ impl Default for Config {
                 .resolve()
                 .unwrap_or(u64::MAX),
             disk_free_limit: crate::alarm::DEFAULT_DISK_FREE_LIMIT,
+            node_name: default_node_name(),
+            cluster: None,
         }
     }
 }

@@ -158,13 +158,28 @@ impl Server {
         .map_err(|e| err(e.to_string()))?;
         keep_reserve(&reserve);
         tracing::info!(elapsed = ?opening.elapsed(), "opened the store");
-        Server::bind_with_store(config, Arc::new(store)).await
+        let store = Arc::new(store);
+        Server::bind_with_stores(config, store.clone(), store).await
+    }
+
+    /// [`Server::bind_with_stores`], with a cluster's Raft state (if the
+    /// config asks for a cluster) kept in memory.
+    pub async fn bind_with_store(config: Config, store: Arc<dyn Store>) -> std::io::Result<Server> {
+        let raft = Arc::new(warren_storage::mem::MemStore::new());
+        Server::bind_with_stores(config, store, raft).await
     }
 
     /// Recover durable definitions and messages from `store`, bind the
-    /// listener. The data directory still holds the alarms' disk check.
-    pub async fn bind_with_store(config: Config, store: Arc<dyn Store>) -> std::io::Result<Server> {
+    /// listener, and join the cluster (its Raft log, vote and snapshots in
+    /// `raft`) if the config names one. The data directory still holds the
+    /// alarms' disk check.
+    pub async fn bind_with_stores(
+        config: Config,
+        store: Arc<dyn Store>,
+        raft: Arc<dyn warren_storage::RaftLogStore>,
+    ) -> std::io::Result<Server> {
         let err = |e: String| std::io::Error::other(e);
+        crate::config::set_node_name(&config.node_name);
         let defs = store
             .load()
             .map_err(|e| err(format!("cannot read stored definitions: {e}")))?;
@@ -290,6 +305,10 @@ impl Server {
                 "no listener: plain AMQP is off and TLS is not configured".into(),
             ));
         }
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(start_cluster(&config.node_name, c, raft).await?)),
+            None => None,
+        };
         let max_connections = config.max_connections;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (delayed, delay_inbox) = crate::delayed::Delays::new();
@@ -312,6 +331,7 @@ impl Server {
             metrics: Default::default(),
             churn,
             delayed,
+            cluster,
         });
         tokio::spawn(crate::delayed::run(Arc::downgrade(&broker), delay_inbox));
         if let Some((path, json)) = definitions {
@@ -480,7 +500,37 @@ impl Server {
             while tasks.join_next().await.is_some() {}
         })
         .await;
+        if let Some(c) = &broker.cluster {
+            if let Err(e) = c.shutdown().await {
+                tracing::warn!(error = %e, "leaving the cluster");
+            }
+        }
     }
+}
+
+/// Start this node's cluster membership: the cluster port, Raft with its
+/// state in `raft`, and the discovery of the initial peers (in the
+/// background: the broker serves while they come up).
+async fn start_cluster(
+    name: &str,
+    c: &crate::config::ClusterSettings,
+    raft: Arc<dyn warren_storage::RaftLogStore>,
+) -> std::io::Result<warren_cluster::ClusterNode> {
+    let mut cfg = warren_cluster::ClusterConfig::new(name, c.listen, c.secret.clone());
+    cfg.advertise = c.advertise.clone();
+    cfg.peers = c.peers.clone();
+    cfg.log_store = raft;
+    let listener = TcpListener::bind(c.listen).await.map_err(|e| {
+        std::io::Error::other(format!(
+            "cannot listen for cluster traffic on {}: {e}",
+            c.listen
+        ))
+    })?;
+    let node = warren_cluster::ClusterNode::start_on(cfg, listener)
+        .await
+        .map_err(|e| std::io::Error::other(format!("cannot start clustering: {e}")))?;
+    tracing::info!(node = %node.info(), peers = ?c.peers, "cluster port open");
+    Ok(node)
 }
 
 /// Accept on `l`, or never if there is no such listener.

@@ -68,6 +68,9 @@ struct Conn {
 enum Cmd {
     /// The node: product, version, listeners, totals, alarms.
     Status,
+    /// The cluster as this node sees it: its members (disk nodes), those
+    /// that answer (running nodes), the metadata leader, alarms.
+    ClusterStatus,
     /// Queues of the vhost: columns among name, messages, messages_ready,
     /// messages_unacknowledged, consumers, durable, auto_delete, exclusive,
     /// arguments, policy, vhost.
@@ -437,6 +440,68 @@ fn run(cli: Cli) -> Res {
                 "Messages: {} ({} ready, {} unacknowledged)",
                 q["messages"], q["messages_ready"], q["messages_unacknowledged"]
             );
+            Ok(())
+        }
+        Cmd::ClusterStatus => {
+            let nodes = c.call("GET", "nodes", None)?;
+            let nodes = nodes.as_array().cloned().unwrap_or_default();
+            let names = |keep: &dyn Fn(&Value) -> bool| -> Vec<String> {
+                nodes
+                    .iter()
+                    .filter(|n| keep(n))
+                    .filter_map(|n| n["name"].as_str().map(str::to_owned))
+                    .collect()
+            };
+            let disk = names(&|_| true);
+            let running = names(&|n| n["running"] == json!(true));
+            let leader = names(&|n| n["metadata_leader"] == json!(true)).pop();
+            let me = nodes.first().cloned().unwrap_or(Value::Null);
+            let alarms: Vec<String> = nodes
+                .iter()
+                .flat_map(|n| {
+                    let name = n["name"].as_str().unwrap_or("?");
+                    [("mem_alarm", "memory"), ("disk_free_alarm", "disk")]
+                        .into_iter()
+                        .filter(|(k, _)| n[*k] == json!(true))
+                        .map(move |(_, what)| format!("{what} alarm on node {name}"))
+                })
+                .collect();
+            if json_out {
+                let out = json!({
+                    "node": me["name"],
+                    "disk_nodes": disk,
+                    "running_nodes": running,
+                    "metadata_leader": leader,
+                    "raft": me.get("raft").cloned().unwrap_or(Value::Null),
+                    "alarms": alarms,
+                });
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+                return Ok(());
+            }
+            println!(
+                "Cluster status of node {} ...",
+                me["name"].as_str().unwrap_or("?")
+            );
+            let section = |title: &str, lines: &[String]| {
+                println!("\n{title}\n");
+                if lines.is_empty() {
+                    println!("(none)");
+                }
+                for l in lines {
+                    println!("{l}");
+                }
+            };
+            section("Disk Nodes", &disk);
+            section("Running Nodes", &running);
+            let leader_line: Vec<String> = match (&leader, me.get("raft")) {
+                (Some(l), Some(r)) => vec![format!("{l} (term {})", r["term"])],
+                (Some(l), None) => vec![l.clone()],
+                (None, Some(_)) => vec!["none elected".into()],
+                // A node on its own: no Raft group.
+                (None, None) => vec!["(not clustered)".into()],
+            };
+            section("Metadata Leader", &leader_line);
+            section("Alarms", &alarms);
             Ok(())
         }
         Cmd::ListQueues { columns } => {

@@ -378,3 +378,52 @@ async fn over_https() {
     // Plain HTTP to an HTTPS port: no answer.
     ctl.fails(&["status"], 69, "cannot reach the management API");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_of_a_lone_node_and_of_a_one_node_cluster() {
+    let (_b, ctl) = broker().await;
+    let out = ctl.ok(&["cluster_status"]);
+    assert!(
+        out.contains("Disk Nodes") && out.contains("(not clustered)"),
+        "{out}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ctl.ok(&["--format", "json", "cluster_status"])).unwrap();
+    assert_eq!(
+        json["disk_nodes"].as_array().map(Vec::len),
+        Some(1),
+        "{json}"
+    );
+    assert_eq!(json["metadata_leader"], serde_json::Value::Null);
+
+    // A node with a secret and no peers is a cluster of one: it leads.
+    let b = TestBroker::start_with(|c| {
+        c.management = Some("127.0.0.1:0".parse().unwrap());
+        c.cluster = Some(warren_broker::config::ClusterSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            peers: Vec::new(),
+            secret: b"secret".to_vec(),
+        });
+    })
+    .await;
+    let broker = b.broker().unwrap();
+    let ctl = Ctl {
+        api: broker.listen_addrs.http.unwrap(),
+    };
+    let name = broker.cluster.as_ref().unwrap().info().name.clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let json: serde_json::Value =
+            serde_json::from_str(&ctl.ok(&["--format", "json", "cluster_status"])).unwrap();
+        if json["metadata_leader"] == serde_json::json!(name) {
+            assert_eq!(json["running_nodes"], serde_json::json!([name]), "{json}");
+            assert_eq!(json["raft"]["role"], "leader", "{json}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no leader: {json}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let out = ctl.ok(&["cluster_status"]);
+    assert!(out.contains(&format!("{name} (term ")), "{out}");
+}

@@ -114,6 +114,78 @@ struct Args {
     /// "" for none).
     #[arg(long, default_value = "guest", value_name = "USERS")]
     loopback_users: String,
+    /// This node's name, unique in its cluster. Default: warren@ and the
+    /// host name.
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// The cluster port (on --bind), where nodes of a cluster talk to each
+    /// other. Open only on a clustered node (one given a cluster secret).
+    #[arg(long, default_value_t = 25672, value_name = "PORT")]
+    cluster_port: u16,
+    /// The other initial members' cluster addresses, comma-separated
+    /// (HOST:PORT,HOST:PORT). Nodes started with each other as peers form
+    /// one cluster. Needs a cluster secret.
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    cluster_peers: Vec<String>,
+    /// The address other nodes reach this one's cluster port at. Default:
+    /// --bind and --cluster-port (give it when --bind is 0.0.0.0).
+    #[arg(long, value_name = "HOST:PORT")]
+    cluster_advertise: Option<String>,
+    /// The secret cluster nodes authenticate each other with (as the Erlang
+    /// cookie). Giving one (or --cluster-secret-file) makes the node
+    /// clustered. Visible to other local users in the process list: prefer
+    /// the file.
+    #[arg(long, value_name = "SECRET", conflicts_with = "cluster_secret_file")]
+    cluster_secret: Option<String>,
+    /// A file holding the cluster secret (trailing white space ignored).
+    #[arg(long, value_name = "FILE")]
+    cluster_secret_file: Option<PathBuf>,
+}
+
+/// The cluster settings the flags give: None without a secret.
+fn cluster_settings(args: &Args) -> Result<Option<warren_broker::config::ClusterSettings>, String> {
+    let secret = match (&args.cluster_secret, &args.cluster_secret_file) {
+        (Some(s), _) => Some(s.as_bytes().to_vec()),
+        (None, Some(f)) => {
+            let raw = std::fs::read(f)
+                .map_err(|e| format!("--cluster-secret-file {}: {e}", f.display()))?;
+            let end = raw
+                .iter()
+                .rposition(|b| !b.is_ascii_whitespace())
+                .map_or(0, |i| i + 1);
+            Some(raw[..end].to_vec())
+        }
+        (None, None) => None,
+    };
+    let Some(secret) = secret else {
+        if !args.cluster_peers.is_empty() || args.cluster_advertise.is_some() {
+            return Err(
+                "--cluster-peers and --cluster-advertise need a cluster secret (--cluster-secret or --cluster-secret-file)"
+                    .into(),
+            );
+        }
+        return Ok(None);
+    };
+    if secret.is_empty() {
+        return Err("the cluster secret is empty".into());
+    }
+    for p in &args.cluster_peers {
+        let ok = p
+            .rsplit_once(':')
+            .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0));
+        if !ok {
+            return Err(format!("--cluster-peers: '{p}' is not HOST:PORT"));
+        }
+    }
+    if args.cluster_port == 0 {
+        return Err("--cluster-port 0: a cluster port must be fixed, peers dial it".into());
+    }
+    Ok(Some(warren_broker::config::ClusterSettings {
+        listen: SocketAddr::new(args.bind, args.cluster_port),
+        advertise: args.cluster_advertise.clone(),
+        peers: args.cluster_peers.clone(),
+        secret,
+    }))
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -190,6 +262,12 @@ fn main() -> std::process::ExitCode {
         );
         tracing_subscriber::EnvFilter::new("info")
     });
+    // openraft warns of routine Raft events (a vote superseded, a stale
+    // reply); its errors still show. A filter that names it decides.
+    let filter = match args.log_level.contains("openraft") {
+        true => filter,
+        false => filter.add_directive("openraft=error".parse().expect("a valid directive")),
+    };
     // Colours only for a terminal; JSON lines for log shippers.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -256,6 +334,21 @@ fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::FAILURE;
     }
+    let cluster = match cluster_settings(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let node_name = match args.node_name.clone() {
+        Some(n) if n.trim().is_empty() || n.len() > 255 => {
+            eprintln!("warren: --node-name must be 1 to 255 characters");
+            return std::process::ExitCode::FAILURE;
+        }
+        Some(n) => n,
+        None => warren_broker::config::default_node_name(),
+    };
     if args.port == 0 && tls.is_none() {
         eprintln!("warren: --port 0 turns plain AMQP off, and no TLS listener is configured (--tls-cert, --tls-key)");
         return std::process::ExitCode::FAILURE;
@@ -285,6 +378,8 @@ fn main() -> std::process::ExitCode {
             .filter(|u| !u.is_empty())
             .map(str::to_owned)
             .collect(),
+        node_name,
+        cluster,
         ..Config::default()
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -51,10 +51,7 @@ pub fn routes() -> Router<Api> {
 
 /// The node's name, as RabbitMQ's `rabbit@host`.
 pub fn node_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    format!("warren@{host}")
+    crate::config::node_name().to_owned()
 }
 
 /// The vhost, after checking the user may see it.
@@ -147,13 +144,17 @@ pub async fn overview(auth: Auth, st: St) -> ApiResult {
     .into_response())
 }
 
-/// The node (one: Warren does not cluster yet), as RabbitMQ's `/api/nodes`:
-/// memory and disk against their limits, alarms, file descriptors.
+/// The nodes, as RabbitMQ's `/api/nodes`: this one with memory and disk
+/// against their limits, alarms and file descriptors; in a cluster, every
+/// member too, `running` if it answered an authenticated hello on its
+/// cluster port just now. Warren adds `metadata_leader` (the member that
+/// leads the metadata Raft group) and, for this node, its `raft` view.
 pub async fn nodes(_auth: Auth, st: St) -> ApiResult {
-    let a = &st.broker.alarms;
+    let b = &st.broker;
+    let a = &b.alarms;
     let alarms = a.state();
     let (fd_used, fd_total) = crate::prometheus::fds().unwrap_or((0, 0));
-    Ok(Json(json!([{
+    let mut me = json!({
         "name": node_name(),
         "type": "disc",
         "running": true,
@@ -165,8 +166,51 @@ pub async fn nodes(_auth: Auth, st: St) -> ApiResult {
         "disk_free_alarm": alarms.disk,
         "fd_used": fd_used,
         "fd_total": fd_total,
-    }]))
-    .into_response())
+    });
+    let Some(c) = &b.cluster else {
+        return Ok(Json(json!([me])).into_response());
+    };
+    let status = c.status();
+    me["name"] = json!(status.me.name);
+    me["cluster_address"] = json!(status.me.addr);
+    me["metadata_leader"] = json!(status.leader_id == Some(status.id));
+    me["raft"] = json!({
+        "role": format!("{:?}", status.role).to_lowercase(),
+        "term": status.term,
+        "leader": status.leader.as_ref().map(|l| l.name.clone()),
+        "last_log_index": status.last_log_index,
+        "last_applied": status.last_applied,
+        "snapshot_index": status.snapshot_index,
+        "bootstrap_error": status.bootstrap_error,
+    });
+    // The other members, probed at once.
+    let mut probes = tokio::task::JoinSet::new();
+    for (i, m) in status.members.iter().enumerate() {
+        if m.name != status.me.name {
+            let (c, addr) = (c.clone(), m.addr.clone());
+            probes.spawn(async move { (i, c.probe(&addr).await.is_ok()) });
+        }
+    }
+    let mut running = vec![false; status.members.len()];
+    while let Some(r) = probes.join_next().await {
+        if let Ok((i, up)) = r {
+            running[i] = up;
+        }
+    }
+    let mut out = vec![me];
+    for (m, up) in status.members.iter().zip(running) {
+        if m.name == status.me.name {
+            continue;
+        }
+        out.push(json!({
+            "name": m.name,
+            "type": "disc",
+            "running": up,
+            "cluster_address": m.addr,
+            "metadata_leader": status.leader_id == Some(m.id()),
+        }));
+    }
+    Ok(Json(Value::Array(out)).into_response())
 }
 
 // ----------------------------------------------------------------- queues

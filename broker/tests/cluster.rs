@@ -1,0 +1,222 @@
+//! Three `warren` daemons on loopback form a cluster from `--cluster-peers`,
+//! seen through `/api/nodes` (what `warrenctl cluster_status` reads); a
+//! killed metadata leader is replaced and comes back as a member; bad
+//! cluster flags stop the start with a clear message.
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use warren_tests::daemon::{free_port, Daemon};
+use warren_tests::http::request;
+
+const WARREN: &str = env!("CARGO_BIN_EXE_warren");
+
+/// One node's ports and flags.
+struct Node {
+    name: String,
+    amqp: u16,
+    api: u16,
+    cluster: u16,
+}
+
+impl Node {
+    fn nodes(&self) -> Vec<Value> {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.api).into();
+        let r = request(addr, "GET", "/api/nodes", ("guest", "guest"), None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json().as_array().cloned().unwrap_or_default()
+    }
+
+    fn start(&self, dir: &Path, peers: &str, secret_file: &Path) -> Daemon {
+        let (api, cluster) = (self.api.to_string(), self.cluster.to_string());
+        let secret = secret_file.to_str().expect("utf-8 path");
+        Daemon::start_with(
+            WARREN,
+            dir,
+            self.amqp,
+            &[
+                "--log-level",
+                "warn",
+                "--management-port",
+                &api,
+                "--node-name",
+                &self.name,
+                "--cluster-port",
+                &cluster,
+                "--cluster-peers",
+                peers,
+                "--cluster-secret-file",
+                secret,
+            ],
+        )
+    }
+}
+
+/// What one node's `/api/nodes` says: (members, running members, leader).
+fn view(n: &Node) -> (Vec<String>, Vec<String>, Option<String>) {
+    let nodes = n.nodes();
+    let names = |keep: &dyn Fn(&Value) -> bool| -> Vec<String> {
+        let mut v: Vec<String> = nodes
+            .iter()
+            .filter(|x| keep(x))
+            .map(|x| x["name"].as_str().expect("a name").to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let leader = names(&|x| x["metadata_leader"] == Value::Bool(true)).pop();
+    (
+        names(&|_| true),
+        names(&|x| x["running"] == Value::Bool(true)),
+        leader,
+    )
+}
+
+fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn three_daemons_form_a_cluster_and_replace_a_killed_leader() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "a shared secret\n").expect("secret file");
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node {
+            name: format!("warren@t{i}"),
+            amqp: free_port(),
+            api: free_port(),
+            cluster: free_port(),
+        })
+        .collect();
+    // Every node gets the same list, itself included.
+    let peers = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.cluster))
+        .collect::<Vec<_>>()
+        .join(",");
+    let dirs: Vec<_> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    let mut daemons: Vec<Option<Daemon>> = nodes
+        .iter()
+        .zip(&dirs)
+        .map(|(n, d)| Some(n.start(d, &peers, &secret)))
+        .collect();
+    let mut all: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    all.sort();
+
+    // One cluster: every node lists the three, all running, one leader.
+    let mut leader = None;
+    eventually(
+        "three nodes agreeing on a leader",
+        Duration::from_secs(30),
+        || {
+            let views: Vec<_> = nodes.iter().map(view).collect();
+            leader = views[0].2.clone();
+            leader.is_some()
+                && views
+                    .iter()
+                    .all(|(members, running, l)| *members == all && *running == all && *l == leader)
+        },
+    );
+    let leader = leader.expect("a leader");
+    let li = nodes
+        .iter()
+        .position(|n| n.name == leader)
+        .expect("a member");
+    // This node's own entry comes first, with its Raft view.
+    let me = &nodes[li].nodes()[0];
+    assert_eq!(me["name"], Value::String(leader.clone()));
+    assert_eq!(me["raft"]["role"], "leader");
+    let term = me["raft"]["term"].as_u64().expect("a term");
+
+    // SIGKILL the leader: the other two elect another and see it down.
+    daemons[li].take().expect("running").kill();
+    let others: Vec<&Node> = nodes.iter().filter(|n| n.name != leader).collect();
+    let mut new_leader = None;
+    eventually(
+        "a new leader among the survivors",
+        Duration::from_secs(30),
+        || {
+            let views: Vec<_> = others.iter().map(|n| view(n)).collect();
+            new_leader = views[0].2.clone();
+            new_leader.as_ref().is_some_and(|l| *l != leader)
+                && views.iter().all(|(members, running, l)| {
+                    *members == all
+                        && !running.contains(&leader)
+                        && running.len() == 2
+                        && *l == new_leader
+                })
+        },
+    );
+
+    // It comes back, from its own data directory, as a member.
+    daemons[li] = Some(nodes[li].start(&dirs[li], &peers, &secret));
+    eventually(
+        "the killed node back in the cluster",
+        Duration::from_secs(30),
+        || {
+            nodes
+                .iter()
+                .map(view)
+                .all(|(members, running, l)| members == all && running == all && l == new_leader)
+        },
+    );
+    let me = &nodes[li].nodes()[0];
+    assert_eq!(me["raft"]["role"], "follower");
+    assert!(me["raft"]["term"].as_u64().expect("a term") > term);
+    assert_eq!(me["raft"]["bootstrap_error"], Value::Null);
+}
+
+/// Run the daemon with `args`; it must refuse them and say why.
+fn refused(args: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(WARREN)
+        .args([
+            "--port",
+            "0",
+            "--management-port",
+            "0",
+            "--prometheus-port",
+            "0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .args(args)
+        .output()
+        .expect("run warren");
+    assert!(!out.status.success(), "{args:?} was accepted");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_cluster_flags_stop_the_start() {
+    let (_, e) = refused(&["--cluster-peers", "127.0.0.1:25672"]);
+    assert!(e.contains("--cluster-peers") && e.contains("secret"), "{e}");
+    let (_, e) = refused(&["--cluster-secret", ""]);
+    assert!(e.contains("empty"), "{e}");
+    let (_, e) = refused(&["--cluster-secret", "s", "--cluster-peers", "nohost"]);
+    assert!(e.contains("'nohost' is not HOST:PORT"), "{e}");
+    let (_, e) = refused(&["--cluster-secret", "s", "--cluster-peers", "h:99999"]);
+    assert!(e.contains("'h:99999' is not HOST:PORT"), "{e}");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let missing = tmp.path().join("nope");
+    let (_, e) = refused(&["--cluster-secret-file", missing.to_str().expect("utf-8")]);
+    assert!(
+        e.contains("--cluster-secret-file") && e.contains("nope"),
+        "{e}"
+    );
+    let (code, e) = refused(&["--cluster-secret", "s", "--cluster-secret-file", "f"]);
+    assert_eq!(code, Some(2), "{e}");
+    assert!(e.contains("cannot be used with"), "{e}");
+    let (_, e) = refused(&["--node-name", " "]);
+    assert!(e.contains("--node-name"), "{e}");
+}
