@@ -171,6 +171,41 @@ fn three_daemons_form_a_cluster_and_replace_a_killed_leader() {
     assert_eq!(me["raft"]["role"], "follower");
     assert!(me["raft"]["term"].as_u64().expect("a term") > term);
     assert_eq!(me["raft"]["bootstrap_error"], Value::Null);
+
+    // Stopped for good, it is forgotten through another member (forget_cluster_node).
+    daemons[li].take().expect("running").kill();
+    let other = others[0];
+    let api: SocketAddr = ([127, 0, 0, 1], other.api).into();
+    let del = |name: &str| {
+        request(
+            api,
+            "DELETE",
+            &format!("/api/nodes/{}", name.replace('@', "%40")),
+            ("guest", "guest"),
+            None,
+        )
+    };
+    let r = del(&other.name);
+    assert_eq!(r.status, 400, "a node cannot forget itself: {}", r.body);
+    assert!(r.body.contains("cannot forget itself"), "{}", r.body);
+    assert_eq!(del("warren@nobody").status, 404);
+    let r = del(&leader);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let rest: Vec<String> = {
+        let mut v: Vec<String> = others.iter().map(|n| n.name.clone()).collect();
+        v.sort();
+        v
+    };
+    eventually(
+        "a cluster of the other two",
+        Duration::from_secs(30),
+        || {
+            others.iter().all(|n| {
+                let (members, running, l) = view(n);
+                members == rest && running == rest && l.is_some()
+            })
+        },
+    );
 }
 
 /// Run the daemon with `args`; it must refuse them and say why.

@@ -2,8 +2,6 @@
 
 use std::io;
 
-use crate::types::{NodeId, NodeInfo};
-
 /// Errors returned by the transport and by [`crate::ClusterNode`].
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -31,13 +29,6 @@ pub enum ClusterError {
     #[error("connection to {peer} closed")]
     ConnectionClosed { peer: String },
 
-    /// Writes must go to the leader; this tells the caller where it is, when known.
-    #[error("not the leader; forward to {}", leader_display(.leader_id, .leader))]
-    ForwardToLeader {
-        leader_id: Option<NodeId>,
-        leader: Option<NodeInfo>,
-    },
-
     /// Any other Raft failure (fatal errors, membership changes in progress...).
     #[error("raft error: {0}")]
     Raft(String),
@@ -49,12 +40,4 @@ pub enum ClusterError {
     /// The node has been shut down.
     #[error("cluster node is shut down")]
     Shutdown,
-}
-
-fn leader_display(id: &Option<NodeId>, node: &Option<NodeInfo>) -> String {
-    match (id, node) {
-        (_, Some(n)) => n.to_string(),
-        (Some(id), None) => format!("node {id}"),
-        (None, None) => "unknown leader".to_string(),
-    }
 }

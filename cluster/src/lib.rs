@@ -12,12 +12,14 @@
 //! Current limits, to lift before production use:
 //! - only the handshake is authenticated: frames after it carry no MAC and no encryption,
 //!   so the transport must run on a trusted network (or gain TLS / per-frame MACs);
-//! - removing members and joining without the leader's help are not implemented yet
-//!   ([`ClusterNode::add_member`] runs on the leader).
+//! - a node joins by being started with members of the cluster as its peers (or by
+//!   [`ClusterNode::add_member`]); a node that formed a cluster of its own cannot move
+//!   into another one.
 
 mod bootstrap;
 pub mod config;
 pub mod error;
+mod leader;
 pub mod log;
 pub mod net;
 pub mod node;

@@ -1,23 +1,30 @@
 //! A running cluster member: Raft + transport + bootstrap of the initial membership.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, Fatal, RaftError};
-use openraft::{ChangeMembers, RaftMetrics, ServerState};
+use openraft::{RaftMetrics, ServerState};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::bootstrap::{bootstrap, HELLO_TIMEOUT};
 use crate::config::ClusterConfig;
 use crate::error::ClusterError;
+use crate::leader::{LeaderReply, LeaderRequest, RemoteError};
 use crate::log::{LogStore, META_GROUP};
-use crate::net::{serve, HelloReply, NetworkFactory, PeerPool};
+use crate::net::{
+    serve, CallError, HelloReply, NetworkFactory, PeerPool, RequestBody, ResponseBody,
+};
 use crate::sm::{MetaReader, StateMachine};
 use crate::types::{node_id, MetaCommand, MetaResponse, NodeId, NodeInfo, Raft};
+
+/// How long a request for the leader looks for one.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// How long the leader may take to answer one (a join waits for the new member to
+/// catch up).
+const LEADER_CALL: Duration = Duration::from_secs(60);
 
 /// Raft role of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,20 +107,6 @@ pub struct ClusterNode {
     bootstrap: Mutex<Option<JoinHandle<()>>>,
     bootstrap_error: Arc<Mutex<Option<String>>>,
     stopped: AtomicBool,
-}
-
-/// Maps openraft's write errors, surfacing "not the leader" with the leader's address.
-fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> ClusterError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            ClusterError::ForwardToLeader {
-                leader_id: f.leader_id,
-                leader: f.leader_node,
-            }
-        }
-        RaftError::Fatal(Fatal::Stopped) => ClusterError::Shutdown,
-        e => ClusterError::Raft(e.to_string()),
-    }
 }
 
 fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
@@ -210,41 +203,91 @@ impl ClusterNode {
         self.local_addr
     }
 
-    /// Replicates `cmd` and returns its result once committed and applied. Must be called
-    /// on the leader; elsewhere fails with [`ClusterError::ForwardToLeader`].
+    /// Replicates `cmd` and returns its result once committed and applied on the leader
+    /// (this node may apply it a moment later). Any member may call it: a follower sends
+    /// it to the leader. A write whose connection to the leader broke after it was sent
+    /// fails even though it may have been applied; commands are puts and deletes, so
+    /// the caller may repeat it.
     pub async fn write(&self, cmd: MetaCommand) -> Result<MetaResponse, ClusterError> {
-        let resp = self.raft.client_write(cmd).await.map_err(write_error)?;
-        Ok(resp.data)
+        match self.on_leader(LeaderRequest::Write(cmd)).await? {
+            LeaderReply::Written(r) => Ok(r),
+            other => Err(ClusterError::Protocol(format!(
+                "a write answered with {other:?}"
+            ))),
+        }
     }
 
-    /// Adds the node listening at `addr` to a running cluster (leader only): it is
+    /// Adds the node listening at `addr` to the cluster (from any member): it is
     /// authenticated and asked who it is, replicated to as a learner until it has caught
     /// up (by log or snapshot), then made a voter. Returns the new member.
     pub async fn add_member(&self, addr: &str) -> Result<NodeInfo, ClusterError> {
         let node = self.probe(addr).await?.node;
-        let id = node.id();
-        let known = self.status().members;
-        if let Some(m) = known.iter().find(|m| m.id() == id) {
-            return if m.name == node.name {
-                Ok(node)
-            } else {
-                Err(ClusterError::Config(format!(
-                    "{:?} would collide with member {:?} (same id)",
-                    node.name, m.name
-                )))
-            };
+        match self.on_leader(LeaderRequest::Join(node)).await? {
+            LeaderReply::Member(n) => Ok(n),
+            other => Err(ClusterError::Protocol(format!(
+                "a join answered with {other:?}"
+            ))),
         }
-        self.raft
-            .add_learner(id, node.clone(), true)
-            .await
-            .map_err(write_error)?;
-        let voters = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
-        self.raft
-            .change_membership(voters, false)
-            .await
-            .map_err(write_error)?;
-        tracing::info!(node = %self.me, added = %node, "added cluster member");
-        Ok(node)
+    }
+
+    /// Removes the member named `name` (from any member; it need not be running).
+    /// Returns it. The last member cannot be removed.
+    pub async fn remove_member(&self, name: &str) -> Result<NodeInfo, ClusterError> {
+        match self
+            .on_leader(LeaderRequest::Remove(name.to_owned()))
+            .await?
+        {
+            LeaderReply::Member(n) => Ok(n),
+            other => Err(ClusterError::Protocol(format!(
+                "a removal answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// Runs `req` on the leader: here if this node leads, else over the transport. While
+    /// there is no leader, or the one asked no longer leads (or cannot be reached), it
+    /// looks again, up to [`LEADER_WAIT`].
+    async fn on_leader(&self, req: LeaderRequest) -> Result<LeaderReply, ClusterError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut hint: Option<NodeInfo> = None;
+        loop {
+            let leader = hint.take().or_else(|| self.status().leader);
+            let outcome = match &leader {
+                Some(l) if l.id() == self.id() => {
+                    crate::leader::handle(&self.raft, req.clone()).await
+                }
+                Some(l) => match self
+                    .pool
+                    .call(&l.addr, RequestBody::Leader(req.clone()), LEADER_CALL)
+                    .await
+                {
+                    Ok(ResponseBody::Leader(r)) => r,
+                    Ok(other) => {
+                        return Err(ClusterError::Protocol(format!(
+                            "expected a leader's reply from {l}, got {}",
+                            other.kind()
+                        )))
+                    }
+                    // Never sent: safe to look for the leader again.
+                    Err(CallError::Connect(_)) => Err(RemoteError::NotLeader(None)),
+                    Err(CallError::Rpc(e)) => return Err(e),
+                },
+                None => Err(RemoteError::NotLeader(None)),
+            };
+            match outcome {
+                Ok(r) => return Ok(r),
+                Err(RemoteError::Failed(why)) => return Err(ClusterError::Raft(why)),
+                Err(RemoteError::NotLeader(next)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ClusterError::Timeout("no reachable metadata leader".into()));
+                    }
+                    hint = next.filter(|n| Some(n) != leader.as_ref());
+                    if hint.is_none() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
     }
 
     /// The locally applied value of `key` (may lag the leader).

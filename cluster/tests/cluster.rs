@@ -122,21 +122,21 @@ async fn three_nodes_elect_one_leader_and_replicate() {
     })
     .await;
 
-    // A follower refuses writes and names the leader.
+    // A follower's write goes to the leader.
     let follower = nodes
         .iter()
         .find(|n| n.id() != leader_id)
         .expect("follower");
-    match follower.write(put("x", json!(1))).await {
-        Err(ClusterError::ForwardToLeader {
-            leader_id: id,
-            leader: node,
-        }) => {
-            assert_eq!(id, Some(leader_id));
-            assert_eq!(node.as_ref(), Some(leader.info()));
-        }
-        other => panic!("expected ForwardToLeader, got {other:?}"),
-    }
+    follower
+        .write(put("x", json!(1)))
+        .await
+        .expect("a follower's write");
+    eventually(
+        "a follower's write everywhere",
+        Duration::from_secs(5),
+        || nodes.iter().all(|n| n.get("x") == Some(json!(1))),
+    )
+    .await;
 
     shutdown_all(&nodes).await;
 }
@@ -286,11 +286,18 @@ async fn new_member_catches_up_from_a_snapshot() {
     .await;
 
     // The newcomer lists the existing members; they report being initialized, so it
-    // waits to be added instead of creating a cluster of its own.
+    // asks them to take it in instead of creating a cluster of its own.
     // The newcomer never builds snapshots itself: one on it must have been received.
     let mut c_cfg = config("join-c", SECRET, &lc, addrs[..2].to_vec());
     c_cfg.snapshot_after_logs = 1_000_000;
     let c = ClusterNode::start_on(c_cfg, lc).await.expect("start c");
+    eventually(
+        "the newcomer to become a member",
+        Duration::from_secs(20),
+        || leader.status().members.iter().any(|m| m.name == "join-c"),
+    )
+    .await;
+    // Adding a member again changes nothing.
     let added = leader.add_member(&addrs[2]).await.expect("add member");
     assert_eq!(added.name, "join-c");
 
@@ -590,6 +597,69 @@ async fn a_whole_cluster_restarts_from_its_snapshots_and_logs() {
     .await;
     for n in &nodes {
         assert_eq!(n.status().bootstrap_error, None);
+    }
+    shutdown_all(&nodes).await;
+}
+
+/// A member is removed through a follower (the leader does it); the rest go on as a
+/// smaller cluster; a name that is not a member, or the last member, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_is_removed_through_any_node() {
+    let nodes = start_nodes(&[
+        ("rm-a", SECRET, &[1, 2]),
+        ("rm-b", SECRET, &[0, 2]),
+        ("rm-c", SECRET, &[0, 1]),
+    ])
+    .await;
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    let leader_id = agreed_leader(&all, 3, Duration::from_secs(15)).await;
+    let follower = *all
+        .iter()
+        .find(|n| n.id() != leader_id)
+        .expect("a follower");
+    // Remove one that is not the leader and not the follower asked.
+    let gone = *all
+        .iter()
+        .find(|n| n.id() != leader_id && n.id() != follower.id())
+        .expect("a third");
+    let removed = follower
+        .remove_member(&gone.info().name)
+        .await
+        .expect("remove");
+    assert_eq!(&removed, gone.info());
+    gone.shutdown().await.expect("shutdown");
+    let rest: Vec<&ClusterNode> = all
+        .iter()
+        .copied()
+        .filter(|n| n.id() != gone.id())
+        .collect();
+    agreed_leader(&rest, 2, Duration::from_secs(10)).await;
+    follower.write(put("two", json!(2))).await.expect("write");
+    eventually("the write on both", Duration::from_secs(5), || {
+        rest.iter().all(|n| n.get("two") == Some(json!(2)))
+    })
+    .await;
+    match follower.remove_member("nobody").await {
+        Err(ClusterError::Raft(why)) => assert!(why.contains("not a member"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Down to one; then the last one stays.
+    let other = *rest
+        .iter()
+        .find(|n| n.id() != follower.id())
+        .expect("the other");
+    follower
+        .remove_member(&other.info().name)
+        .await
+        .expect("remove the other");
+    eventually("a cluster of one", Duration::from_secs(10), || {
+        let st = follower.status();
+        st.members.len() == 1 && st.leader_id == Some(follower.id())
+    })
+    .await;
+    match follower.remove_member(&follower.info().name).await {
+        Err(ClusterError::Raft(why)) => assert!(why.contains("only member"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
     shutdown_all(&nodes).await;
 }

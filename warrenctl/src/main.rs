@@ -71,6 +71,10 @@ enum Cmd {
     /// The cluster as this node sees it: its members (disk nodes), those
     /// that answer (running nodes), the metadata leader, alarms.
     ClusterStatus,
+    /// Remove a member from the cluster (run it on another member).
+    ForgetClusterNode {
+        node: String,
+    },
     /// Queues of the vhost: columns among name, messages, messages_ready,
     /// messages_unacknowledged, consumers, durable, auto_delete, exclusive,
     /// arguments, policy, vhost.
@@ -626,6 +630,11 @@ fn run(cli: Cli) -> Res {
                 Some(&json!({"password": password, "tags": tags})),
             )?;
             say(json_out, &format!("Added user '{name}'"))
+        }
+        Cmd::ForgetClusterNode { node } => {
+            c.call("DELETE", &format!("nodes/{}", seg(&node)), None)
+                .map_err(|e| not_found_as(e, format!("{node} is not a member of the cluster")))?;
+            say(json_out, &format!("Removed {node} from the cluster"))
         }
         Cmd::DeleteUser { name } => {
             c.call("DELETE", &format!("users/{}", seg(&name)), None)

@@ -395,6 +395,11 @@ async fn cluster_status_of_a_lone_node_and_of_a_one_node_cluster() {
         "{json}"
     );
     assert_eq!(json["metadata_leader"], serde_json::Value::Null);
+    ctl.fails(
+        &["forget_cluster_node", "warren@x"],
+        1,
+        "this node is not clustered",
+    );
 
     // A node with a secret and no peers is a cluster of one: it leads.
     let b = TestBroker::start_with(|c| {
@@ -426,4 +431,10 @@ async fn cluster_status_of_a_lone_node_and_of_a_one_node_cluster() {
     }
     let out = ctl.ok(&["cluster_status"]);
     assert!(out.contains(&format!("{name} (term ")), "{out}");
+    ctl.fails(&["forget_cluster_node", &name], 1, "cannot forget itself");
+    ctl.fails(
+        &["forget_cluster_node", "warren@elsewhere"],
+        3,
+        "warren@elsewhere is not a member of the cluster",
+    );
 }

@@ -92,6 +92,10 @@ fn router(api: Api) -> Router {
         .route("/api/overview", get(objects::overview))
         .route("/api/whoami", get(admin::whoami))
         .route("/api/nodes", get(objects::nodes))
+        .route(
+            "/api/nodes/{name}",
+            get(objects::node).delete(objects::forget_node),
+        )
         .route("/", get(ui::index))
         .route("/ui/app.js", get(ui::app_js))
         .route("/ui/style.css", get(ui::style_css))

@@ -213,6 +213,47 @@ pub async fn nodes(_auth: Auth, st: St) -> ApiResult {
     Ok(Json(Value::Array(out)).into_response())
 }
 
+/// One node of `/api/nodes` (404 if it is not a member).
+pub async fn node(auth: Auth, st: St, Path(name): Path<String>) -> ApiResult {
+    let all = nodes(auth, st).await?;
+    let body = axum::body::to_bytes(all.into_body(), usize::MAX)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let list: Vec<Value> = serde_json::from_slice(&body).unwrap_or_default();
+    match list.into_iter().find(|n| n["name"] == json!(name)) {
+        Some(n) => Ok(Json(n).into_response()),
+        None => Err(ApiError::not_found()),
+    }
+}
+
+/// Remove a member from the cluster (`warrenctl forget_cluster_node`; Warren's,
+/// RabbitMQ has it in its CLI only). As RabbitMQ, a node does not forget itself:
+/// ask another member. 204; 404 for a name that is not a member; 400 when this
+/// node is not clustered or it is the last member; 503 without a reachable leader.
+pub async fn forget_node(auth: Auth, st: St, Path(name): Path<String>) -> ApiResult {
+    auth.require_admin()?;
+    let Some(c) = &st.broker.cluster else {
+        return Err(ApiError::bad_request("this node is not clustered"));
+    };
+    if name == c.info().name {
+        return Err(ApiError::bad_request(format!(
+            "{name} cannot forget itself: run forget_cluster_node on another member"
+        )));
+    }
+    if !c.status().members.iter().any(|m| m.name == name) {
+        return Err(ApiError::not_found());
+    }
+    match c.remove_member(&name).await {
+        Ok(_) => Ok(axum::http::StatusCode::NO_CONTENT.into_response()),
+        Err(e @ warren_cluster::ClusterError::Timeout(_)) => Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::bad_request(e.to_string())),
+    }
+}
+
 // ----------------------------------------------------------------- queues
 
 pub(super) async fn stats(q: &QueueHandle) -> QueueStats {

@@ -18,10 +18,11 @@ use openraft::raft::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use client::PeerPool;
+pub use client::{CallError, PeerPool};
 pub use raft_net::{NetworkFactory, PeerNetwork};
 pub use server::serve;
 
+use crate::leader::{LeaderReply, LeaderRequest, RemoteError};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
 /// A request frame.
@@ -39,6 +40,8 @@ pub(crate) enum RequestBody {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Something only the leader does (see [`crate::leader`]).
+    Leader(LeaderRequest),
 }
 
 /// A response frame, matched to its request by `id`.
@@ -56,6 +59,7 @@ pub(crate) enum ResponseBody {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
+    Leader(Result<LeaderReply, RemoteError>),
     /// The server could not produce a response (e.g. it would not fit in a frame).
     Error(String),
 }
@@ -68,6 +72,7 @@ impl ResponseBody {
             ResponseBody::AppendEntries(_) => "AppendEntries",
             ResponseBody::Vote(_) => "Vote",
             ResponseBody::InstallSnapshot(_) => "InstallSnapshot",
+            ResponseBody::Leader(_) => "Leader",
             ResponseBody::Error(_) => "Error",
         }
     }

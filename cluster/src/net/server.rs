@@ -132,5 +132,6 @@ async fn dispatch(raft: &Raft, me: NodeInfo, body: RequestBody) -> ResponseBody 
         RequestBody::InstallSnapshot(req) => {
             ResponseBody::InstallSnapshot(raft.install_snapshot(req).await)
         }
+        RequestBody::Leader(req) => ResponseBody::Leader(crate::leader::handle(raft, req).await),
     }
 }
