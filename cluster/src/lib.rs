@@ -31,4 +31,4 @@ pub use error::ClusterError;
 pub use net::HelloReply;
 pub use node::{ClusterNode, ClusterStatus, Role};
 pub use sm::MetaReader;
-pub use types::{node_id, MetaCommand, MetaResponse, NodeId, NodeInfo, TypeConfig};
+pub use types::{node_id, Applied, MetaCommand, MetaResponse, NodeId, NodeInfo, TypeConfig};

@@ -18,7 +18,7 @@ use crate::net::{
     serve, CallError, HelloReply, NetworkFactory, PeerPool, RequestBody, ResponseBody,
 };
 use crate::sm::{MetaReader, StateMachine};
-use crate::types::{node_id, MetaCommand, MetaResponse, NodeId, NodeInfo, Raft};
+use crate::types::{node_id, Applied, MetaCommand, MetaResponse, NodeId, NodeInfo, Raft};
 
 /// How long a request for the leader looks for one.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -101,6 +101,7 @@ pub struct ClusterNode {
     me: NodeInfo,
     raft: Raft,
     reader: MetaReader,
+    feed: Arc<tokio::sync::broadcast::Sender<Applied>>,
     pool: Arc<PeerPool>,
     local_addr: SocketAddr,
     server: Mutex<Option<JoinHandle<()>>>,
@@ -155,6 +156,7 @@ impl ClusterNode {
             sm = open().await?;
         }
         let reader = sm.reader();
+        let feed = sm.feed();
         let raft = Raft::new(
             id,
             raft_config,
@@ -179,6 +181,7 @@ impl ClusterNode {
             me,
             raft,
             reader,
+            feed,
             pool,
             local_addr,
             server: Mutex::new(Some(server)),
@@ -293,6 +296,12 @@ impl ClusterNode {
     /// The locally applied value of `key` (may lag the leader).
     pub fn get(&self, key: &str) -> Option<serde_json::Value> {
         self.reader.get(key)
+    }
+
+    /// Hear of every change this node applies from now on (see
+    /// [`StateMachine::subscribe`]: read the map after subscribing).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Applied> {
+        self.feed.subscribe()
     }
 
     /// A read handle on the applied metadata, usable after this node is moved elsewhere.

@@ -20,7 +20,7 @@ use serde_json::Value;
 use warren_storage::{RaftGroup, RaftLogStore};
 
 use crate::types::{
-    LogId, MetaCommand, MetaResponse, NodeId, NodeInfo, StoredMembership, TypeConfig,
+    Applied, LogId, MetaCommand, MetaResponse, NodeId, NodeInfo, StoredMembership, TypeConfig,
 };
 
 /// Everything a snapshot must carry; serialized as-is (JSON) to form the snapshot body.
@@ -36,10 +36,20 @@ impl SmData {
         let previous = match cmd {
             MetaCommand::Put { key, value } => self.map.insert(key.clone(), value.clone()),
             MetaCommand::Delete { key } => self.map.remove(key),
+            MetaCommand::Batch(cmds) => {
+                for c in cmds {
+                    self.apply(c);
+                }
+                None
+            }
         };
         MetaResponse { previous }
     }
 }
+
+/// How many applied changes a slow subscriber may fall behind by before it is told it
+/// lagged (and must read the whole map again).
+const FEED_CAPACITY: usize = 4096;
 
 /// A built or received snapshot, kept so it can be served to lagging followers.
 #[derive(Debug, Clone)]
@@ -133,13 +143,27 @@ fn restore(meta: &SnapshotMeta<NodeId, NodeInfo>, data: &[u8]) -> serde_json::Re
 }
 
 /// openraft state machine over `SmData`; clones share state.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StateMachine {
     state: Shared,
     current: Arc<tokio::sync::Mutex<Option<StoredSnapshot>>>,
     snapshot_seq: Arc<AtomicU64>,
     /// Where snapshots are saved; None: they live in memory only (tests).
     slot: Option<SnapshotSlot>,
+    /// What was applied, for subscribers.
+    feed: Arc<tokio::sync::broadcast::Sender<Applied>>,
+}
+
+impl Default for StateMachine {
+    fn default() -> Self {
+        StateMachine {
+            state: Shared::default(),
+            current: Arc::default(),
+            snapshot_seq: Arc::default(),
+            slot: None,
+            feed: Arc::new(tokio::sync::broadcast::channel(FEED_CAPACITY).0),
+        }
+    }
 }
 
 impl StateMachine {
@@ -196,6 +220,19 @@ impl StateMachine {
             })?
             .map_err(|e| StorageIOError::write_snapshot(Some(sig), &e))?;
         Ok(())
+    }
+
+    /// Hear of every change applied from now on. Read the map (with a
+    /// [`MetaReader`]) after subscribing: the changes that follow may repeat some of it,
+    /// and applying a put or a delete twice does no harm. A subscriber that falls more
+    /// than a few thousand changes behind gets `Lagged` and must read the map again.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Applied> {
+        self.feed.subscribe()
+    }
+
+    /// The sender subscribers are made from, kept by whoever hands out subscriptions.
+    pub(crate) fn feed(&self) -> Arc<tokio::sync::broadcast::Sender<Applied>> {
+        self.feed.clone()
     }
 
     /// A read handle sharing this state machine's data.
@@ -260,7 +297,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             sm.last_applied = Some(entry.log_id);
             let resp = match entry.payload {
                 EntryPayload::Blank => MetaResponse::default(),
-                EntryPayload::Normal(cmd) => sm.apply(&cmd),
+                EntryPayload::Normal(cmd) => {
+                    let r = sm.apply(&cmd);
+                    // No subscriber: nobody to tell.
+                    let _ = self.feed.send(Applied::Command {
+                        index: entry.log_id.index,
+                        command: cmd,
+                    });
+                    r
+                }
                 EntryPayload::Membership(m) => {
                     sm.membership = StoredMembership::new(Some(entry.log_id), m);
                     MetaResponse::default()
@@ -297,7 +342,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Saved before it replaces the state: a restart finds either the old state with
         // its log, or this one.
         self.save(&received).await?;
+        let map = incoming.map.clone();
         *write(&self.state) = incoming;
+        let _ = self.feed.send(Applied::Reset(map));
         *self.current.lock().await = Some(received);
         Ok(())
     }
@@ -413,5 +460,54 @@ mod tests {
             .expect("current")
             .expect("a snapshot");
         assert_eq!(current.meta.snapshot_id, snap.meta.snapshot_id);
+    }
+
+    #[tokio::test]
+    async fn a_batch_applies_whole_and_subscribers_hear_of_it() {
+        let mut sm = StateMachine::new();
+        let mut feed = sm.subscribe();
+        let put = |k: &str, v| MetaCommand::Put {
+            key: k.into(),
+            value: v,
+        };
+        let batch = MetaCommand::Batch(vec![
+            put("a", json!(1)),
+            put("b", json!(2)),
+            MetaCommand::Delete { key: "a".into() },
+        ]);
+        let out = sm
+            .apply(vec![
+                normal(1, put("a", json!(0))),
+                normal(2, batch.clone()),
+            ])
+            .await
+            .expect("apply");
+        assert_eq!(out[1].previous, None);
+        let r = sm.reader();
+        assert_eq!((r.get("a"), r.get("b")), (None, Some(json!(2))));
+        assert_eq!(
+            feed.recv().await.expect("first"),
+            Applied::Command {
+                index: 1,
+                command: put("a", json!(0))
+            }
+        );
+        assert_eq!(
+            feed.recv().await.expect("second"),
+            Applied::Command {
+                index: 2,
+                command: batch
+            }
+        );
+        // A snapshot from the leader replaces the map: subscribers get all of it.
+        let snap = sm.build_snapshot().await.expect("build");
+        let mut other = StateMachine::new();
+        let mut other_feed = other.subscribe();
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .expect("install");
+        let all = std::collections::BTreeMap::from([("b".to_string(), json!(2))]);
+        assert_eq!(other_feed.recv().await.expect("reset"), Applied::Reset(all));
     }
 }

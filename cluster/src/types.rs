@@ -51,13 +51,25 @@ pub enum MetaCommand {
     },
     /// Removes `key` (a no-op when absent).
     Delete { key: String },
+    /// Applies these commands in order, all in one step: a reader never sees some of
+    /// them without the others.
+    Batch(Vec<MetaCommand>),
 }
 
 /// Result of applying a [`MetaCommand`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MetaResponse {
-    /// The value the key had before the command, if any.
+    /// The value the key had before the command, if any (None for a batch).
     pub previous: Option<serde_json::Value>,
+}
+
+/// What a node has applied, as its subscribers hear it ([`crate::ClusterNode::subscribe`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The command of the log entry at `index`, applied.
+    Command { index: u64, command: MetaCommand },
+    /// The whole map was replaced by a snapshot from the leader: this is all of it.
+    Reset(std::collections::BTreeMap<String, serde_json::Value>),
 }
 
 openraft::declare_raft_types!(
@@ -116,5 +128,15 @@ mod tests {
         assert_eq!(json, r#"{"Put":{"key":"vhost/a","value":{"x":1}}}"#);
         let back: MetaCommand = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back, cmd);
+        let batch = MetaCommand::Batch(vec![cmd, MetaCommand::Delete { key: "k".into() }]);
+        let json = serde_json::to_string(&batch).expect("serialize");
+        assert_eq!(
+            json,
+            r#"{"Batch":[{"Put":{"key":"vhost/a","value":{"x":1}}},{"Delete":{"key":"k"}}]}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<MetaCommand>(&json).expect("deserialize"),
+            batch
+        );
     }
 }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::net::TcpListener;
-use warren_cluster::{ClusterConfig, ClusterError, ClusterNode, MetaCommand, NodeId, Role};
+use warren_cluster::{
+    Applied, ClusterConfig, ClusterError, ClusterNode, MetaCommand, NodeId, Role,
+};
 use warren_storage::mem::MemStore;
 
 const SECRET: &[u8] = b"test-cluster-secret";
@@ -122,15 +124,27 @@ async fn three_nodes_elect_one_leader_and_replicate() {
     })
     .await;
 
-    // A follower's write goes to the leader.
+    // A follower's write goes to the leader; every node's subscribers hear of it.
     let follower = nodes
         .iter()
         .find(|n| n.id() != leader_id)
         .expect("follower");
+    let mut feeds: Vec<_> = nodes.iter().map(|n| n.subscribe()).collect();
+    let batch = MetaCommand::Batch(vec![put("x", json!(1)), put("y", json!(2))]);
     follower
-        .write(put("x", json!(1)))
+        .write(batch.clone())
         .await
         .expect("a follower's write");
+    for feed in &mut feeds {
+        let heard = tokio::time::timeout(Duration::from_secs(5), feed.recv())
+            .await
+            .expect("in time")
+            .expect("a change");
+        assert!(
+            matches!(&heard, Applied::Command { command, .. } if *command == batch),
+            "{heard:?}"
+        );
+    }
     eventually(
         "a follower's write everywhere",
         Duration::from_secs(5),
