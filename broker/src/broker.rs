@@ -56,6 +56,9 @@ pub struct Broker {
     pub delayed: crate::delayed::Delays,
     /// This node's membership of a cluster (None: a node on its own).
     pub cluster: Option<Arc<warren_cluster::ClusterNode>>,
+    /// A clustered node's sharing of users, vhosts and policies (set once,
+    /// right after start).
+    pub(crate) access_sync: std::sync::OnceLock<crate::replicate::AccessSync>,
 }
 
 /// The listeners' addresses.
@@ -148,7 +151,9 @@ impl Broker {
     }
 
     /// Make a change to users, vhosts, permissions or policies (stored and
-    /// synced before it returns), off the async workers.
+    /// synced before it returns), off the async workers. On a clustered
+    /// node the change is checked here, made through the cluster, and
+    /// returns once this node has applied it (see [`crate::replicate`]).
     pub async fn change_access<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(
@@ -159,6 +164,14 @@ impl Broker {
             + 'static,
     ) -> Result<T, String> {
         let me = self.clone();
+        if let Some(sync) = self.access_sync.get() {
+            sync.catch_up().await?;
+            let (out, ops) = tokio::task::spawn_blocking(move || me.access.prepare(f))
+                .await
+                .map_err(|e| format!("the change failed: {e}"))??;
+            sync.write(&ops).await?;
+            return Ok(out);
+        }
         tokio::task::spawn_blocking(move || me.access.change(f))
             .await
             .map_err(|e| format!("the change failed: {e}"))?
@@ -227,6 +240,15 @@ impl Broker {
         let n = name.to_owned();
         self.change_access(move |s, ops| crate::access::delete_vhost(s, ops, &n))
             .await?;
+        self.remove_vhost_objects(name).await?;
+        tracing::info!(vhost = name, "deleted vhost");
+        Ok(())
+    }
+
+    /// What goes with a deleted vhost besides its records: its connections
+    /// are closed with 320, and every queue (with its messages), exchange
+    /// and binding in it is removed.
+    pub(crate) async fn remove_vhost_objects(&self, name: &str) -> Result<(), String> {
         for c in self.connections().iter().filter(|c| c.vhost == name) {
             c.close(
                 warren_protocol::reply::CONNECTION_FORCED,
@@ -241,7 +263,6 @@ impl Broker {
         if let Some(v) = vhost {
             v.destroy().await.map_err(|e| e.text)?;
         }
-        tracing::info!(vhost = name, "deleted vhost");
         Ok(())
     }
 

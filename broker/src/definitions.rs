@@ -116,6 +116,12 @@ fn value_json(v: &AMQPValue) -> Value {
 /// Import a definitions file into a running broker. All or nothing: on any
 /// invalid item, every problem is returned and nothing changes.
 pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>> {
+    if broker.cluster.is_some() {
+        // Its users and vhosts would stay on this node.
+        return Err(vec![
+            "importing definitions on a clustered node is not supported yet".into(),
+        ]);
+    }
     let f = parse(json)?;
     let mut report = Report::default();
     let mut errors = Vec::new();

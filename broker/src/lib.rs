@@ -31,6 +31,9 @@
 //! - [`access`] — users (RabbitMQ's password hashes), vhosts, permissions
 //!   and topic permissions, stored as records; checked at login,
 //!   `connection.open` and every guarded channel method.
+//! - [`replicate`] — a clustered node's sharing of those records (and
+//!   policies, limits) through the cluster's metadata Raft group
+//!   (`warren-cluster`): changes go through the group, every node mirrors it.
 //! - [`policy`] — policies and operator policies: validation with
 //!   RabbitMQ's messages, matching, which one applies to a queue or exchange.
 //! - [`alarm`] — resource alarms (memory high watermark, free disk limit)
@@ -77,6 +80,7 @@ pub mod persist;
 pub mod policy;
 pub mod prometheus;
 pub mod queue;
+pub mod replicate;
 pub mod server;
 pub mod tls;
 pub mod vhost;

@@ -332,7 +332,12 @@ impl Server {
             churn,
             delayed,
             cluster,
+            access_sync: Default::default(),
         });
+        if let Some(c) = &broker.cluster {
+            let sync = crate::replicate::AccessSync::start(&broker, c.clone());
+            let _ = broker.access_sync.set(sync);
+        }
         tokio::spawn(crate::delayed::run(Arc::downgrade(&broker), delay_inbox));
         if let Some((path, json)) = definitions {
             match crate::definitions::import(&broker, &json).await {

@@ -255,3 +255,144 @@ fn bad_cluster_flags_stop_the_start() {
     let (_, e) = refused(&["--node-name", " "]);
     assert!(e.contains("--node-name"), "{e}");
 }
+
+/// Log in over AMQP: whether it worked.
+async fn logs_in(port: u16, user: &str, pass: &str, vhost: &str) -> bool {
+    let url = format!("amqp://{user}:{pass}@127.0.0.1:{port}/{vhost}");
+    match lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await {
+        Ok(c) => {
+            let _ = c.close(200, "bye".into()).await;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+async fn eventually_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn call(n: &Node, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
+    let addr: SocketAddr = ([127, 0, 0, 1], n.api).into();
+    let r = request(addr, method, path, ("guest", "guest"), body.as_ref());
+    (r.status, r.body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_vhosts_permissions_and_policies_are_shared() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "shared").expect("secret file");
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node {
+            name: format!("warren@s{i}"),
+            amqp: free_port(),
+            api: free_port(),
+            cluster: free_port(),
+        })
+        .collect();
+    let peers = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.cluster))
+        .collect::<Vec<_>>()
+        .join(",");
+    let dirs: Vec<_> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    let mut daemons: Vec<Option<Daemon>> = nodes
+        .iter()
+        .zip(&dirs)
+        .map(|(n, d)| Some(n.start(d, &peers, &secret)))
+        .collect();
+
+    // A user made on one node (once the cluster has formed and shared its
+    // records) logs in on every node.
+    let ann = serde_json::json!({"password": "pw-ann", "tags": ""});
+    eventually(
+        "the cluster to take a user",
+        Duration::from_secs(30),
+        || {
+            let (status, _) = call(&nodes[0], "PUT", "/api/users/ann", Some(ann.clone()));
+            status == 201 || status == 204
+        },
+    );
+    let (status, body) = call(&nodes[1], "PUT", "/api/vhosts/shop", None);
+    assert!(status == 201 || status == 204, "{status} {body}");
+    let all = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+    let (status, body) = call(
+        &nodes[2],
+        "PUT",
+        "/api/permissions/shop/ann",
+        Some(all.clone()),
+    );
+    assert!(status == 201 || status == 204, "{status} {body}");
+    let (status, body) = call(&nodes[0], "PUT", "/api/permissions/shop/guest", Some(all));
+    assert!(status == 201 || status == 204, "{status} {body}");
+    for n in &nodes {
+        eventually_async("ann in shop on every node", Duration::from_secs(10), || {
+            logs_in(n.amqp, "ann", "pw-ann", "shop")
+        })
+        .await;
+    }
+
+    // A policy set on one node is in force on another's queues.
+    let policy =
+        serde_json::json!({"pattern": "^q", "definition": {"max-length": 1}, "apply-to": "queues"});
+    let (status, body) = call(&nodes[0], "PUT", "/api/policies/shop/cap", Some(policy));
+    assert!(status == 201 || status == 204, "{status} {body}");
+    let (status, body) = call(
+        &nodes[1],
+        "PUT",
+        "/api/queues/shop/q1",
+        Some(serde_json::json!({"durable": true})),
+    );
+    assert!(status == 201 || status == 204, "{status} {body}");
+    eventually(
+        "the policy on the other node's queue",
+        Duration::from_secs(10),
+        || {
+            let (_, body) = call(&nodes[1], "GET", "/api/queues/shop/q1", None);
+            serde_json::from_str::<Value>(&body).is_ok_and(|q| q["policy"] == "cap")
+        },
+    );
+
+    // A node that was down catches up.
+    daemons[2].take().expect("running").kill();
+    let bob = serde_json::json!({"password": "pw-bob", "tags": ""});
+    let (status, body) = call(&nodes[0], "PUT", "/api/users/bob", Some(bob));
+    assert!(status == 201 || status == 204, "{status} {body}");
+    let all = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+    let (status, body) = call(&nodes[1], "PUT", "/api/permissions/%2F/bob", Some(all));
+    assert!(status == 201 || status == 204, "{status} {body}");
+    let (status, body) = call(&nodes[1], "DELETE", "/api/users/ann", None);
+    assert_eq!(status, 204, "{body}");
+    daemons[2] = Some(nodes[2].start(&dirs[2], &peers, &secret));
+    eventually_async("bob on the returned node", Duration::from_secs(20), || {
+        logs_in(nodes[2].amqp, "bob", "pw-bob", "%2f")
+    })
+    .await;
+    for n in &nodes {
+        assert!(
+            !logs_in(n.amqp, "ann", "pw-ann", "shop").await,
+            "ann is gone from {}",
+            n.name
+        );
+    }
+
+    // A deleted vhost goes everywhere, with its queues.
+    let (status, body) = call(&nodes[2], "DELETE", "/api/vhosts/shop", None);
+    assert_eq!(status, 204, "{body}");
+    for n in &nodes {
+        eventually("the vhost gone", Duration::from_secs(10), || {
+            call(n, "GET", "/api/vhosts/shop", None).0 == 404
+        });
+    }
+    assert_eq!(call(&nodes[1], "GET", "/api/queues/shop/q1", None).0, 404);
+    drop(daemons);
+}

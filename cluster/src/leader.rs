@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 
@@ -21,13 +21,18 @@ pub(crate) enum LeaderRequest {
     Join(NodeInfo),
     /// Remove the member with this name.
     Remove(String),
+    /// The index a read must wait for to see every write committed before it was asked
+    /// (Raft's read index: the leader confirms with a majority that it still leads).
+    ReadIndex,
 }
 
 /// The leader's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum LeaderReply {
-    Written(MetaResponse),
+    /// The command's result, and the index of its log entry.
+    Written(MetaResponse, u64),
     Member(NodeInfo),
+    ReadIndex(u64),
 }
 
 /// Why the leader did not do it.
@@ -54,10 +59,17 @@ pub(crate) async fn handle(raft: &Raft, req: LeaderRequest) -> Result<LeaderRepl
         LeaderRequest::Write(cmd) => raft
             .client_write(cmd)
             .await
-            .map(|r| LeaderReply::Written(r.data))
+            .map(|r| LeaderReply::Written(r.data, r.log_id.index))
             .map_err(from_raft),
         LeaderRequest::Join(node) => join(raft, node).await.map(LeaderReply::Member),
         LeaderRequest::Remove(name) => remove(raft, &name).await.map(LeaderReply::Member),
+        LeaderRequest::ReadIndex => match raft.get_read_log_id().await {
+            Ok((read, _)) => Ok(LeaderReply::ReadIndex(read.map_or(0, |l| l.index))),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(RemoteError::NotLeader(f.leader_node))
+            }
+            Err(e) => Err(RemoteError::Failed(e.to_string())),
+        },
     }
 }
 

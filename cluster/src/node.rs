@@ -209,11 +209,20 @@ impl ClusterNode {
     /// Replicates `cmd` and returns its result once committed and applied on the leader
     /// (this node may apply it a moment later). Any member may call it: a follower sends
     /// it to the leader. A write whose connection to the leader broke after it was sent
-    /// fails even though it may have been applied; commands are puts and deletes, so
-    /// the caller may repeat it.
+    /// fails even though it may have been applied: repeat only a command that may apply
+    /// twice (puts, deletes).
     pub async fn write(&self, cmd: MetaCommand) -> Result<MetaResponse, ClusterError> {
+        self.write_indexed(cmd).await.map(|(r, _)| r)
+    }
+
+    /// [`ClusterNode::write`], with the index of the command's log entry (this node has
+    /// applied it once its subscribers hear of that index).
+    pub async fn write_indexed(
+        &self,
+        cmd: MetaCommand,
+    ) -> Result<(MetaResponse, u64), ClusterError> {
         match self.on_leader(LeaderRequest::Write(cmd)).await? {
-            LeaderReply::Written(r) => Ok(r),
+            LeaderReply::Written(r, index) => Ok((r, index)),
             other => Err(ClusterError::Protocol(format!(
                 "a write answered with {other:?}"
             ))),
@@ -229,6 +238,17 @@ impl ClusterNode {
             LeaderReply::Member(n) => Ok(n),
             other => Err(ClusterError::Protocol(format!(
                 "a join answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// The log index this node must have applied to see every write committed before
+    /// this call (Raft's read index, from the leader).
+    pub async fn read_index(&self) -> Result<u64, ClusterError> {
+        match self.on_leader(LeaderRequest::ReadIndex).await? {
+            LeaderReply::ReadIndex(i) => Ok(i),
+            other => Err(ClusterError::Protocol(format!(
+                "a read index answered with {other:?}"
             ))),
         }
     }

@@ -42,6 +42,15 @@ impl SmData {
                 }
                 None
             }
+            MetaCommand::IfAbsent { key, then } => {
+                if let Some(v) = self.map.get(key) {
+                    return MetaResponse {
+                        previous: Some(v.clone()),
+                    };
+                }
+                self.apply(then);
+                None
+            }
         };
         MetaResponse { previous }
     }
@@ -296,7 +305,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             sm.last_applied = Some(entry.log_id);
             let resp = match entry.payload {
-                EntryPayload::Blank => MetaResponse::default(),
+                EntryPayload::Blank => {
+                    let _ = self.feed.send(Applied::Entry {
+                        index: entry.log_id.index,
+                    });
+                    MetaResponse::default()
+                }
                 EntryPayload::Normal(cmd) => {
                     let r = sm.apply(&cmd);
                     // No subscriber: nobody to tell.
@@ -307,6 +321,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     r
                 }
                 EntryPayload::Membership(m) => {
+                    let _ = self.feed.send(Applied::Entry {
+                        index: entry.log_id.index,
+                    });
                     sm.membership = StoredMembership::new(Some(entry.log_id), m);
                     MetaResponse::default()
                 }
@@ -499,6 +516,29 @@ mod tests {
                 command: batch
             }
         );
+        // A conditional command: the first applies, the second does not.
+        let seed = |v: serde_json::Value| MetaCommand::IfAbsent {
+            key: "seed".into(),
+            then: Box::new(MetaCommand::Batch(vec![
+                put("seed", v.clone()),
+                put("c", v),
+            ])),
+        };
+        let out = sm
+            .apply(vec![normal(3, seed(json!(1))), normal(4, seed(json!(2)))])
+            .await
+            .expect("apply");
+        assert_eq!(
+            (out[0].previous.clone(), out[1].previous.clone()),
+            (None, Some(json!(1)))
+        );
+        assert_eq!(
+            (r.get("seed"), r.get("c")),
+            (Some(json!(1)), Some(json!(1)))
+        );
+        for _ in 0..2 {
+            feed.recv().await.expect("the seeds");
+        }
         // A snapshot from the leader replaces the map: subscribers get all of it.
         let snap = sm.build_snapshot().await.expect("build");
         let mut other = StateMachine::new();
@@ -507,7 +547,11 @@ mod tests {
             .install_snapshot(&snap.meta, snap.snapshot)
             .await
             .expect("install");
-        let all = std::collections::BTreeMap::from([("b".to_string(), json!(2))]);
+        let all = std::collections::BTreeMap::from([
+            ("b".to_string(), json!(2)),
+            ("c".to_string(), json!(1)),
+            ("seed".to_string(), json!(1)),
+        ]);
         assert_eq!(other_feed.recv().await.expect("reset"), Applied::Reset(all));
     }
 }

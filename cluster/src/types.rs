@@ -54,6 +54,8 @@ pub enum MetaCommand {
     /// Applies these commands in order, all in one step: a reader never sees some of
     /// them without the others.
     Batch(Vec<MetaCommand>),
+    /// Applies `then` only if `key` is absent (a first writer wins: seeding).
+    IfAbsent { key: String, then: Box<MetaCommand> },
 }
 
 /// Result of applying a [`MetaCommand`].
@@ -68,6 +70,9 @@ pub struct MetaResponse {
 pub enum Applied {
     /// The command of the log entry at `index`, applied.
     Command { index: u64, command: MetaCommand },
+    /// The log entry at `index` was applied and carried no command (a new leader's
+    /// blank entry, a membership change): subscribers that count applied indexes see it.
+    Entry { index: u64 },
     /// The whole map was replaced by a snapshot from the leader: this is all of it.
     Reset(std::collections::BTreeMap<String, serde_json::Value>),
 }

@@ -143,6 +143,17 @@ const OPERATOR_POLICY: &str = "operator_policy";
 const NODE: &str = "node";
 const INITIALIZED: &str = "initialized";
 
+/// The kinds of records a cluster shares (every one but this node's own
+/// `node` records).
+pub const REPLICATED_KINDS: [&str; 6] = [
+    USER,
+    VHOST,
+    PERMISSION,
+    TOPIC_PERMISSION,
+    POLICY,
+    OPERATOR_POLICY,
+];
+
 #[derive(Serialize, Deserialize)]
 struct UserRec {
     password_hash: String,
@@ -432,6 +443,43 @@ impl Access {
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(out)
+    }
+
+    /// What `f` would change, without changing anything: its result and
+    /// the records it would write (a clustered node replicates those).
+    pub fn prepare<T>(
+        &self,
+        f: impl FnOnce(&mut State, &mut Vec<RecordOp>) -> Result<T, String>,
+    ) -> Result<(T, Vec<RecordOp>), String> {
+        let mut next = (*self.snapshot()).clone();
+        let mut ops = Vec::new();
+        let out = f(&mut next, &mut ops)?;
+        Ok((out, ops))
+    }
+
+    /// This node's records of the kinds a cluster shares.
+    pub fn shared_records(&self) -> Result<Vec<Record>, String> {
+        Ok(self
+            .store
+            .load_records()
+            .map_err(|e| format!("cannot read users and permissions: {e}"))?
+            .into_iter()
+            .filter(|r| REPLICATED_KINDS.contains(&r.kind.as_str()))
+            .collect())
+    }
+
+    /// Write records that came from the cluster, and take the state they
+    /// make (read back from the store, so it is exactly what a restart
+    /// would load).
+    pub fn apply_shared(&self, ops: &[RecordOp]) -> Result<(), String> {
+        let _one_at_a_time = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        self.store
+            .apply_records(ops)
+            .map_err(|e| format!("cannot store the change: {e}"))?;
+        let (state, _) = read_state(&*self.store)?;
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Check a password login from `loopback` (whether the peer is on a

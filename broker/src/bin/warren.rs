@@ -177,6 +177,12 @@ fn cluster_settings(args: &Args) -> Result<Option<warren_broker::config::Cluster
             return Err(format!("--cluster-peers: '{p}' is not HOST:PORT"));
         }
     }
+    if args.definitions.is_some() {
+        return Err(
+            "--definitions on a clustered node is not supported yet (its users and vhosts would stay on this node)"
+                .into(),
+        );
+    }
     if args.cluster_port == 0 {
         return Err("--cluster-port 0: a cluster port must be fixed, peers dial it".into());
     }

@@ -1,0 +1,417 @@
+//! What clustered nodes share: users, vhosts, permissions, topic
+//! permissions, policies, operator policies and limits (the access
+//! records), through the cluster's metadata Raft group.
+//!
+//! The group's map holds each shared record under `access/KIND/KEY`, its
+//! value the record's JSON. A change made on any node
+//! ([`crate::broker::Broker::change_access`]) is checked against the node's
+//! state, written to the group as one batch, and answered once this node
+//! has applied it. Every node mirrors the map into its own store and state
+//! ([`run`]): after each change that touches it, after a snapshot from the
+//! leader, and at start; so a node that was down catches up, and one that
+//! joins takes the cluster's records in place of its own (as a RabbitMQ
+//! node is reset when it joins). The first leader seeds the map with its
+//! node's records; a seed that comes second changes nothing.
+//!
+//! Exchanges, queues, bindings and messages are not shared: each node keeps
+//! its own.
+
+use crate::access::REPLICATED_KINDS;
+use crate::broker::Broker;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+use warren_cluster::{Applied, ClusterNode, MetaCommand};
+use warren_storage::{Record, RecordOp};
+
+const PREFIX: &str = "access/";
+/// Present once the map was seeded; its value names the node that did.
+const SEEDED: &str = "seeded/access";
+/// How long a change waits for the cluster to take it and this node to
+/// apply it.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn map_key(kind: &str, key: &str) -> String {
+    format!("{PREFIX}{kind}/{key}")
+}
+
+/// (kind, key) of a map key of a shared record.
+fn record_of(map_key: &str) -> Option<(&str, &str)> {
+    let rest = map_key.strip_prefix(PREFIX)?;
+    let (kind, key) = rest.split_once('/')?;
+    REPLICATED_KINDS.contains(&kind).then_some((kind, key))
+}
+
+/// The group commands for record changes (only the shared kinds).
+pub(crate) fn commands(ops: &[RecordOp]) -> Result<Vec<MetaCommand>, String> {
+    let mut out = Vec::new();
+    for op in ops {
+        match op {
+            RecordOp::Put(r) if REPLICATED_KINDS.contains(&r.kind.as_str()) => {
+                let value: Value = serde_json::from_slice(&r.value)
+                    .map_err(|e| format!("record {} is not JSON: {e}", r.kind))?;
+                out.push(MetaCommand::Put {
+                    key: map_key(&r.kind, &r.key),
+                    value,
+                });
+            }
+            RecordOp::Delete { kind, key } if REPLICATED_KINDS.contains(&kind.as_str()) => {
+                out.push(MetaCommand::Delete {
+                    key: map_key(kind, key),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a command touches what this module mirrors.
+fn touches(c: &MetaCommand) -> bool {
+    match c {
+        MetaCommand::Put { key, .. } | MetaCommand::Delete { key } => {
+            key.starts_with(PREFIX) || key == SEEDED
+        }
+        MetaCommand::Batch(cs) => cs.iter().any(touches),
+        MetaCommand::IfAbsent { key, then } => key == SEEDED || touches(then),
+    }
+}
+
+/// What a store's records must do to match the map, and what that means
+/// beyond the records.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Diff {
+    pub ops: Vec<RecordOp>,
+    pub vhosts_added: BTreeSet<String>,
+    pub vhosts_removed: BTreeSet<String>,
+    /// Vhosts whose policies or operator policies changed.
+    pub policies_changed: BTreeSet<String>,
+}
+
+pub(crate) fn diff(local: Vec<Record>, map: &BTreeMap<String, Value>) -> Diff {
+    let mut d = Diff::default();
+    let mut local: BTreeMap<(String, String), Value> = local
+        .into_iter()
+        .map(|r| {
+            // A record that does not parse is replaced by the map's.
+            let v = serde_json::from_slice(&r.value).unwrap_or(Value::Null);
+            ((r.kind, r.key), v)
+        })
+        .collect();
+    let note = |d: &mut Diff, kind: &str, key: &str, removed: bool| match kind {
+        "vhost" if removed => {
+            d.vhosts_removed.insert(key.to_owned());
+        }
+        "vhost" => {
+            d.vhosts_added.insert(key.to_owned());
+        }
+        "policy" | "operator_policy" => {
+            if let Some((vhost, _)) = key.split_once('\0') {
+                d.policies_changed.insert(vhost.to_owned());
+            }
+        }
+        _ => {}
+    };
+    for (k, v) in map {
+        let Some((kind, key)) = record_of(k) else {
+            continue;
+        };
+        let same = local
+            .remove(&(kind.to_owned(), key.to_owned()))
+            .is_some_and(|old| old == *v);
+        if !same {
+            d.ops.push(RecordOp::Put(Record {
+                kind: kind.to_owned(),
+                key: key.to_owned(),
+                value: serde_json::to_vec(v).unwrap_or_default().into(),
+            }));
+            note(&mut d, kind, key, false);
+        }
+    }
+    // What is left is not in the map.
+    for (kind, key) in local.into_keys() {
+        note(&mut d, &kind, &key, true);
+        d.ops.push(RecordOp::Delete { kind, key });
+    }
+    d
+}
+
+/// A clustered node's side of sharing: how far it has mirrored the map.
+pub struct AccessSync {
+    cluster: Arc<ClusterNode>,
+    applied: watch::Receiver<u64>,
+}
+
+impl AccessSync {
+    /// Start mirroring the cluster's map into `broker` (call once, right
+    /// after the broker is made).
+    pub(crate) fn start(broker: &Arc<Broker>, cluster: Arc<ClusterNode>) -> AccessSync {
+        // Subscribed before the map is first read: nothing falls between.
+        let feed = cluster.subscribe();
+        let (tx, applied) = watch::channel(0);
+        tokio::spawn(run(Arc::downgrade(broker), cluster.clone(), feed, tx));
+        tokio::spawn(seed(Arc::downgrade(broker), cluster.clone()));
+        AccessSync { cluster, applied }
+    }
+
+    /// Wait until this node has applied every change the cluster committed
+    /// before this call (so a change is checked against the latest state).
+    pub(crate) async fn catch_up(&self) -> Result<(), String> {
+        let index = self
+            .cluster
+            .read_index()
+            .await
+            .map_err(|e| format!("cannot reach the cluster's metadata leader: {e}"))?;
+        self.wait_applied(index).await
+    }
+
+    async fn wait_applied(&self, index: u64) -> Result<(), String> {
+        let mut applied = self.applied.clone();
+        tokio::time::timeout(CHANGE_TIMEOUT, applied.wait_for(|a| *a >= index))
+            .await
+            .map_err(|_| "this node has not applied the cluster's changes in time".to_string())?
+            .map_err(|_| "the node is shutting down".to_string())?;
+        Ok(())
+    }
+
+    /// Replicate record changes and wait until this node has applied them.
+    pub(crate) async fn write(&self, ops: &[RecordOp]) -> Result<(), String> {
+        let cmds = commands(ops)?;
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        if self.cluster.get(SEEDED).is_none() {
+            return Err(
+                "the cluster has not shared its users and vhosts yet (no metadata leader has \
+                 seeded them); try again"
+                    .into(),
+            );
+        }
+        let (_, index) = self
+            .cluster
+            .write_indexed(MetaCommand::Batch(cmds))
+            .await
+            .map_err(|e| format!("the cluster did not take the change: {e}"))?;
+        self.wait_applied(index).await
+    }
+}
+
+/// Seed the map with this node's records, once a leader is there, unless
+/// another node did first.
+async fn seed(broker: Weak<Broker>, cluster: Arc<ClusterNode>) {
+    loop {
+        if cluster.get(SEEDED).is_some() {
+            return;
+        }
+        if cluster.status().leader.is_some() {
+            let Some(b) = broker.upgrade() else { return };
+            let records = b.access.shared_records();
+            drop(b);
+            let cmd = records.and_then(|rs| {
+                let ops: Vec<RecordOp> = rs.into_iter().map(RecordOp::Put).collect();
+                let mut cmds = commands(&ops)?;
+                cmds.push(MetaCommand::Put {
+                    key: SEEDED.into(),
+                    value: Value::String(cluster.info().name.clone()),
+                });
+                Ok(MetaCommand::IfAbsent {
+                    key: SEEDED.into(),
+                    then: Box::new(MetaCommand::Batch(cmds)),
+                })
+            });
+            match cmd {
+                Ok(cmd) => match cluster.write(cmd).await {
+                    Ok(r) if r.previous.is_none() => {
+                        tracing::info!(
+                            "seeded the cluster's users, vhosts and policies with this node's"
+                        );
+                        return;
+                    }
+                    Ok(_) => return,
+                    Err(e) => tracing::debug!(error = %e, "seeding the cluster's users and vhosts"),
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot seed the cluster's users and vhosts");
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Mirror the map: at start, after each change that touches it, after a
+/// snapshot or a lag; `applied` says up to which log index.
+async fn run(
+    broker: Weak<Broker>,
+    cluster: Arc<ClusterNode>,
+    mut feed: broadcast::Receiver<Applied>,
+    applied: watch::Sender<u64>,
+) {
+    let mut dirty = true;
+    loop {
+        if dirty {
+            // The map as applied now (perhaps ahead of the feed: fine, the
+            // same changes come again and change nothing).
+            let upto = cluster.reader().last_applied().map_or(0, |l| l.index);
+            let Some(b) = broker.upgrade() else { return };
+            if let Err(e) = mirror(&b, &cluster).await {
+                tracing::error!(error = %e, "cannot apply the cluster's users and vhosts");
+            }
+            applied.send_if_modified(|a| {
+                let moved = upto > *a;
+                *a = (*a).max(upto);
+                moved
+            });
+            dirty = false;
+        }
+        match feed.recv().await {
+            Ok(Applied::Command { index, command }) => {
+                dirty = touches(&command);
+                if !dirty {
+                    applied.send_if_modified(|a| {
+                        let moved = index > *a;
+                        *a = (*a).max(index);
+                        moved
+                    });
+                }
+            }
+            Ok(Applied::Entry { index }) => {
+                applied.send_if_modified(|a| {
+                    let moved = index > *a;
+                    *a = (*a).max(index);
+                    moved
+                });
+            }
+            Ok(Applied::Reset(_)) | Err(broadcast::error::RecvError::Lagged(_)) => dirty = true,
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Make this node's records match the map (once seeded), and put what
+/// changed in force: vhosts made or removed, policies.
+async fn mirror(b: &Arc<Broker>, cluster: &ClusterNode) -> Result<(), String> {
+    let map = cluster.reader().snapshot_of_map();
+    if !map.contains_key(SEEDED) {
+        return Ok(());
+    }
+    let local = b.access.shared_records()?;
+    let d = diff(local, &map);
+    if d.ops.is_empty() {
+        return Ok(());
+    }
+    let (me, ops) = (b.clone(), d.ops);
+    tokio::task::spawn_blocking(move || me.access.apply_shared(&ops))
+        .await
+        .map_err(|e| format!("the change failed: {e}"))??;
+    for v in &d.vhosts_removed {
+        b.remove_vhost_objects(v).await?;
+    }
+    for v in &d.vhosts_added {
+        b.ensure_vhost(v);
+    }
+    for v in d.policies_changed.union(&d.vhosts_added) {
+        if !d.vhosts_removed.contains(v) {
+            b.apply_policies(v).await?;
+        }
+    }
+    tracing::debug!(
+        added = ?d.vhosts_added,
+        removed = ?d.vhosts_removed,
+        "applied the cluster's users and vhosts"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rec(kind: &str, key: &str, v: Value) -> Record {
+        Record {
+            kind: kind.into(),
+            key: key.into(),
+            value: serde_json::to_vec(&v).unwrap().into(),
+        }
+    }
+
+    #[test]
+    fn records_and_map_keys_round_trip_and_node_records_stay_home() {
+        let ops = vec![
+            RecordOp::Put(rec("user", "ann", json!({"tags": []}))),
+            RecordOp::Put(rec("node", "initialized", json!(true))),
+            RecordOp::Delete {
+                kind: "permission".into(),
+                key: "/\0ann".into(),
+            },
+        ];
+        let cmds = commands(&ops).unwrap();
+        assert_eq!(
+            cmds,
+            vec![
+                MetaCommand::Put {
+                    key: "access/user/ann".into(),
+                    value: json!({"tags": []})
+                },
+                MetaCommand::Delete {
+                    key: "access/permission//\0ann".into()
+                },
+            ]
+        );
+        assert_eq!(
+            record_of("access/permission//\0ann"),
+            Some(("permission", "/\0ann"))
+        );
+        assert_eq!(record_of("access/node/initialized"), None);
+        assert_eq!(record_of("queue/x"), None);
+        assert!(touches(&MetaCommand::Batch(cmds)));
+        assert!(!touches(&MetaCommand::Put {
+            key: "queue/x".into(),
+            value: json!(1)
+        }));
+    }
+
+    #[test]
+    fn the_diff_puts_what_differs_and_deletes_what_the_map_lacks() {
+        let local = vec![
+            rec("user", "ann", json!({"a": 1, "b": 2})),
+            rec("user", "bob", json!({"a": 1})),
+            rec("vhost", "old", json!({})),
+            rec("policy", "keep\0p", json!({"x": 1})),
+        ];
+        let map = BTreeMap::from([
+            // Same value, keys in another order: unchanged.
+            ("access/user/ann".to_string(), json!({"b": 2, "a": 1})),
+            ("access/user/bob".to_string(), json!({"a": 2})),
+            ("access/vhost/new".to_string(), json!({})),
+            ("access/policy/keep\0p".to_string(), json!({"x": 1})),
+            ("access/policy/new\0q".to_string(), json!({"y": 1})),
+            (SEEDED.to_string(), json!("n1")),
+        ]);
+        let d = diff(local, &map);
+        let kinds: Vec<(bool, String)> = d
+            .ops
+            .iter()
+            .map(|op| match op {
+                RecordOp::Put(r) => (true, format!("{}/{}", r.kind, r.key)),
+                RecordOp::Delete { kind, key } => (false, format!("{kind}/{key}")),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (true, "policy/new\0q".to_string()),
+                (true, "user/bob".to_string()),
+                (true, "vhost/new".to_string()),
+                (false, "vhost/old".to_string()),
+            ]
+        );
+        assert_eq!(d.vhosts_added, BTreeSet::from(["new".to_string()]));
+        assert_eq!(d.vhosts_removed, BTreeSet::from(["old".to_string()]));
+        assert_eq!(d.policies_changed, BTreeSet::from(["new".to_string()]));
+    }
+}
