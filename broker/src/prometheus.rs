@@ -375,6 +375,45 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
         out.family(name, "counter", help);
         out.sample(name, &[], v);
     }
+    if let Some(c) = &b.cluster {
+        // The metadata Raft group, as this node sees it (Warren's names).
+        let st = c.status();
+        let leads = u64::from(st.leader_id == Some(st.id));
+        let gauges = [
+            (
+                "warren_cluster_members",
+                "Voting members of the cluster",
+                Some(st.members.len() as u64),
+            ),
+            (
+                "warren_cluster_metadata_leader",
+                "Whether this node leads the metadata Raft group (1) or not (0)",
+                Some(leads),
+            ),
+            ("warren_raft_term", "This node's Raft term", Some(st.term)),
+            (
+                "warren_raft_last_log_index",
+                "Index of the last entry in this node's Raft log",
+                st.last_log_index,
+            ),
+            (
+                "warren_raft_last_applied_index",
+                "Index of the last Raft entry this node applied",
+                st.last_applied,
+            ),
+            (
+                "warren_raft_snapshot_index",
+                "Last Raft index in this node's snapshot",
+                st.snapshot_index,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            if let Some(v) = v {
+                out.family(name, "gauge", help);
+                out.sample(name, &[], v);
+            }
+        }
+    }
     let st = &b.persister.store_stats;
     out.histogram(
         "warren_store_batch_operations",

@@ -396,3 +396,41 @@ async fn users_vhosts_permissions_and_policies_are_shared() {
     assert_eq!(call(&nodes[1], "GET", "/api/queues/shop/q1", None).0, 404);
     drop(daemons);
 }
+
+/// Prometheus shows the metadata group as this node sees it (a one-node
+/// cluster, in process); an unclustered node shows none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_shows_the_metadata_group() {
+    let start = |clustered: bool| {
+        warren_tests::TestBroker::start_with(move |c| {
+            c.prometheus = Some("127.0.0.1:0".parse().unwrap());
+            if clustered {
+                c.cluster = Some(warren_broker::config::ClusterSettings {
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    advertise: None,
+                    peers: Vec::new(),
+                    secret: b"secret".to_vec(),
+                });
+            }
+        })
+    };
+    let scrape = |b: &warren_tests::TestBroker| {
+        let addr = b.broker().unwrap().listen_addrs.prometheus.unwrap();
+        request(addr, "GET", "/metrics", ("guest", "guest"), None).body
+    };
+    let lone = start(false).await;
+    assert!(!scrape(&lone).contains("warren_cluster_members"));
+    let one = start(true).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = scrape(&one);
+        if text.contains("\nwarren_cluster_metadata_leader 1\n") {
+            assert!(text.contains("\nwarren_cluster_members 1\n"), "{text}");
+            assert!(text.contains("warren_raft_term "), "{text}");
+            assert!(text.contains("warren_raft_last_applied_index "), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never led: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
