@@ -93,6 +93,8 @@ pub struct ClusterSettings {
     /// The secret nodes authenticate each other with (as the Erlang
     /// cookie).
     pub secret: Vec<u8>,
+    /// TLS between nodes, with these certificate files (None: plain TCP).
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl std::fmt::Debug for ClusterSettings {
@@ -102,6 +104,7 @@ impl std::fmt::Debug for ClusterSettings {
             .field("advertise", &self.advertise)
             .field("peers", &self.peers)
             .field("secret", &"<redacted>")
+            .field("tls", &self.tls)
             .finish()
     }
 }

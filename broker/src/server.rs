@@ -525,6 +525,10 @@ async fn start_cluster(
     cfg.advertise = c.advertise.clone();
     cfg.peers = c.peers.clone();
     cfg.log_store = raft;
+    cfg.tls = match &c.tls {
+        Some(t) => Some(crate::tls::cluster_tls(t).map_err(std::io::Error::other)?),
+        None => None,
+    };
     let listener = TcpListener::bind(c.listen).await.map_err(|e| {
         std::io::Error::other(format!(
             "cannot listen for cluster traffic on {}: {e}",

@@ -104,6 +104,51 @@ fn certs(path: &PathBuf, what: &str) -> Result<Vec<CertificateDer<'static>>, Str
     Ok(certs)
 }
 
+/// TLS between cluster nodes, from the same files: each node presents its
+/// certificate (which must allow server and client use, and name the
+/// address peers dial) and requires the other's, chained to the CA.
+pub fn cluster_tls(s: &TlsSettings) -> Result<warren_cluster::ClusterTls, String> {
+    let Some(ca) = &s.ca else {
+        return Err("TLS between cluster nodes needs a CA file (--tls-ca)".into());
+    };
+    let chain = certs(&s.cert, "certificate file")?;
+    let key = || {
+        PrivateKeyDer::from_pem_file(&s.key)
+            .map_err(|e| format!("key file {}: {e}", s.key.display()))
+    };
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca, "CA file")? {
+        roots
+            .add(c)
+            .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+    }
+    let roots = Arc::new(roots);
+    let versions: &[&rustls::SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
+    let verifier = WebPkiClientVerifier::builder(roots.clone())
+        .build()
+        .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+    let pair = |e: rustls::Error| {
+        format!(
+            "certificate {} and key {}: {e}",
+            s.cert.display(),
+            s.key.display()
+        )
+    };
+    let server = ServerConfig::builder_with_protocol_versions(versions)
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key()?)
+        .map_err(pair)?;
+    let client = rustls::ClientConfig::builder_with_protocol_versions(versions)
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key()?)
+        .map_err(pair)?;
+    Ok(warren_cluster::ClusterTls {
+        acceptor: TlsAcceptor::from(Arc::new(server)),
+        connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+    })
+}
+
 fn server_config(s: &TlsSettings) -> Result<ServerConfig, String> {
     let chain = certs(&s.cert, "certificate file")?;
     let key = PrivateKeyDer::from_pem_file(&s.key)

@@ -30,27 +30,28 @@ impl Node {
     }
 
     fn start(&self, dir: &Path, peers: &str, secret_file: &Path) -> Daemon {
+        self.start_with(dir, peers, secret_file, &[])
+    }
+
+    fn start_with(&self, dir: &Path, peers: &str, secret_file: &Path, extra: &[&str]) -> Daemon {
         let (api, cluster) = (self.api.to_string(), self.cluster.to_string());
         let secret = secret_file.to_str().expect("utf-8 path");
-        Daemon::start_with(
-            WARREN,
-            dir,
-            self.amqp,
-            &[
-                "--log-level",
-                "warn",
-                "--management-port",
-                &api,
-                "--node-name",
-                &self.name,
-                "--cluster-port",
-                &cluster,
-                "--cluster-peers",
-                peers,
-                "--cluster-secret-file",
-                secret,
-            ],
-        )
+        let mut args = vec![
+            "--log-level",
+            "warn",
+            "--management-port",
+            &api,
+            "--node-name",
+            &self.name,
+            "--cluster-port",
+            &cluster,
+            "--cluster-peers",
+            peers,
+            "--cluster-secret-file",
+            secret,
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start_with(WARREN, dir, self.amqp, &args)
     }
 }
 
@@ -254,6 +255,118 @@ fn bad_cluster_flags_stop_the_start() {
     assert!(e.contains("cannot be used with"), "{e}");
     let (_, e) = refused(&["--node-name", " "]);
     assert!(e.contains("--node-name"), "{e}");
+    let (_, e) = refused(&["--cluster-tls", "true"]);
+    assert!(e.contains("--cluster-tls") && e.contains("secret"), "{e}");
+    let (_, e) = refused(&["--cluster-secret", "s", "--cluster-tls", "true"]);
+    assert!(e.contains("--cluster-tls needs --tls-cert"), "{e}");
+}
+
+/// Three daemons with `--cluster-tls` (a CA and a certificate for
+/// 127.0.0.1 this test makes) form a cluster and share a user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_over_tls() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, "cluster CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = p.self_signed(&ca_key).unwrap();
+    let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "node");
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+    let file = |name: &str, text: String| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (ca_file, cert_file, key_file) = (
+        file("ca.pem", ca.pem()),
+        file("node.pem", cert.pem()),
+        file("node.key", key.serialize_pem()),
+    );
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "shared").expect("secret file");
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node {
+            name: format!("warren@tls{i}"),
+            amqp: free_port(),
+            api: free_port(),
+            cluster: free_port(),
+        })
+        .collect();
+    let peers = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.cluster))
+        .collect::<Vec<_>>()
+        .join(",");
+    let _daemons: Vec<Daemon> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let tls_port = free_port().to_string();
+            n.start_with(
+                &tmp.path().join(format!("n{i}")),
+                &peers,
+                &secret,
+                &[
+                    "--tls-cert",
+                    &cert_file,
+                    "--tls-key",
+                    &key_file,
+                    "--tls-ca",
+                    &ca_file,
+                    "--tls-port",
+                    &tls_port,
+                    "--cluster-tls",
+                    "true",
+                ],
+            )
+        })
+        .collect();
+    let mut all: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    all.sort();
+    eventually("three nodes over TLS", Duration::from_secs(30), || {
+        nodes
+            .iter()
+            .map(view)
+            .all(|(members, running, l)| members == all && running == all && l.is_some())
+    });
+    let user = serde_json::json!({"password": "pw", "tags": "administrator"});
+    eventually(
+        "the cluster to take a user",
+        Duration::from_secs(30),
+        || {
+            let (status, _) = call(&nodes[0], "PUT", "/api/users/tlsuser", Some(user.clone()));
+            status == 201 || status == 204
+        },
+    );
+    for n in &nodes {
+        eventually("the user everywhere", Duration::from_secs(10), || {
+            call(n, "GET", "/api/users/tlsuser", None).0 == 200
+        });
+    }
+    // A node without TLS, with the right secret, gets nowhere.
+    let plain = Node {
+        name: "warren@plain".into(),
+        amqp: free_port(),
+        api: free_port(),
+        cluster: free_port(),
+    };
+    let _d = plain.start(&tmp.path().join("plain"), &peers, &secret);
+    std::thread::sleep(Duration::from_secs(3));
+    let (members, _, leader) = view(&plain);
+    assert_eq!((members, leader), (vec!["warren@plain".to_string()], None));
+    for n in &nodes {
+        assert_eq!(view(n).0, all);
+    }
 }
 
 /// Log in over AMQP: whether it worked.
@@ -410,6 +523,7 @@ async fn prometheus_shows_the_metadata_group() {
                     advertise: None,
                     peers: Vec::new(),
                     secret: b"secret".to_vec(),
+                    tls: None,
                 });
             }
         })

@@ -43,6 +43,9 @@ pub struct ClusterConfig {
     /// lasts as long as the process: hand a node restarted in the same process the same
     /// store, and a durable engine to survive process restarts.
     pub log_store: Arc<dyn RaftLogStore>,
+    /// TLS for cluster connections (None: plain TCP; the secret's handshake runs either
+    /// way). Every member must use it or none.
+    pub tls: Option<crate::net::ClusterTls>,
 }
 
 impl ClusterConfig {
@@ -60,6 +63,7 @@ impl ClusterConfig {
             snapshot_after_logs: 5000,
             logs_kept_after_snapshot: 1000,
             log_store: Arc::new(MemStore::new()),
+            tls: None,
         }
     }
 
@@ -121,6 +125,7 @@ impl fmt::Debug for ClusterConfig {
             .field("election_timeout_max_ms", &self.election_timeout_max_ms)
             .field("snapshot_after_logs", &self.snapshot_after_logs)
             .field("logs_kept_after_snapshot", &self.logs_kept_after_snapshot)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -10,8 +10,8 @@
 //! - [`node`]: [`ClusterNode`], which ties them together; [`config`]: its settings.
 //!
 //! Current limits, to lift before production use:
-//! - only the handshake is authenticated: frames after it carry no MAC and no encryption,
-//!   so the transport must run on a trusted network (or gain TLS / per-frame MACs);
+//! - without [`ClusterConfig::tls`], only the handshake is authenticated: frames after it
+//!   carry no MAC and no encryption, so plain TCP must run on a trusted network;
 //! - a node joins by being started with members of the cluster as its peers (or by
 //!   [`ClusterNode::add_member`]); a node that formed a cluster of its own cannot move
 //!   into another one.
@@ -28,7 +28,7 @@ pub mod types;
 
 pub use config::ClusterConfig;
 pub use error::ClusterError;
-pub use net::HelloReply;
+pub use net::{ClusterTls, HelloReply};
 pub use node::{ClusterNode, ClusterStatus, Role};
 pub use sm::MetaReader;
 pub use types::{node_id, Applied, MetaCommand, MetaResponse, NodeId, NodeInfo, TypeConfig};

@@ -138,7 +138,7 @@ impl ClusterNode {
         let id = node_id(&me.name);
         let secret: Arc<[u8]> = cfg.secret.clone().into();
 
-        let pool = PeerPool::new(me.clone(), secret.clone());
+        let pool = PeerPool::new(me.clone(), secret.clone(), cfg.tls.clone());
         let open = || async {
             StateMachine::open(cfg.log_store.clone(), META_GROUP)
                 .await
@@ -167,7 +167,13 @@ impl ClusterNode {
         .await
         .map_err(|e| ClusterError::Raft(format!("cannot start raft: {e}")))?;
 
-        let server = tokio::spawn(serve(listener, raft.clone(), secret, me.clone()));
+        let server = tokio::spawn(serve(
+            listener,
+            raft.clone(),
+            secret,
+            me.clone(),
+            cfg.tls.clone(),
+        ));
         let bootstrap_error = Arc::new(Mutex::new(None));
         let bootstrap = tokio::spawn(bootstrap(
             raft.clone(),

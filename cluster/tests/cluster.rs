@@ -677,3 +677,129 @@ async fn a_member_is_removed_through_any_node() {
     }
     shutdown_all(&nodes).await;
 }
+
+/// TLS between nodes: a CA, and one certificate per node for 127.0.0.1 (server and
+/// client use); both sides verify.
+mod tls {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    use std::sync::Arc;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::server::WebPkiClientVerifier;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
+    use warren_cluster::ClusterTls;
+
+    pub struct Ca {
+        cert: rcgen::Certificate,
+        key: KeyPair,
+    }
+
+    impl Ca {
+        pub fn new(name: &str) -> Ca {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().unwrap();
+            let cert = p.self_signed(&key).unwrap();
+            Ca { cert, key }
+        }
+
+        /// A node's TLS, trusting `trust`'s certificates.
+        pub fn node(&self, trust: &Ca) -> ClusterTls {
+            let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            p.distinguished_name.push(DnType::CommonName, "node");
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+            let chain = vec![CertificateDer::from(cert.der().to_vec())];
+            let der = || PrivateKeyDer::Pkcs8(key.serialize_der().into());
+            let mut roots = RootCertStore::empty();
+            roots
+                .add(CertificateDer::from(trust.cert.der().to_vec()))
+                .unwrap();
+            let roots = Arc::new(roots);
+            let verifier = WebPkiClientVerifier::builder(roots.clone())
+                .build()
+                .unwrap();
+            let server = ServerConfig::builder()
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain.clone(), der())
+                .unwrap();
+            let client = ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, der())
+                .unwrap();
+            ClusterTls {
+                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+                connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            }
+        }
+    }
+}
+
+/// Three nodes over TLS form a cluster and replicate; a node whose certificate comes
+/// from another CA (right secret or not) cannot take part, nor can one without TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_talk_over_tls_and_refuse_strangers() {
+    init_logs();
+    let ca = tls::Ca::new("cluster CA");
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let peers = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| addrs[j].clone())
+            .collect();
+        let mut cfg = config(&format!("tls-{i}"), SECRET, &listener, peers);
+        cfg.tls = Some(ca.node(&ca));
+        nodes.push(ClusterNode::start_on(cfg, listener).await.expect("start"));
+    }
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    agreed_leader(&all, 3, Duration::from_secs(15)).await;
+    nodes[1]
+        .write(put("over", json!("tls")))
+        .await
+        .expect("write");
+    eventually("replication over TLS", Duration::from_secs(5), || {
+        nodes.iter().all(|n| n.get("over") == Some(json!("tls")))
+    })
+    .await;
+
+    // A stranger: another CA's certificate, the right secret.
+    let other = tls::Ca::new("another CA");
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut cfg = config("stranger", SECRET, &l, vec![addrs[0].clone()]);
+    cfg.tls = Some(other.node(&ca));
+    let stranger = ClusterNode::start_on(cfg, l).await.expect("start");
+    assert!(stranger.probe(&addrs[0]).await.is_err());
+    // Without TLS.
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let plain = ClusterNode::start_on(config("plain", SECRET, &l, Vec::new()), l)
+        .await
+        .expect("start");
+    assert!(plain.probe(&addrs[0]).await.is_err());
+    // A member dialling a node whose certificate it does not trust refuses it.
+    assert!(nodes[0]
+        .probe(&stranger.local_addr().to_string())
+        .await
+        .is_err());
+    assert!(nodes[0].probe(&addrs[1]).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in &nodes {
+        assert_eq!(n.status().members.len(), 3);
+    }
+    stranger.shutdown().await.expect("shutdown");
+    plain.shutdown().await.expect("shutdown");
+    shutdown_all(&nodes).await;
+}

@@ -409,6 +409,7 @@ async fn cluster_status_of_a_lone_node_and_of_a_one_node_cluster() {
             advertise: None,
             peers: Vec::new(),
             secret: b"secret".to_vec(),
+            tls: None,
         });
     })
     .await;

@@ -140,10 +140,19 @@ struct Args {
     /// A file holding the cluster secret (trailing white space ignored).
     #[arg(long, value_name = "FILE")]
     cluster_secret_file: Option<PathBuf>,
+    /// TLS between cluster nodes, with --tls-cert, --tls-key and --tls-ca:
+    /// each node presents its certificate (for server and client use,
+    /// naming the address peers dial) and requires the other's, chained to
+    /// the CA. Every node of a cluster must have it or none.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    cluster_tls: bool,
 }
 
 /// The cluster settings the flags give: None without a secret.
-fn cluster_settings(args: &Args) -> Result<Option<warren_broker::config::ClusterSettings>, String> {
+fn cluster_settings(
+    args: &Args,
+    tls: Option<&warren_broker::tls::TlsSettings>,
+) -> Result<Option<warren_broker::config::ClusterSettings>, String> {
     let secret = match (&args.cluster_secret, &args.cluster_secret_file) {
         (Some(s), _) => Some(s.as_bytes().to_vec()),
         (None, Some(f)) => {
@@ -158,13 +167,21 @@ fn cluster_settings(args: &Args) -> Result<Option<warren_broker::config::Cluster
         (None, None) => None,
     };
     let Some(secret) = secret else {
-        if !args.cluster_peers.is_empty() || args.cluster_advertise.is_some() {
+        if !args.cluster_peers.is_empty() || args.cluster_advertise.is_some() || args.cluster_tls {
             return Err(
-                "--cluster-peers and --cluster-advertise need a cluster secret (--cluster-secret or --cluster-secret-file)"
+                "--cluster-peers, --cluster-advertise and --cluster-tls need a cluster secret (--cluster-secret or --cluster-secret-file)"
                     .into(),
             );
         }
         return Ok(None);
+    };
+    let tls = match (args.cluster_tls, tls) {
+        (false, _) => None,
+        (true, None) => return Err("--cluster-tls needs --tls-cert, --tls-key and --tls-ca".into()),
+        (true, Some(t)) if t.ca.is_none() => {
+            return Err("--cluster-tls needs --tls-ca (the CA nodes' certificates chain to)".into())
+        }
+        (true, Some(t)) => Some(t.clone()),
     };
     if secret.is_empty() {
         return Err("the cluster secret is empty".into());
@@ -191,6 +208,7 @@ fn cluster_settings(args: &Args) -> Result<Option<warren_broker::config::Cluster
         advertise: args.cluster_advertise.clone(),
         peers: args.cluster_peers.clone(),
         secret,
+        tls,
     }))
 }
 
@@ -340,7 +358,7 @@ fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::FAILURE;
     }
-    let cluster = match cluster_settings(&args) {
+    let cluster = match cluster_settings(&args, tls.as_ref().map(|t| &t.settings)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("warren: {e}");

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -15,7 +15,9 @@ use tokio::time::Instant;
 
 use super::auth::{client_handshake, HANDSHAKE_TIMEOUT};
 use super::frame::{encode, read_frame};
-use super::{HelloReply, RequestBody, ResponseBody, RpcRequest, RpcResponse};
+use super::{
+    BoxStream, ClusterTls, HelloReply, RequestBody, ResponseBody, RpcRequest, RpcResponse,
+};
 use crate::error::ClusterError;
 use crate::types::NodeInfo;
 
@@ -88,13 +90,33 @@ pub struct Conn {
 }
 
 impl Conn {
-    async fn open(addr: &str, secret: &[u8], me: &NodeInfo) -> Result<Conn, ClusterError> {
-        let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+    async fn open(
+        addr: &str,
+        secret: &[u8],
+        me: &NodeInfo,
+        tls: Option<&ClusterTls>,
+    ) -> Result<Conn, ClusterError> {
+        let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| ClusterError::Timeout(format!("connecting to {addr}")))??;
-        stream.set_nodelay(true)?;
+        tcp.set_nodelay(true)?;
+        let mut stream: BoxStream = match tls {
+            None => Box::new(tcp),
+            Some(t) => {
+                // The certificate must name the host part of the address dialled.
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| ClusterError::Config(format!("{addr}: {e}")))?;
+                let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, t.connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| ClusterError::Timeout(format!("TLS with {addr}")))?
+                    .map_err(|e| ClusterError::Protocol(format!("TLS with {addr}: {e}")))?;
+                Box::new(s)
+            }
+        };
         client_handshake(&mut stream, secret, me, addr).await?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = tokio::io::split(stream);
         let shared = Arc::new(Shared::default());
         let (frames, queue) = mpsc::channel(WRITE_QUEUE);
         let reader = tokio::spawn(read_loop(rd, shared.clone(), addr.to_string()));
@@ -176,7 +198,7 @@ impl Drop for Conn {
     }
 }
 
-async fn read_loop(rd: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
+async fn read_loop(rd: ReadHalf<BoxStream>, shared: Arc<Shared>, peer: String) {
     let mut rd = BufReader::new(rd);
     loop {
         match read_frame::<_, RpcResponse>(&mut rd).await {
@@ -196,7 +218,7 @@ async fn read_loop(rd: OwnedReadHalf, shared: Arc<Shared>, peer: String) {
 }
 
 async fn write_loop(
-    mut wr: OwnedWriteHalf,
+    mut wr: WriteHalf<BoxStream>,
     mut queue: mpsc::Receiver<Vec<u8>>,
     shared: Arc<Shared>,
 ) {
@@ -217,16 +239,19 @@ type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
 pub struct PeerPool {
     me: NodeInfo,
     secret: Arc<[u8]>,
+    tls: Option<ClusterTls>,
     slots: Mutex<HashMap<String, Slot>>,
     closed: AtomicBool,
 }
 
 impl PeerPool {
-    /// A pool authenticating with `secret` and introducing itself as `me`.
-    pub fn new(me: NodeInfo, secret: Arc<[u8]>) -> Arc<Self> {
+    /// A pool authenticating with `secret` and introducing itself as `me`, over TLS
+    /// when `tls` is given.
+    pub fn new(me: NodeInfo, secret: Arc<[u8]>, tls: Option<ClusterTls>) -> Arc<Self> {
         Arc::new(Self {
             me,
             secret,
+            tls,
             slots: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         })
@@ -250,8 +275,9 @@ impl PeerPool {
         // The attempt runs in its own task holding the slot, so a caller cancelled by a
         // short RPC timeout does not abort a handshake that the next caller can reuse.
         let (addr, secret, me) = (addr.to_string(), self.secret.clone(), self.me.clone());
+        let tls = self.tls.clone();
         let attempt = tokio::spawn(async move {
-            let conn = Arc::new(Conn::open(&addr, &secret, &me).await?);
+            let conn = Arc::new(Conn::open(&addr, &secret, &me, tls.as_ref()).await?);
             *guard = Some(conn.clone());
             Ok::<_, ClusterError>(conn)
         });

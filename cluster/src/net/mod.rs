@@ -19,6 +19,29 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 
 pub use client::{CallError, PeerPool};
+
+/// TLS for cluster connections: what a node accepts with and what it dials with. Both
+/// sides present a certificate and verify the other's (the client checks the server's
+/// against the address it dials). The secret's handshake still runs, inside TLS.
+#[derive(Clone)]
+pub struct ClusterTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for ClusterTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterTls")
+    }
+}
+
+/// A cluster connection's byte stream: plain TCP or TLS over it.
+pub(crate) trait Stream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+pub(crate) type BoxStream = Box<dyn Stream>;
 pub use raft_net::{NetworkFactory, PeerNetwork};
 pub use server::serve;
 

@@ -4,15 +4,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::WriteHalf;
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::auth::server_handshake;
+use super::auth::{server_handshake, HANDSHAKE_TIMEOUT};
 use super::frame::{encode, read_frame};
-use super::{HelloReply, RequestBody, ResponseBody, RpcRequest, RpcResponse};
+use super::{
+    BoxStream, ClusterTls, HelloReply, RequestBody, ResponseBody, RpcRequest, RpcResponse,
+};
 use crate::error::ClusterError;
 use crate::types::{NodeInfo, Raft};
 
@@ -23,13 +25,19 @@ const RESPONSE_QUEUE: usize = 64;
 ///
 /// Every connection runs in its own task, owned by this future: dropping (or aborting)
 /// it closes the listener and every accepted connection, which is how a node leaves.
-pub async fn serve(listener: TcpListener, raft: Raft, secret: Arc<[u8]>, self_info: NodeInfo) {
+pub async fn serve(
+    listener: TcpListener,
+    raft: Raft,
+    secret: Arc<[u8]>,
+    self_info: NodeInfo,
+    tls: Option<ClusterTls>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    conns.spawn(handle_conn(stream, peer, raft.clone(), secret.clone(), self_info.clone()));
+                    conns.spawn(handle_conn(stream, peer, raft.clone(), secret.clone(), self_info.clone(), tls.clone()));
                 }
                 Err(e) => {
                     // Typically fd exhaustion: back off instead of spinning.
@@ -43,13 +51,28 @@ pub async fn serve(listener: TcpListener, raft: Raft, secret: Arc<[u8]>, self_in
 }
 
 async fn handle_conn(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     raft: Raft,
     secret: Arc<[u8]>,
     me: NodeInfo,
+    tls: Option<ClusterTls>,
 ) {
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut stream: BoxStream = match tls {
+        None => Box::new(tcp),
+        Some(t) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, t.acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Box::new(s),
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, "rejected cluster connection: TLS: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "cluster TLS handshake timed out");
+                return;
+            }
+        },
+    };
     let remote = match server_handshake(&mut stream, &secret, &me, &peer.to_string()).await {
         Ok(remote) => remote,
         Err(ClusterError::AuthFailed { .. }) => {
@@ -63,7 +86,7 @@ async fn handle_conn(
     };
     tracing::debug!(%peer, node = %remote, "cluster connection authenticated");
 
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = tokio::io::split(stream);
     let (responses, queue) = mpsc::channel(RESPONSE_QUEUE);
     // Handlers and the writer live in this set: when the connection ends they are
     // aborted with it.
@@ -87,7 +110,7 @@ async fn handle_conn(
     }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut queue: mpsc::Receiver<RpcResponse>) {
+async fn write_loop(mut wr: WriteHalf<BoxStream>, mut queue: mpsc::Receiver<RpcResponse>) {
     while let Some(resp) = queue.recv().await {
         let frame = match encode(&resp) {
             Ok(frame) => frame,
