@@ -26,12 +26,20 @@ use tokio::sync::{broadcast, watch};
 use warren_cluster::{Applied, ClusterNode, MetaCommand};
 use warren_storage::{Record, RecordOp};
 
+/// How an error that means "the cluster cannot take changes now" (no
+/// reachable leader, a minority side of a partition) begins: the API
+/// answers it with 503, other refusals with 400.
+pub const UNAVAILABLE: &str = "cluster unavailable: ";
+
 const PREFIX: &str = "access/";
 /// Present once the map was seeded; its value names the node that did.
 const SEEDED: &str = "seeded/access";
-/// How long a change waits for the cluster to take it and this node to
-/// apply it.
-const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a change waits for the cluster to take it, and then for this
+/// node to apply it.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a change waits for the leader's read index (a leader that
+/// answers at all answers in milliseconds).
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn map_key(kind: &str, key: &str) -> String {
     format!("{PREFIX}{kind}/{key}")
@@ -159,11 +167,10 @@ impl AccessSync {
     /// Wait until this node has applied every change the cluster committed
     /// before this call (so a change is checked against the latest state).
     pub(crate) async fn catch_up(&self) -> Result<(), String> {
-        let index = self
-            .cluster
-            .read_index()
+        let index = tokio::time::timeout(READ_TIMEOUT, self.cluster.read_index())
             .await
-            .map_err(|e| format!("cannot reach the cluster's metadata leader: {e}"))?;
+            .map_err(|_| format!("{UNAVAILABLE}no metadata leader confirmed its lead in time"))?
+            .map_err(|e| format!("{UNAVAILABLE}cannot reach the metadata leader: {e}"))?;
         self.wait_applied(index).await
     }
 
@@ -171,7 +178,9 @@ impl AccessSync {
         let mut applied = self.applied.clone();
         tokio::time::timeout(CHANGE_TIMEOUT, applied.wait_for(|a| *a >= index))
             .await
-            .map_err(|_| "this node has not applied the cluster's changes in time".to_string())?
+            .map_err(|_| {
+                format!("{UNAVAILABLE}this node has not applied the cluster's changes in time")
+            })?
             .map_err(|_| "the node is shutting down".to_string())?;
         Ok(())
     }
@@ -183,17 +192,20 @@ impl AccessSync {
             return Ok(());
         }
         if self.cluster.get(SEEDED).is_none() {
-            return Err(
-                "the cluster has not shared its users and vhosts yet (no metadata leader has \
-                 seeded them); try again"
-                    .into(),
-            );
+            return Err(format!(
+                "{UNAVAILABLE}the cluster has not shared its users and vhosts yet (no metadata \
+                 leader has seeded them); try again"
+            ));
         }
-        let (_, index) = self
-            .cluster
-            .write_indexed(MetaCommand::Batch(cmds))
-            .await
-            .map_err(|e| format!("the cluster did not take the change: {e}"))?;
+        // A change that times out may still be committed later (as with any
+        // lost reply); one refused outright was not.
+        let (_, index) = tokio::time::timeout(
+            CHANGE_TIMEOUT,
+            self.cluster.write_indexed(MetaCommand::Batch(cmds)),
+        )
+        .await
+        .map_err(|_| format!("{UNAVAILABLE}the change was not committed in time"))?
+        .map_err(|e| format!("{UNAVAILABLE}the change was not committed: {e}"))?;
         self.wait_applied(index).await
     }
 }

@@ -23,7 +23,7 @@ use crate::types::{node_id, Applied, MetaCommand, MetaResponse, NodeId, NodeInfo
 /// How long a request for the leader looks for one.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// How long the leader may take to answer one (a join waits for the new member to
-/// catch up).
+/// catch up; a leader without a majority never answers).
 const LEADER_CALL: Duration = Duration::from_secs(60);
 
 /// Raft role of a node.
@@ -282,8 +282,22 @@ impl ClusterNode {
         loop {
             let leader = hint.take().or_else(|| self.status().leader);
             let outcome = match &leader {
+                // A leader cut off from its majority cannot commit: it gives up after
+                // LEADER_CALL, as a remote caller would.
                 Some(l) if l.id() == self.id() => {
-                    crate::leader::handle(&self.raft, req.clone()).await
+                    match tokio::time::timeout(
+                        LEADER_CALL,
+                        crate::leader::handle(&self.raft, req.clone()),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => {
+                            return Err(ClusterError::Timeout(
+                                "this node leads but cannot reach a majority".into(),
+                            ))
+                        }
+                    }
                 }
                 Some(l) => match self
                     .pool

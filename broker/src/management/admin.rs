@@ -60,7 +60,8 @@ pub async fn whoami(auth: Auth) -> Json<Value> {
     Json(json!({"name": auth.user, "tags": auth.tags}))
 }
 
-/// A change to access control, stored before it returns; a refusal is 400.
+/// A change to access control, stored before it returns; a refusal is 400
+/// (503 when the cluster cannot take it now).
 pub(super) async fn change<T: Send + 'static>(
     st: &St,
     f: impl FnOnce(&mut access::State, &mut Vec<warren_storage::RecordOp>) -> Result<T, String>
@@ -70,7 +71,7 @@ pub(super) async fn change<T: Send + 'static>(
     st.broker
         .change_access(f)
         .await
-        .map_err(ApiError::bad_request)
+        .map_err(ApiError::refused_change)
 }
 
 /// `tags` as RabbitMQ takes them: a list, or a comma-separated string.
@@ -250,7 +251,7 @@ async fn delete_vhost(auth: Auth, st: St, Path(vhost): Path<String>) -> ApiResul
     st.broker
         .delete_vhost(&vhost)
         .await
-        .map_err(ApiError::bad_request)?;
+        .map_err(ApiError::refused_change)?;
     Ok(no_content())
 }
 

@@ -140,6 +140,19 @@ impl ApiError {
     pub fn bad_request(reason: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", reason)
     }
+    /// A refused change (400), or 503 when the cluster cannot take changes
+    /// now (see [`crate::replicate::UNAVAILABLE`]).
+    pub fn refused_change(reason: String) -> ApiError {
+        if reason.starts_with(crate::replicate::UNAVAILABLE) {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                reason,
+            )
+        } else {
+            ApiError::bad_request(reason)
+        }
+    }
     pub fn not_authorised(reason: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "not_authorised", reason)
     }

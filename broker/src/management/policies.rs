@@ -180,7 +180,7 @@ async fn put_policy(
     st.broker
         .set_policy(p, operator)
         .await
-        .map_err(ApiError::bad_request)?;
+        .map_err(ApiError::refused_change)?;
     Ok(created(new))
 }
 
@@ -203,7 +203,7 @@ async fn delete_policy(
     st.broker
         .clear_policy(&vhost, &name, operator)
         .await
-        .map_err(ApiError::bad_request)?;
+        .map_err(ApiError::refused_change)?;
     Ok(no_content())
 }
 
