@@ -43,12 +43,21 @@ struct Net {
     tag: String,
     subnet: u8,
     daemons: Vec<Child>,
+    /// Each place's generation: a node replaced by a new one (new name, new
+    /// data directory, same namespace and address) is the next.
+    gens: Vec<u32>,
     _dir: tempfile::TempDir,
 }
 
 impl Net {
     fn ns(&self, i: usize) -> String {
         format!("{}n{i}", self.tag)
+    }
+    fn name(&self, i: usize) -> String {
+        match self.gens[i] {
+            0 => format!("warren@p{i}"),
+            g => format!("warren@p{i}g{g}"),
+        }
     }
     fn addr(&self, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, 199, self.subnet, i as u8 + 1)
@@ -64,6 +73,7 @@ impl Net {
             tag: format!("wp{}{k}", pid % 100_000),
             subnet: ((pid * 2 + k) % 200) as u8 + 20,
             daemons: Vec::new(),
+            gens: vec![0; nodes],
             _dir: tempfile::tempdir().map_err(|e| e.to_string())?,
         };
         let br = format!("{}br", net.tag);
@@ -107,13 +117,33 @@ impl Net {
         let _ = self.daemons[i].wait();
     }
 
+    /// Replace node `i` by a new one: killed, forgotten through node `via`
+    /// (forget_cluster_node), and a new node (name, empty data directory)
+    /// started in its place, which joins the cluster by itself.
+    fn replace(&mut self, i: usize, via: usize, nodes: usize) {
+        self.kill(i);
+        let gone = self.name(i).replace('@', "%40");
+        let mut status = 0;
+        eventually("the dead node forgotten", Duration::from_secs(30), || {
+            if std::net::TcpStream::connect_timeout(&self.api(via), Duration::from_secs(1)).is_err()
+            {
+                return false;
+            }
+            status = call(self, via, "DELETE", &format!("/api/nodes/{gone}"), None).0;
+            status == 204
+        });
+        self.gens[i] += 1;
+        self.start(i, nodes);
+    }
+
     fn spawn(&self, i: usize, nodes: usize) -> Child {
         let peers = (0..nodes)
             .map(|j| format!("{}:{CLUSTER}", self.addr(j)))
             .collect::<Vec<_>>()
             .join(",");
-        let dir = self._dir.path().join(format!("n{i}"));
-        let log = std::fs::File::create(self._dir.path().join(format!("n{i}.log"))).unwrap();
+        let g = self.gens[i];
+        let dir = self._dir.path().join(format!("n{i}g{g}"));
+        let log = std::fs::File::create(self._dir.path().join(format!("n{i}g{g}.log"))).unwrap();
         Command::new("ip")
             .args(["netns", "exec", &self.ns(i), WARREN])
             .args(["--bind", &self.addr(i).to_string(), "--log-level", "warn"])
@@ -129,12 +159,7 @@ impl Net {
                 "--cluster-peers",
                 &peers,
             ])
-            .args([
-                "--node-name",
-                &format!("warren@p{i}"),
-                "--cluster-secret",
-                "s",
-            ])
+            .args(["--node-name", &self.name(i), "--cluster-secret", "s"])
             // The bridge's address is not loopback: guest may log in from it.
             .args(["--loopback-users", ""])
             .arg("--data-dir")
@@ -428,11 +453,18 @@ fn acknowledged_changes_survive_random_kills_and_partitions() {
         })
         .collect();
 
-    // The nemesis: six rounds, each a kill or a cut-off of a random node.
+    // The nemesis: six rounds, each a kill or a cut-off of a random node; in
+    // one of them a node is replaced by a new one (a membership change
+    // under load).
     let mut events = Vec::new();
-    for _ in 0..6 {
+    let replace_at = 1 + rng.below(4);
+    for round in 0..6 {
         let i = rng.below(n);
-        if rng.below(2) == 0 {
+        if round == replace_at {
+            let gone = net.name(i);
+            net.replace(i, (i + 1) % n, n);
+            events.push(format!("replace {gone} by {}", net.name(i)));
+        } else if rng.below(2) == 0 {
             net.kill(i);
             std::thread::sleep(Duration::from_millis(500 + rng.below(2000) as u64));
             net.start(i, n);
