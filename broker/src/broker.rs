@@ -266,6 +266,24 @@ impl Broker {
         Ok(())
     }
 
+    /// Why a new queue with these arguments cannot be declared on this
+    /// node, if it cannot: a quorum queue on a clustered node (it would not
+    /// be replicated, and Warren does not take an argument it would ignore).
+    pub fn refuses_new_queue(&self, args: &warren_protocol::types::FieldTable) -> Option<String> {
+        let quorum = matches!(
+            args.inner().get("x-queue-type"),
+            Some(warren_protocol::types::AMQPValue::LongString(t)) if t.as_bytes() == b"quorum"
+        ) || matches!(
+            args.inner().get("x-queue-type"),
+            Some(warren_protocol::types::AMQPValue::ShortString(t)) if t.as_str() == "quorum"
+        );
+        (quorum && self.cluster.is_some()).then(|| {
+            "quorum queues are not replicated across a Warren cluster yet: on a clustered node \
+             declare a classic queue or a stream"
+                .to_string()
+        })
+    }
+
     /// Every vhost, in name order.
     pub fn vhosts(&self) -> Vec<Arc<VHost>> {
         let mut v: Vec<_> = self

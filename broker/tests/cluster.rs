@@ -548,3 +548,57 @@ async fn prometheus_shows_the_metadata_group() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// On a clustered node a new quorum queue is refused (it would not be
+/// replicated), over AMQP (406) and the API (400); classic queues and
+/// streams are declared as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clustered_node_refuses_quorum_queues_it_cannot_replicate() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let b = warren_tests::TestBroker::start_with(|c| {
+        c.management = Some("127.0.0.1:0".parse().unwrap());
+        c.cluster = Some(warren_broker::config::ClusterSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            peers: Vec::new(),
+            secret: b"secret".to_vec(),
+            tls: None,
+        });
+    })
+    .await;
+    let typed = |t: &str| {
+        let mut a = FieldTable::default();
+        a.insert("x-queue-type".into(), AMQPValue::LongString(t.into()));
+        a
+    };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let (_c, ch) = b.channel().await;
+    let e = ch
+        .queue_declare("qq".into(), durable, typed("quorum"))
+        .await
+        .expect_err("a quorum queue on a clustered node");
+    assert_eq!(warren_tests::lapin_util::code(&e), Some(406), "{e}");
+    assert!(e.to_string().contains("not replicated"), "{e}");
+    let (_c, ch) = b.channel().await;
+    ch.queue_declare("classic".into(), durable, FieldTable::default())
+        .await
+        .expect("a classic queue");
+    ch.queue_declare("log".into(), durable, typed("stream"))
+        .await
+        .expect("a stream");
+    let api = b.broker().unwrap().listen_addrs.http.unwrap();
+    let body = serde_json::json!({"durable": true, "arguments": {"x-queue-type": "quorum"}});
+    let r = request(
+        api,
+        "PUT",
+        "/api/queues/%2F/qq2",
+        ("guest", "guest"),
+        Some(&body),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("not replicated"), "{}", r.body);
+}

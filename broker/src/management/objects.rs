@@ -368,6 +368,9 @@ async fn put_queue(
     check(b, &auth, &vhost, Kind::Queue, &name, Perm::Configure)?;
     let new = find_queue(&v, &name).is_err();
     if new {
+        if let Some(why) = b.refuses_new_queue(&args) {
+            return Err(ApiError::bad_request(why));
+        }
         let limits = b.access.vhost_limits(&vhost);
         if let Some(l) = crate::access::limits::queue_room(limits, v.queue_count()) {
             return Err(ApiError::bad_request(
