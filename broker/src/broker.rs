@@ -55,10 +55,50 @@ pub struct Broker {
     /// Delayed messages (`x-delayed-message` exchanges).
     pub delayed: crate::delayed::Delays,
     /// This node's membership of a cluster (None: a node on its own).
-    pub cluster: Option<Arc<warren_cluster::ClusterNode>>,
-    /// A clustered node's sharing of users, vhosts and policies (set once,
-    /// right after start).
-    pub(crate) access_sync: std::sync::OnceLock<crate::replicate::AccessSync>,
+    pub cluster: Option<Membership>,
+}
+
+/// A clustered node's membership: the running cluster node, its sharing of
+/// users, vhosts and policies, and what it takes to start another (a node
+/// that joins a cluster at run time leaves its own group for it).
+pub struct Membership {
+    node: RwLock<Arc<warren_cluster::ClusterNode>>,
+    sync: RwLock<Option<Arc<crate::replicate::AccessSync>>>,
+    settings: crate::config::ClusterSettings,
+    raft: Arc<dyn warren_storage::RaftLogStore>,
+    /// One join at a time.
+    joining: tokio::sync::Mutex<()>,
+}
+
+impl Membership {
+    pub(crate) fn new(
+        node: Arc<warren_cluster::ClusterNode>,
+        settings: crate::config::ClusterSettings,
+        raft: Arc<dyn warren_storage::RaftLogStore>,
+    ) -> Membership {
+        Membership {
+            node: RwLock::new(node),
+            sync: RwLock::new(None),
+            settings,
+            raft,
+            joining: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The running cluster node.
+    pub fn node(&self) -> Arc<warren_cluster::ClusterNode> {
+        self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn sync(&self) -> Option<Arc<crate::replicate::AccessSync>> {
+        self.sync.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Start sharing access control through the running node.
+    pub(crate) fn start_sync(&self, broker: &Arc<Broker>) {
+        let sync = crate::replicate::AccessSync::start(broker, self.node());
+        *self.sync.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(sync));
+    }
 }
 
 /// The listeners' addresses.
@@ -164,7 +204,7 @@ impl Broker {
             + 'static,
     ) -> Result<T, String> {
         let me = self.clone();
-        if let Some(sync) = self.access_sync.get() {
+        if let Some(sync) = self.cluster.as_ref().and_then(Membership::sync) {
             sync.catch_up().await?;
             let (out, ops) = tokio::task::spawn_blocking(move || me.access.prepare(f))
                 .await
@@ -282,6 +322,71 @@ impl Broker {
              declare a classic queue or a stream"
                 .to_string()
         })
+    }
+
+    /// Join the cluster that the node at `peer` (its cluster address)
+    /// belongs to, at run time (`warrenctl join_cluster`). This node must be
+    /// in no cluster but its own: it leaves it (its Raft state is
+    /// forgotten), starts again with `peer` as its only initial peer, and so
+    /// asks that cluster to take it in; its users, vhosts and policies are
+    /// then the cluster's (as a RabbitMQ node is reset when it joins). Its
+    /// queues and messages stay. Returns the node it joined through.
+    pub async fn join_cluster(self: &Arc<Self>, peer: &str) -> Result<String, String> {
+        let m = self
+            .cluster
+            .as_ref()
+            .ok_or("this node is not clustered: start it with a cluster secret")?;
+        let _one = m.joining.lock().await;
+        let old = m.node();
+        let st = old.status();
+        if st.members.iter().any(|x| x.name != st.me.name) {
+            return Err(format!(
+                "this node is a member of a cluster of {} nodes: forget it there \
+                 (forget_cluster_node) before it joins another",
+                st.members.len()
+            ));
+        }
+        let hello = old.probe(peer).await.map_err(|e| format!("{peer}: {e}"))?;
+        if hello.node.name == st.me.name {
+            return Err(format!("{peer} is this node"));
+        }
+        if !hello.initialized {
+            return Err(format!("{peer} ({}) is not in a cluster", hello.node.name));
+        }
+        // Leave: stop sharing, stop the node, forget its group.
+        *m.sync.write().unwrap_or_else(|e| e.into_inner()) = None;
+        old.shutdown().await.map_err(|e| e.to_string())?;
+        let raft = m.raft.clone();
+        tokio::task::spawn_blocking(move || raft.forget_group(warren_cluster::log::META_GROUP))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot forget this node's cluster state: {e}"))?;
+        let mut settings = m.settings.clone();
+        settings.peers = vec![peer.to_owned()];
+        let node = crate::server::start_cluster(&self.config.node_name, &settings, m.raft.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        *m.node.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(node);
+        m.start_sync(self);
+        let node = m.node();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let st = node.status();
+            if st.members.len() > 1 && st.members.iter().any(|x| x.name == st.me.name) {
+                tracing::info!(via = %hello.node, "joined the cluster");
+                return Ok(hello.node.name);
+            }
+            if let Some(e) = st.bootstrap_error {
+                return Err(format!("the cluster refused this node: {e}"));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "{UNAVAILABLE}asked {peer} to take this node in; not a member after 30 s",
+                    UNAVAILABLE = crate::replicate::UNAVAILABLE
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     /// Every vhost, in name order.

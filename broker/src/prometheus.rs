@@ -375,7 +375,7 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
         out.family(name, "counter", help);
         out.sample(name, &[], v);
     }
-    if let Some(c) = &b.cluster {
+    if let Some(c) = b.cluster.as_ref().map(|m| m.node()) {
         // The metadata Raft group, as this node sees it (Warren's names).
         let st = c.status();
         let leads = u64::from(st.leader_id == Some(st.id));

@@ -150,6 +150,14 @@ pub(crate) fn diff(local: Vec<Record>, map: &BTreeMap<String, Value>) -> Diff {
 pub struct AccessSync {
     cluster: Arc<ClusterNode>,
     applied: watch::Receiver<u64>,
+    /// Dropping the sync stops its tasks (a node leaving its cluster).
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for AccessSync {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 impl AccessSync {
@@ -159,9 +167,20 @@ impl AccessSync {
         // Subscribed before the map is first read: nothing falls between.
         let feed = cluster.subscribe();
         let (tx, applied) = watch::channel(0);
-        tokio::spawn(run(Arc::downgrade(broker), cluster.clone(), feed, tx));
-        tokio::spawn(seed(Arc::downgrade(broker), cluster.clone()));
-        AccessSync { cluster, applied }
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(run(
+            Arc::downgrade(broker),
+            cluster.clone(),
+            feed,
+            tx,
+            stopped.clone(),
+        ));
+        tokio::spawn(seed(Arc::downgrade(broker), cluster.clone(), stopped));
+        AccessSync {
+            cluster,
+            applied,
+            stop,
+        }
     }
 
     /// Wait until this node has applied every change the cluster committed
@@ -212,9 +231,9 @@ impl AccessSync {
 
 /// Seed the map with this node's records, once a leader is there, unless
 /// another node did first.
-async fn seed(broker: Weak<Broker>, cluster: Arc<ClusterNode>) {
+async fn seed(broker: Weak<Broker>, cluster: Arc<ClusterNode>, stopped: watch::Receiver<bool>) {
     loop {
-        if cluster.get(SEEDED).is_some() {
+        if cluster.get(SEEDED).is_some() || *stopped.borrow() {
             return;
         }
         if cluster.status().leader.is_some() {
@@ -261,6 +280,7 @@ async fn run(
     cluster: Arc<ClusterNode>,
     mut feed: broadcast::Receiver<Applied>,
     applied: watch::Sender<u64>,
+    mut stopped: watch::Receiver<bool>,
 ) {
     let mut dirty = true;
     loop {
@@ -279,7 +299,11 @@ async fn run(
             });
             dirty = false;
         }
-        match feed.recv().await {
+        let next = tokio::select! {
+            next = feed.recv() => next,
+            _ = stopped.changed() => return,
+        };
+        match next {
             Ok(Applied::Command { index, command }) => {
                 dirty = touches(&command);
                 if !dirty {

@@ -306,7 +306,10 @@ impl Server {
             ));
         }
         let cluster = match &config.cluster {
-            Some(c) => Some(Arc::new(start_cluster(&config.node_name, c, raft).await?)),
+            Some(c) => {
+                let node = Arc::new(start_cluster(&config.node_name, c, raft.clone()).await?);
+                Some(crate::broker::Membership::new(node, c.clone(), raft))
+            }
             None => None,
         };
         let max_connections = config.max_connections;
@@ -332,11 +335,9 @@ impl Server {
             churn,
             delayed,
             cluster,
-            access_sync: Default::default(),
         });
-        if let Some(c) = &broker.cluster {
-            let sync = crate::replicate::AccessSync::start(&broker, c.clone());
-            let _ = broker.access_sync.set(sync);
+        if let Some(m) = &broker.cluster {
+            m.start_sync(&broker);
         }
         tokio::spawn(crate::delayed::run(Arc::downgrade(&broker), delay_inbox));
         if let Some((path, json)) = definitions {
@@ -505,8 +506,8 @@ impl Server {
             while tasks.join_next().await.is_some() {}
         })
         .await;
-        if let Some(c) = &broker.cluster {
-            if let Err(e) = c.shutdown().await {
+        if let Some(m) = &broker.cluster {
+            if let Err(e) = m.node().shutdown().await {
                 tracing::warn!(error = %e, "leaving the cluster");
             }
         }
@@ -516,7 +517,7 @@ impl Server {
 /// Start this node's cluster membership: the cluster port, Raft with its
 /// state in `raft`, and the discovery of the initial peers (in the
 /// background: the broker serves while they come up).
-async fn start_cluster(
+pub(crate) async fn start_cluster(
     name: &str,
     c: &crate::config::ClusterSettings,
     raft: Arc<dyn warren_storage::RaftLogStore>,

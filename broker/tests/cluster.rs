@@ -602,3 +602,86 @@ async fn a_clustered_node_refuses_quorum_queues_it_cannot_replicate() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("not replicated"), "{}", r.body);
 }
+
+/// A node in a cluster of its own joins another at run time
+/// (`join_cluster`, `POST /api/join-cluster`): it becomes a member, takes
+/// the cluster's users in place of its own, and its changes reach the
+/// others; a node in a cluster of several cannot join another.
+#[test]
+fn a_lone_node_joins_a_cluster_at_run_time() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "shared").expect("secret file");
+    let nodes: Vec<Node> = (0..2)
+        .map(|i| Node {
+            name: format!("warren@j{i}"),
+            amqp: free_port(),
+            api: free_port(),
+            cluster: free_port(),
+        })
+        .collect();
+    // Each its own cluster: its own address as its only peer.
+    let daemons: Vec<Daemon> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let own = format!("127.0.0.1:{}", n.cluster);
+            n.start(&tmp.path().join(format!("n{i}")), &own, &secret)
+        })
+        .collect();
+    let user = |n: &Node, name: &str| {
+        let body = serde_json::json!({"password": "pw", "tags": ""});
+        call(n, "PUT", &format!("/api/users/{name}"), Some(body)).0
+    };
+    for (n, name) in nodes.iter().zip(["in-cluster", "on-its-own"]) {
+        eventually(
+            "a cluster of one taking a change",
+            Duration::from_secs(30),
+            || matches!(user(n, name), 201 | 204),
+        );
+    }
+    let join = |n: &Node, peer: &str| {
+        call(
+            n,
+            "POST",
+            "/api/join-cluster",
+            Some(serde_json::json!({ "peer": peer })),
+        )
+    };
+    // Not a cluster address.
+    let (status, body) = join(&nodes[1], &format!("127.0.0.1:{}", free_port()));
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = join(&nodes[1], &format!("127.0.0.1:{}", nodes[0].cluster));
+    assert_eq!(status, 204, "{body}");
+    let mut both: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    both.sort();
+    eventually("a cluster of two", Duration::from_secs(30), || {
+        nodes
+            .iter()
+            .map(view)
+            .all(|(members, running, l)| members == both && running == both && l.is_some())
+    });
+    // The joiner has the cluster's users, not its own any more.
+    eventually(
+        "the cluster's users on the joiner",
+        Duration::from_secs(10),
+        || call(&nodes[1], "GET", "/api/users/in-cluster", None).0 == 200,
+    );
+    assert_eq!(call(&nodes[1], "GET", "/api/users/on-its-own", None).0, 404);
+    // Its changes reach the other node.
+    eventually(
+        "a change through the joiner",
+        Duration::from_secs(10),
+        || matches!(user(&nodes[1], "after-join"), 201 | 204),
+    );
+    eventually(
+        "the joiner's change on the other node",
+        Duration::from_secs(10),
+        || call(&nodes[0], "GET", "/api/users/after-join", None).0 == 200,
+    );
+    // In a cluster of two now: it cannot join another.
+    let (status, body) = join(&nodes[0], &format!("127.0.0.1:{}", nodes[1].cluster));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("member of a cluster of 2"), "{body}");
+    drop(daemons);
+}

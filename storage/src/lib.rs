@@ -359,6 +359,9 @@ pub trait RaftLogStore: Send + Sync + 'static {
     /// keeping its vote, in one write (a log that can no longer be
     /// replayed).
     fn reset_log(&self, group: RaftGroup) -> Result<()>;
+    /// Forget everything of the group, its vote included, in one synced
+    /// write (a node leaving its group to join another).
+    fn forget_group(&self, group: RaftGroup) -> Result<()>;
     /// Replace the group's snapshot (the state machine's image up to some
     /// log id, which the log may then be purged to), in one synced write.
     fn save_snapshot(&self, group: RaftGroup, snapshot: &[u8]) -> Result<()>;
@@ -907,6 +910,14 @@ pub mod contract {
         s.save_committed(1, None).unwrap();
         assert_eq!(s.read_committed(1).unwrap(), None);
         s.save_committed(1, Some(b"c-2")).unwrap();
+        // Forgetting the group takes everything, the vote too.
+        s.append(1, &[entry(1, 9)]).unwrap();
+        s.save_snapshot(1, b"snap").unwrap();
+        s.forget_group(1).unwrap();
+        assert_eq!(s.read_vote(1).unwrap(), None);
+        assert_eq!(s.read_committed(1).unwrap(), None);
+        assert_eq!(s.read_snapshot(1).unwrap(), None);
+        assert_eq!(s.last_entry(1).unwrap(), None);
         // The neighbours kept everything.
         for g in [0, 2] {
             assert_eq!(indexes(g, 0, u64::MAX), vec![1, 2, 3, 4, 5], "group {g}");

@@ -436,6 +436,10 @@ impl RaftLogStore for MemStore {
         }
         Ok(())
     }
+    fn forget_group(&self, group: RaftGroup) -> Result<()> {
+        lock(&self.raft).remove(&group);
+        Ok(())
+    }
     fn save_snapshot(&self, group: RaftGroup, snapshot: &[u8]) -> Result<()> {
         lock(&self.raft).entry(group).or_default().snapshot =
             Some(Bytes::copy_from_slice(snapshot));

@@ -75,6 +75,12 @@ enum Cmd {
     ForgetClusterNode {
         node: String,
     },
+    /// Join the cluster of the node at PEER (its cluster address,
+    /// HOST:PORT). Run it on the node that joins: it must be in no cluster
+    /// but its own; its users, vhosts and policies become the cluster's.
+    JoinCluster {
+        peer: String,
+    },
     /// Queues of the vhost: columns among name, messages, messages_ready,
     /// messages_unacknowledged, consumers, durable, auto_delete, exclusive,
     /// arguments, policy, vhost.
@@ -630,6 +636,10 @@ fn run(cli: Cli) -> Res {
                 Some(&json!({"password": password, "tags": tags})),
             )?;
             say(json_out, &format!("Added user '{name}'"))
+        }
+        Cmd::JoinCluster { peer } => {
+            c.call("POST", "join-cluster", Some(&json!({ "peer": peer })))?;
+            say(json_out, &format!("Joined the cluster of {peer}"))
         }
         Cmd::ForgetClusterNode { node } => {
             c.call("DELETE", &format!("nodes/{}", seg(&node)), None)

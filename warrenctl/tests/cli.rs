@@ -400,6 +400,11 @@ async fn cluster_status_of_a_lone_node_and_of_a_one_node_cluster() {
         1,
         "this node is not clustered",
     );
+    ctl.fails(
+        &["join_cluster", "127.0.0.1:1"],
+        1,
+        "this node is not clustered",
+    );
 
     // A node with a secret and no peers is a cluster of one: it leads.
     let b = TestBroker::start_with(|c| {
@@ -417,7 +422,7 @@ async fn cluster_status_of_a_lone_node_and_of_a_one_node_cluster() {
     let ctl = Ctl {
         api: broker.listen_addrs.http.unwrap(),
     };
-    let name = broker.cluster.as_ref().unwrap().info().name.clone();
+    let name = broker.cluster.as_ref().unwrap().node().info().name.clone();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         let json: serde_json::Value =

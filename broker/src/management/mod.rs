@@ -96,6 +96,10 @@ fn router(api: Api) -> Router {
             "/api/nodes/{name}",
             get(objects::node).delete(objects::forget_node),
         )
+        .route(
+            "/api/join-cluster",
+            axum::routing::post(objects::join_cluster),
+        )
         .route("/", get(ui::index))
         .route("/ui/app.js", get(ui::app_js))
         .route("/ui/style.css", get(ui::style_css))

@@ -167,7 +167,7 @@ pub async fn nodes(_auth: Auth, st: St) -> ApiResult {
         "fd_used": fd_used,
         "fd_total": fd_total,
     });
-    let Some(c) = &b.cluster else {
+    let Some(c) = b.cluster.as_ref().map(|m| m.node()) else {
         return Ok(Json(json!([me])).into_response());
     };
     let status = c.status();
@@ -232,7 +232,7 @@ pub async fn node(auth: Auth, st: St, Path(name): Path<String>) -> ApiResult {
 /// node is not clustered or it is the last member; 503 without a reachable leader.
 pub async fn forget_node(auth: Auth, st: St, Path(name): Path<String>) -> ApiResult {
     auth.require_admin()?;
-    let Some(c) = &st.broker.cluster else {
+    let Some(c) = st.broker.cluster.as_ref().map(|m| m.node()) else {
         return Err(ApiError::bad_request("this node is not clustered"));
     };
     if name == c.info().name {
@@ -252,6 +252,22 @@ pub async fn forget_node(auth: Auth, st: St, Path(name): Path<String>) -> ApiRes
         )),
         Err(e) => Err(ApiError::bad_request(e.to_string())),
     }
+}
+
+/// Join the cluster of the node at `peer` (its cluster address), at run
+/// time: `warrenctl join_cluster HOST:PORT` (Warren's; RabbitMQ has it in
+/// its CLI only). 204 once this node is a member; 400 when it cannot (not
+/// clustered, in a cluster of several already, the peer in none); 503 when
+/// the cluster did not take it in time.
+pub async fn join_cluster(auth: Auth, st: St, body: Bytes) -> ApiResult {
+    auth.require_admin()?;
+    let body = super::body_object(&body)?;
+    let peer = super::required(&body, "peer")?;
+    st.broker
+        .join_cluster(&peer)
+        .await
+        .map_err(ApiError::refused_change)?;
+    Ok(axum::http::StatusCode::NO_CONTENT.into_response())
 }
 
 // ----------------------------------------------------------------- queues

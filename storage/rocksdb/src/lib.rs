@@ -1344,6 +1344,13 @@ impl RaftLogStore for RocksStore {
         );
         self.write(b)
     }
+    fn forget_group(&self, group: RaftGroup) -> Result<()> {
+        let mut b = WriteBatch::default();
+        let mut end = group.to_be_bytes().to_vec();
+        end.push(0xff);
+        b.delete_range_cf(self.cf(RAFT), group.to_be_bytes().to_vec(), end);
+        self.write(b)
+    }
     fn save_snapshot(&self, group: RaftGroup, snapshot: &[u8]) -> Result<()> {
         let mut b = WriteBatch::default();
         b.put_cf(self.cf(RAFT), raft_key(group, RAFT_SNAPSHOT), snapshot);
