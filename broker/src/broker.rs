@@ -328,9 +328,10 @@ impl Broker {
     /// belongs to, at run time (`warrenctl join_cluster`). This node must be
     /// in no cluster but its own: it leaves it (its Raft state is
     /// forgotten), starts again with `peer` as its only initial peer, and so
-    /// asks that cluster to take it in; its users, vhosts and policies are
-    /// then the cluster's (as a RabbitMQ node is reset when it joins). Its
-    /// queues and messages stay. Returns the node it joined through.
+    /// asks that cluster to take it in. Its users, vhosts and policies are
+    /// added to the cluster's (where the cluster has none by the same name),
+    /// then it follows the cluster's; its queues and messages stay (RabbitMQ
+    /// resets a node that joins). Returns the node it joined through.
     pub async fn join_cluster(self: &Arc<Self>, peer: &str) -> Result<String, String> {
         let m = self
             .cluster
@@ -361,6 +362,11 @@ impl Broker {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot forget this node's cluster state: {e}"))?;
+        // Its users and vhosts are added to the new cluster's, as at a start.
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.access.set_adopted(false))
+            .await
+            .map_err(|e| e.to_string())??;
         let mut settings = m.settings.clone();
         settings.peers = vec![peer.to_owned()];
         let node = crate::server::start_cluster(&self.config.node_name, &settings, m.raft.clone())

@@ -8,10 +8,13 @@
 //! state, written to the group as one batch, and answered once this node
 //! has applied it. Every node mirrors the map into its own store and state
 //! ([`run`]): after each change that touches it, after a snapshot from the
-//! leader, and at start; so a node that was down catches up, and one that
-//! joins takes the cluster's records in place of its own (as a RabbitMQ
-//! node is reset when it joins). The first leader seeds the map with its
-//! node's records; a seed that comes second changes nothing.
+//! leader, and at start; so a node that was down catches up. The first
+//! leader seeds the map with its node's records (a seed that comes second
+//! changes nothing). Before a node first mirrors a cluster's map it adds
+//! its own records that the map lacks (a user, vhost or policy the cluster
+//! has by the same name stays as the cluster has it): a node never loses a
+//! vhost, and with it its queues and messages, for meeting a cluster that
+//! did not know it. (RabbitMQ resets a node that joins a cluster.)
 //!
 //! Exchanges, queues, bindings and messages are not shared: each node keeps
 //! its own.
@@ -330,9 +333,14 @@ async fn run(
 /// Make this node's records match the map (once seeded), and put what
 /// changed in force: vhosts made or removed, policies.
 async fn mirror(b: &Arc<Broker>, cluster: &ClusterNode) -> Result<(), String> {
-    let map = cluster.reader().snapshot_of_map();
+    let mut map = cluster.reader().snapshot_of_map();
     if !map.contains_key(SEEDED) {
         return Ok(());
+    }
+    if !b.access.adopted()? {
+        // Nothing is removed before this node's records are in the map.
+        adopt(b, cluster, &map).await?;
+        map = cluster.reader().snapshot_of_map();
     }
     let local = b.access.shared_records()?;
     let d = diff(local, &map);
@@ -360,6 +368,57 @@ async fn mirror(b: &Arc<Broker>, cluster: &ClusterNode) -> Result<(), String> {
         "applied the cluster's users and vhosts"
     );
     Ok(())
+}
+
+/// Add this node's records that `map` lacks to the cluster's (each only if
+/// still absent when applied), wait until this node has applied them, and
+/// remember that it was done.
+async fn adopt(
+    b: &Arc<Broker>,
+    cluster: &ClusterNode,
+    map: &BTreeMap<String, Value>,
+) -> Result<(), String> {
+    let ops: Vec<RecordOp> = b
+        .access
+        .shared_records()?
+        .into_iter()
+        .filter(|r| !map.contains_key(&map_key(&r.kind, &r.key)))
+        .map(RecordOp::Put)
+        .collect();
+    if !ops.is_empty() {
+        let cmds: Vec<MetaCommand> = commands(&ops)?
+            .into_iter()
+            .map(|c| match c {
+                MetaCommand::Put { key, value } => MetaCommand::IfAbsent {
+                    key: key.clone(),
+                    then: Box::new(MetaCommand::Put { key, value }),
+                },
+                other => other,
+            })
+            .collect();
+        let (_, index) = tokio::time::timeout(
+            CHANGE_TIMEOUT,
+            cluster.write_indexed(MetaCommand::Batch(cmds)),
+        )
+        .await
+        .map_err(|_| "adding this node's users and vhosts to the cluster's timed out".to_string())?
+        .map_err(|e| format!("cannot add this node's users and vhosts to the cluster's: {e}"))?;
+        let deadline = tokio::time::Instant::now() + CHANGE_TIMEOUT;
+        while cluster.reader().last_applied().map_or(0, |l| l.index) < index {
+            if tokio::time::Instant::now() >= deadline {
+                return Err("this node did not apply its own records in time".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(
+            records = ops.len(),
+            "added this node's users, vhosts and policies to the cluster's"
+        );
+    }
+    let me = b.clone();
+    tokio::task::spawn_blocking(move || me.access.set_adopted(true))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 #[cfg(test)]

@@ -604,9 +604,10 @@ async fn a_clustered_node_refuses_quorum_queues_it_cannot_replicate() {
 }
 
 /// A node in a cluster of its own joins another at run time
-/// (`join_cluster`, `POST /api/join-cluster`): it becomes a member, takes
-/// the cluster's users in place of its own, and its changes reach the
-/// others; a node in a cluster of several cannot join another.
+/// (`join_cluster`, `POST /api/join-cluster`): it becomes a member, its
+/// users are added to the cluster's and it gets the cluster's, and its
+/// changes reach the others; a node in a cluster of several cannot join
+/// another.
 #[test]
 fn a_lone_node_joins_a_cluster_at_run_time() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -648,6 +649,41 @@ fn a_lone_node_joins_a_cluster_at_run_time() {
             Some(serde_json::json!({ "peer": peer })),
         )
     };
+    // The joiner's own vhost, with a queue holding a message.
+    let ok =
+        |(status, body): (u16, String)| assert!(matches!(status, 201 | 204), "{status} {body}");
+    let all = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+    ok(call(&nodes[1], "PUT", "/api/vhosts/own", None));
+    ok(call(
+        &nodes[1],
+        "PUT",
+        "/api/permissions/own/guest",
+        Some(all),
+    ));
+    ok(call(
+        &nodes[1],
+        "PUT",
+        "/api/queues/own/kept",
+        Some(serde_json::json!({"durable": true})),
+    ));
+    let msg = serde_json::json!({"properties": {"delivery_mode": 2}, "routing_key": "kept",
+        "payload": "still here", "payload_encoding": "string"});
+    let (status, body) = call(
+        &nodes[1],
+        "POST",
+        "/api/exchanges/own/amq.default/publish",
+        Some(msg),
+    );
+    assert_eq!(status, 200, "{body}");
+    let depth = |n: &Node| {
+        let (_, body) = call(n, "GET", "/api/queues/own/kept", None);
+        serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|q| q["messages"].as_u64())
+    };
+    eventually("the message counted", Duration::from_secs(10), || {
+        depth(&nodes[1]) == Some(1)
+    });
     // Not a cluster address.
     let (status, body) = join(&nodes[1], &format!("127.0.0.1:{}", free_port()));
     assert_eq!(status, 400, "{body}");
@@ -661,13 +697,21 @@ fn a_lone_node_joins_a_cluster_at_run_time() {
             .map(view)
             .all(|(members, running, l)| members == both && running == both && l.is_some())
     });
-    // The joiner has the cluster's users, not its own any more.
+    // The joiner has the cluster's users, and brought its own to it.
+    for n in &nodes {
+        eventually("both nodes' users on both", Duration::from_secs(10), || {
+            call(n, "GET", "/api/users/in-cluster", None).0 == 200
+                && call(n, "GET", "/api/users/on-its-own", None).0 == 200
+        });
+    }
+    // Its vhost is the cluster's now, and its queue kept its message.
     eventually(
-        "the cluster's users on the joiner",
+        "the joiner's vhost on the other node",
         Duration::from_secs(10),
-        || call(&nodes[1], "GET", "/api/users/in-cluster", None).0 == 200,
+        || call(&nodes[0], "GET", "/api/vhosts/own", None).0 == 200,
     );
-    assert_eq!(call(&nodes[1], "GET", "/api/users/on-its-own", None).0, 404);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(depth(&nodes[1]), Some(1));
     // Its changes reach the other node.
     eventually(
         "a change through the joiner",

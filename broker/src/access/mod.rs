@@ -142,6 +142,8 @@ const POLICY: &str = "policy";
 const OPERATOR_POLICY: &str = "operator_policy";
 const NODE: &str = "node";
 const INITIALIZED: &str = "initialized";
+/// This node's records were added to its cluster's (see `replicate`).
+const ADOPTED: &str = "adopted";
 
 /// The kinds of records a cluster shares (every one but this node's own
 /// `node` records).
@@ -466,6 +468,28 @@ impl Access {
             .into_iter()
             .filter(|r| REPLICATED_KINDS.contains(&r.kind.as_str()))
             .collect())
+    }
+
+    /// Whether this node's records were added to its cluster's already.
+    pub fn adopted(&self) -> Result<bool, String> {
+        Ok(self
+            .store
+            .load_records()
+            .map_err(|e| format!("cannot read users and permissions: {e}"))?
+            .iter()
+            .any(|r| r.kind == NODE && r.key == ADOPTED))
+    }
+
+    /// Record (or forget) that this node's records were added to its
+    /// cluster's (a node's own record: never shared).
+    pub fn set_adopted(&self, adopted: bool) -> Result<(), String> {
+        let op = match adopted {
+            true => put(NODE, ADOPTED.into(), &true),
+            false => del(NODE, ADOPTED.into()),
+        };
+        self.store
+            .apply_records(&[op])
+            .map_err(|e| format!("cannot store the change: {e}"))
     }
 
     /// Write records that came from the cluster, and take the state they
