@@ -372,17 +372,27 @@ async fn mirror(b: &Arc<Broker>, cluster: &ClusterNode) -> Result<(), String> {
 
 /// Add this node's records that `map` lacks to the cluster's (each only if
 /// still absent when applied), wait until this node has applied them, and
-/// remember that it was done.
+/// remember that it was done. A node whose access control is as its first
+/// start made it brings only its vhosts.
 async fn adopt(
     b: &Arc<Broker>,
     cluster: &ClusterNode,
     map: &BTreeMap<String, Value>,
 ) -> Result<(), String> {
+    // Vhosts always (they hold queues and messages); users, permissions and
+    // policies unless they are only what a first start made.
+    let default_user = b
+        .config
+        .default_user
+        .as_ref()
+        .map(|(u, p)| (u.as_str(), p.as_str()));
+    let pristine = b.access.is_pristine(default_user);
     let ops: Vec<RecordOp> = b
         .access
         .shared_records()?
         .into_iter()
         .filter(|r| !map.contains_key(&map_key(&r.kind, &r.key)))
+        .filter(|r| !pristine || r.kind == "vhost")
         .map(RecordOp::Put)
         .collect();
     if !ops.is_empty() {

@@ -470,6 +470,42 @@ impl Access {
             .collect())
     }
 
+    /// Whether access control is still exactly what a first start made:
+    /// `default_user` (with its default password, administrator, full
+    /// permissions on `/`) and the vhost `/`, or nothing at all; no
+    /// policy, topic permission or limit. Such a node has no users of its
+    /// own to bring to a cluster (a cluster that deleted `guest` does not
+    /// get it back from a fresh node).
+    pub fn is_pristine(&self, default_user: Option<(&str, &str)>) -> bool {
+        let s = self.snapshot();
+        if !(s.topic_permissions.is_empty()
+            && s.policies.is_empty()
+            && s.operator_policies.is_empty()
+            && s.users.values().all(|u| u.limits.is_empty())
+            && s.vhosts.values().all(|v| v.limits.is_empty()))
+        {
+            return false;
+        }
+        let Some((name, pass)) = default_user else {
+            return s.users.is_empty() && s.permissions.is_empty();
+        };
+        let full = |p: &Permission| {
+            [&p.configure, &p.write, &p.read]
+                .iter()
+                .all(|x| x.source == ".*")
+        };
+        s.users.len() == 1
+            && s.users.get(name).is_some_and(|u| {
+                u.tags == ["administrator"]
+                    && password::verify(u.algorithm, &u.password_hash, pass.as_bytes())
+            })
+            && s.vhosts.keys().eq(["/"])
+            && s.permissions.len() == 1
+            && s.permissions
+                .get(&("/".to_owned(), name.to_owned()))
+                .is_some_and(full)
+    }
+
     /// Whether this node's records were added to its cluster's already.
     pub fn adopted(&self) -> Result<bool, String> {
         Ok(self

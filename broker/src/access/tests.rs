@@ -116,3 +116,38 @@ fn a_failed_change_changes_nothing() {
         .change(|s, ops| add_user(s, ops, "x", "garbage!".into(), Algorithm::Sha256, vec![]))
         .is_err());
 }
+
+#[test]
+fn a_node_is_pristine_until_its_access_control_changes() {
+    let guest = Some(("guest", "guest"));
+    let store = Arc::new(MemStore::new());
+    let a = blank(&store);
+    assert!(a.is_pristine(guest));
+    // Another default user than the one made: not the first start's.
+    assert!(!a.is_pristine(Some(("admin", "guest"))));
+    // guest's password changed.
+    a.change(|s, ops| {
+        update_user(
+            s,
+            ops,
+            "guest",
+            Some((
+                password::hash(Algorithm::Sha256, "secret"),
+                Algorithm::Sha256,
+            )),
+            vec!["administrator".into()],
+        )
+    })
+    .unwrap();
+    assert!(!a.is_pristine(guest));
+    let a = blank(&Arc::new(MemStore::new()));
+    a.change(|s, ops| add_vhost(s, ops, "prod", "", vec![]))
+        .unwrap();
+    assert!(!a.is_pristine(guest));
+    let a = blank(&Arc::new(MemStore::new()));
+    a.change(|s, ops| delete_user(s, ops, "guest")).unwrap();
+    assert!(!a.is_pristine(guest));
+    // Definitions at boot: nothing made, nothing to bring.
+    let a = Access::load(Arc::new(MemStore::new()), vec![], guest, false).unwrap();
+    assert!(a.is_pristine(None));
+}
