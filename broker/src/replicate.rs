@@ -8,9 +8,9 @@
 //! state, written to the group as one batch, and answered once this node
 //! has applied it. Every node mirrors the map into its own store and state
 //! ([`run`]): after each change that touches it, after a snapshot from the
-//! leader, and at start; so a node that was down catches up. The first
-//! leader seeds the map with its node's records (a seed that comes second
-//! changes nothing). Before a node first mirrors a cluster's map it adds
+//! leader, and at start; so a node that was down catches up. Once there is
+//! a leader, every node offers its records as the map's seed; the first
+//! offer to commit seeds it, the others change nothing. Before a node first mirrors a cluster's map it adds
 //! its own records that the map lacks (a user, vhost or policy the cluster
 //! has by the same name stays as the cluster has it): a node never loses a
 //! vhost, and with it its queues and messages, for meeting a cluster that
