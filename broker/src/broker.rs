@@ -310,13 +310,8 @@ impl Broker {
     /// node, if it cannot: a quorum queue on a clustered node (it would not
     /// be replicated, and Warren does not take an argument it would ignore).
     pub fn refuses_new_queue(&self, args: &warren_protocol::types::FieldTable) -> Option<String> {
-        let quorum = matches!(
-            args.inner().get("x-queue-type"),
-            Some(warren_protocol::types::AMQPValue::LongString(t)) if t.as_bytes() == b"quorum"
-        ) || matches!(
-            args.inner().get("x-queue-type"),
-            Some(warren_protocol::types::AMQPValue::ShortString(t)) if t.as_str() == "quorum"
-        );
+        let quorum =
+            crate::channel::topology::string_arg(args, "x-queue-type").as_deref() == Some("quorum");
         (quorum && self.cluster.is_some()).then(|| {
             "quorum queues are not replicated across a Warren cluster yet: on a clustered node \
              declare a classic queue or a stream"

@@ -55,6 +55,27 @@ impl Node {
     }
 }
 
+/// `count` nodes named `warren@{prefix}{i}` on free loopback ports.
+fn make_nodes(prefix: &str, count: usize) -> Vec<Node> {
+    (0..count)
+        .map(|i| Node {
+            name: format!("warren@{prefix}{i}"),
+            amqp: free_port(),
+            api: free_port(),
+            cluster: free_port(),
+        })
+        .collect()
+}
+
+/// Their cluster addresses, as `--cluster-peers` takes them.
+fn peer_list(nodes: &[Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.cluster))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// What one node's `/api/nodes` says: (members, running members, leader).
 fn view(n: &Node) -> (Vec<String>, Vec<String>, Option<String>) {
     let nodes = n.nodes();
@@ -88,20 +109,9 @@ fn three_daemons_form_a_cluster_and_replace_a_killed_leader() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let secret = tmp.path().join("secret");
     std::fs::write(&secret, "a shared secret\n").expect("secret file");
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| Node {
-            name: format!("warren@t{i}"),
-            amqp: free_port(),
-            api: free_port(),
-            cluster: free_port(),
-        })
-        .collect();
+    let nodes = make_nodes("t", 3);
     // Every node gets the same list, itself included.
-    let peers = nodes
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.cluster))
-        .collect::<Vec<_>>()
-        .join(",");
+    let peers = peer_list(&nodes);
     let dirs: Vec<_> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
     let mut daemons: Vec<Option<Daemon>> = nodes
         .iter()
@@ -255,6 +265,8 @@ fn bad_cluster_flags_stop_the_start() {
     assert!(e.contains("cannot be used with"), "{e}");
     let (_, e) = refused(&["--node-name", " "]);
     assert!(e.contains("--node-name"), "{e}");
+    let (_, e) = refused(&["--cluster-port", "26000"]);
+    assert!(e.contains("--cluster-port") && e.contains("secret"), "{e}");
     let (_, e) = refused(&["--cluster-tls", "true"]);
     assert!(e.contains("--cluster-tls") && e.contains("secret"), "{e}");
     let (_, e) = refused(&["--cluster-secret", "s", "--cluster-tls", "true"]);
@@ -294,19 +306,8 @@ async fn three_daemons_over_tls() {
     );
     let secret = tmp.path().join("secret");
     std::fs::write(&secret, "shared").expect("secret file");
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| Node {
-            name: format!("warren@tls{i}"),
-            amqp: free_port(),
-            api: free_port(),
-            cluster: free_port(),
-        })
-        .collect();
-    let peers = nodes
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.cluster))
-        .collect::<Vec<_>>()
-        .join(",");
+    let nodes = make_nodes("tls", 3);
+    let peers = peer_list(&nodes);
     let _daemons: Vec<Daemon> = nodes
         .iter()
         .enumerate()
@@ -404,19 +405,8 @@ async fn users_vhosts_permissions_and_policies_are_shared() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let secret = tmp.path().join("secret");
     std::fs::write(&secret, "shared").expect("secret file");
-    let nodes: Vec<Node> = (0..3)
-        .map(|i| Node {
-            name: format!("warren@s{i}"),
-            amqp: free_port(),
-            api: free_port(),
-            cluster: free_port(),
-        })
-        .collect();
-    let peers = nodes
-        .iter()
-        .map(|n| format!("127.0.0.1:{}", n.cluster))
-        .collect::<Vec<_>>()
-        .join(",");
+    let nodes = make_nodes("s", 3);
+    let peers = peer_list(&nodes);
     let dirs: Vec<_> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
     let mut daemons: Vec<Option<Daemon>> = nodes
         .iter()
@@ -518,13 +508,7 @@ async fn prometheus_shows_the_metadata_group() {
         warren_tests::TestBroker::start_with(move |c| {
             c.prometheus = Some("127.0.0.1:0".parse().unwrap());
             if clustered {
-                c.cluster = Some(warren_broker::config::ClusterSettings {
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    advertise: None,
-                    peers: Vec::new(),
-                    secret: b"secret".to_vec(),
-                    tls: None,
-                });
+                warren_tests::cluster_of_one(c);
             }
         })
     };
@@ -558,13 +542,7 @@ async fn a_clustered_node_refuses_quorum_queues_it_cannot_replicate() {
     use lapin::types::{AMQPValue, FieldTable};
     let b = warren_tests::TestBroker::start_with(|c| {
         c.management = Some("127.0.0.1:0".parse().unwrap());
-        c.cluster = Some(warren_broker::config::ClusterSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            peers: Vec::new(),
-            secret: b"secret".to_vec(),
-            tls: None,
-        });
+        warren_tests::cluster_of_one(c);
     })
     .await;
     let typed = |t: &str| {
@@ -613,14 +591,7 @@ fn a_lone_node_joins_a_cluster_at_run_time() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let secret = tmp.path().join("secret");
     std::fs::write(&secret, "shared").expect("secret file");
-    let nodes: Vec<Node> = (0..2)
-        .map(|i| Node {
-            name: format!("warren@j{i}"),
-            amqp: free_port(),
-            api: free_port(),
-            cluster: free_port(),
-        })
-        .collect();
+    let nodes = make_nodes("j", 2);
     // Each its own cluster: its own address as its only peer.
     let daemons: Vec<Daemon> = nodes
         .iter()

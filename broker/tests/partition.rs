@@ -233,41 +233,58 @@ fn put_user(net: &Net, i: usize, name: &str) -> u16 {
     call(net, i, "PUT", &format!("/api/users/{name}"), Some(body)).0
 }
 
-#[test]
-fn a_cut_off_leader_stops_taking_changes_and_catches_up_after() {
+/// Wait (up to `timeout`) until all `n` nodes name one leader; its name.
+fn agreed_leader(net: &Net, n: usize, what: &str, timeout: Duration) -> String {
+    let mut leader = None;
+    eventually(what, timeout, || {
+        let views: Vec<_> = (0..n).map(|i| view(net, i)).collect();
+        leader = views[0].as_ref().and_then(|v| v.1.clone());
+        leader.is_some()
+            && views
+                .iter()
+                .all(|v| v.as_ref() == Some(&(n, leader.clone())))
+    });
+    leader.expect("a leader")
+}
+
+/// `n` daemons, each in a namespace of its own, agreeing on a leader and
+/// past a first change (the user `before`); the leader's name. None where
+/// namespaces cannot be made (not root, no `ip`): the test is skipped, and
+/// says why.
+fn formed(n: usize) -> Option<(Net, String)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: making network namespaces needs root");
-        return;
+        return None;
     }
-    let n = 3;
     let mut net = match Net::make(n) {
         Ok(net) => net,
         Err(e) => {
             eprintln!("skipped: cannot make network namespaces here: {e}");
-            return;
+            return None;
         }
     };
     for i in 0..n {
         net.start(i, n);
     }
-    let mut leader = None;
-    eventually(
+    let leader = agreed_leader(
+        &net,
+        n,
         "three nodes with one leader",
         Duration::from_secs(60),
-        || {
-            let views: Vec<_> = (0..n).map(|i| view(&net, i)).collect();
-            leader = views[0].as_ref().and_then(|v| v.1.clone());
-            leader.is_some()
-                && views
-                    .iter()
-                    .all(|v| v.as_ref() == Some(&(n, leader.clone())))
-        },
     );
     eventually("a first change", Duration::from_secs(30), || {
         matches!(put_user(&net, 0, "before"), 201 | 204)
     });
-    let leader = leader.expect("a leader");
+    Some((net, leader))
+}
+
+#[test]
+fn a_cut_off_leader_stops_taking_changes_and_catches_up_after() {
+    let n = 3;
+    let Some((net, leader)) = formed(n) else {
+        return;
+    };
     let cut: usize = leader
         .trim_start_matches("warren@p")
         .parse()
@@ -382,37 +399,10 @@ impl Rng {
 
 #[test]
 fn acknowledged_changes_survive_random_kills_and_partitions() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: making network namespaces needs root");
-        return;
-    }
     let n = 3;
-    let mut net = match Net::make(n) {
-        Ok(net) => net,
-        Err(e) => {
-            eprintln!("skipped: cannot make network namespaces here: {e}");
-            return;
-        }
+    let Some((mut net, _)) = formed(n) else {
+        return;
     };
-    for i in 0..n {
-        net.start(i, n);
-    }
-    eventually(
-        "three nodes with one leader",
-        Duration::from_secs(60),
-        || {
-            let views: Vec<_> = (0..n).map(|i| view(&net, i)).collect();
-            let leader = views[0].as_ref().and_then(|v| v.1.clone());
-            leader.is_some()
-                && views
-                    .iter()
-                    .all(|v| v.as_ref() == Some(&(n, leader.clone())))
-        },
-    );
-    eventually("a first change", Duration::from_secs(30), || {
-        matches!(put_user(&net, 0, "before"), 201 | 204)
-    });
     let seed = std::env::var("WARREN_CHECKER_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -486,17 +476,11 @@ fn acknowledged_changes_survive_random_kills_and_partitions() {
     }
 
     // Everything healed: the final reads.
-    eventually(
+    agreed_leader(
+        &net,
+        n,
         "one leader after the schedule",
         Duration::from_secs(60),
-        || {
-            let views: Vec<_> = (0..n).map(|i| view(&net, i)).collect();
-            let leader = views[0].as_ref().and_then(|v| v.1.clone());
-            leader.is_some()
-                && views
-                    .iter()
-                    .all(|v| v.as_ref() == Some(&(n, leader.clone())))
-        },
     );
     // A last change through each node: once it is everywhere, so is all before it.
     for i in 0..n {

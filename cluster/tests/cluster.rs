@@ -46,6 +46,39 @@ fn config(name: &str, secret: &[u8], listener: &TcpListener, peers: Vec<String>)
     cfg
 }
 
+/// Three nodes named `{prefix}-{i}` on fresh loopback ports, each with the other two as
+/// peers and its own in-memory store kept by the test; `tweak` adjusts each config.
+/// Returns the configs (to start a node again with), the running nodes and their
+/// addresses.
+async fn start_three(
+    prefix: &str,
+    tweak: impl Fn(&mut ClusterConfig),
+) -> (Vec<ClusterConfig>, Vec<ClusterNode>, Vec<String>) {
+    init_logs();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect();
+    let mut cfgs = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let peers = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| addrs[j].clone())
+            .collect();
+        let mut cfg = config(&format!("{prefix}-{i}"), SECRET, &listener, peers);
+        cfg.log_store = Arc::new(MemStore::new());
+        tweak(&mut cfg);
+        cfgs.push(cfg.clone());
+        nodes.push(ClusterNode::start_on(cfg, listener).await.expect("start"));
+    }
+    (cfgs, nodes, addrs)
+}
+
 /// Polls `check` every 50 ms until it holds or `timeout` elapses.
 async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -361,33 +394,14 @@ async fn start_rejects_bad_config() {
 /// Shut down a follower (or the leader), write through the majority, and
 /// start it again on the same store and address.
 async fn restart_a_node(compact: bool, the_leader: bool) {
-    init_logs();
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
-    }
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").to_string())
-        .collect();
-    let mut cfgs = Vec::new();
-    let mut nodes = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let peers = (0..3)
-            .filter(|&j| j != i)
-            .map(|j| addrs[j].clone())
-            .collect();
-        let mut cfg = config(&format!("restart-{i}"), SECRET, &listener, peers);
-        cfg.log_store = Arc::new(MemStore::new());
+    let (cfgs, nodes, addrs) = start_three("restart", |cfg| {
         if compact {
             cfg.snapshot_after_logs = 3;
             cfg.logs_kept_after_snapshot = 0;
         }
-        cfgs.push(cfg.clone());
-        nodes.push(Some(
-            ClusterNode::start_on(cfg, listener).await.expect("start"),
-        ));
-    }
+    })
+    .await;
+    let mut nodes: Vec<Option<ClusterNode>> = nodes.into_iter().map(Some).collect();
     let live = |nodes: &[Option<ClusterNode>]| -> Vec<NodeId> {
         nodes.iter().flatten().map(|n| n.id()).collect()
     };
@@ -534,29 +548,11 @@ async fn restarted_node_with_a_compacted_log_catches_up_from_a_snapshot() {
 /// starts again from its stores: nothing committed is lost, on any node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_cluster_restarts_from_its_snapshots_and_logs() {
-    init_logs();
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
-    }
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").to_string())
-        .collect();
-    let mut cfgs = Vec::new();
-    let mut nodes = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let peers = (0..3)
-            .filter(|&j| j != i)
-            .map(|j| addrs[j].clone())
-            .collect();
-        let mut cfg = config(&format!("whole-{i}"), SECRET, &listener, peers);
-        cfg.log_store = Arc::new(MemStore::new());
+    let (cfgs, nodes, _) = start_three("whole", |cfg| {
         cfg.snapshot_after_logs = 4;
         cfg.logs_kept_after_snapshot = 0;
-        cfgs.push(cfg.clone());
-        nodes.push(ClusterNode::start_on(cfg, listener).await.expect("start"));
-    }
+    })
+    .await;
     let all: Vec<&ClusterNode> = nodes.iter().collect();
     let leader_id = agreed_leader(&all, 3, Duration::from_secs(15)).await;
     let leader = all.iter().find(|n| n.id() == leader_id).expect("leader");
@@ -745,26 +741,8 @@ mod tls {
 /// from another CA (right secret or not) cannot take part, nor can one without TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_talk_over_tls_and_refuse_strangers() {
-    init_logs();
     let ca = tls::Ca::new("cluster CA");
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
-    }
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").to_string())
-        .collect();
-    let mut nodes = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let peers = (0..3)
-            .filter(|&j| j != i)
-            .map(|j| addrs[j].clone())
-            .collect();
-        let mut cfg = config(&format!("tls-{i}"), SECRET, &listener, peers);
-        cfg.tls = Some(ca.node(&ca));
-        nodes.push(ClusterNode::start_on(cfg, listener).await.expect("start"));
-    }
+    let (_, nodes, addrs) = start_three("tls", |cfg| cfg.tls = Some(ca.node(&ca))).await;
     let all: Vec<&ClusterNode> = nodes.iter().collect();
     agreed_leader(&all, 3, Duration::from_secs(15)).await;
     nodes[1]

@@ -142,6 +142,18 @@ impl Drop for TestBroker {
 }
 
 /// A name unique to this test run.
+/// Make `c` a clustered node on its own (a cluster of one: a secret, no
+/// peers, the cluster port on a free loopback port).
+pub fn cluster_of_one(c: &mut Config) {
+    c.cluster = Some(warren_broker::config::ClusterSettings {
+        listen: "127.0.0.1:0".parse().expect("loopback address"),
+        advertise: None,
+        peers: Vec::new(),
+        secret: b"secret".to_vec(),
+        tls: None,
+    });
+}
+
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);

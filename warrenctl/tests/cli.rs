@@ -409,13 +409,7 @@ async fn cluster_status_of_a_lone_node_and_of_a_one_node_cluster() {
     // A node with a secret and no peers is a cluster of one: it leads.
     let b = TestBroker::start_with(|c| {
         c.management = Some("127.0.0.1:0".parse().unwrap());
-        c.cluster = Some(warren_broker::config::ClusterSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            peers: Vec::new(),
-            secret: b"secret".to_vec(),
-            tls: None,
-        });
+        warren_tests::cluster_of_one(c);
     })
     .await;
     let broker = b.broker().unwrap();

@@ -119,9 +119,10 @@ struct Args {
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
     /// The cluster port (on --bind), where nodes of a cluster talk to each
-    /// other. Open only on a clustered node (one given a cluster secret).
-    #[arg(long, default_value_t = 25672, value_name = "PORT")]
-    cluster_port: u16,
+    /// other: 25672 unless given. Open only on a clustered node (one given
+    /// a cluster secret).
+    #[arg(long, value_name = "PORT")]
+    cluster_port: Option<u16>,
     /// The other initial members' cluster addresses, comma-separated
     /// (HOST:PORT,HOST:PORT). Nodes started with each other as peers form
     /// one cluster. Needs a cluster secret.
@@ -167,9 +168,13 @@ fn cluster_settings(
         (None, None) => None,
     };
     let Some(secret) = secret else {
-        if !args.cluster_peers.is_empty() || args.cluster_advertise.is_some() || args.cluster_tls {
+        if !args.cluster_peers.is_empty()
+            || args.cluster_advertise.is_some()
+            || args.cluster_tls
+            || args.cluster_port.is_some()
+        {
             return Err(
-                "--cluster-peers, --cluster-advertise and --cluster-tls need a cluster secret (--cluster-secret or --cluster-secret-file)"
+                "--cluster-port, --cluster-peers, --cluster-advertise and --cluster-tls need a cluster secret (--cluster-secret or --cluster-secret-file)"
                     .into(),
             );
         }
@@ -200,11 +205,12 @@ fn cluster_settings(
                 .into(),
         );
     }
-    if args.cluster_port == 0 {
+    let cluster_port = args.cluster_port.unwrap_or(25672);
+    if cluster_port == 0 {
         return Err("--cluster-port 0: a cluster port must be fixed, peers dial it".into());
     }
     Ok(Some(warren_broker::config::ClusterSettings {
-        listen: SocketAddr::new(args.bind, args.cluster_port),
+        listen: SocketAddr::new(args.bind, cluster_port),
         advertise: args.cluster_advertise.clone(),
         peers: args.cluster_peers.clone(),
         secret,

@@ -32,7 +32,7 @@ fn check_bind(
 
 /// A string argument (short or long string), as RabbitMQ's `r_arg` reads
 /// exchange names from arguments.
-fn string_arg(args: &FieldTable, key: &str) -> Option<String> {
+pub(crate) fn string_arg(args: &FieldTable, key: &str) -> Option<String> {
     match args.inner().get(key)? {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),

@@ -150,7 +150,11 @@ pub async fn overview(auth: Auth, st: St) -> ApiResult {
 /// cluster port just now. Warren adds `metadata_leader` (the member that
 /// leads the metadata Raft group) and, for this node, its `raft` view.
 pub async fn nodes(_auth: Auth, st: St) -> ApiResult {
-    let b = &st.broker;
+    Ok(Json(Value::Array(nodes_json(&st.broker).await)).into_response())
+}
+
+/// The `/api/nodes` entries, this node first.
+async fn nodes_json(b: &Broker) -> Vec<Value> {
     let a = &b.alarms;
     let alarms = a.state();
     let (fd_used, fd_total) = crate::prometheus::fds().unwrap_or((0, 0));
@@ -168,7 +172,7 @@ pub async fn nodes(_auth: Auth, st: St) -> ApiResult {
         "fd_total": fd_total,
     });
     let Some(c) = b.cluster.as_ref().map(|m| m.node()) else {
-        return Ok(Json(json!([me])).into_response());
+        return vec![me];
     };
     let status = c.status();
     me["name"] = json!(status.me.name);
@@ -210,17 +214,13 @@ pub async fn nodes(_auth: Auth, st: St) -> ApiResult {
             "metadata_leader": status.leader_id == Some(m.id()),
         }));
     }
-    Ok(Json(Value::Array(out)).into_response())
+    out
 }
 
 /// One node of `/api/nodes` (404 if it is not a member).
-pub async fn node(auth: Auth, st: St, Path(name): Path<String>) -> ApiResult {
-    let all = nodes(auth, st).await?;
-    let body = axum::body::to_bytes(all.into_body(), usize::MAX)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let list: Vec<Value> = serde_json::from_slice(&body).unwrap_or_default();
-    match list.into_iter().find(|n| n["name"] == json!(name)) {
+pub async fn node(_auth: Auth, st: St, Path(name): Path<String>) -> ApiResult {
+    let all = nodes_json(&st.broker).await;
+    match all.into_iter().find(|n| n["name"] == json!(name)) {
         Some(n) => Ok(Json(n).into_response()),
         None => Err(ApiError::not_found()),
     }
