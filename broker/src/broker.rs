@@ -63,7 +63,9 @@ pub struct Broker {
 /// that joins a cluster at run time leaves its own group for it).
 pub struct Membership {
     node: RwLock<Arc<warren_cluster::ClusterNode>>,
-    sync: RwLock<Option<Arc<crate::replicate::AccessSync>>>,
+    sync: crate::replicate::SyncSlot,
+    /// Answers the other nodes' requests about this node's queues.
+    pub(crate) app: Arc<crate::replicate::remote::Handler>,
     settings: crate::config::ClusterSettings,
     raft: Arc<dyn warren_storage::RaftLogStore>,
     /// One join at a time.
@@ -75,10 +77,12 @@ impl Membership {
         node: Arc<warren_cluster::ClusterNode>,
         settings: crate::config::ClusterSettings,
         raft: Arc<dyn warren_storage::RaftLogStore>,
+        app: Arc<crate::replicate::remote::Handler>,
     ) -> Membership {
         Membership {
             node: RwLock::new(node),
-            sync: RwLock::new(None),
+            sync: Default::default(),
+            app,
             settings,
             raft,
             joining: tokio::sync::Mutex::new(()),
@@ -90,13 +94,17 @@ impl Membership {
         self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub(crate) fn sync(&self) -> Option<Arc<crate::replicate::AccessSync>> {
+    pub(crate) fn sync(&self) -> Option<Arc<crate::replicate::ClusterSync>> {
         self.sync.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Start sharing access control through the running node.
     pub(crate) fn start_sync(&self, broker: &Arc<Broker>) {
-        let sync = crate::replicate::AccessSync::start(broker, self.node());
+        let _ = self.app.broker.set(Arc::downgrade(broker));
+        for v in broker.vhosts() {
+            v.set_cluster(self.sync.clone());
+        }
+        let sync = crate::replicate::ClusterSync::start(broker, self.node(), self.sync.clone());
         *self.sync.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(sync));
     }
 }
@@ -178,14 +186,18 @@ impl Broker {
         let mut map = self.vhosts.write().unwrap_or_else(|e| e.into_inner());
         map.entry(name.to_owned())
             .or_insert_with(|| {
-                VHost::new(
+                let v = VHost::new(
                     name,
                     self.meta.clone(),
                     self.queue_ids.clone(),
                     Some(self.persister.clone()),
                     self.churn.clone(),
                     self.config.consumer_timeout,
-                )
+                );
+                if let Some(m) = &self.cluster {
+                    v.set_cluster(m.sync.clone());
+                }
+                v
             })
             .clone()
     }
@@ -364,9 +376,14 @@ impl Broker {
             .map_err(|e| e.to_string())??;
         let mut settings = m.settings.clone();
         settings.peers = vec![peer.to_owned()];
-        let node = crate::server::start_cluster(&self.config.node_name, &settings, m.raft.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+        let node = crate::server::start_cluster(
+            &self.config.node_name,
+            &settings,
+            m.raft.clone(),
+            m.app.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         *m.node.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(node);
         m.start_sync(self);
         let node = m.node();

@@ -307,8 +307,10 @@ impl Server {
         }
         let cluster = match &config.cluster {
             Some(c) => {
-                let node = Arc::new(start_cluster(&config.node_name, c, raft.clone()).await?);
-                Some(crate::broker::Membership::new(node, c.clone(), raft))
+                let app: Arc<crate::replicate::remote::Handler> = Default::default();
+                let node =
+                    Arc::new(start_cluster(&config.node_name, c, raft.clone(), app.clone()).await?);
+                Some(crate::broker::Membership::new(node, c.clone(), raft, app))
             }
             None => None,
         };
@@ -521,8 +523,10 @@ pub(crate) async fn start_cluster(
     name: &str,
     c: &crate::config::ClusterSettings,
     raft: Arc<dyn warren_storage::RaftLogStore>,
+    app: Arc<crate::replicate::remote::Handler>,
 ) -> std::io::Result<warren_cluster::ClusterNode> {
     let mut cfg = warren_cluster::ClusterConfig::new(name, c.listen, c.secret.clone());
+    cfg.app = Some(app);
     cfg.advertise = c.advertise.clone();
     cfg.peers = c.peers.clone();
     cfg.log_store = raft;

@@ -700,3 +700,276 @@ fn a_lone_node_joins_a_cluster_at_run_time() {
     assert!(body.contains("member of a cluster of 2"), "{body}");
     drop(daemons);
 }
+
+/// A channel on a node's AMQP port.
+async fn amqp(port: u16) -> (lapin::Connection, lapin::Channel) {
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let c = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = c.create_channel().await.expect("channel");
+    (c, ch)
+}
+
+/// Publish `n` persistent messages with confirms; how many were acked.
+async fn publish_confirmed(
+    ch: &lapin::Channel,
+    exchange: &str,
+    key: &str,
+    prefix: &str,
+    n: usize,
+) -> usize {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    let mut waits = Vec::new();
+    for i in 0..n {
+        let w = ch
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                format!("{prefix}{i}").as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("basic.publish");
+        waits.push(w);
+    }
+    let mut acked = 0;
+    for w in waits {
+        if w.await.expect("confirm").is_ack() {
+            acked += 1;
+        }
+    }
+    acked
+}
+
+/// Exchanges, queues and bindings declared through any node are the
+/// cluster's: every node sees them, routes to a queue wherever it lives
+/// (the publish is forwarded to the queue's node, and confirmed once that
+/// node has it), and answers for it; a queue whose node is down gives
+/// RabbitMQ's 404, and its publishes are nacked; a node that was down
+/// catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
+    use lapin::options::{
+        BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    };
+    use lapin::types::FieldTable;
+    use warren_tests::lapin_util::{code, drain, passive_queue};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "shared").expect("secret file");
+    let nodes = make_nodes("t", 3);
+    let peers = peer_list(&nodes);
+    let dirs: Vec<_> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    let mut daemons: Vec<Option<Daemon>> = nodes
+        .iter()
+        .zip(&dirs)
+        .map(|(n, d)| Some(n.start(d, &peers, &secret)))
+        .collect();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+
+    // Declared on node 0 once the cluster has formed (a refusal before
+    // that closes the connection: a new one for each try).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_c0, ch0) = amqp(nodes[0].amqp).await;
+        let r = ch0
+            .exchange_declare(
+                "orders".into(),
+                lapin::ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match r {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster never took a declare: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    let (_c0, ch0) = amqp(nodes[0].amqp).await;
+    ch0.queue_declare("q0".into(), durable, FieldTable::default())
+        .await
+        .expect("q0 on node 0");
+    ch0.queue_bind(
+        "q0".into(),
+        "orders".into(),
+        "pay.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind q0");
+
+    // Node 1 sees them (its declare-ok came after node 0 applied it;
+    // node 1 applies it a moment later).
+    let (_c1, ch1) = amqp(nodes[1].amqp).await;
+    eventually_async("q0 on node 1", Duration::from_secs(10), || async {
+        let (_c, ch) = amqp(nodes[1].amqp).await;
+        passive_queue(&ch, "q0").await.is_ok()
+    })
+    .await;
+    // Publishes through node 1 (by the exchange) and node 2 (by the
+    // default exchange) are confirmed once q0's node has them.
+    let (_c2, ch2) = amqp(nodes[2].amqp).await;
+    eventually_async("the binding on node 1", Duration::from_secs(10), || async {
+        call(&nodes[1], "GET", "/api/bindings/%2F/e/orders/q/q0", None)
+            .1
+            .contains("pay.#")
+    })
+    .await;
+    assert_eq!(
+        publish_confirmed(&ch1, "orders", "pay.card", "a", 100).await,
+        100
+    );
+    eventually_async("q0 on node 2", Duration::from_secs(10), || async {
+        let (_c, ch) = amqp(nodes[2].amqp).await;
+        passive_queue(&ch, "q0").await.is_ok()
+    })
+    .await;
+    assert_eq!(publish_confirmed(&ch2, "", "q0", "b", 50).await, 50);
+    // Every node answers with the home node's count.
+    for n in &nodes {
+        let (_c, ch) = amqp(n.amqp).await;
+        let q = passive_queue(&ch, "q0").await.expect("q0");
+        assert_eq!(q.message_count(), 150, "on {}", n.name);
+    }
+    let (status, body) = call(&nodes[2], "GET", "/api/queues/%2F/q0", None);
+    assert_eq!(status, 200, "{body}");
+    let q: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(q["node"], nodes[0].name.as_str(), "{body}");
+    assert_eq!(q["messages"], 150, "{body}");
+
+    // Consuming through another node is refused, saying where to go.
+    let e = ch1
+        .basic_consume(
+            "q0".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("consume through another node");
+    assert_eq!(code(&e), Some(406), "{e}");
+    assert!(e.to_string().contains(&nodes[0].name), "{e}");
+    // An inequivalent redeclaration elsewhere is refused as on one node.
+    let (_c, ch) = amqp(nodes[2].amqp).await;
+    let e = ch
+        .queue_declare(
+            "q0".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("inequivalent");
+    assert_eq!(code(&e), Some(406), "{e}");
+
+    // Every message is on q0's node, in each publisher's order.
+    let got = drain(&ch0, "q0").await;
+    let from =
+        |p: &str| -> Vec<String> { got.iter().filter(|m| m.starts_with(p)).cloned().collect() };
+    assert_eq!(
+        from("a"),
+        (0..100).map(|i| format!("a{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        from("b"),
+        (0..50).map(|i| format!("b{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(got.len(), 150);
+
+    // A queue of node 2, bound through node 0: node 0's publish reaches it.
+    let (_c2, ch2) = amqp(nodes[2].amqp).await;
+    ch2.queue_declare("q2".into(), durable, FieldTable::default())
+        .await
+        .expect("q2 on node 2");
+    let (_c0, ch0) = amqp(nodes[0].amqp).await;
+    eventually_async("q2 on node 0", Duration::from_secs(10), || async {
+        let (_c, ch) = amqp(nodes[0].amqp).await;
+        passive_queue(&ch, "q2").await.is_ok()
+    })
+    .await;
+    ch0.queue_bind(
+        "q2".into(),
+        "orders".into(),
+        "pay.*".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind q2 through node 0");
+    assert_eq!(
+        publish_confirmed(&ch0, "orders", "pay.cash", "c", 3).await,
+        3
+    );
+    assert_eq!(drain(&ch2, "q2").await, vec!["c0", "c1", "c2"]);
+    assert_eq!(drain(&ch0, "q0").await, vec!["c0", "c1", "c2"]);
+
+    // A queue deleted through another node goes everywhere.
+    ch0.queue_delete("q2".into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete q2 through node 0");
+    for n in &nodes {
+        eventually_async("q2 gone", Duration::from_secs(10), || async {
+            let (_c, ch) = amqp(n.amqp).await;
+            passive_queue(&ch, "q2").await.is_err()
+        })
+        .await;
+    }
+
+    // Node 2's queue while node 2 is down: 404 as RabbitMQ words it, and
+    // a publish to it is nacked, not lost quietly.
+    let (_c2, ch2) = amqp(nodes[2].amqp).await;
+    ch2.queue_declare("q3".into(), durable, FieldTable::default())
+        .await
+        .expect("q3 on node 2");
+    eventually_async("q3 on node 0", Duration::from_secs(10), || async {
+        let (_c, ch) = amqp(nodes[0].amqp).await;
+        passive_queue(&ch, "q3").await.is_ok()
+    })
+    .await;
+    assert_eq!(publish_confirmed(&ch0, "", "q3", "d", 2).await, 2);
+    daemons[2].take().expect("running").kill();
+    let (_c, ch) = amqp(nodes[0].amqp).await;
+    let e = passive_queue(&ch, "q3").await.expect_err("home down");
+    assert_eq!(code(&e), Some(404), "{e}");
+    assert!(e.to_string().contains("is down or inaccessible"), "{e}");
+    let (_c0, ch0) = amqp(nodes[0].amqp).await;
+    assert_eq!(publish_confirmed(&ch0, "", "q3", "e", 1).await, 0);
+    // Changes while it is down reach it when it returns; its messages
+    // are still there.
+    ch0.queue_declare("q4".into(), durable, FieldTable::default())
+        .await
+        .expect("q4 while node 2 is down");
+    daemons[2] = Some(nodes[2].start(&dirs[2], &peers, &secret));
+    eventually_async("node 2 back with q4", Duration::from_secs(30), || async {
+        let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", nodes[2].amqp);
+        let Ok(c) = lapin::Connection::connect(&url, Default::default()).await else {
+            return false;
+        };
+        let Ok(ch) = c.create_channel().await else {
+            return false;
+        };
+        passive_queue(&ch, "q4").await.is_ok()
+    })
+    .await;
+    let (_c2, ch2) = amqp(nodes[2].amqp).await;
+    assert_eq!(drain(&ch2, "q3").await, vec!["d0", "d1"]);
+    drop(daemons);
+}

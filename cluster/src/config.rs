@@ -46,6 +46,8 @@ pub struct ClusterConfig {
     /// TLS for cluster connections (None: plain TCP; the secret's handshake runs either
     /// way). Every member must use it or none.
     pub tls: Option<crate::net::ClusterTls>,
+    /// Answers other members' application requests (None: refused).
+    pub app: Option<Arc<dyn crate::net::AppHandler>>,
 }
 
 impl ClusterConfig {
@@ -64,6 +66,7 @@ impl ClusterConfig {
             logs_kept_after_snapshot: 1000,
             log_store: Arc::new(MemStore::new()),
             tls: None,
+            app: None,
         }
     }
 

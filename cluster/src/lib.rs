@@ -28,7 +28,7 @@ pub mod types;
 
 pub use config::ClusterConfig;
 pub use error::ClusterError;
-pub use net::{ClusterTls, HelloReply};
+pub use net::{AppHandler, CallError, ClusterTls, HelloReply};
 pub use node::{ClusterNode, ClusterStatus, Role};
 pub use sm::MetaReader;
 pub use types::{node_id, Applied, MetaCommand, MetaResponse, NodeId, NodeInfo, TypeConfig};

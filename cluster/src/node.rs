@@ -103,6 +103,9 @@ pub struct ClusterNode {
     reader: MetaReader,
     feed: Arc<tokio::sync::broadcast::Sender<Applied>>,
     pool: Arc<PeerPool>,
+    /// Connections for application requests, apart from Raft's (a large request
+    /// does not hold up heartbeats).
+    app_pool: Arc<PeerPool>,
     local_addr: SocketAddr,
     server: Mutex<Option<JoinHandle<()>>>,
     bootstrap: Mutex<Option<JoinHandle<()>>>,
@@ -139,6 +142,7 @@ impl ClusterNode {
         let secret: Arc<[u8]> = cfg.secret.clone().into();
 
         let pool = PeerPool::new(me.clone(), secret.clone(), cfg.tls.clone());
+        let app_pool = PeerPool::new(me.clone(), secret.clone(), cfg.tls.clone());
         let open = || async {
             StateMachine::open(cfg.log_store.clone(), META_GROUP)
                 .await
@@ -173,6 +177,7 @@ impl ClusterNode {
             secret,
             me.clone(),
             cfg.tls.clone(),
+            cfg.app.clone(),
         ));
         let bootstrap_error = Arc::new(Mutex::new(None));
         let bootstrap = tokio::spawn(bootstrap(
@@ -189,6 +194,7 @@ impl ClusterNode {
             reader,
             feed,
             pool,
+            app_pool,
             local_addr,
             server: Mutex::new(Some(server)),
             bootstrap: Mutex::new(Some(bootstrap)),
@@ -380,6 +386,40 @@ impl ClusterNode {
             .map_err(|_| ClusterError::Timeout("no leader elected".into()))?
     }
 
+    /// Send an application request to the member called `node` (its handler answers:
+    /// see [`crate::net::AppHandler`]); `ttl` bounds the whole call. `Err(Connect)`: it
+    /// was never sent.
+    pub async fn call_app(
+        &self,
+        node: &str,
+        request: serde_json::Value,
+        ttl: Duration,
+    ) -> Result<Result<serde_json::Value, String>, crate::net::CallError> {
+        let addr = self
+            .status()
+            .members
+            .into_iter()
+            .find(|m| m.name == node)
+            .map(|m| m.addr)
+            .ok_or_else(|| {
+                crate::net::CallError::Connect(ClusterError::Config(format!(
+                    "{node} is not a member of this cluster"
+                )))
+            })?;
+        match self
+            .app_pool
+            .call(&addr, RequestBody::App(request), ttl)
+            .await?
+        {
+            ResponseBody::App(r) => Ok(r),
+            ResponseBody::Error(e) => Ok(Err(e)),
+            other => Err(crate::net::CallError::Rpc(ClusterError::Protocol(format!(
+                "expected an application reply from {node}, got {}",
+                other.kind()
+            )))),
+        }
+    }
+
     /// Authenticates to the node at `addr` and asks who it is (diagnostics, discovery).
     pub async fn probe(&self, addr: &str) -> Result<HelloReply, ClusterError> {
         self.pool.hello(addr, HELLO_TIMEOUT).await
@@ -401,6 +441,7 @@ impl ClusterNode {
             let _ = task.await;
         }
         self.pool.close();
+        self.app_pool.close();
         tracing::info!(node = %self.me, "cluster node stopped");
         raft_result.map_err(|e| ClusterError::Raft(format!("raft did not stop cleanly: {e}")))
     }
@@ -419,6 +460,7 @@ impl Drop for ClusterNode {
             task.abort();
         }
         self.pool.close();
+        self.app_pool.close();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let raft = self.raft.clone();
             rt.spawn(async move {

@@ -51,6 +51,30 @@ impl SmData {
                 self.apply(then);
                 None
             }
+            MetaCommand::DeletePrefix { prefix } => {
+                let keys: Vec<String> = self
+                    .map
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(prefix.as_str()))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in keys {
+                    self.map.remove(&k);
+                }
+                None
+            }
+            MetaCommand::IfEquals { key, value, then } => {
+                match self.map.get(key) {
+                    Some(v) if v == value => {}
+                    other => {
+                        return MetaResponse {
+                            previous: Some(other.cloned().unwrap_or(Value::Null)),
+                        }
+                    }
+                }
+                self.apply(then);
+                None
+            }
         };
         MetaResponse { previous }
     }
@@ -96,6 +120,16 @@ impl MetaReader {
     /// A copy of the whole applied map.
     pub fn snapshot_of_map(&self) -> BTreeMap<String, Value> {
         read(&self.state).map.clone()
+    }
+
+    /// A copy of the applied entries whose keys start with `prefix`.
+    pub fn snapshot_of_prefix(&self, prefix: &str) -> BTreeMap<String, Value> {
+        read(&self.state)
+            .map
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// The id of the last log entry applied locally.
@@ -477,6 +511,41 @@ mod tests {
             .expect("current")
             .expect("a snapshot");
         assert_eq!(current.meta.snapshot_id, snap.meta.snapshot_id);
+    }
+
+    #[test]
+    fn conditional_and_prefix_commands() {
+        let mut d = SmData::default();
+        let put = |k: &str, v| MetaCommand::Put {
+            key: k.into(),
+            value: v,
+        };
+        for (k, v) in [("p/a", 1), ("p/b", 2), ("pz", 3), ("q", 4)] {
+            d.apply(&put(k, json!(v)));
+        }
+        // Only the keys under the prefix go.
+        d.apply(&MetaCommand::DeletePrefix {
+            prefix: "p/".into(),
+        });
+        let keys: Vec<&String> = d.map.keys().collect();
+        assert_eq!(keys, ["pz", "q"]);
+        // IfEquals applies only on an exact match; else it reports the value.
+        let cond = |v| MetaCommand::IfEquals {
+            key: "q".into(),
+            value: v,
+            then: Box::new(put("r", json!(5))),
+        };
+        assert_eq!(d.apply(&cond(json!(9))).previous, Some(json!(4)));
+        assert_eq!(d.map.get("r"), None);
+        assert_eq!(d.apply(&cond(json!(4))).previous, None);
+        assert_eq!(d.map.get("r"), Some(&json!(5)));
+        let absent = MetaCommand::IfEquals {
+            key: "nope".into(),
+            value: json!(1),
+            then: Box::new(put("s", json!(1))),
+        };
+        assert_eq!(d.apply(&absent).previous, Some(Value::Null));
+        assert_eq!(d.map.get("s"), None);
     }
 
     #[tokio::test]

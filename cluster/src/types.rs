@@ -56,6 +56,16 @@ pub enum MetaCommand {
     Batch(Vec<MetaCommand>),
     /// Applies `then` only if `key` is absent (a first writer wins: seeding).
     IfAbsent { key: String, then: Box<MetaCommand> },
+    /// Removes every key that starts with `prefix`.
+    DeletePrefix { prefix: String },
+    /// Applies `then` only if `key` holds exactly `value` (what the writer checked
+    /// still holds); the response's `previous` is the key's value, if `then` did
+    /// not apply.
+    IfEquals {
+        key: String,
+        value: serde_json::Value,
+        then: Box<MetaCommand>,
+    },
 }
 
 /// Result of applying a [`MetaCommand`].

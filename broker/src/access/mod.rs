@@ -144,6 +144,8 @@ const NODE: &str = "node";
 const INITIALIZED: &str = "initialized";
 /// This node's records were added to its cluster's (see `replicate`).
 const ADOPTED: &str = "adopted";
+/// This node's exchanges and queues were added to its cluster's.
+const TOPOLOGY_ADOPTED: &str = "topology_adopted";
 
 /// The kinds of records a cluster shares (every one but this node's own
 /// `node` records).
@@ -508,20 +510,42 @@ impl Access {
 
     /// Whether this node's records were added to its cluster's already.
     pub fn adopted(&self) -> Result<bool, String> {
+        self.node_flag(ADOPTED)
+    }
+
+    /// Record (or forget) that this node's records were added to its
+    /// cluster's (a node's own record: never shared). Forgetting it
+    /// forgets that its exchanges and queues were, too.
+    pub fn set_adopted(&self, adopted: bool) -> Result<(), String> {
+        if !adopted {
+            self.set_node_flag(TOPOLOGY_ADOPTED, false)?;
+        }
+        self.set_node_flag(ADOPTED, adopted)
+    }
+
+    /// Whether this node's exchanges and queues were added to its
+    /// cluster's already.
+    pub fn topology_adopted(&self) -> Result<bool, String> {
+        self.node_flag(TOPOLOGY_ADOPTED)
+    }
+
+    pub fn set_topology_adopted(&self, adopted: bool) -> Result<(), String> {
+        self.set_node_flag(TOPOLOGY_ADOPTED, adopted)
+    }
+
+    fn node_flag(&self, key: &str) -> Result<bool, String> {
         Ok(self
             .store
             .load_records()
             .map_err(|e| format!("cannot read users and permissions: {e}"))?
             .iter()
-            .any(|r| r.kind == NODE && r.key == ADOPTED))
+            .any(|r| r.kind == NODE && r.key == key))
     }
 
-    /// Record (or forget) that this node's records were added to its
-    /// cluster's (a node's own record: never shared).
-    pub fn set_adopted(&self, adopted: bool) -> Result<(), String> {
-        let op = match adopted {
-            true => put(NODE, ADOPTED.into(), &true),
-            false => del(NODE, ADOPTED.into()),
+    fn set_node_flag(&self, key: &str, on: bool) -> Result<(), String> {
+        let op = match on {
+            true => put(NODE, key.into(), &true),
+            false => del(NODE, key.into()),
         };
         self.store
             .apply_records(&[op])

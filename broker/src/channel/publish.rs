@@ -470,6 +470,38 @@ async fn hand_over_waiting(
     hand_over(broker, msg, ticket, &slots, stored, writer, extra);
 }
 
+/// Hand a message another node forwarded (see `queue::remote`) to queue
+/// `q` of this node, as a publisher would: stored first if persistent and
+/// the queue is durable; `ticket` settles once it is enqueued (a nack if
+/// the queue is gone or refuses it).
+pub(crate) async fn hand_to_queue(
+    broker: &Broker,
+    q: &QueueHandle,
+    mut msg: crate::message::Message,
+    ticket: Arc<ConfirmTicket>,
+) {
+    if !q.reserve().await {
+        ticket.nack();
+        ticket.settle();
+        return;
+    }
+    let stored = (msg.persistent() && q.stored_by_publisher()).then(|| broker.next_message_id());
+    msg.stored = stored;
+    let writer = match stored {
+        Some(_) => broker.persister.reserve().await,
+        None => None,
+    };
+    hand_over(
+        broker,
+        Arc::new(msg),
+        Some(ticket),
+        &[q],
+        stored,
+        writer,
+        Vec::new(),
+    );
+}
+
 /// Deduplication at the exchange a message was published to: None for a
 /// duplicate (to be dropped as an idempotent success); else the store
 /// writes of its recorded key, if any, and the ticket is told to forget

@@ -201,10 +201,11 @@ impl Channel {
                 }
                 self.last_queue = Some(name.clone());
                 if !d.nowait {
-                    let (messages, consumers) = handle
-                        .ask(|reply| QueueCmd::Stats { reply })
-                        .await
-                        .unwrap_or((0, 0));
+                    let stats = handle.ask(|reply| QueueCmd::Stats { reply }).await;
+                    if stats.is_none() && handle.home().is_some() {
+                        return Err(crate::queue::remote::home_down(&handle.info));
+                    }
+                    let (messages, consumers) = stats.unwrap_or((0, 0));
                     cx.out.send_method(
                         self.number,
                         AMQPClass::Queue(q::AMQPMethod::DeclareOk(q::DeclareOk {

@@ -220,6 +220,8 @@ async fn get(
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
     b.access
         .check(&auth.user, &vhost, Kind::Queue, &name, Perm::Read)?;
+    crate::queue::remote::refused_here(&q, "getting messages")
+        .map_err(|e| ApiError::bad_request(e.text))?;
     let body = body_object(&body)?;
     let count = match body.get("count") {
         None => 1,

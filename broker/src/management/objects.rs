@@ -279,7 +279,14 @@ pub(super) async fn stats(q: &QueueHandle) -> QueueStats {
 }
 
 async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> Value {
-    let s = stats(q).await;
+    let got = q.ask(|reply| QueueCmd::Info { reply }).await;
+    // A queue on another node that cannot be asked is down, as RabbitMQ
+    // shows a queue whose node is.
+    let state = match (&got, q.home()) {
+        (None, Some(_)) => "down",
+        _ => "running",
+    };
+    let s = got.unwrap_or_default();
     let policies = v.policies();
     let applied = policies.applied(Target::queue(&q.info.arguments), q.name());
     let i = &q.info;
@@ -290,13 +297,13 @@ async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> 
         "auto_delete": i.auto_delete,
         "exclusive": i.exclusive_owner.is_some(),
         "arguments": table_json(&i.arguments),
-        "node": node_name(),
+        "node": q.home().map_or_else(node_name, str::to_owned),
         "type": match Target::queue(&i.arguments) {
             Target::QuorumQueue => "quorum",
             Target::Stream => "stream",
             _ => "classic",
         },
-        "state": "running",
+        "state": state,
         "messages": s.ready + s.unacked,
         "messages_ready": s.ready,
         "messages_unacknowledged": s.unacked,

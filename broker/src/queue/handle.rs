@@ -106,7 +106,12 @@ impl QueueHandle {
     /// Whether persistent messages in this queue are written to the store
     /// (durable, not exclusive: exclusive queues do not survive a restart).
     pub fn persisted(&self) -> bool {
-        self.info.durable && self.info.exclusive_owner.is_none()
+        self.info.durable && self.info.exclusive_owner.is_none() && self.info.home.is_none()
+    }
+    /// The node the queue lives on, if not this one (a cluster's queue
+    /// reached through this node: see [`super::remote`]).
+    pub fn home(&self) -> Option<&str> {
+        self.info.home.as_deref()
     }
     /// A mailbox slot without waiting: `None` if the mailbox is full,
     /// `Some(false)` if the queue is gone.

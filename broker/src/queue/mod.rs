@@ -61,6 +61,7 @@ pub mod handle;
 mod limits;
 mod paging;
 mod ready;
+pub mod remote;
 pub mod stream;
 #[cfg(test)]
 mod tests;
@@ -110,6 +111,9 @@ pub struct QueueInfo {
     pub exclusive_owner: Option<u64>,
     pub auto_delete: bool,
     pub arguments: FieldTable,
+    /// The node a queue of a cluster lives on, if not this one: this node
+    /// holds a [`remote`] handle that forwards to it.
+    pub home: Option<Arc<str>>,
 }
 
 /// Hand `msg` to `targets` without mailbox slots and without waiting: for

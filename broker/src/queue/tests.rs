@@ -47,6 +47,7 @@ fn fixture(args: FieldTable, persister: Option<crate::persist::Persister>) -> Fi
         exclusive_owner: None,
         auto_delete: false,
         arguments: args,
+        home: None,
     });
     let (tx, mailbox) = mpsc::unbounded_channel();
     let router: Weak<dyn DeadLetterRouter> = Weak::<NoRouter>::new();

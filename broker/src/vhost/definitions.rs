@@ -132,33 +132,93 @@ impl VHost {
                 Err(not_found("exchange", s.name, &self.name))
             };
         }
-        let Some(kind) = exchange::kind(s.kind) else {
-            return Err(AmqpError::new(
-                reply::COMMAND_INVALID,
-                format!("invalid exchange type '{}'", s.kind),
-            ));
-        };
-        (kind.check_arguments)(s.arguments)?;
-        let dedup = crate::dedup::exchange_settings(kind.name, s.durable, s.arguments)?;
-        let mut x = Exchange::new(
+        let x = self.build_exchange(
             s.name,
-            kind,
+            s.kind,
             s.durable,
             s.auto_delete,
             s.internal,
-            s.arguments.clone(),
+            s.arguments,
+        )?;
+        if self.clustered() {
+            return self.declare_shared_exchange(x).await;
+        }
+        self.change(move |v| v.add_exchange(x)).await
+    }
+
+    /// An exchange as declared (checked, not yet added).
+    pub(crate) fn build_exchange(
+        &self,
+        name: &str,
+        kind: &str,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: &FieldTable,
+    ) -> AmqpResult<Exchange> {
+        let Some(kind) = exchange::kind(kind) else {
+            return Err(AmqpError::new(
+                reply::COMMAND_INVALID,
+                format!("invalid exchange type '{kind}'"),
+            ));
+        };
+        (kind.check_arguments)(arguments)?;
+        let dedup = crate::dedup::exchange_settings(kind.name, durable, arguments)?;
+        let mut x = Exchange::new(
+            name,
+            kind,
+            durable,
+            auto_delete,
+            internal,
+            arguments.clone(),
         );
         x.dedup = dedup
-            .map(|d| std::sync::Arc::new(crate::dedup::ExchangeDedup::new(d, &self.name, s.name)));
-        self.change(move |v| v.add_exchange(x)).await
+            .map(|d| std::sync::Arc::new(crate::dedup::ExchangeDedup::new(d, &self.name, name)));
+        Ok(x)
     }
 
     /// Add a declared exchange, or check it against the one there is.
     fn add_exchange(&self, x: Exchange) -> AmqpResult<()> {
-        let vh = &self.name;
         let name = x.name.to_string();
         let name = name.as_str();
         if let Some(e) = self.read().exchanges.get(name) {
+            return self.check_exchange(e, &x);
+        }
+        if name.starts_with("amq.") {
+            return Err(access_refused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        self.insert_exchange(x)
+    }
+
+    /// Add an exchange (stored first if durable), replacing any by its name.
+    pub(super) fn insert_exchange(&self, x: Exchange) -> AmqpResult<()> {
+        let vh = &self.name;
+        let name = x.name.to_string();
+        let name = name.as_str();
+        if x.durable {
+            self.store(self.meta.put_exchange(&ExchangeDef {
+                vhost: vh.clone(),
+                name: name.into(),
+                kind: x.kind.name.into(),
+                auto_delete: x.auto_delete,
+                internal: x.internal,
+                arguments: encode_table(&x.arguments),
+            }))?;
+        }
+        let mut x = x;
+        self.apply_exchange_policy(&self.policies(), &mut x);
+        self.write().exchanges.insert(name.into(), x);
+        self.changed();
+        Ok(())
+    }
+
+    /// A redeclaration must match the exchange's type, flags and arguments.
+    pub(super) fn check_exchange(&self, e: &Exchange, x: &Exchange) -> AmqpResult<()> {
+        let vh = &self.name;
+        let name = &*x.name;
+        {
             let ineq = |arg: &str, got: &str, cur: &str| {
                 precondition(format!(
                     "inequivalent arg '{arg}' for exchange '{name}' in vhost '{vh}': received '{got}' but current is '{cur}'"
@@ -196,28 +256,8 @@ impl VHost {
                     )));
                 }
             }
-            return Ok(());
+            Ok(())
         }
-        if name.starts_with("amq.") {
-            return Err(access_refused(format!(
-                "exchange name '{name}' contains reserved prefix 'amq.*'"
-            )));
-        }
-        if x.durable {
-            self.store(self.meta.put_exchange(&ExchangeDef {
-                vhost: vh.clone(),
-                name: name.into(),
-                kind: x.kind.name.into(),
-                auto_delete: x.auto_delete,
-                internal: x.internal,
-                arguments: encode_table(&x.arguments),
-            }))?;
-        }
-        let mut x = x;
-        self.apply_exchange_policy(&self.policies(), &mut x);
-        self.write().exchanges.insert(name.into(), x);
-        self.changed();
-        Ok(())
     }
 
     pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
@@ -227,12 +267,15 @@ impl VHost {
                     .replace("exchange ''", "the default exchange"),
             ));
         }
+        if self.clustered() {
+            return self.delete_shared_exchange(name, if_unused).await;
+        }
         let name = name.to_owned();
         self.change(move |v| v.remove_exchange(&name, if_unused))
             .await
     }
 
-    fn remove_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
+    pub(super) fn remove_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
         let durable = match self.read().exchanges.get(name) {
             None => return Ok(()),
             Some(e) if if_unused && !e.bindings.is_empty() => {
@@ -302,6 +345,9 @@ impl VHost {
             s.auto_delete,
             s.arguments,
         )?;
+        if self.clustered() && !s.exclusive {
+            return self.declare_shared_queue(&s, conn).await;
+        }
         let q = NewQueue {
             name: s.name.to_owned(),
             durable: s.durable,
@@ -340,6 +386,7 @@ impl VHost {
                 exclusive_owner: s.exclusive.then_some(conn),
                 auto_delete: s.auto_delete,
                 arguments: s.arguments.clone(),
+                home: None,
             })
             .map_err(|why| AmqpError::new(reply::INTERNAL_ERROR, why))?;
         if s.durable && !s.exclusive {
@@ -359,7 +406,12 @@ impl VHost {
 
     /// A redeclaration must match the queue's flags and arguments (406, or
     /// 405 for exclusivity, as RabbitMQ).
-    fn check_equivalent(&self, q: &QueueHandle, s: &QueueSpec<'_>, conn: u64) -> AmqpResult<()> {
+    pub(super) fn check_equivalent(
+        &self,
+        q: &QueueHandle,
+        s: &QueueSpec<'_>,
+        conn: u64,
+    ) -> AmqpResult<()> {
         let (vh, name) = (&self.name, s.name);
         check_owner(q, conn, vh)?;
         let i = &q.info;
@@ -424,6 +476,10 @@ impl VHost {
             })
             .await
             .unwrap_or(Ok(0))?;
+        if self.clustered() && !super::shared::local_only(q) {
+            self.delete_shared_queue(q).await?;
+            return Ok(n);
+        }
         let (name, id) = (q.name().to_owned(), q.id());
         self.change(move |v| {
             v.remove_queue(&name, id);
@@ -439,7 +495,21 @@ impl VHost {
     pub async fn destroy(&self) -> AmqpResult<()> {
         let queues: Vec<QueueHandle> = self.read().queues.values().cloned().collect();
         for q in queues {
-            self.delete_queue(&q, false, false).await?;
+            if q.home().is_none() {
+                q.ask(|reply| QueueCmd::Delete {
+                    if_unused: false,
+                    if_empty: false,
+                    reply,
+                })
+                .await
+                .unwrap_or(Ok(0))?;
+            }
+            let (name, id) = (q.name().to_owned(), q.id());
+            self.change(move |v| {
+                v.remove_queue(&name, id);
+                Ok(())
+            })
+            .await?;
         }
         let exchanges: Vec<String> = self
             .read()
@@ -449,7 +519,7 @@ impl VHost {
             .cloned()
             .collect();
         for x in exchanges {
-            match self.delete_exchange(&x, false).await {
+            match self.change(move |v| v.remove_exchange(&x, false)).await {
                 Ok(()) => {}
                 // Gone meanwhile (auto-delete).
                 Err(e) if e.code == warren_protocol::reply::NOT_FOUND => {}
@@ -462,12 +532,24 @@ impl VHost {
     /// A queue stopped by itself (auto-delete, `x-expires`): remove it and
     /// its bindings, on the definitions thread, without waiting.
     pub fn forget_queue(&self, name: &str, id: u64) {
+        if self.clustered() {
+            let shared = self
+                .read()
+                .queues
+                .get(name)
+                .filter(|q| q.id() == id)
+                .cloned();
+            if let Some(q) = shared.filter(|q| !super::shared::local_only(q)) {
+                self.forget_shared_queue(q);
+                return;
+            }
+        }
         let name = name.to_owned();
         self.change_later(move |v| v.remove_queue(&name, id));
     }
 
     /// Remove a queue (already stopped) and its bindings.
-    fn remove_queue(&self, name: &str, id: u64) {
+    pub(super) fn remove_queue(&self, name: &str, id: u64) {
         let stored = match self.read().queues.get(name) {
             Some(q) if q.id() == id => q.persisted(),
             _ => return,
@@ -506,11 +588,20 @@ impl VHost {
             key: key.to_owned(),
             args: args.clone(),
         };
+        if self.clustered() && super::shared::shares_binding(self, &b) {
+            return self.set_shared_binding(bind, &source, b, conn).await;
+        }
         self.change(move |v| v.apply_binding(bind, &source, b, conn))
             .await
     }
 
-    fn apply_binding(&self, bind: bool, source: &str, b: Binding, conn: u64) -> AmqpResult<()> {
+    pub(super) fn apply_binding(
+        &self,
+        bind: bool,
+        source: &str,
+        b: Binding,
+        conn: u64,
+    ) -> AmqpResult<()> {
         let vh = &self.name;
         let durable = {
             let t = self.read();

@@ -19,11 +19,13 @@
 
 mod definitions;
 mod routing;
+mod shared;
 #[cfg(test)]
 mod tests;
 
 pub use definitions::{ExchangeSpec, QueueSpec};
 pub use routing::{Route, Routed};
+pub(crate) use shared::{Mirror, NewShared};
 
 use crate::error::{internal_error, not_found, AmqpError, AmqpResult};
 use crate::exchange::{self, Binding, Dest, Exchange};
@@ -111,9 +113,11 @@ pub struct VHost {
     policies: RwLock<Arc<Policies>>,
     /// The broker-wide consumer timeout (ms), for queues that set none.
     consumer_timeout: Option<u64>,
+    /// On a clustered node: the cluster its definitions are shared through.
+    cluster: std::sync::OnceLock<crate::replicate::SyncSlot>,
 }
 
-fn encode_table(t: &FieldTable) -> bytes::Bytes {
+pub(crate) fn encode_table(t: &FieldTable) -> bytes::Bytes {
     cookie_factory::gen_simple(
         warren_protocol::types::generation::gen_field_table(t),
         Vec::new(),
@@ -178,6 +182,7 @@ impl VHost {
             changes: start_definitions_thread(name),
             policies: RwLock::default(),
             consumer_timeout,
+            cluster: Default::default(),
         });
         {
             let mut t = v.write();
@@ -415,6 +420,7 @@ impl VHost {
                     exclusive_owner: None,
                     auto_delete: q.auto_delete,
                     arguments,
+                    home: None,
                 })
                 .map_err(|why| format!("queue '{}': {why}", q.name))?;
             t.queues.insert(q.name.clone(), handle);

@@ -48,6 +48,19 @@ pub use server::serve;
 use crate::leader::{LeaderReply, LeaderRequest, RemoteError};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
 
+/// What a node's application (the broker) answers other members with: the
+/// requests they send with [`crate::ClusterNode::call_app`], each handled in its own
+/// task, so a handler may wait.
+pub trait AppHandler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        from: NodeInfo,
+        request: serde_json::Value,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send>,
+    >;
+}
+
 /// A request frame.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct RpcRequest {
@@ -65,6 +78,8 @@ pub(crate) enum RequestBody {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// Something only the leader does (see [`crate::leader`]).
     Leader(LeaderRequest),
+    /// A request for the application running on the node (see [`AppHandler`]).
+    App(serde_json::Value),
 }
 
 /// A response frame, matched to its request by `id`.
@@ -83,6 +98,7 @@ pub(crate) enum ResponseBody {
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
     Leader(Result<LeaderReply, RemoteError>),
+    App(Result<serde_json::Value, String>),
     /// The server could not produce a response (e.g. it would not fit in a frame).
     Error(String),
 }
@@ -96,6 +112,7 @@ impl ResponseBody {
             ResponseBody::Vote(_) => "Vote",
             ResponseBody::InstallSnapshot(_) => "InstallSnapshot",
             ResponseBody::Leader(_) => "Leader",
+            ResponseBody::App(_) => "App",
             ResponseBody::Error(_) => "Error",
         }
     }

@@ -13,7 +13,8 @@ use tokio::task::JoinSet;
 use super::auth::{server_handshake, HANDSHAKE_TIMEOUT};
 use super::frame::{encode, read_frame};
 use super::{
-    BoxStream, ClusterTls, HelloReply, RequestBody, ResponseBody, RpcRequest, RpcResponse,
+    AppHandler, BoxStream, ClusterTls, HelloReply, RequestBody, ResponseBody, RpcRequest,
+    RpcResponse,
 };
 use crate::error::ClusterError;
 use crate::types::{NodeInfo, Raft};
@@ -31,13 +32,14 @@ pub async fn serve(
     secret: Arc<[u8]>,
     self_info: NodeInfo,
     tls: Option<ClusterTls>,
+    app: Option<Arc<dyn AppHandler>>,
 ) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    conns.spawn(handle_conn(stream, peer, raft.clone(), secret.clone(), self_info.clone(), tls.clone()));
+                    conns.spawn(handle_conn(stream, peer, raft.clone(), secret.clone(), self_info.clone(), tls.clone(), app.clone()));
                 }
                 Err(e) => {
                     // Typically fd exhaustion: back off instead of spinning.
@@ -57,6 +59,7 @@ async fn handle_conn(
     secret: Arc<[u8]>,
     me: NodeInfo,
     tls: Option<ClusterTls>,
+    app: Option<Arc<dyn AppHandler>>,
 ) {
     let _ = tcp.set_nodelay(true);
     let mut stream: BoxStream = match tls {
@@ -102,8 +105,15 @@ async fn handle_conn(
             }
         };
         let (raft, me, responses) = (raft.clone(), me.clone(), responses.clone());
+        let (app, from) = (app.clone(), remote.clone());
         tasks.spawn(async move {
-            let body = dispatch(&raft, me, req.body).await;
+            let body = match req.body {
+                RequestBody::App(r) => ResponseBody::App(match app {
+                    Some(app) => app.handle(from, r).await,
+                    None => Err("this node takes no application requests".into()),
+                }),
+                body => dispatch(&raft, me, body).await,
+            };
             let _ = responses.send(RpcResponse { id: req.id, body }).await;
         });
         while tasks.try_join_next().is_some() {}
@@ -156,5 +166,6 @@ async fn dispatch(raft: &Raft, me: NodeInfo, body: RequestBody) -> ResponseBody 
             ResponseBody::InstallSnapshot(raft.install_snapshot(req).await)
         }
         RequestBody::Leader(req) => ResponseBody::Leader(crate::leader::handle(raft, req).await),
+        RequestBody::App(_) => ResponseBody::Error("misrouted application request".into()),
     }
 }

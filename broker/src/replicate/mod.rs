@@ -16,8 +16,13 @@
 //! vhost, and with it its queues and messages, for meeting a cluster that
 //! did not know it. (RabbitMQ resets a node that joins a cluster.)
 //!
-//! Exchanges, queues, bindings and messages are not shared: each node keeps
-//! its own.
+//! Exchanges, queues and bindings are shared through the same map (see
+//! [`topology`]): a queue lives on the node that declared it, and the
+//! others reach it through a forwarding handle ([`remote`]). Messages stay
+//! on their queue's node.
+
+pub mod remote;
+pub mod topology;
 
 use crate::access::REPLICATED_KINDS;
 use crate::broker::Broker;
@@ -28,6 +33,10 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 use warren_cluster::{Applied, ClusterNode, MetaCommand};
 use warren_storage::{Record, RecordOp};
+
+/// Where a clustered node's vhosts find its current sync (a node that
+/// joins another cluster replaces it).
+pub type SyncSlot = Arc<std::sync::RwLock<Option<Arc<ClusterSync>>>>;
 
 /// How an error that means "the cluster cannot take changes now" (no
 /// reachable leader, a minority side of a partition) begins: the API
@@ -72,6 +81,12 @@ pub(crate) fn commands(ops: &[RecordOp]) -> Result<Vec<MetaCommand>, String> {
                 out.push(MetaCommand::Delete {
                     key: map_key(kind, key),
                 });
+                if kind == "vhost" {
+                    // Its exchanges, queues and bindings go with it.
+                    out.push(MetaCommand::DeletePrefix {
+                        prefix: topology::vhost_prefix(key),
+                    });
+                }
             }
             _ => {}
         }
@@ -79,14 +94,34 @@ pub(crate) fn commands(ops: &[RecordOp]) -> Result<Vec<MetaCommand>, String> {
     Ok(out)
 }
 
-/// Whether a command touches what this module mirrors.
+/// Whether a command touches the shared access records.
 fn touches(c: &MetaCommand) -> bool {
     match c {
         MetaCommand::Put { key, .. } | MetaCommand::Delete { key } => {
             key.starts_with(PREFIX) || key == SEEDED
         }
+        MetaCommand::DeletePrefix { prefix } => prefix.starts_with(PREFIX),
         MetaCommand::Batch(cs) => cs.iter().any(touches),
         MetaCommand::IfAbsent { key, then } => key == SEEDED || touches(then),
+        MetaCommand::IfEquals { then, .. } => touches(then),
+    }
+}
+
+/// The vhosts whose exchanges, queues or bindings a command touches.
+fn topology_touched(c: &MetaCommand, out: &mut BTreeSet<String>) {
+    match c {
+        MetaCommand::Put { key, .. } | MetaCommand::Delete { key } => {
+            out.extend(topology::vhost_of(key));
+        }
+        MetaCommand::DeletePrefix { prefix } => {
+            // A vhost's prefix, or that of the bindings to something in it.
+            let closed = format!("{}]", prefix.trim_end_matches(','));
+            out.extend(topology::vhost_of(&closed));
+        }
+        MetaCommand::Batch(cs) => cs.iter().for_each(|c| topology_touched(c, out)),
+        MetaCommand::IfAbsent { then, .. } | MetaCommand::IfEquals { then, .. } => {
+            topology_touched(then, out)
+        }
     }
 }
 
@@ -150,23 +185,27 @@ pub(crate) fn diff(local: Vec<Record>, map: &BTreeMap<String, Value>) -> Diff {
 }
 
 /// A clustered node's side of sharing: how far it has mirrored the map.
-pub struct AccessSync {
-    cluster: Arc<ClusterNode>,
+pub struct ClusterSync {
+    pub(crate) cluster: Arc<ClusterNode>,
     applied: watch::Receiver<u64>,
     /// Dropping the sync stops its tasks (a node leaving its cluster).
     stop: watch::Sender<bool>,
 }
 
-impl Drop for AccessSync {
+impl Drop for ClusterSync {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
 }
 
-impl AccessSync {
+impl ClusterSync {
     /// Start mirroring the cluster's map into `broker` (call once, right
     /// after the broker is made).
-    pub(crate) fn start(broker: &Arc<Broker>, cluster: Arc<ClusterNode>) -> AccessSync {
+    pub(crate) fn start(
+        broker: &Arc<Broker>,
+        cluster: Arc<ClusterNode>,
+        slot: SyncSlot,
+    ) -> ClusterSync {
         // Subscribed before the map is first read: nothing falls between.
         let feed = cluster.subscribe();
         let (tx, applied) = watch::channel(0);
@@ -174,12 +213,13 @@ impl AccessSync {
         tokio::spawn(run(
             Arc::downgrade(broker),
             cluster.clone(),
+            slot,
             feed,
             tx,
             stopped.clone(),
         ));
         tokio::spawn(seed(Arc::downgrade(broker), cluster.clone(), stopped));
-        AccessSync {
+        ClusterSync {
             cluster,
             applied,
             stop,
@@ -207,11 +247,31 @@ impl AccessSync {
         Ok(())
     }
 
+    /// This node's name in the cluster.
+    pub(crate) fn me(&self) -> &str {
+        &self.cluster.info().name
+    }
+
     /// Replicate record changes and wait until this node has applied them.
     pub(crate) async fn write(&self, ops: &[RecordOp]) -> Result<(), String> {
         let cmds = commands(ops)?;
         if cmds.is_empty() {
             return Ok(());
+        }
+        self.write_command(MetaCommand::Batch(cmds))
+            .await
+            .map(|_| ())
+    }
+
+    /// Replicate a change and wait until this node has applied it.
+    pub(crate) async fn write_command(
+        &self,
+        cmd: MetaCommand,
+    ) -> Result<warren_cluster::MetaResponse, String> {
+        // A node that is starting with its cluster waits a moment for it.
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        while self.cluster.get(SEEDED).is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if self.cluster.get(SEEDED).is_none() {
             return Err(format!(
@@ -221,14 +281,12 @@ impl AccessSync {
         }
         // A change that times out may still be committed later (as with any
         // lost reply); one refused outright was not.
-        let (_, index) = tokio::time::timeout(
-            CHANGE_TIMEOUT,
-            self.cluster.write_indexed(MetaCommand::Batch(cmds)),
-        )
-        .await
-        .map_err(|_| format!("{UNAVAILABLE}the change was not committed in time"))?
-        .map_err(|e| format!("{UNAVAILABLE}the change was not committed: {e}"))?;
-        self.wait_applied(index).await
+        let (r, index) = tokio::time::timeout(CHANGE_TIMEOUT, self.cluster.write_indexed(cmd))
+            .await
+            .map_err(|_| format!("{UNAVAILABLE}the change was not committed in time"))?
+            .map_err(|e| format!("{UNAVAILABLE}the change was not committed: {e}"))?;
+        self.wait_applied(index).await?;
+        Ok(r)
     }
 }
 
@@ -281,66 +339,193 @@ async fn seed(broker: Weak<Broker>, cluster: Arc<ClusterNode>, stopped: watch::R
 async fn run(
     broker: Weak<Broker>,
     cluster: Arc<ClusterNode>,
+    slot: SyncSlot,
     mut feed: broadcast::Receiver<Applied>,
     applied: watch::Sender<u64>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut dirty = true;
+    let advance = |index: u64| {
+        applied.send_if_modified(|a| {
+            let moved = index > *a;
+            *a = (*a).max(index);
+            moved
+        });
+    };
+    let link: Arc<dyn crate::queue::remote::Link> = Arc::new(remote::ClusterLink(slot));
+    let mut state = topology::MirrorState::default();
+    let (mut access, mut all, mut vhosts) = (true, true, BTreeSet::new());
     loop {
-        if dirty {
+        if access || all || !vhosts.is_empty() {
             // The map as applied now (perhaps ahead of the feed: fine, the
             // same changes come again and change nothing).
             let upto = cluster.reader().last_applied().map_or(0, |l| l.index);
             let Some(b) = broker.upgrade() else { return };
-            if let Err(e) = mirror(&b, &cluster).await {
-                tracing::error!(error = %e, "cannot apply the cluster's users and vhosts");
+            if access {
+                if let Err(e) = mirror(&b, &cluster).await {
+                    tracing::error!(error = %e, "cannot apply the cluster's users and vhosts");
+                }
             }
-            applied.send_if_modified(|a| {
-                let moved = upto > *a;
-                *a = (*a).max(upto);
-                moved
-            });
-            dirty = false;
+            if all || !vhosts.is_empty() {
+                let only = (!all).then_some(&vhosts);
+                if let Err(e) = mirror_topology(&b, &cluster, only, &link, &mut state).await {
+                    tracing::error!(error = %e, "cannot apply the cluster's exchanges and queues");
+                }
+            }
+            drop(b);
+            advance(upto);
+            (access, all) = (false, false);
+            vhosts.clear();
         }
-        let next = tokio::select! {
+        let first = tokio::select! {
             next = feed.recv() => next,
             _ = stopped.changed() => return,
         };
-        match next {
-            Ok(Applied::Command { index, command }) => {
-                dirty = touches(&command);
-                if !dirty {
-                    applied.send_if_modified(|a| {
-                        let moved = index > *a;
-                        *a = (*a).max(index);
-                        moved
-                    });
+        // Take what else is there already: one mirror pass for all of it.
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Ok(Applied::Command { index, command }) => {
+                    let before = vhosts.len();
+                    topology_touched(&command, &mut vhosts);
+                    access |= touches(&command);
+                    if !access && !all && vhosts.is_empty() && before == 0 {
+                        advance(index);
+                    }
                 }
+                Ok(Applied::Entry { index }) => {
+                    if !access && !all && vhosts.is_empty() {
+                        advance(index);
+                    }
+                }
+                Ok(Applied::Reset(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    (access, all) = (true, true);
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
             }
-            Ok(Applied::Entry { index }) => {
-                applied.send_if_modified(|a| {
-                    let moved = index > *a;
-                    *a = (*a).max(index);
-                    moved
-                });
-            }
-            Ok(Applied::Reset(_)) | Err(broadcast::error::RecvError::Lagged(_)) => dirty = true,
-            Err(broadcast::error::RecvError::Closed) => return,
+            next = match feed.try_recv() {
+                Ok(a) => Some(Ok(a)),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Some(Err(broadcast::error::RecvError::Lagged(n)))
+                }
+                Err(_) => None,
+            };
         }
     }
+}
+
+/// Make this node's exchanges, queues and bindings match the map: in
+/// `only` these vhosts, else in all. The first time, this node's own are
+/// added to the map (each only if the map has none by its name).
+async fn mirror_topology(
+    b: &Arc<Broker>,
+    cluster: &Arc<ClusterNode>,
+    only: Option<&BTreeSet<String>>,
+    link: &Arc<dyn crate::queue::remote::Link>,
+    state: &mut topology::MirrorState,
+) -> Result<(), String> {
+    if cluster.get(SEEDED).is_none() || !b.access.adopted()? {
+        return Ok(()); // users and vhosts first
+    }
+    let me = cluster.info().name.clone();
+    let mut only = only;
+    if !b.access.topology_adopted()? {
+        adopt_topology(b, cluster, &me).await?;
+        only = None;
+    }
+    let names: Vec<String> = match only {
+        Some(v) => v.iter().cloned().collect(),
+        None => b.vhosts().iter().map(|v| v.name.clone()).collect(),
+    };
+    for name in names {
+        let Some(v) = b.vhost(&name) else { continue };
+        let map = cluster
+            .reader()
+            .snapshot_of_prefix(&topology::vhost_prefix(&name));
+        let r = topology::reconcile(&v, &map, &me, link, state).await?;
+        for (q, def) in r.lost_queues {
+            // Transient queues of this node did not survive its restart.
+            let d = topology::VhostDefs::of(&map);
+            let mut cmds = vec![MetaCommand::Delete {
+                key: topology::queue_key(&name, &q),
+            }];
+            cmds.extend(d.cascade(&name, BTreeSet::new(), vec![("queue".into(), q.clone())]));
+            cmds.push(MetaCommand::DeletePrefix {
+                prefix: topology::bindings_to(&name, "queue", &q),
+            });
+            let cmd = MetaCommand::IfEquals {
+                key: topology::queue_key(&name, &q),
+                value: serde_json::to_value(def).unwrap_or_default(),
+                then: Box::new(MetaCommand::Batch(cmds)),
+            };
+            // Not awaited here: this loop is what applies it.
+            let c = cluster.clone();
+            tokio::spawn(async move {
+                if let Err(e) = c.write(cmd).await {
+                    tracing::warn!(queue = %q, error = %e, "cannot remove a transient queue lost in a restart");
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Add this node's exchanges, queues and bindings to the map (each only
+/// where the map has none by its name), wait until this node has applied
+/// that, and remember it was done.
+async fn adopt_topology(b: &Arc<Broker>, cluster: &ClusterNode, me: &str) -> Result<(), String> {
+    let mut cmds = Vec::new();
+    for v in b.vhosts() {
+        cmds.extend(topology::adoption(&v, me));
+    }
+    if !cmds.is_empty() {
+        let n = cmds.len();
+        let (_, index) = tokio::time::timeout(
+            CHANGE_TIMEOUT,
+            cluster.write_indexed(MetaCommand::Batch(cmds)),
+        )
+        .await
+        .map_err(|_| {
+            "adding this node's queues and exchanges to the cluster's timed out".to_string()
+        })?
+        .map_err(|e| {
+            format!("cannot add this node's queues and exchanges to the cluster's: {e}")
+        })?;
+        let deadline = tokio::time::Instant::now() + CHANGE_TIMEOUT;
+        while cluster.reader().last_applied().map_or(0, |l| l.index) < index {
+            if tokio::time::Instant::now() >= deadline {
+                return Err("this node did not apply its own queues in time".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(
+            entries = n,
+            "offered this node's exchanges, queues and bindings to the cluster"
+        );
+    }
+    let me = b.clone();
+    tokio::task::spawn_blocking(move || me.access.set_topology_adopted(true))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 /// Make this node's records match the map (once seeded), and put what
 /// changed in force: vhosts made or removed, policies.
 async fn mirror(b: &Arc<Broker>, cluster: &ClusterNode) -> Result<(), String> {
-    let mut map = cluster.reader().snapshot_of_map();
+    let snapshot = || {
+        let mut m = cluster.reader().snapshot_of_prefix(PREFIX);
+        if let Some(v) = cluster.get(SEEDED) {
+            m.insert(SEEDED.to_owned(), v);
+        }
+        m
+    };
+    let mut map = snapshot();
     if !map.contains_key(SEEDED) {
         return Ok(());
     }
     if !b.access.adopted()? {
         // Nothing is removed before this node's records are in the map.
         adopt(b, cluster, &map).await?;
-        map = cluster.reader().snapshot_of_map();
+        map = snapshot();
     }
     let local = b.access.shared_records()?;
     let d = diff(local, &map);

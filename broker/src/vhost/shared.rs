@@ -1,0 +1,488 @@
+//! Definition changes on a clustered node: exchanges, queues and bindings
+//! are shared through the cluster's metadata group (see
+//! `crate::replicate::topology`). A change is checked here against this
+//! node's topology, written to the group (conditionally, so that racing
+//! changes from other nodes cannot undo each other), and answered once
+//! this node has applied it: every node, this one included, changes its
+//! topology only by mirroring the group ([`VHost::mirror`]).
+
+use super::{locked, VHost};
+use crate::error::{internal_error, not_found, AmqpError, AmqpResult};
+use crate::exchange::{Binding, Dest, Exchange};
+use crate::queue::{QueueHandle, QueueInfo};
+use crate::replicate::topology::{
+    self, bindings_to, builtin, dest_parts, exchange_key, queue_key, table_text, BDef, QDef,
+    VhostDefs, XDef,
+};
+use crate::replicate::{ClusterSync, SyncSlot, UNAVAILABLE};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use warren_cluster::MetaCommand;
+use warren_protocol::reply;
+use warren_protocol::types::FieldTable;
+
+pub(crate) use crate::replicate::topology::local_only;
+
+/// A shared queue to add to this node's topology.
+pub(crate) struct NewShared {
+    pub name: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+    /// Its home node and the way to it, if it is not this node.
+    pub home: Option<(Arc<str>, Arc<dyn crate::queue::remote::Link>)>,
+}
+
+/// One change the mirror makes to this node's topology.
+pub(crate) enum Mirror {
+    AddExchange(String, XDef),
+    RemoveExchange(String),
+    AddQueue(NewShared),
+    RemoveQueue(String, u64),
+    Bind(String, Binding),
+    Unbind(String, Binding),
+}
+
+/// Whether a binding is shared (not one to an exclusive queue of this
+/// node, which stays here with its queue).
+pub(crate) fn shares_binding(v: &VHost, b: &Binding) -> bool {
+    match &b.dest {
+        Dest::Queue(n) => !v.find_queue(n).is_some_and(|q| local_only(&q)),
+        Dest::Exchange(_) => true,
+    }
+}
+
+/// A cluster's refusal as a channel error: 541 when the cluster cannot
+/// take changes now (as RabbitMQ answers a declare that timed out).
+fn refused(why: String) -> AmqpError {
+    match why.starts_with(UNAVAILABLE) {
+        true => AmqpError::new(reply::INTERNAL_ERROR, why),
+        false => internal_error(why),
+    }
+}
+
+impl VHost {
+    /// Share this vhost's definitions through the cluster of `slot`.
+    pub(crate) fn set_cluster(&self, slot: SyncSlot) {
+        let _ = self.cluster.set(slot);
+    }
+
+    /// Whether definitions are shared (a clustered node).
+    pub(crate) fn clustered(&self) -> bool {
+        self.cluster.get().is_some()
+    }
+
+    fn sync(&self) -> AmqpResult<Arc<ClusterSync>> {
+        self.cluster
+            .get()
+            .and_then(|s| s.read().unwrap_or_else(|e| e.into_inner()).clone())
+            .ok_or_else(|| {
+                AmqpError::new(
+                    reply::INTERNAL_ERROR,
+                    format!("{UNAVAILABLE}this node is joining a cluster"),
+                )
+            })
+    }
+
+    /// This vhost's entries in the map, as this node has applied them.
+    fn defs(&self, sync: &ClusterSync) -> VhostDefs {
+        VhostDefs::of(
+            &sync
+                .cluster
+                .reader()
+                .snapshot_of_prefix(&topology::vhost_prefix(&self.name)),
+        )
+    }
+
+    async fn commit(&self, sync: &ClusterSync, cmd: MetaCommand) -> AmqpResult<Option<Value>> {
+        sync.write_command(cmd)
+            .await
+            .map(|r| r.previous)
+            .map_err(refused)
+    }
+
+    // ------------------------------------------------------------ exchanges
+
+    pub(super) async fn declare_shared_exchange(&self, x: Exchange) -> AmqpResult<()> {
+        let name = x.name.to_string();
+        let check = |v: &VHost| -> Option<AmqpResult<()>> {
+            let t = v.read();
+            t.exchanges.get(&name).map(|e| v.check_exchange(e, &x))
+        };
+        if let Some(r) = check(self) {
+            return r;
+        }
+        if name.starts_with("amq.") {
+            return Err(crate::error::access_refused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let sync = self.sync()?;
+        let def = XDef {
+            kind: x.kind.name.to_owned(),
+            durable: x.durable,
+            auto_delete: x.auto_delete,
+            internal: x.internal,
+            arguments: table_text(&x.arguments),
+            inc: topology::new_inc(),
+        };
+        let key = exchange_key(&self.name, &name);
+        let put = MetaCommand::Put {
+            key: key.clone(),
+            value: serde_json::to_value(def).unwrap_or_default(),
+        };
+        self.commit(
+            &sync,
+            MetaCommand::IfAbsent {
+                key,
+                then: Box::new(put),
+            },
+        )
+        .await?;
+        // Ours, or another node's declared first: checked as a redeclaration.
+        check(self).unwrap_or(Ok(()))
+    }
+
+    pub(super) async fn delete_shared_exchange(
+        &self,
+        name: &str,
+        if_unused: bool,
+    ) -> AmqpResult<()> {
+        match self.read().exchanges.get(name) {
+            None => return Ok(()),
+            Some(e) if if_unused && !e.bindings.is_empty() => {
+                return Err(crate::error::precondition(format!(
+                    "exchange '{name}' in vhost '{}' in use",
+                    self.name
+                )))
+            }
+            Some(_) => {}
+        }
+        let sync = self.sync()?;
+        sync.catch_up().await.map_err(refused)?;
+        let d = self.defs(&sync);
+        let Some(def) = d.exchanges.get(name) else {
+            return Ok(()); // deleted meanwhile
+        };
+        let mut cmds = vec![MetaCommand::Delete {
+            key: exchange_key(&self.name, name),
+        }];
+        cmds.extend(d.cascade(
+            &self.name,
+            BTreeSet::new(),
+            vec![("exchange".into(), name.to_owned())],
+        ));
+        cmds.push(MetaCommand::DeletePrefix {
+            prefix: bindings_to(&self.name, "exchange", name),
+        });
+        let cmd = MetaCommand::IfEquals {
+            key: exchange_key(&self.name, name),
+            value: serde_json::to_value(def).unwrap_or_default(),
+            then: Box::new(MetaCommand::Batch(cmds)),
+        };
+        self.commit(&sync, cmd).await?;
+        Ok(())
+    }
+
+    // --------------------------------------------------------------- queues
+
+    pub(super) async fn declare_shared_queue(
+        &self,
+        s: &super::QueueSpec<'_>,
+        conn: u64,
+    ) -> AmqpResult<QueueHandle> {
+        let sync = self.sync()?;
+        let def = QDef {
+            node: sync.me().to_owned(),
+            durable: s.durable,
+            auto_delete: s.auto_delete,
+            arguments: table_text(s.arguments),
+            inc: topology::new_inc(),
+        };
+        let key = queue_key(&self.name, s.name);
+        let put = MetaCommand::Put {
+            key: key.clone(),
+            value: serde_json::to_value(def).unwrap_or_default(),
+        };
+        self.commit(
+            &sync,
+            MetaCommand::IfAbsent {
+                key,
+                then: Box::new(put),
+            },
+        )
+        .await?;
+        // Ours, or another node's declared first: checked as a redeclaration.
+        let q = self.find_queue(s.name).ok_or_else(|| {
+            internal_error(format!(
+                "queue '{}' in vhost '{}' was declared but is gone (deleted meanwhile)",
+                s.name, self.name
+            ))
+        })?;
+        self.check_equivalent(&q, s, conn)?;
+        q.tell(crate::queue::QueueCmd::Touch);
+        crate::metrics::Churn::add(&self.churn.queues_created);
+        Ok(q)
+    }
+
+    /// Remove a deleted queue (its actor stopped already) from the map,
+    /// with every binding to it.
+    pub(super) async fn delete_shared_queue(&self, q: &QueueHandle) -> AmqpResult<()> {
+        let sync = self.sync()?;
+        sync.catch_up().await.map_err(refused)?;
+        if let Some(cmd) = self.queue_removal(&sync, q.name()) {
+            self.commit(&sync, cmd).await?;
+        }
+        Ok(())
+    }
+
+    /// The map change that removes queue `name` as this node knows it.
+    fn queue_removal(&self, sync: &ClusterSync, name: &str) -> Option<MetaCommand> {
+        let d = self.defs(sync);
+        let def = d.queues.get(name)?;
+        let mut cmds = vec![MetaCommand::Delete {
+            key: queue_key(&self.name, name),
+        }];
+        cmds.extend(d.cascade(
+            &self.name,
+            BTreeSet::new(),
+            vec![("queue".into(), name.to_owned())],
+        ));
+        cmds.push(MetaCommand::DeletePrefix {
+            prefix: bindings_to(&self.name, "queue", name),
+        });
+        Some(MetaCommand::IfEquals {
+            key: queue_key(&self.name, name),
+            value: serde_json::to_value(def).unwrap_or_default(),
+            then: Box::new(MetaCommand::Batch(cmds)),
+        })
+    }
+
+    /// A queue of this node deleted itself (auto-delete, `x-expires`):
+    /// remove it from the map, trying again while the cluster cannot take
+    /// the change (every node then drops it, this one too).
+    pub(super) fn forget_shared_queue(&self, q: QueueHandle) {
+        let Some(me) = self.me.upgrade() else { return };
+        tokio::spawn(async move {
+            for attempt in 0..120u32 {
+                if attempt > 0 {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                let Ok(sync) = me.sync() else { continue };
+                if me.find_queue(q.name()).is_none_or(|cur| cur != q) {
+                    return;
+                }
+                let Some(cmd) = me.queue_removal(&sync, q.name()) else {
+                    return;
+                };
+                match me.commit(&sync, cmd).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(queue = %q.name(), error = %e.text, "cannot remove a deleted queue from the cluster yet")
+                    }
+                }
+            }
+        });
+    }
+
+    // ------------------------------------------------------------- bindings
+
+    pub(super) async fn set_shared_binding(
+        &self,
+        bind: bool,
+        source: &str,
+        b: Binding,
+        conn: u64,
+    ) -> AmqpResult<()> {
+        let vh = &self.name;
+        {
+            let t = self.read();
+            match &b.dest {
+                Dest::Queue(n) => match t.queues.get(&**n) {
+                    Some(q) => {
+                        if let Some(owner) = q.info.exclusive_owner {
+                            if owner != conn {
+                                return Err(locked(q, vh));
+                            }
+                        }
+                    }
+                    None if bind => return Err(not_found("queue", n, vh)),
+                    None => return Ok(()),
+                },
+                Dest::Exchange(n) => {
+                    if !t.exchanges.contains_key(&**n) {
+                        return match bind {
+                            true => Err(not_found("exchange", n, vh)),
+                            false => Ok(()),
+                        };
+                    }
+                }
+            }
+            let Some(src) = t.exchanges.get(source) else {
+                return match bind {
+                    true => Err(not_found("exchange", source, vh)),
+                    false => Ok(()),
+                };
+            };
+            if bind {
+                src.check_binding(&b.key, &b.args)?;
+            }
+            if src.bindings.contains(&b) == bind {
+                return Ok(()); // already bound, or not bound
+            }
+        }
+        let sync = self.sync()?;
+        let d = self.defs(&sync);
+        let (dt, dest) = dest_parts(&b.dest);
+        let gone = |what: &str, name: &str| {
+            AmqpError::new(
+                reply::NOT_FOUND,
+                format!("no {what} '{name}' in vhost '{vh}' (deleted meanwhile)"),
+            )
+        };
+        let source_inc = d
+            .inc_of("exchange", source)
+            .ok_or_else(|| gone("exchange", source))?;
+        let dest_inc = d.inc_of(dt, dest).ok_or_else(|| gone(dt, dest))?;
+        let def = BDef {
+            source: source.to_owned(),
+            source_inc,
+            destination_type: dt.to_owned(),
+            destination: dest.to_owned(),
+            dest_inc,
+            routing_key: b.key.clone(),
+            arguments: table_text(&b.args),
+        };
+        let key = topology::binding_key(vh, &def);
+        let cmd = if bind {
+            let mut cmd = MetaCommand::Put {
+                key,
+                value: serde_json::to_value(&def).unwrap_or_default(),
+            };
+            // Only while both ends are the ones checked here.
+            let mut ends = vec![(dt, dest)];
+            if !builtin(source) {
+                ends.push(("exchange", source));
+            }
+            for (t, n) in ends {
+                let (k, v) = match t {
+                    "queue" => (
+                        queue_key(vh, n),
+                        d.queues.get(n).and_then(|q| serde_json::to_value(q).ok()),
+                    ),
+                    _ => (
+                        exchange_key(vh, n),
+                        d.exchanges
+                            .get(n)
+                            .and_then(|x| serde_json::to_value(x).ok()),
+                    ),
+                };
+                cmd = MetaCommand::IfEquals {
+                    key: k,
+                    value: v.unwrap_or_default(),
+                    then: Box::new(cmd),
+                };
+            }
+            cmd
+        } else {
+            // Every entry of this binding (one per incarnation of its ends).
+            let removed: BTreeSet<String> = d
+                .bindings
+                .iter()
+                .filter(|(_, x)| {
+                    x.source == def.source
+                        && x.destination_type == def.destination_type
+                        && x.destination == def.destination
+                        && x.routing_key == def.routing_key
+                        && x.arguments == def.arguments
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            MetaCommand::Batch(d.cascade(vh, removed, Vec::new()))
+        };
+        if self.commit(&sync, cmd).await?.is_some() && bind {
+            return Err(gone("queue or exchange", &format!("{source} -> {dest}")));
+        }
+        Ok(())
+    }
+
+    // --------------------------------------------------------------- mirror
+
+    /// Apply changes mirrored from the map, on the definitions thread. A
+    /// change that cannot be made is logged (the topology then differs
+    /// from the map's until the next change).
+    pub(crate) async fn mirror(&self, ops: Vec<Mirror>) -> AmqpResult<()> {
+        self.change(move |v| {
+            for op in ops {
+                if let Err(e) = v.mirror_one(op) {
+                    tracing::error!(vhost = %v.name, error = %e.text, "cannot apply a change from the cluster");
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    fn mirror_one(&self, op: Mirror) -> AmqpResult<()> {
+        match op {
+            Mirror::AddExchange(name, def) => {
+                let args = topology::table_of(&def.arguments).map_err(internal_error)?;
+                let x = self.build_exchange(
+                    &name,
+                    &def.kind,
+                    def.durable,
+                    def.auto_delete,
+                    def.internal,
+                    &args,
+                )?;
+                self.insert_exchange(x)
+            }
+            Mirror::RemoveExchange(name) => self.remove_exchange(&name, false),
+            Mirror::AddQueue(s) => {
+                if self.read().queues.contains_key(&s.name) {
+                    return Ok(());
+                }
+                let id = self.next_queue_id.fetch_add(1, Ordering::AcqRel);
+                let info = QueueInfo {
+                    name: s.name.as_str().into(),
+                    id,
+                    vhost: self.name.clone(),
+                    durable: s.durable,
+                    exclusive_owner: None,
+                    auto_delete: s.auto_delete,
+                    arguments: s.arguments.clone(),
+                    home: s.home.as_ref().map(|(h, _)| h.clone()),
+                };
+                let q = match s.home {
+                    Some((_, link)) => crate::queue::remote::spawn(info, link),
+                    None => {
+                        let q = self
+                            .spawn_queue(info)
+                            .map_err(|why| AmqpError::new(reply::INTERNAL_ERROR, why))?;
+                        if s.durable {
+                            self.store(self.meta.put_queue(&warren_storage::QueueDef {
+                                vhost: self.name.clone(),
+                                name: s.name.clone(),
+                                id,
+                                auto_delete: s.auto_delete,
+                                arguments: super::encode_table(&s.arguments),
+                            }))?;
+                        }
+                        q
+                    }
+                };
+                self.write().queues.insert(s.name, q);
+                self.changed();
+                Ok(())
+            }
+            Mirror::RemoveQueue(name, id) => {
+                self.remove_queue(&name, id);
+                Ok(())
+            }
+            Mirror::Bind(source, b) => self.apply_binding(true, &source, b, 0),
+            Mirror::Unbind(source, b) => self.apply_binding(false, &source, b, 0),
+        }
+    }
+}
