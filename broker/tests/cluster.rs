@@ -856,18 +856,34 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
     assert_eq!(q["node"], nodes[0].name.as_str(), "{body}");
     assert_eq!(q["messages"], 150, "{body}");
 
-    // Consuming through another node is refused, saying where to go.
-    let e = ch1
-        .basic_consume(
-            "q0".into(),
-            "c".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect_err("consume through another node");
-    assert_eq!(code(&e), Some(406), "{e}");
-    assert!(e.to_string().contains(&nodes[0].name), "{e}");
+    // A consumer through node 1 gets q0's messages from node 0. Unacked
+    // when its channel closes, they go back (and come again redelivered).
+    {
+        let (_c, ch) = amqp(nodes[1].amqp).await;
+        ch.basic_qos(10, Default::default()).await.expect("qos");
+        let mut c = ch
+            .basic_consume(
+                "q0".into(),
+                "c1".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume through node 1");
+        for _ in 0..10 {
+            warren_tests::lapin_util::next_delivery(&mut c).await;
+        }
+        // The prefetch holds at 10 across the nodes.
+        warren_tests::lapin_util::assert_no_delivery(&mut c, Duration::from_millis(300)).await;
+        ch.close(200, "bye".into()).await.expect("close");
+    }
+    eventually_async("q0 back to 150 ready", Duration::from_secs(10), || async {
+        let (_c, ch) = amqp(nodes[0].amqp).await;
+        passive_queue(&ch, "q0")
+            .await
+            .is_ok_and(|q| q.message_count() == 150)
+    })
+    .await;
     // An inequivalent redeclaration elsewhere is refused as on one node.
     let (_c, ch) = amqp(nodes[2].amqp).await;
     let e = ch
@@ -880,8 +896,28 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
         .expect_err("inequivalent");
     assert_eq!(code(&e), Some(406), "{e}");
 
-    // Every message is on q0's node, in each publisher's order.
-    let got = drain(&ch0, "q0").await;
+    // Consumed through node 1 with acks: every message, in each
+    // publisher's order, the ten taken before marked redelivered.
+    let (_c1, ch1) = amqp(nodes[1].amqp).await;
+    ch1.basic_qos(25, Default::default()).await.expect("qos");
+    let mut c = ch1
+        .basic_consume(
+            "q0".into(),
+            "c2".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume through node 1");
+    let mut got = Vec::new();
+    let mut redelivered = 0;
+    for _ in 0..150 {
+        let d = warren_tests::lapin_util::next_delivery(&mut c).await;
+        redelivered += d.redelivered as usize;
+        got.push(String::from_utf8(d.data.clone()).expect("utf-8"));
+        d.ack(Default::default()).await.expect("ack");
+    }
+    assert_eq!(redelivered, 10);
     let from =
         |p: &str| -> Vec<String> { got.iter().filter(|m| m.starts_with(p)).cloned().collect() };
     assert_eq!(
@@ -892,7 +928,18 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
         from("b"),
         (0..50).map(|i| format!("b{i}")).collect::<Vec<_>>()
     );
-    assert_eq!(got.len(), 150);
+    eventually_async(
+        "q0 empty with nothing unacked",
+        Duration::from_secs(10),
+        || async {
+            let (status, body) = call(&nodes[0], "GET", "/api/queues/%2F/q0", None);
+            status == 200 && serde_json::from_str::<Value>(&body).is_ok_and(|q| q["messages"] == 0)
+        },
+    )
+    .await;
+    ch1.basic_cancel("c2".into(), Default::default())
+        .await
+        .expect("cancel through node 1");
 
     // A queue of node 2, bound through node 0: node 0's publish reaches it.
     let (_c2, ch2) = amqp(nodes[2].amqp).await;
@@ -945,7 +992,31 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
     })
     .await;
     assert_eq!(publish_confirmed(&ch0, "", "q3", "d", 2).await, 2);
+    // A consumer through node 0 of node 2's queue.
+    let (_cc, chc) = amqp(nodes[0].amqp).await;
+    let mut c3 = chc
+        .basic_consume(
+            "q3".into(),
+            "c3".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume q3 through node 0");
+    for _ in 0..2 {
+        warren_tests::lapin_util::next_delivery(&mut c3).await;
+    }
     daemons[2].take().expect("running").kill();
+    // Its queue's node gone, the consumer is cancelled (basic.cancel),
+    // as RabbitMQ does.
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        use futures_lite::StreamExt;
+        while let Some(d) = c3.next().await {
+            d.expect("no error before the cancel");
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the consumer was not cancelled");
     let (_c, ch) = amqp(nodes[0].amqp).await;
     let e = passive_queue(&ch, "q3").await.expect_err("home down");
     assert_eq!(code(&e), Some(404), "{e}");
@@ -971,5 +1042,31 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
     .await;
     let (_c2, ch2) = amqp(nodes[2].amqp).await;
     assert_eq!(drain(&ch2, "q3").await, vec!["d0", "d1"]);
+
+    // A node that dies holding unacked messages of another node's queue:
+    // once its lease runs out they are back in the queue.
+    let (_c0, ch0) = amqp(nodes[0].amqp).await;
+    assert_eq!(publish_confirmed(&ch0, "", "q4", "f", 3).await, 3);
+    let (_c2, ch2) = amqp(nodes[2].amqp).await;
+    let mut c4 = ch2
+        .basic_consume(
+            "q4".into(),
+            "c4".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume q4 through node 2");
+    for _ in 0..3 {
+        warren_tests::lapin_util::next_delivery(&mut c4).await;
+    }
+    daemons[2].take().expect("running").kill();
+    eventually_async("q4's messages back", Duration::from_secs(30), || async {
+        let (_c, ch) = amqp(nodes[0].amqp).await;
+        passive_queue(&ch, "q4")
+            .await
+            .is_ok_and(|q| q.message_count() == 3)
+    })
+    .await;
     drop(daemons);
 }

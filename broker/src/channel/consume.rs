@@ -132,7 +132,9 @@ impl Channel {
         cx.session.check(Kind::Queue, &name, Perm::Read)?;
         let vhost = &cx.session.vhost;
         let handle = vhost.queue(&name, cx.session.conn_id)?;
-        crate::queue::remote::refused_here(&handle, "consuming")?;
+        if handle.is_stream() {
+            crate::queue::remote::refused_here(&handle, "consuming from a stream")?;
+        }
         let timeout = match cm.arguments.inner().get("x-consumer-timeout") {
             None => None,
             Some(v) => match crate::fields::as_int(v) {
@@ -381,7 +383,6 @@ impl Channel {
         let name = self.queue_name(queue)?;
         cx.session.check(Kind::Queue, &name, Perm::Read)?;
         let handle = cx.session.vhost.queue(&name, cx.session.conn_id)?;
-        crate::queue::remote::refused_here(&handle, "basic.get")?;
         if handle.is_stream() {
             return Err(crate::queue::stream::not_supported("basic.get", &handle));
         }

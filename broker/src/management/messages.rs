@@ -220,8 +220,6 @@ async fn get(
     let q = v.find_queue(&name).ok_or_else(ApiError::not_found)?;
     b.access
         .check(&auth.user, &vhost, Kind::Queue, &name, Perm::Read)?;
-    crate::queue::remote::refused_here(&q, "getting messages")
-        .map_err(|e| ApiError::bad_request(e.text))?;
     let body = body_object(&body)?;
     let count = match body.get("count") {
         None => 1,
@@ -280,6 +278,8 @@ async fn get(
             }
         });
     }
+    // This "channel" is done (a queue on another node forgets it).
+    q.tell(QueueCmd::ChannelClosed { chan_key });
     let items: Vec<Value> = got
         .iter()
         .map(|g| {

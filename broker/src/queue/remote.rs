@@ -2,30 +2,130 @@
 //! a [`QueueHandle`] like any other, whose mailbox is read by a forwarding
 //! actor instead of a queue. Publishes routed to it go to its home node in
 //! batches (their confirms wait for the home node's); what operators and
-//! declares ask (counts, purge, delete) is asked there. Consuming and
-//! `basic.get` through another node are refused by the channel before they
-//! get here (see `refused_here`).
+//! declares ask (counts, purge, delete) is asked there. A consumer here is
+//! registered there for this node's channel; the home node sends its
+//! deliveries back (`deliver`, handled by [`deliver`]), in order, and acks,
+//! rejects, `basic.get`, recover and channel closes go to it. Every few
+//! seconds this node tells the home node which of its channels still use
+//! the queue (a lease: the home node takes back the unacked messages of a
+//! channel it stops hearing of, e.g. this node died); a home node that
+//! cannot be reached cancels this node's consumers of the queue (as
+//! RabbitMQ's `basic.cancel` when a queue's node goes down).
 //!
 //! The requests are JSON, sent with the cluster's application requests
 //! (`warren_cluster::ClusterNode::call_app`); the home node answers them in
 //! `crate::replicate::remote`.
 
-use super::handle::{QueueCmd, QueueStats};
+use super::handle::{ChannelCredit, Got, QueueCmd, QueueStats};
 use super::{QueueHandle, QueueInfo};
 use crate::error::{AmqpError, AmqpResult};
-use crate::events::ConfirmTicket;
+use crate::events::{ConfirmTicket, ConnEvent};
 use crate::message::MessageRef;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use warren_protocol::reply;
 
 /// Publishes forwarded in one request, at most.
 const BATCH: usize = 512;
+/// How often this node tells a queue's node which channels still use it.
+pub const LEASE_RENEW: Duration = Duration::from_secs(3);
+
+/// A consumer of this node registered on a queue's home node: where its
+/// deliveries go.
+pub struct Sub {
+    pub conn: mpsc::UnboundedSender<ConnEvent>,
+    pub chan_key: u64,
+    pub channel: u16,
+    pub tag: Arc<str>,
+    pub in_flight: Arc<AtomicU32>,
+    pub credit: Arc<ChannelCredit>,
+    pub no_ack: bool,
+    /// The forwarding handle's queue id (the channel's unacked deliveries
+    /// name it).
+    pub queue: u64,
+}
+
+/// Every forwarded consumer of this process, by id (ids are unique per
+/// process, so brokers sharing one, as in tests, cannot mix them up).
+static SUBS: LazyLock<Mutex<HashMap<u64, Arc<Sub>>>> = LazyLock::new(Default::default);
+static NEXT_SUB: AtomicU64 = AtomicU64::new(1);
+
+fn subs() -> std::sync::MutexGuard<'static, HashMap<u64, Arc<Sub>>> {
+    SUBS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Deliveries from a queue's node for consumer `sub`, handed to its
+/// connection in order; returns once the connection has room for more (so
+/// the home node sends no faster than the client reads). False: no such
+/// consumer (cancelled meanwhile).
+pub async fn deliver(sub: u64, items: Vec<(MessageRef, bool, u64)>) -> bool {
+    let Some(s) = subs().get(&sub).cloned() else {
+        return false;
+    };
+    let n = items.len() as u32;
+    if !s.no_ack {
+        s.credit.unacked.fetch_add(n, Ordering::AcqRel);
+    }
+    s.in_flight.fetch_add(n, Ordering::AcqRel);
+    let ev = ConnEvent::DeliverMany {
+        chan_key: s.chan_key,
+        channel: s.channel,
+        tag: s.tag.clone(),
+        items,
+        in_flight: s.in_flight.clone(),
+    };
+    if s.conn.send(ev).is_err() {
+        return true; // the connection is closing: its channel close follows
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while s.in_flight.load(Ordering::Acquire) >= super::FLOW_WINDOW
+        && tokio::time::Instant::now() < deadline
+        && !s.conn.is_closed()
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
+/// The queue's node ended consumer `sub`: `ok` at the client's request
+/// (cancel-ok), else because the queue went away.
+pub fn ended(sub: u64, ok: bool) {
+    if let Some(s) = subs().remove(&sub) {
+        let (chan_key, tag) = (s.chan_key, s.tag.clone());
+        let _ = s.conn.send(match ok {
+            true => ConnEvent::CancelOk { chan_key, tag },
+            false => ConnEvent::Cancelled { chan_key, tag },
+        });
+    }
+}
+
+/// The queue's node timed a delivery of consumer `sub` out (see
+/// `ConnEvent::TimedOut`): `cancelled` it cancelled the consumer and took
+/// back `returned`, else the channel is to close.
+pub fn timed_out(sub: u64, cancelled: bool, timeout: u64, returned: Box<[u64]>) {
+    let s = match cancelled {
+        true => subs().remove(&sub),
+        false => subs().get(&sub).cloned(),
+    };
+    if let Some(s) = s {
+        let _ = s.conn.send(ConnEvent::TimedOut {
+            chan_key: s.chan_key,
+            tag: cancelled.then(|| s.tag.clone()),
+            timeout,
+            queue: s.queue,
+            returned,
+        });
+    }
+}
 /// Mailbox slots of a forwarding actor (as a queue's).
 const PERMITS: usize = 4096;
 
@@ -71,20 +171,92 @@ pub fn home_down(info: &QueueInfo) -> AmqpError {
     )
 }
 
+/// This node's consumers and channels that use a queue of another node.
+#[derive(Default)]
+struct Consumers {
+    /// (channel key, consumer tag) -> forwarded consumer id.
+    subs: HashMap<(u64, Arc<str>), u64>,
+    /// Channels the home node keeps state for (consumers, unacked gets).
+    chans: HashSet<u64>,
+}
+
+impl Consumers {
+    /// Forget a channel's consumers (it closed).
+    fn drop_chan(&mut self, chan: u64) {
+        self.subs.retain(|(c, _), sub| {
+            if *c == chan {
+                subs().remove(sub);
+            }
+            *c != chan
+        });
+    }
+
+    /// End every consumer here (the queue's node is gone, or this handle).
+    fn cancel_all(&mut self) {
+        for (_, sub) in self.subs.drain() {
+            ended(sub, false);
+        }
+        self.chans.clear();
+    }
+
+    /// Tell the home node which channels still use the queue; cancel the
+    /// consumers it no longer knows (it restarted) or of all if it cannot
+    /// be reached.
+    async fn renew(&mut self, info: &QueueInfo, home: &str, link: &dyn Link) {
+        if self.chans.is_empty() {
+            return;
+        }
+        let chans: Vec<u64> = self.chans.iter().copied().collect();
+        match link
+            .call(home, request(info, "renew", json!({ "chans": chans })))
+            .await
+        {
+            Ok(v) => {
+                let unknown: HashSet<u64> = v
+                    .get("unknown")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_u64)
+                    .collect();
+                if unknown.is_empty() {
+                    return;
+                }
+                self.subs.retain(|(c, _), sub| {
+                    if unknown.contains(c) {
+                        ended(*sub, false);
+                    }
+                    !unknown.contains(c)
+                });
+                self.chans.retain(|c| !unknown.contains(c));
+            }
+            Err(LinkError::Down(why)) => {
+                tracing::warn!(queue = %info.name, home, error = %why, "the queue's node is down: its consumers here are cancelled");
+                self.cancel_all();
+            }
+            Err(LinkError::Failed(_)) => {}
+        }
+    }
+}
+
 /// What a channel may not do with a queue that lives on another node (yet).
 pub fn refused_here(q: &QueueHandle, what: &str) -> AmqpResult<()> {
     match q.home() {
         None => Ok(()),
-        Some(home) => Err(AmqpError::new(
-            reply::PRECONDITION_FAILED,
-            format!(
-                "queue '{}' in vhost '{}' lives on node '{home}': {what} through another node \
-                 is not supported yet; connect to '{home}' for it",
-                q.name(),
-                q.info.vhost
-            ),
-        )),
+        Some(_) => Err(refused(&q.info, what)),
     }
+}
+
+fn refused(info: &QueueInfo, what: &str) -> AmqpError {
+    let home = info.home.as_deref().unwrap_or("?");
+    AmqpError::new(
+        reply::PRECONDITION_FAILED,
+        format!(
+            "queue '{}' in vhost '{}' lives on node '{home}': {what} through another node \
+             is not supported yet; connect to '{home}' for it",
+            info.name, info.vhost
+        ),
+    )
 }
 
 /// A message as a forwarded publish carries it.
@@ -137,7 +309,20 @@ async fn run(
 ) {
     let home: Arc<str> = info.home.clone().unwrap_or_else(|| "".into());
     let mut batch: Vec<(MessageRef, Option<Arc<ConfirmTicket>>)> = Vec::new();
-    while let Some(first) = mailbox.recv().await {
+    let mut st = Consumers::default();
+    let mut renew = tokio::time::interval(LEASE_RENEW);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            c = mailbox.recv() => match c {
+                Some(c) => c,
+                None => break,
+            },
+            _ = renew.tick() => {
+                st.renew(&info, &home, &*link).await;
+                continue;
+            }
+        };
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
             match cmd {
@@ -150,17 +335,48 @@ async fn run(
                         forward(&info, &home, &*link, &mut batch).await;
                     }
                 }
+                QueueCmd::Ack { chan_key, mut seqs } => {
+                    // Acks of one channel in a row go as one request.
+                    forward(&info, &home, &*link, &mut batch).await;
+                    let mut held = None;
+                    while let Ok(c) = mailbox.try_recv() {
+                        match c {
+                            QueueCmd::Ack {
+                                chan_key: k,
+                                seqs: s,
+                            } if k == chan_key => seqs.extend(s),
+                            other => {
+                                held = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    answer(
+                        &info,
+                        &home,
+                        &link,
+                        &mut st,
+                        QueueCmd::Ack { chan_key, seqs },
+                    )
+                    .await;
+                    if held.is_some() {
+                        next = held;
+                        continue;
+                    }
+                }
                 other => {
                     // Publishes before a command reach the home node first.
                     forward(&info, &home, &*link, &mut batch).await;
-                    answer(&info, &home, &link, other).await;
+                    answer(&info, &home, &link, &mut st, other).await;
                 }
             }
             next = mailbox.try_recv().ok();
         }
         forward(&info, &home, &*link, &mut batch).await;
     }
-    // The queue was dropped here: what is left is not confirmed.
+    // The queue was dropped here: its consumers here end, and what is left
+    // is not confirmed.
+    st.cancel_all();
     for (_, t) in batch.drain(..) {
         if let Some(t) = t {
             t.nack();
@@ -222,7 +438,13 @@ fn u(v: &Value, k: &str) -> u64 {
 /// Answer a command other than a publish: ask the home node what it must,
 /// refuse what cannot be done through this node, ignore what concerns only
 /// consumers here (there are none).
-async fn answer(info: &Arc<QueueInfo>, home: &str, link: &Arc<dyn Link>, cmd: QueueCmd) {
+async fn answer(
+    info: &Arc<QueueInfo>,
+    home: &str,
+    link: &Arc<dyn Link>,
+    st: &mut Consumers,
+    cmd: QueueCmd,
+) {
     let ask = |op: &str, extra: Value| link.call(home, request(info, op, extra));
     match cmd {
         QueueCmd::Stats { reply } => {
@@ -280,27 +502,129 @@ async fn answer(info: &Arc<QueueInfo>, home: &str, link: &Arc<dyn Link>, cmd: Qu
                 let _ = call.await;
             });
         }
-        QueueCmd::Consume { reply, .. } => {
-            let _ = reply.send(Err(AmqpError::new(
-                reply::PRECONDITION_FAILED,
-                format!(
-                    "queue '{}' in vhost '{}' lives on node '{home}': consuming through another \
-                     node is not supported yet",
-                    info.name, info.vhost
-                ),
-            )));
+        QueueCmd::Consume { consumer, reply } => {
+            if consumer.stream.is_some() {
+                let _ = reply.send(Err(refused(info, "consuming from a stream")));
+                return;
+            }
+            let sub = NEXT_SUB.fetch_add(1, Ordering::Relaxed);
+            let c = &consumer;
+            subs().insert(
+                sub,
+                Arc::new(Sub {
+                    conn: c.conn.clone(),
+                    chan_key: c.chan_key,
+                    channel: c.channel,
+                    tag: c.tag.clone(),
+                    in_flight: c.in_flight.clone(),
+                    credit: c.channel_credit.clone(),
+                    no_ack: c.no_ack,
+                    queue: info.id,
+                }),
+            );
+            let r = ask(
+                "consume",
+                json!({
+                    "sub": sub, "chan": c.chan_key, "tag": &*c.tag, "no_ack": c.no_ack,
+                    "exclusive": c.exclusive, "prefetch": c.prefetch,
+                    "global_prefetch": c.channel_credit.limit.load(Ordering::Relaxed),
+                    "priority": c.priority, "timeout": c.timeout,
+                    "cancel_notify": c.cancel_notify,
+                }),
+            )
+            .await;
+            let r = match r {
+                Ok(v) => match v.get("error") {
+                    Some(e) => Err(AmqpError::new(
+                        u(e, "code") as u16,
+                        e.get("text").and_then(Value::as_str).unwrap_or("refused"),
+                    )),
+                    None => Ok(()),
+                },
+                Err(LinkError::Down(_)) => Err(home_down(info)),
+                Err(LinkError::Failed(why)) => Err(AmqpError::new(reply::INTERNAL_ERROR, why)),
+            };
+            match r {
+                Ok(()) => {
+                    st.subs.insert((c.chan_key, c.tag.clone()), sub);
+                    st.chans.insert(c.chan_key);
+                }
+                Err(_) => {
+                    subs().remove(&sub);
+                }
+            }
+            let _ = reply.send(r);
+        }
+        QueueCmd::Cancel { chan_key, tag } => {
+            let Some(sub) = st.subs.remove(&(chan_key, tag.clone())) else {
+                return;
+            };
+            let r = ask(
+                "cancel",
+                json!({"sub": sub, "chan": chan_key, "tag": &*tag}),
+            )
+            .await;
+            // Cancel-ok comes from the queue's node after its last
+            // delivery; if it cannot, from here.
+            let gone = r.map_or(true, |v| v.get("gone").is_some());
+            if gone {
+                ended(sub, true);
+            }
+        }
+        QueueCmd::Ack { chan_key, seqs } => {
+            let _ = ask("ack", json!({"chan": chan_key, "seqs": &seqs[..]})).await;
+        }
+        QueueCmd::Reject {
+            chan_key,
+            seqs,
+            requeue,
+        } => {
+            let _ = ask(
+                "reject",
+                json!({"chan": chan_key, "seqs": &seqs[..], "requeue": requeue}),
+            )
+            .await;
+        }
+        QueueCmd::ChannelClosed { chan_key } => {
+            if st.chans.remove(&chan_key) {
+                st.drop_chan(chan_key);
+                let _ = ask("closed", json!({"chan": chan_key})).await;
+            }
+        }
+        QueueCmd::Recover { chan_key } => {
+            if st.chans.contains(&chan_key) {
+                let _ = ask("recover", json!({"chan": chan_key})).await;
+            }
+        }
+        QueueCmd::Get {
+            chan_key,
+            no_ack,
+            reply,
+            ..
+        } => {
+            if !no_ack {
+                st.chans.insert(chan_key);
+            }
+            let got = match ask("get", json!({"chan": chan_key, "no_ack": no_ack})).await {
+                Ok(v) => v.get("message").and_then(|m| {
+                    let mut msg = message_of(m).ok()?;
+                    msg.stored = None;
+                    Some(Got {
+                        msg: Arc::new(msg),
+                        seq: u(&v, "seq"),
+                        redelivered: v.get("redelivered").and_then(Value::as_bool) == Some(true),
+                        remaining: u(&v, "remaining") as u32,
+                    })
+                }),
+                Err(_) => None,
+            };
+            let _ = reply.send(got);
         }
         QueueCmd::Consumers { reply } => {
             let _ = reply.send(Vec::new());
         }
-        // No consumer and no message is here: nothing to do.
-        QueueCmd::Get { .. }
-        | QueueCmd::Cancel { .. }
-        | QueueCmd::Ack { .. }
-        | QueueCmd::Reject { .. }
-        | QueueCmd::ChannelClosed { .. }
-        | QueueCmd::Recover { .. }
-        | QueueCmd::Wake
+        // Nothing here to wake, reconfigure or recover.
+        QueueCmd::Wake
         | QueueCmd::Reconfigure(_)
         | QueueCmd::Recovered { .. }
         | QueueCmd::StreamCommitted { .. }

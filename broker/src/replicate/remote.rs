@@ -1,18 +1,28 @@
 //! The home node's side of queues reached through other nodes (see
 //! `crate::queue::remote`): it answers their forwarded publishes and
-//! questions with its own queues, and it is how this node's forwarding
-//! actors reach the others.
+//! questions with its own queues, registers their consumers (sending each
+//! one's deliveries back, in order), and it is how this node's forwarding
+//! actors reach the others. Another node's channel is known here by
+//! (node, its channel key) under a key of this node's; a channel not
+//! renewed for [`LEASE`] is taken as closed (its node died or was cut
+//! off): its consumers go and its unacked messages are requeued.
 
 use super::SyncSlot;
 use crate::broker::Broker;
 use crate::events::{ConfirmTicket, ConnEvent};
 use crate::queue::remote::{message_of, Link, LinkError};
+use crate::queue::{ChannelCredit, Consumer};
 use crate::queue::{QueueCmd, QueueHandle};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock, Weak};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+/// How long another node's channel lives here without a renewal.
+const LEASE: Duration = Duration::from_secs(15);
 
 /// How long a forwarded request may take (a publish waits for the home
 /// node's store sync, as a local confirm does).
@@ -49,6 +59,48 @@ impl Link for ClusterLink {
 #[derive(Default)]
 pub struct Handler {
     pub(crate) broker: OnceLock<Weak<Broker>>,
+    chans: Arc<Mutex<HashMap<(String, u64), Chan>>>,
+    sweeper: OnceLock<()>,
+}
+
+/// Another node's channel, as this node knows it.
+struct Chan {
+    key: u64,
+    credit: Arc<ChannelCredit>,
+    /// The queues it used here (told when it closes).
+    queues: Vec<QueueHandle>,
+    renewed: Instant,
+}
+
+type Chans = Arc<Mutex<HashMap<(String, u64), Chan>>>;
+
+fn lock(c: &Chans) -> std::sync::MutexGuard<'_, HashMap<(String, u64), Chan>> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Close the channels whose lease ran out, every few seconds.
+async fn sweep(chans: Chans) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let gone: Vec<Chan> = {
+            let mut m = lock(&chans);
+            let old: Vec<(String, u64)> = m
+                .iter()
+                .filter(|(_, c)| c.renewed.elapsed() > LEASE)
+                .map(|(k, _)| k.clone())
+                .collect();
+            old.into_iter().filter_map(|k| m.remove(&k)).collect()
+        };
+        for c in gone {
+            tracing::warn!(
+                chan = c.key,
+                "another node's channel was not renewed: its unacked messages are requeued"
+            );
+            for q in c.queues {
+                q.tell(QueueCmd::ChannelClosed { chan_key: c.key });
+            }
+        }
+    }
 }
 
 impl warren_cluster::AppHandler for Handler {
@@ -58,9 +110,18 @@ impl warren_cluster::AppHandler for Handler {
         request: Value,
     ) -> Pin<Box<dyn Future<Output = Result<Value, String>> + Send>> {
         let broker = self.broker.get().and_then(Weak::upgrade);
+        let chans = self.chans.clone();
+        if broker.is_some() {
+            self.sweeper.get_or_init(|| {
+                tokio::spawn(sweep(chans.clone()));
+            });
+        }
         Box::pin(async move {
             let b = broker.ok_or("this node is starting or stopping")?;
-            handle(&b, request).await
+            match request.get("op").and_then(Value::as_str) {
+                Some("deliver" | "ended" | "timed_out") => consumer_event(request).await,
+                _ => handle(&b, &chans, &_from.name, request).await,
+            }
         })
     }
 }
@@ -79,10 +140,312 @@ fn local_queue(b: &Broker, r: &Value) -> Result<QueueHandle, String> {
         .ok_or_else(|| format!("no queue '{name}' in vhost '{vhost}' on this node"))
 }
 
-async fn handle(b: &Arc<Broker>, r: Value) -> Result<Value, String> {
+/// A forwarded consumer's event, from the queue's node to this one.
+async fn consumer_event(r: Value) -> Result<Value, String> {
+    let sub = r.get("sub").and_then(Value::as_u64).ok_or("no 'sub'")?;
+    match r.get("op").and_then(Value::as_str) {
+        Some("deliver") => {
+            let mut items = Vec::new();
+            for i in r
+                .get("items")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let m = i.get("m").ok_or("a delivery without a message")?;
+                let seq = i.get("seq").and_then(Value::as_u64).ok_or("no 'seq'")?;
+                let redelivered = i.get("r").and_then(Value::as_bool) == Some(true);
+                items.push((Arc::new(message_of(m)?), redelivered, seq));
+            }
+            let taken = crate::queue::remote::deliver(sub, items).await;
+            Ok(json!({ "taken": taken }))
+        }
+        Some("ended") => {
+            let ok = r.get("ok").and_then(Value::as_bool) == Some(true);
+            crate::queue::remote::ended(sub, ok);
+            Ok(json!({}))
+        }
+        _ => {
+            let returned: Box<[u64]> = r
+                .get("returned")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_u64)
+                .collect();
+            let cancelled = r.get("cancelled").and_then(Value::as_bool) == Some(true);
+            let timeout = r.get("timeout").and_then(Value::as_u64).unwrap_or(0);
+            crate::queue::remote::timed_out(sub, cancelled, timeout, returned);
+            Ok(json!({}))
+        }
+    }
+}
+
+fn seqs_of(r: &Value) -> crate::queue::Seqs {
+    r.get("seqs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect()
+}
+
+/// This node's key for another node's channel `chan` (made on first use),
+/// noting that it used `q`.
+fn chan_key(
+    b: &Broker,
+    chans: &Chans,
+    from: &str,
+    chan: u64,
+    q: &QueueHandle,
+    limit: u32,
+) -> (u64, Arc<ChannelCredit>) {
+    let mut m = lock(chans);
+    let c = m.entry((from.to_owned(), chan)).or_insert_with(|| Chan {
+        key: b.next_chan_key(),
+        credit: Arc::new(ChannelCredit::default()),
+        queues: Vec::new(),
+        renewed: Instant::now(),
+    });
+    if limit > 0 {
+        c.credit.limit.store(limit, Ordering::Relaxed);
+    }
+    if !c.queues.contains(q) {
+        c.queues.push(q.clone());
+    }
+    c.renewed = Instant::now();
+    (c.key, c.credit.clone())
+}
+
+/// This node's key for another node's channel, if it has one.
+fn known_chan(chans: &Chans, from: &str, r: &Value) -> Option<u64> {
+    let chan = r.get("chan").and_then(Value::as_u64)?;
+    lock(chans).get(&(from.to_owned(), chan)).map(|c| c.key)
+}
+
+/// Send consumer `sub`'s events to node `to`, in order, until it ends.
+async fn relay(
+    b: Weak<Broker>,
+    q: QueueHandle,
+    to: String,
+    sub: u64,
+    chan: u64,
+    in_flight: Arc<std::sync::atomic::AtomicU32>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<ConnEvent>,
+) {
+    let call = |req: Value| {
+        let b = b.upgrade();
+        let to = to.clone();
+        async move {
+            let sync = b
+                .and_then(|b| b.cluster.as_ref().and_then(|m| m.sync()))
+                .ok_or("this node left its cluster")?;
+            match sync.cluster.call_app(&to, req, CALL_TIMEOUT).await {
+                Ok(r) => r,
+                Err(e) => Err(format!("{:?}", e.into_inner())),
+            }
+        }
+    };
+    while let Some(ev) = events.recv().await {
+        let items: Vec<(crate::message::MessageRef, bool, u64)> = match ev {
+            ConnEvent::Deliver {
+                msg,
+                redelivered,
+                seq,
+                ..
+            } => vec![(msg, redelivered, seq)],
+            ConnEvent::DeliverMany { items, .. } => items,
+            ConnEvent::CancelOk { .. } | ConnEvent::Cancelled { .. } => {
+                let ok = matches!(ev, ConnEvent::CancelOk { .. });
+                let _ = call(json!({"op": "ended", "sub": sub, "ok": ok})).await;
+                return;
+            }
+            ConnEvent::TimedOut {
+                tag,
+                timeout,
+                returned,
+                ..
+            } => {
+                let req = json!({"op": "timed_out", "sub": sub, "cancelled": tag.is_some(),
+                    "timeout": timeout, "returned": &returned[..]});
+                let _ = call(req).await;
+                if tag.is_some() {
+                    return;
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        let n = items.len() as u32;
+        let seqs: crate::queue::Seqs = items.iter().map(|i| i.2).collect();
+        let body: Vec<Value> = items
+            .iter()
+            .map(|(m, r, s)| json!({"m": crate::queue::remote::message_json(m), "r": r, "seq": s}))
+            .collect();
+        let r = call(json!({"op": "deliver", "sub": sub, "items": body})).await;
+        let reopened = crate::channel::consume::took_in_flight_n(&in_flight, n);
+        match r {
+            Ok(v) if v.get("taken").and_then(Value::as_bool) == Some(false) => {
+                // Cancelled there meanwhile: back to the queue.
+                q.tell(QueueCmd::Reject {
+                    chan_key: chan,
+                    seqs,
+                    requeue: true,
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Its node is gone: its channel's messages come back.
+                tracing::warn!(node = %to, error = %e, "cannot deliver to a consumer on another node: its channel is closed here");
+                q.tell(QueueCmd::ChannelClosed { chan_key: chan });
+                return;
+            }
+        }
+        if reopened {
+            q.tell(QueueCmd::Wake);
+        }
+    }
+}
+
+async fn handle(b: &Arc<Broker>, chans: &Chans, from: &str, r: Value) -> Result<Value, String> {
     let op = r.get("op").and_then(Value::as_str).unwrap_or_default();
     let q = local_queue(b, &r);
+    let flag = |k: &str| r.get(k).and_then(Value::as_bool) == Some(true);
+    let num = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
     match op {
+        "consume" => {
+            let q = match q {
+                Ok(q) => q,
+                Err(why) => return Ok(json!({"error": {"code": 404, "text": why}})),
+            };
+            let sub = num("sub");
+            let (key, credit) = chan_key(
+                b,
+                chans,
+                from,
+                num("chan"),
+                &q,
+                num("global_prefetch") as u32,
+            );
+            let (conn, events) = tokio::sync::mpsc::unbounded_channel();
+            let in_flight = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let tag: Arc<str> = r.get("tag").and_then(Value::as_str).unwrap_or("").into();
+            let consumer = Consumer {
+                tag,
+                conn_id: 0,
+                chan_key: key,
+                channel: 0,
+                no_ack: flag("no_ack"),
+                exclusive: flag("exclusive"),
+                prefetch: num("prefetch") as u32,
+                channel_credit: credit,
+                in_flight: in_flight.clone(),
+                conn,
+                priority: r.get("priority").and_then(Value::as_i64).unwrap_or(0) as i32,
+                unacked: 0,
+                order: 0,
+                timeout: r.get("timeout").and_then(Value::as_u64),
+                cancel_notify: flag("cancel_notify"),
+                stream: None,
+            };
+            let res = q
+                .ask(|reply| QueueCmd::Consume {
+                    consumer: Box::new(consumer),
+                    reply,
+                })
+                .await;
+            match res {
+                Some(Ok(())) => {
+                    tokio::spawn(relay(
+                        Arc::downgrade(b),
+                        q,
+                        from.to_owned(),
+                        sub,
+                        key,
+                        in_flight,
+                        events,
+                    ));
+                    Ok(json!({}))
+                }
+                Some(Err(e)) => Ok(json!({"error": {"code": e.code, "text": e.text}})),
+                None => Ok(json!({"error": {"code": 404, "text": "the queue is gone"}})),
+            }
+        }
+        "cancel" => {
+            // The consumer's relay tells the other node once it is done.
+            let (Ok(q), Some(key)) = (q, known_chan(chans, from, &r)) else {
+                return Ok(json!({"gone": true}));
+            };
+            let tag: Arc<str> = r.get("tag").and_then(Value::as_str).unwrap_or("").into();
+            q.tell(QueueCmd::Cancel { chan_key: key, tag });
+            Ok(json!({}))
+        }
+        "ack" | "reject" | "recover" => {
+            let (Ok(q), Some(key)) = (q, known_chan(chans, from, &r)) else {
+                return Ok(json!({}));
+            };
+            q.tell(match op {
+                "ack" => QueueCmd::Ack {
+                    chan_key: key,
+                    seqs: seqs_of(&r),
+                },
+                "reject" => QueueCmd::Reject {
+                    chan_key: key,
+                    seqs: seqs_of(&r),
+                    requeue: flag("requeue"),
+                },
+                _ => QueueCmd::Recover { chan_key: key },
+            });
+            Ok(json!({}))
+        }
+        "closed" => {
+            let chan = num("chan");
+            let c = lock(chans).remove(&(from.to_owned(), chan));
+            if let Some(c) = c {
+                for q in c.queues {
+                    q.tell(QueueCmd::ChannelClosed { chan_key: c.key });
+                }
+            }
+            Ok(json!({}))
+        }
+        "renew" => {
+            let mut m = lock(chans);
+            let mut unknown = Vec::new();
+            for chan in r
+                .get("chans")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_u64)
+            {
+                match m.get_mut(&(from.to_owned(), chan)) {
+                    Some(c) => c.renewed = Instant::now(),
+                    None => unknown.push(chan),
+                }
+            }
+            Ok(json!({ "unknown": unknown }))
+        }
+        "get" => {
+            let q = q?;
+            let no_ack = flag("no_ack");
+            let (key, _) = chan_key(b, chans, from, num("chan"), &q, 0);
+            let got = q
+                .ask(|reply| QueueCmd::Get {
+                    chan_key: key,
+                    no_ack,
+                    conn: None,
+                    reply,
+                })
+                .await
+                .flatten();
+            Ok(match got {
+                Some(g) => json!({
+                    "message": crate::queue::remote::message_json(&g.msg),
+                    "seq": g.seq, "redelivered": g.redelivered, "remaining": g.remaining,
+                }),
+                None => json!({}),
+            })
+        }
         "publish" => {
             let msgs = r
                 .get("messages")
