@@ -24,6 +24,7 @@ use crate::exchange::{self, Dest};
 use crate::vhost::{ExchangeSpec, QueueSpec};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use warren_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use warren_storage::Definitions;
 
@@ -115,14 +116,10 @@ fn value_json(v: &AMQPValue) -> Value {
 
 /// Import a definitions file into a running broker. All or nothing: on any
 /// invalid item, every problem is returned and nothing changes.
-pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>> {
-    if broker.cluster.is_some() {
-        // Its users and vhosts would stay on this node.
-        return Err(vec![
-            "importing definitions on a clustered node is not supported yet".into(),
-        ]);
-    }
-    let f = parse(json)?;
+/// On a clustered node every change goes through the cluster, as if made
+/// one by one through the API.
+pub async fn import(broker: &Arc<Broker>, json: &[u8]) -> Result<Report, Vec<String>> {
+    let f = Arc::new(parse(json)?);
     let mut report = Report::default();
     let mut errors = Vec::new();
     let state = broker.access.snapshot();
@@ -337,10 +334,9 @@ pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>>
 
     // Apply: access first (one atomic batch), then topology.
     let created_access = ops.len();
-    let file = &f;
+    let file = f.clone();
     broker
-        .access
-        .change(|s, ops| {
+        .change_access(move |s, ops| {
             for u in &file.users {
                 if !s.users.contains_key(&u.name) {
                     access::add_user(
@@ -403,6 +399,7 @@ pub async fn import(broker: &Broker, json: &[u8]) -> Result<Report, Vec<String>>
             }
             Ok(())
         })
+        .await
         .map_err(|e| vec![e])?;
     // Policies in force before the topology they match is declared.
     let policy_vhosts: BTreeSet<&str> = f.policies.iter().map(|(p, _)| p.vhost.as_str()).collect();

@@ -980,6 +980,31 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
         .await;
     }
 
+    // A definitions file imported through one node is the cluster's.
+    let defs = serde_json::json!({
+        "users": [{"name": "imp", "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""}],
+        "vhosts": [{"name": "impv"}],
+        "permissions": [{"user": "guest", "vhost": "impv", "configure": ".*", "write": ".*", "read": ".*"}],
+        "exchanges": [{"name": "imp.x", "vhost": "impv", "type": "fanout", "durable": true, "auto_delete": false, "internal": false, "arguments": {}}],
+        "queues": [{"name": "imp.q", "vhost": "impv", "durable": true, "auto_delete": false, "arguments": {}}],
+        "bindings": [{"source": "imp.x", "vhost": "impv", "destination": "imp.q", "destination_type": "queue", "routing_key": "", "arguments": {}}],
+    });
+    let (status, body) = call(&nodes[1], "POST", "/api/definitions", Some(defs));
+    assert!(status == 201 || status == 204, "{status} {body}");
+    eventually(
+        "the imported binding on node 2",
+        Duration::from_secs(10),
+        || {
+            let (status, body) = call(&nodes[2], "GET", "/api/bindings/impv/e/imp.x/q/imp.q", None);
+            status == 200 && body.contains("imp.q")
+        },
+    );
+    let (status, _) = call(&nodes[0], "GET", "/api/users/imp", None);
+    assert_eq!(status, 200);
+    let (status, body) = call(&nodes[0], "GET", "/api/queues/impv/imp.q", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&nodes[1].name), "{body}");
+
     // Node 2's queue while node 2 is down: 404 as RabbitMQ words it, and
     // a publish to it is nacked, not lost quietly.
     let (_c2, ch2) = amqp(nodes[2].amqp).await;

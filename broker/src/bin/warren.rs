@@ -201,7 +201,9 @@ fn cluster_settings(
     }
     if args.definitions.is_some() {
         return Err(
-            "--definitions on a clustered node is not supported yet (its users and vhosts would stay on this node)"
+            "--definitions on a clustered node is not supported (the import would run before the \
+             cluster is up): import the file once the cluster runs, with POST /api/definitions \
+             (rabbitmqadmin definitions import)"
                 .into(),
         );
     }
