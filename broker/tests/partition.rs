@@ -11,6 +11,10 @@
 //!   random nodes while a random schedule kills, restarts, cuts off and
 //!   heals nodes; at the end every acknowledged user must be on every node
 //!   (lost: none), and no user that was never asked for (unexpected: none).
+//! - The same for messages: publishers (with confirms) and a consumer use
+//!   a queue of one node through random nodes under such a schedule; every
+//!   confirmed message must be consumed or left in the queue, and nothing
+//!   else may appear; duplicates are counted.
 
 use serde_json::{json, Value};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -527,4 +531,267 @@ fn acknowledged_changes_survive_random_kills_and_partitions() {
         "too few acknowledged changes to mean anything"
     );
     assert_eq!((lost, unexpected), (0, 0));
+}
+
+/// The AMQP address of node `i` (the default port, in its namespace).
+fn amqp_url(net: &Net, i: usize) -> String {
+    format!("amqp://guest:guest@{}:5672/%2f", net.addr(i))
+}
+
+/// Run `f` on a runtime of this thread's own (the checker's clients are
+/// threads, as the nemesis is).
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(f)
+}
+
+/// One publisher: persistent messages `p{c}-{k}` with confirms, one at a
+/// time, each through the connection it has (a random node, again after a
+/// failure). Returns (confirmed, unknown: nacked or no answer).
+async fn publisher(
+    c: u64,
+    urls: Vec<String>,
+    seed: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<String>, Vec<String>) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let mut rng = Rng(seed | 1);
+    let (mut acked, mut unknown) = (Vec::new(), Vec::new());
+    let mut k = 0;
+    let mut conn: Option<(lapin::Connection, lapin::Channel)> = None;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if conn.is_none() {
+            let url = &urls[rng.below(urls.len())];
+            let opened = tokio::time::timeout(Duration::from_secs(3), async {
+                let c = lapin::Connection::connect(url, Default::default()).await?;
+                let ch = c.create_channel().await?;
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                Ok::<_, lapin::Error>((c, ch))
+            })
+            .await;
+            match opened {
+                Ok(Ok(x)) => conn = Some(x),
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
+        let ch = &conn.as_ref().expect("connected").1;
+        let body = format!("p{c}-{k}");
+        k += 1;
+        let confirmed = tokio::time::timeout(Duration::from_secs(40), async {
+            ch.basic_publish(
+                "".into(),
+                "jq".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?
+            .await
+        })
+        .await;
+        match confirmed {
+            Ok(Ok(c)) if c.is_ack() => acked.push(body),
+            Ok(Ok(_)) => unknown.push(body),
+            _ => {
+                unknown.push(body);
+                conn = None;
+            }
+        }
+    }
+    (acked, unknown)
+}
+
+/// One consumer: takes `jq`'s messages through a random node, acking
+/// each, reconnecting after a failure, until told to stop. Returns what it
+/// was given (duplicates included).
+async fn consumer(
+    urls: Vec<String>,
+    seed: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<String> {
+    use futures_lite::StreamExt;
+    use lapin::options::BasicConsumeOptions;
+    let mut rng = Rng(seed | 1);
+    let mut got = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let url = &urls[rng.below(urls.len())];
+        let opened = tokio::time::timeout(Duration::from_secs(3), async {
+            let c = lapin::Connection::connect(url, Default::default()).await?;
+            let ch = c.create_channel().await?;
+            ch.basic_qos(20, Default::default()).await?;
+            let cons = ch
+                .basic_consume(
+                    "jq".into(),
+                    "chk".into(),
+                    BasicConsumeOptions::default(),
+                    Default::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((c, ch, cons))
+        })
+        .await;
+        let Ok(Ok((_c, _ch, mut cons))) = opened else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        // Stay on this node a while, then move.
+        let until = Instant::now() + Duration::from_millis(2000 + rng.below(3000) as u64);
+        while Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match tokio::time::timeout(Duration::from_millis(500), cons.next()).await {
+                Ok(Some(Ok(d))) => {
+                    let body = String::from_utf8_lossy(&d.data).into_owned();
+                    if d.ack(Default::default()).await.is_ok() {
+                        got.push(body);
+                    }
+                }
+                Ok(_) => break, // cancelled or failed: another node
+                Err(_) => {}    // nothing for now
+            }
+        }
+    }
+    got
+}
+
+/// The queue checker: publishers and a consumer use a durable queue of
+/// node 0 through random nodes while a random schedule kills, restarts,
+/// cuts off and heals nodes (node 0 included); then everything is healed
+/// and the queue drained through node 0. Every confirmed message must have
+/// been consumed or be drained (lost: none), and nothing else may appear
+/// (unexpected: none); duplicates (a delivery whose ack did not arrive,
+/// given again) are counted, allowed as in any at-least-once broker.
+#[test]
+fn confirmed_messages_survive_kills_and_partitions_through_any_node() {
+    let n = 3;
+    let Some((mut net, _)) = formed(n) else {
+        return;
+    };
+    let seed = std::env::var("WARREN_CHECKER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        });
+    eprintln!("queue checker seed {seed} (WARREN_CHECKER_SEED to repeat)");
+    let mut rng = Rng(seed);
+    let urls: Vec<String> = (0..n).map(|i| amqp_url(&net, i)).collect();
+    // The queue, on node 0, known everywhere.
+    let body = json!({"durable": true});
+    eventually("jq declared", Duration::from_secs(30), || {
+        matches!(
+            call(&net, 0, "PUT", "/api/queues/%2F/jq", Some(body.clone())).0,
+            201 | 204
+        )
+    });
+    for i in 0..n {
+        eventually("jq everywhere", Duration::from_secs(30), || {
+            call(&net, i, "GET", "/api/queues/%2F/jq", None).0 == 200
+        });
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pubs: Vec<_> = (0..3u64)
+        .map(|c| {
+            let (urls, stop) = (urls.clone(), stop.clone());
+            let s = seed.wrapping_mul(c + 11);
+            std::thread::spawn(move || block_on(publisher(c, urls, s, stop)))
+        })
+        .collect();
+    let cons = {
+        let (urls, stop) = (urls.clone(), stop.clone());
+        let s = seed.wrapping_mul(5);
+        std::thread::spawn(move || block_on(consumer(urls, s, stop)))
+    };
+
+    let mut events = Vec::new();
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..5 {
+        let i = rng.below(n);
+        if rng.below(2) == 0 {
+            net.kill(i);
+            std::thread::sleep(Duration::from_millis(500 + rng.below(2000) as u64));
+            net.start(i, n);
+            events.push(format!("kill+restart p{i}"));
+        } else {
+            net.isolate(i, n, true);
+            std::thread::sleep(Duration::from_millis(1000 + rng.below(3000) as u64));
+            net.isolate(i, n, false);
+            events.push(format!("cut+heal p{i}"));
+        }
+        std::thread::sleep(Duration::from_millis(1500 + rng.below(1500) as u64));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut unknown) = (Vec::new(), Vec::new());
+    for p in pubs {
+        let (a, u) = p.join().expect("a publisher");
+        acked.extend(a);
+        unknown.extend(u);
+    }
+    let consumed = cons.join().expect("the consumer");
+
+    // Healed: whatever is left (unacked deliveries come back once their
+    // channels are closed or their leases run out), drained on node 0.
+    let mut drained = Vec::new();
+    let mut quiet_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while quiet_since.elapsed() < Duration::from_secs(20) && Instant::now() < deadline {
+        let got = block_on(async {
+            let c = lapin::Connection::connect(&urls[0], Default::default())
+                .await
+                .ok()?;
+            let ch = c.create_channel().await.ok()?;
+            let mut out = Vec::new();
+            while let Ok(Some(m)) = ch
+                .basic_get(
+                    "jq".into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+            {
+                out.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+            }
+            Some(out)
+        });
+        match got {
+            Some(v) if !v.is_empty() => {
+                drained.extend(v);
+                quiet_since = Instant::now();
+            }
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+    let asked: std::collections::BTreeSet<&String> = acked.iter().chain(&unknown).collect();
+    let mut seen: std::collections::BTreeMap<&String, usize> = Default::default();
+    for m in consumed.iter().chain(&drained) {
+        *seen.entry(m).or_default() += 1;
+    }
+    let lost: Vec<&String> = acked.iter().filter(|m| !seen.contains_key(m)).collect();
+    let unexpected = seen.keys().filter(|m| !asked.contains(*m)).count();
+    let duplicated = seen.values().filter(|n| **n > 1).count();
+    let recovered = unknown.iter().filter(|m| seen.contains_key(m)).count();
+    eprintln!(
+        "queue checker: schedule {events:?}; {} published, {} confirmed, {} unknown ({} of them \
+         delivered); {} consumed, {} drained; lost {}, duplicated {duplicated}, unexpected {unexpected}",
+        asked.len(),
+        acked.len(),
+        unknown.len(),
+        recovered,
+        consumed.len(),
+        drained.len(),
+        lost.len(),
+    );
+    assert!(
+        acked.len() > 20,
+        "too few confirmed messages to mean anything"
+    );
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert_eq!(unexpected, 0);
 }
