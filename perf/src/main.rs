@@ -115,6 +115,12 @@ impl TargetOpts {
 struct RunOpts {
     #[command(flatten)]
     target: TargetOpts,
+    /// Several brokers (the nodes of a cluster), comma-separated URIs:
+    /// producer i and consumer i connect to the (i mod n)-th, and the
+    /// queues are declared and deleted through the first. Instead of
+    /// --uri, --host and --port.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["uri", "host", "port"])]
+    uris: Vec<String>,
     #[arg(long, short = 'x', default_value_t = 1)]
     producers: usize,
     #[arg(long, short = 'y', default_value_t = 1)]
@@ -312,12 +318,35 @@ fn main() {
             }
             None => {
                 let o = cli.opts;
-                let target = match o.target.target() {
-                    Ok(t) => t,
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return 2;
+                let mut targets = Vec::new();
+                for u in &o.uris {
+                    let mut t = match Target::parse(u) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            eprintln!("bad --uris entry '{u}': {e}");
+                            return 2;
+                        }
+                    };
+                    if let Some(ca) = &o.target.tls_ca {
+                        match warren_perf::stream::tls_config(ca) {
+                            Ok(c) => t.tls = Some(c),
+                            Err(e) => {
+                                eprintln!("{e}");
+                                return 2;
+                            }
+                        }
                     }
+                    targets.push(t);
+                }
+                let target = match targets.is_empty() {
+                    true => match o.target.target() {
+                        Ok(t) => t,
+                        Err(e) => {
+                            eprintln!("{e}");
+                            return 2;
+                        }
+                    },
+                    false => targets.remove(0),
                 };
                 if o.queues == 0 {
                     eprintln!("--queues must be at least 1");
@@ -325,6 +354,7 @@ fn main() {
                 }
                 let cfg = Config {
                     target,
+                    others: targets,
                     producers: o.producers,
                     consumers: o.consumers,
                     queues: o.queues,

@@ -16,6 +16,9 @@ use warren_protocol::client::{self as wire, Args, Frame};
 #[derive(Clone, Debug)]
 pub struct Config {
     pub target: Target,
+    /// More brokers (cluster nodes): producer and consumer i connect to
+    /// the (i mod n)-th of `target` and these.
+    pub others: Vec<Target>,
     pub producers: usize,
     pub consumers: usize,
     pub queues: usize,
@@ -320,9 +323,19 @@ impl Confirms {
     }
 }
 
+impl Config {
+    /// The broker producer or consumer `i` connects to.
+    pub fn target_of(&self, i: usize) -> &Target {
+        match i % (self.others.len() + 1) {
+            0 => &self.target,
+            k => &self.others[k - 1],
+        }
+    }
+}
+
 async fn producer(sh: Arc<Shared>, i: usize) -> Res<()> {
     let cfg = &sh.cfg;
-    let mut c = Conn::connect(&cfg.target).await?;
+    let mut c = Conn::connect(cfg.target_of(i)).await?;
     c.channel(1).await?;
     let confirm = cfg.confirm > 0;
     if confirm {
@@ -480,7 +493,7 @@ async fn producer(sh: Arc<Shared>, i: usize) -> Res<()> {
 
 async fn consumer(sh: Arc<Shared>, i: usize) -> Res<()> {
     let cfg = &sh.cfg;
-    let mut c = Conn::connect(&cfg.target).await?;
+    let mut c = Conn::connect(cfg.target_of(i)).await?;
     c.channel(1).await?;
     if cfg.prefetch > 0 && !cfg.no_ack {
         wire::qos(&mut c.wbuf, 1, cfg.prefetch);
@@ -769,6 +782,7 @@ mod tests {
         };
         let cfg = Config {
             target: Target::parse("amqp://h").unwrap(),
+            others: Vec::new(),
             producers: 1,
             consumers: 1,
             queues: 1,

@@ -17,6 +17,7 @@ async fn producers_and_consumer_against_the_sink() {
     target.port = port;
     let cfg = Config {
         target,
+        others: Vec::new(),
         producers: 2,
         consumers: 1,
         queues: 2,
@@ -61,6 +62,7 @@ async fn rate_limit_paces_publishing() {
     target.port = port;
     let cfg = Config {
         target,
+        others: Vec::new(),
         producers: 1,
         consumers: 0,
         queues: 1,
@@ -84,4 +86,52 @@ async fn rate_limit_paces_publishing() {
     let s = run(cfg).await.unwrap();
     let rate = s.published as f64 / s.seconds;
     assert!((1800.0..2200.0).contains(&rate), "{s:?}");
+}
+
+/// With several brokers (`--uris`), producer and consumer i go to the
+/// (i mod n)-th; the queues are set up and cleaned up through the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_brokers_share_the_clients() {
+    let mut targets = Vec::new();
+    let mut sinks = Vec::new();
+    for _ in 0..2 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let stats = Arc::new(SinkStats::default());
+        tokio::spawn(serve(l, stats.clone()));
+        let mut t = Target::parse("amqp://guest:guest@127.0.0.1/%2f").unwrap();
+        t.port = port;
+        targets.push(t);
+        sinks.push(stats);
+    }
+    let cfg = Config {
+        target: targets.remove(0),
+        others: targets,
+        producers: 2,
+        consumers: 1,
+        queues: 1,
+        size: 16,
+        persistent: false,
+        durable: false,
+        queue_args: Vec::new(),
+        consumer_args: Vec::new(),
+        confirm: 16,
+        prefetch: 100,
+        ack_every: 1,
+        multiple: false,
+        no_ack: false,
+        rate: 0,
+        fanout: false,
+        seconds: 1,
+        warmup: 0,
+        keep: false,
+        progress: false,
+    };
+    let s = run(cfg).await.unwrap();
+    assert_eq!(s.error, None);
+    // First: setup, producer 0, consumer 0, cleanup; second: producer 1.
+    assert_eq!(sinks[0].connections.load(Relaxed), 4);
+    assert_eq!(sinks[1].connections.load(Relaxed), 1);
+    assert!(sinks[0].published.load(Relaxed) > 0);
+    assert!(sinks[1].published.load(Relaxed) > 0);
 }
