@@ -909,6 +909,17 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
         )
         .await
         .expect("consume through node 1");
+    // Node 1 lists the consumer of its connection.
+    eventually_async(
+        "the consumer listed on node 1",
+        Duration::from_secs(10),
+        || async {
+            call(&nodes[1], "GET", "/api/consumers", None)
+                .1
+                .contains("\"c2\"")
+        },
+    )
+    .await;
     let mut got = Vec::new();
     let mut redelivered = 0;
     for _ in 0..150 {

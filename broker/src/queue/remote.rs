@@ -43,6 +43,8 @@ pub const LEASE_RENEW: Duration = Duration::from_secs(3);
 /// deliveries go.
 pub struct Sub {
     pub conn: mpsc::UnboundedSender<ConnEvent>,
+    /// For operators: the consumer as its queue's node does not see it.
+    pub info: super::handle::ConsumerInfo,
     pub chan_key: u64,
     pub channel: u16,
     pub tag: Arc<str>,
@@ -512,6 +514,18 @@ async fn answer(
             subs().insert(
                 sub,
                 Arc::new(Sub {
+                    info: super::handle::ConsumerInfo {
+                        tag: c.tag.clone(),
+                        conn_id: c.conn_id,
+                        channel: c.channel,
+                        ack_required: !c.no_ack,
+                        exclusive: c.exclusive,
+                        prefetch: c.prefetch,
+                        priority: c.priority,
+                        active: true,
+                        timeout: c.timeout,
+                        stream: None,
+                    },
                     conn: c.conn.clone(),
                     chan_key: c.chan_key,
                     channel: c.channel,
@@ -621,7 +635,14 @@ async fn answer(
             let _ = reply.send(got);
         }
         QueueCmd::Consumers { reply } => {
-            let _ = reply.send(Vec::new());
+            // This node's consumers of the queue (its node lists its own).
+            let all = subs();
+            let mine = st
+                .subs
+                .values()
+                .filter_map(|s| all.get(s).map(|s| s.info.clone()))
+                .collect();
+            let _ = reply.send(mine);
         }
         // Nothing here to wake, reconfigure or recover.
         QueueCmd::Wake
