@@ -36,6 +36,35 @@ use warren_protocol::reply;
 
 /// Publishes forwarded in one request, at most.
 const BATCH: usize = 512;
+/// Publish batches to one queue in flight at once (the queue's node hands
+/// them over in the order they were sent: see `n` in the request).
+const IN_FLIGHT: u32 = 8;
+
+/// A forwarding actor's publish batches: numbered in a stream of their
+/// own, so the queue's node takes them in order however they arrive.
+struct Pipeline {
+    stream: u64,
+    n: u64,
+    slots: Arc<Semaphore>,
+}
+
+impl Pipeline {
+    fn new() -> Pipeline {
+        Pipeline {
+            stream: NEXT_SUB.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u64) << 40,
+            n: 0,
+            slots: Arc::new(Semaphore::new(IN_FLIGHT as usize)),
+        }
+    }
+
+    /// Wait until every batch sent so far is answered.
+    async fn drain(&self) {
+        if let Ok(all) = self.slots.acquire_many(IN_FLIGHT).await {
+            drop(all);
+        }
+    }
+}
+
 /// How often this node tells a queue's node which channels still use it.
 pub const LEASE_RENEW: Duration = Duration::from_secs(3);
 
@@ -311,6 +340,7 @@ async fn run(
 ) {
     let home: Arc<str> = info.home.clone().unwrap_or_else(|| "".into());
     let mut batch: Vec<(MessageRef, Option<Arc<ConfirmTicket>>)> = Vec::new();
+    let mut pipe = Pipeline::new();
     let mut st = Consumers::default();
     let mut renew = tokio::time::interval(LEASE_RENEW);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -334,12 +364,12 @@ async fn run(
                     }
                     batch.push((p.msg, p.confirm));
                     if batch.len() >= BATCH {
-                        forward(&info, &home, &*link, &mut batch).await;
+                        forward(&info, &home, &link, &mut pipe, &mut batch).await;
                     }
                 }
                 QueueCmd::Ack { chan_key, mut seqs } => {
                     // Acks of one channel in a row go as one request.
-                    forward(&info, &home, &*link, &mut batch).await;
+                    forward(&info, &home, &link, &mut pipe, &mut batch).await;
                     let mut held = None;
                     while let Ok(c) = mailbox.try_recv() {
                         match c {
@@ -367,17 +397,30 @@ async fn run(
                     }
                 }
                 other => {
-                    // Publishes before a command reach the home node first.
-                    forward(&info, &home, &*link, &mut batch).await;
+                    // Publishes before a command reach the home node first
+                    // (and, for what reads or changes the queue's messages,
+                    // are in it).
+                    forward(&info, &home, &link, &mut pipe, &mut batch).await;
+                    if matches!(
+                        other,
+                        QueueCmd::Stats { .. }
+                            | QueueCmd::Info { .. }
+                            | QueueCmd::Purge { .. }
+                            | QueueCmd::Delete { .. }
+                            | QueueCmd::Get { .. }
+                    ) {
+                        pipe.drain().await;
+                    }
                     answer(&info, &home, &link, &mut st, other).await;
                 }
             }
             next = mailbox.try_recv().ok();
         }
-        forward(&info, &home, &*link, &mut batch).await;
+        forward(&info, &home, &link, &mut pipe, &mut batch).await;
     }
     // The queue was dropped here: its consumers here end, and what is left
     // is not confirmed.
+    pipe.drain().await;
     st.cancel_all();
     for (_, t) in batch.drain(..) {
         if let Some(t) = t {
@@ -387,50 +430,65 @@ async fn run(
     }
 }
 
-/// Send the publishes gathered so far; each confirm waits for the home
-/// node's (a nack if it refused the message or could not be reached).
+/// Send the publishes gathered so far (up to [`IN_FLIGHT`] batches wait
+/// for their answers at once); each confirm waits for the home node's (a
+/// nack if it refused the message or could not be reached).
 async fn forward(
-    info: &QueueInfo,
+    info: &Arc<QueueInfo>,
     home: &str,
-    link: &dyn Link,
+    link: &Arc<dyn Link>,
+    pipe: &mut Pipeline,
     batch: &mut Vec<(MessageRef, Option<Arc<ConfirmTicket>>)>,
 ) {
     if batch.is_empty() {
         return;
     }
-    let msgs: Vec<Value> = batch.iter().map(|(m, _)| message_json(m)).collect();
-    let r = link
-        .call(home, request(info, "publish", json!({"messages": msgs})))
-        .await;
-    let nacked: Vec<bool> = match &r {
-        Ok(v) => {
-            let mut n = vec![false; batch.len()];
-            for i in v
-                .get("nacked")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_u64)
-            {
-                if let Some(x) = n.get_mut(i as usize) {
-                    *x = true;
-                }
-            }
-            n
-        }
-        Err(e) => {
-            tracing::warn!(queue = %info.name, home, error = ?e, "forwarded publishes not confirmed");
-            vec![true; batch.len()]
-        }
+    let Ok(slot) = pipe.slots.clone().acquire_owned().await else {
+        return;
     };
-    for ((_, t), nack) in batch.drain(..).zip(nacked) {
-        if let Some(t) = t {
-            if nack {
-                t.nack();
+    let msgs: Vec<Value> = batch.iter().map(|(m, _)| message_json(m)).collect();
+    let req = request(
+        info,
+        "publish",
+        json!({"messages": msgs, "stream": pipe.stream, "n": pipe.n}),
+    );
+    pipe.n += 1;
+    let call = link.call(home, req);
+    let tickets: Vec<Option<Arc<ConfirmTicket>>> = batch.drain(..).map(|(_, t)| t).collect();
+    let (name, home) = (info.name.clone(), home.to_owned());
+    tokio::spawn(async move {
+        let r = call.await;
+        let nacked: Vec<bool> = match &r {
+            Ok(v) => {
+                let mut n = vec![false; tickets.len()];
+                for i in v
+                    .get("nacked")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_u64)
+                {
+                    if let Some(x) = n.get_mut(i as usize) {
+                        *x = true;
+                    }
+                }
+                n
             }
-            t.settle();
+            Err(e) => {
+                tracing::warn!(queue = %name, home, error = ?e, "forwarded publishes not confirmed");
+                vec![true; tickets.len()]
+            }
+        };
+        for (t, nack) in tickets.into_iter().zip(nacked) {
+            if let Some(t) = t {
+                if nack {
+                    t.nack();
+                }
+                t.settle();
+            }
         }
-    }
+        drop(slot);
+    });
 }
 
 fn u(v: &Value, k: &str) -> u64 {

@@ -60,7 +60,59 @@ impl Link for ClusterLink {
 pub struct Handler {
     pub(crate) broker: OnceLock<Weak<Broker>>,
     chans: Arc<Mutex<HashMap<(String, u64), Chan>>>,
+    turns: Turns,
     sweeper: OnceLock<()>,
+}
+
+/// Where each forwarding actor's stream of publish batches is: the number
+/// of the next batch to hand over (batches may arrive out of order; each
+/// waits for its turn).
+struct Turn {
+    next: Mutex<u64>,
+    moved: tokio::sync::Notify,
+    used: Mutex<Instant>,
+}
+
+type Turns = Arc<Mutex<HashMap<(String, u64), Arc<Turn>>>>;
+
+/// How long a batch waits for the ones before it (lost on the way: their
+/// sender failed) before it goes anyway.
+const TURN_WAIT: Duration = Duration::from_secs(5);
+
+/// Wait for batch `n` of stream `stream` from node `from` to be next.
+async fn wait_turn(turns: &Turns, from: &str, stream: u64, n: u64) -> Arc<Turn> {
+    let turn = {
+        let mut m = turns.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry((from.to_owned(), stream))
+            .or_insert_with(|| {
+                // A stream seen for the first time starts at 0, unless this
+                // node restarted under it: then it goes on from here.
+                let first = if n < 8 { 0 } else { n };
+                Arc::new(Turn {
+                    next: Mutex::new(first),
+                    moved: tokio::sync::Notify::new(),
+                    used: Mutex::new(Instant::now()),
+                })
+            })
+            .clone()
+    };
+    *turn.used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    let deadline = tokio::time::Instant::now() + TURN_WAIT;
+    loop {
+        let moved = turn.moved.notified();
+        if *turn.next.lock().unwrap_or_else(|e| e.into_inner()) >= n {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, moved).await.is_err() {
+            tracing::warn!(
+                node = from,
+                batch = n,
+                "forwarded publishes out of order: an earlier batch never came"
+            );
+            break;
+        }
+    }
+    turn
 }
 
 /// Another node's channel, as this node knows it.
@@ -78,10 +130,18 @@ fn lock(c: &Chans) -> std::sync::MutexGuard<'_, HashMap<(String, u64), Chan>> {
     c.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Close the channels whose lease ran out, every few seconds.
-async fn sweep(chans: Chans) {
+/// Close the channels whose lease ran out, every few seconds (and forget
+/// publish streams idle for minutes).
+async fn sweep(chans: Chans, turns: Turns) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
+        turns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, t| {
+                t.used.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+                    < Duration::from_secs(600)
+            });
         let gone: Vec<Chan> = {
             let mut m = lock(&chans);
             let old: Vec<(String, u64)> = m
@@ -110,17 +170,17 @@ impl warren_cluster::AppHandler for Handler {
         request: Value,
     ) -> Pin<Box<dyn Future<Output = Result<Value, String>> + Send>> {
         let broker = self.broker.get().and_then(Weak::upgrade);
-        let chans = self.chans.clone();
+        let (chans, turns) = (self.chans.clone(), self.turns.clone());
         if broker.is_some() {
             self.sweeper.get_or_init(|| {
-                tokio::spawn(sweep(chans.clone()));
+                tokio::spawn(sweep(chans.clone(), turns.clone()));
             });
         }
         Box::pin(async move {
             let b = broker.ok_or("this node is starting or stopping")?;
             match request.get("op").and_then(Value::as_str) {
                 Some("deliver" | "ended" | "timed_out") => consumer_event(request).await,
-                _ => handle(&b, &chans, &_from.name, request).await,
+                _ => handle(&b, &chans, &turns, &_from.name, request).await,
             }
         })
     }
@@ -307,7 +367,13 @@ async fn relay(
     }
 }
 
-async fn handle(b: &Arc<Broker>, chans: &Chans, from: &str, r: Value) -> Result<Value, String> {
+async fn handle(
+    b: &Arc<Broker>,
+    chans: &Chans,
+    turns: &Turns,
+    from: &str,
+    r: Value,
+) -> Result<Value, String> {
     let op = r.get("op").and_then(Value::as_str).unwrap_or_default();
     let q = local_queue(b, &r);
     let flag = |k: &str| r.get(k).and_then(Value::as_bool) == Some(true);
@@ -451,9 +517,25 @@ async fn handle(b: &Arc<Broker>, chans: &Chans, from: &str, r: Value) -> Result<
                 .get("messages")
                 .and_then(Value::as_array)
                 .ok_or("a publish without messages")?;
+            // In the order they were sent, whatever order they came in.
+            let turn = match (num("stream"), r.get("n").and_then(Value::as_u64)) {
+                (stream, Some(n)) if stream != 0 => {
+                    Some((wait_turn(turns, from, stream, n).await, n))
+                }
+                _ => None,
+            };
+            let next = |turn: Option<(Arc<Turn>, u64)>| {
+                if let Some((t, n)) = turn {
+                    let mut next = t.next.lock().unwrap_or_else(|e| e.into_inner());
+                    *next = (*next).max(n + 1);
+                    drop(next);
+                    t.moved.notify_waiters();
+                }
+            };
             let Ok(q) = q else {
                 // Deleted meanwhile: every message is refused (the
                 // publisher's confirm is a nack, so it may route again).
+                next(turn);
                 return Ok(json!({"nacked": (0..msgs.len()).collect::<Vec<_>>()}));
             };
             let (events, mut confirms) = tokio::sync::mpsc::unbounded_channel();
@@ -470,6 +552,7 @@ async fn handle(b: &Arc<Broker>, chans: &Chans, from: &str, r: Value) -> Result<
                     }
                 }
             }
+            next(turn);
             drop(events);
             let mut nacked = Vec::new();
             while let Some(ev) = confirms.recv().await {
