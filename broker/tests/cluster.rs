@@ -991,6 +991,60 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
         .await;
     }
 
+    // A stream of node 0: appended to through node 1, read through node 2
+    // from its first offset.
+    {
+        use lapin::types::AMQPValue;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        let (_c, ch) = amqp(nodes[0].amqp).await;
+        ch.queue_declare("log".into(), durable, args)
+            .await
+            .expect("a stream on node 0");
+        eventually_async("the stream on node 1", Duration::from_secs(10), || async {
+            let (_c, ch) = amqp(nodes[1].amqp).await;
+            passive_queue(&ch, "log").await.is_ok()
+        })
+        .await;
+        let (_c, ch) = amqp(nodes[1].amqp).await;
+        assert_eq!(publish_confirmed(&ch, "", "log", "s", 5).await, 5);
+        eventually_async("the stream on node 2", Duration::from_secs(10), || async {
+            let (_c, ch) = amqp(nodes[2].amqp).await;
+            passive_queue(&ch, "log").await.is_ok()
+        })
+        .await;
+        let (_c, ch) = amqp(nodes[2].amqp).await;
+        ch.basic_qos(10, Default::default()).await.expect("qos");
+        let mut from = FieldTable::default();
+        from.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString("first".into()),
+        );
+        let mut c = ch
+            .basic_consume(
+                "log".into(),
+                "r".into(),
+                BasicConsumeOptions::default(),
+                from,
+            )
+            .await
+            .expect("read the stream through node 2");
+        for i in 0..5 {
+            let d = warren_tests::lapin_util::next_delivery(&mut c).await;
+            assert_eq!(d.data, format!("s{i}").into_bytes());
+            let offset = d
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-stream-offset").cloned());
+            assert_eq!(offset, Some(AMQPValue::LongLongInt(i)), "offset of s{i}");
+            d.ack(Default::default()).await.expect("ack");
+        }
+    }
+
     // A definitions file imported through one node is the cluster's.
     let defs = serde_json::json!({
         "users": [{"name": "imp", "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""}],

@@ -132,9 +132,6 @@ impl Channel {
         cx.session.check(Kind::Queue, &name, Perm::Read)?;
         let vhost = &cx.session.vhost;
         let handle = vhost.queue(&name, cx.session.conn_id)?;
-        if handle.is_stream() {
-            crate::queue::remote::refused_here(&handle, "consuming from a stream")?;
-        }
         let timeout = match cm.arguments.inner().get("x-consumer-timeout") {
             None => None,
             Some(v) => match crate::fields::as_int(v) {

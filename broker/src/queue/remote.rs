@@ -18,7 +18,7 @@
 
 use super::handle::{ChannelCredit, Got, QueueCmd, QueueStats};
 use super::{QueueHandle, QueueInfo};
-use crate::error::{AmqpError, AmqpResult};
+use crate::error::AmqpError;
 use crate::events::{ConfirmTicket, ConnEvent};
 use crate::message::MessageRef;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -268,26 +268,6 @@ impl Consumers {
             Err(LinkError::Failed(_)) => {}
         }
     }
-}
-
-/// What a channel may not do with a queue that lives on another node (yet).
-pub fn refused_here(q: &QueueHandle, what: &str) -> AmqpResult<()> {
-    match q.home() {
-        None => Ok(()),
-        Some(_) => Err(refused(&q.info, what)),
-    }
-}
-
-fn refused(info: &QueueInfo, what: &str) -> AmqpError {
-    let home = info.home.as_deref().unwrap_or("?");
-    AmqpError::new(
-        reply::PRECONDITION_FAILED,
-        format!(
-            "queue '{}' in vhost '{}' lives on node '{home}': {what} through another node \
-             is not supported yet; connect to '{home}' for it",
-            info.name, info.vhost
-        ),
-    )
 }
 
 /// A message as a forwarded publish carries it.
@@ -563,10 +543,6 @@ async fn answer(
             });
         }
         QueueCmd::Consume { consumer, reply } => {
-            if consumer.stream.is_some() {
-                let _ = reply.send(Err(refused(info, "consuming from a stream")));
-                return;
-            }
             let sub = NEXT_SUB.fetch_add(1, Ordering::Relaxed);
             let c = &consumer;
             subs().insert(
@@ -602,6 +578,10 @@ async fn answer(
                     "global_prefetch": c.channel_credit.limit.load(Ordering::Relaxed),
                     "priority": c.priority, "timeout": c.timeout,
                     "cancel_notify": c.cancel_notify,
+                    // A stream consumer's arguments, read again there.
+                    "stream_args": c.stream.as_ref().map(|s| {
+                        crate::replicate::topology::table_text(&s.arguments)
+                    }),
                 }),
             )
             .await;

@@ -396,6 +396,22 @@ async fn handle(
             let (conn, events) = tokio::sync::mpsc::unbounded_channel();
             let in_flight = Arc::new(std::sync::atomic::AtomicU32::new(0));
             let tag: Arc<str> = r.get("tag").and_then(Value::as_str).unwrap_or("").into();
+            let stream = match r.get("stream_args").and_then(Value::as_str) {
+                None => None,
+                Some(a) => {
+                    let args = super::topology::table_of(a)?;
+                    let parsed = crate::queue::stream::parse_consume(
+                        q.name(),
+                        &q.info.vhost,
+                        &args,
+                        crate::message::unix_ms(),
+                    );
+                    match parsed {
+                        Ok(s) => Some(Box::new(s)),
+                        Err(e) => return Ok(json!({"error": {"code": e.code, "text": e.text}})),
+                    }
+                }
+            };
             let consumer = Consumer {
                 tag,
                 conn_id: 0,
@@ -412,7 +428,7 @@ async fn handle(
                 order: 0,
                 timeout: r.get("timeout").and_then(Value::as_u64),
                 cancel_notify: flag("cancel_notify"),
-                stream: None,
+                stream,
             };
             let res = q
                 .ask(|reply| QueueCmd::Consume {

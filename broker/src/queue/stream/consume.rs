@@ -34,7 +34,7 @@ pub enum Start {
 }
 
 /// A stream consumer's settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StreamConsume {
     /// None: not given (a tracked offset, else `Next`).
     pub start: Option<Start>,
@@ -48,6 +48,9 @@ pub struct StreamConsume {
     /// consumer (by its tag) has acknowledged, and a later consumer with
     /// the same tag and no `x-stream-offset` starts there.
     pub track: bool,
+    /// The consumer's arguments as given (what another node's consumer of
+    /// the stream sends its node, which reads them again).
+    pub arguments: FieldTable,
 }
 
 fn invalid(key: &str, queue: &str, vhost: &str, why: String) -> crate::error::AmqpError {
@@ -75,7 +78,10 @@ pub fn parse(
     now_ms: u64,
 ) -> AmqpResult<StreamConsume> {
     let t = args.inner();
-    let mut c = StreamConsume::default();
+    let mut c = StreamConsume {
+        arguments: args.clone(),
+        ..Default::default()
+    };
     if let Some(v) = t.get("x-stream-offset") {
         let start = match v {
             AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
