@@ -1045,6 +1045,79 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
         }
     }
 
+    // Direct reply-to across nodes: a requester on node 0, its request in a
+    // queue of node 1, the replier on node 2.
+    {
+        use lapin::options::{BasicGetOptions, BasicPublishOptions};
+        let (_cr, req) = amqp(nodes[0].amqp).await;
+        let mut replies = req
+            .basic_consume(
+                "amq.rabbitmq.reply-to".into(),
+                "replies".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("reply consumer");
+        let (_c1, ch1) = amqp(nodes[1].amqp).await;
+        ch1.queue_declare(
+            "rpc".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("rpc queue on node 1");
+        for n in [&nodes[0], &nodes[2]] {
+            eventually_async("rpc everywhere", Duration::from_secs(10), || async {
+                let (_c, ch) = amqp(n.amqp).await;
+                passive_queue(&ch, "rpc").await.is_ok()
+            })
+            .await;
+        }
+        req.basic_publish(
+            "".into(),
+            "rpc".into(),
+            BasicPublishOptions::default(),
+            b"ping",
+            lapin::BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+        )
+        .await
+        .expect("request");
+        let (_c2, rep) = amqp(nodes[2].amqp).await;
+        let mut request = None;
+        for _ in 0..50 {
+            request = rep
+                .basic_get("rpc".into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic.get through node 2");
+            if request.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let request = request.expect("the request reached node 1's queue");
+        let to = request
+            .delivery
+            .properties
+            .reply_to()
+            .clone()
+            .expect("a reply address");
+        rep.basic_publish(
+            "".into(),
+            to.as_str().into(),
+            BasicPublishOptions::default(),
+            b"pong",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .expect("reply");
+        let d = warren_tests::lapin_util::next_delivery(&mut replies).await;
+        assert_eq!(d.data, b"pong");
+    }
+
     // A definitions file imported through one node is the cluster's.
     let defs = serde_json::json!({
         "users": [{"name": "imp", "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""}],

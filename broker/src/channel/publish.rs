@@ -63,6 +63,13 @@ pub enum Pending {
         mandatory: bool,
         confirm: Option<u64>,
     },
+    /// A direct reply to a requester on another node of the cluster.
+    RemoteReply {
+        node: String,
+        msg: MessageRef,
+        mandatory: bool,
+        confirm: Option<u64>,
+    },
 }
 
 impl Channel {
@@ -228,6 +235,18 @@ impl Channel {
     ) -> AmqpResult<Option<Pending>> {
         if let Some(target) = reply_to::target_of(&cx.session.broker, &msg) {
             let confirm = self.confirms.as_mut().map(|c| c.assign());
+            if target.is_none() {
+                if let Some(node) =
+                    reply_to::remote_node(&cx.session.broker, msg.routing_key.as_str())
+                {
+                    return Ok(Some(Pending::RemoteReply {
+                        node,
+                        msg,
+                        mandatory,
+                        confirm,
+                    }));
+                }
+            }
             return Ok(self.send_reply(cx, target, msg, mandatory, confirm));
         }
         let vhost = &cx.session.vhost;
@@ -386,6 +405,16 @@ impl Channel {
                 confirm,
             } => {
                 let delivered = target.send_waiting(msg.clone()).await;
+                self.reply_sent(cx, delivered, &msg, mandatory, confirm);
+            }
+            Pending::RemoteReply {
+                node,
+                msg,
+                mandatory,
+                confirm,
+            } => {
+                let delivered =
+                    crate::replicate::remote::send_reply(&cx.session.broker, &node, &msg).await;
                 self.reply_sent(cx, delivered, &msg, mandatory, confirm);
             }
         }

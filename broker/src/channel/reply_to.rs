@@ -6,6 +6,10 @@
 //! routing key, and the reply goes straight to the requester's connection,
 //! with no queue in between.
 //!
+//! On a clustered node the address names the node (`…reply-to.NODE.…`,
+//! NODE the hex of its cluster id, as RabbitMQ's names encode the node), so
+//! a replier on another node sends the reply there.
+//!
 //! Credit: a reply consumer takes at most [`REPLY_WINDOW`] replies into its
 //! connection's mailbox before it has written them; a replier that is
 //! further ahead waits (its socket stops being read, as for a full queue),
@@ -60,6 +64,24 @@ pub fn target_of(broker: &Broker, msg: &Message) -> Option<Option<Target>> {
     Some(broker.replies().get(msg.routing_key.as_str()).cloned())
 }
 
+/// The other member of this node's cluster a reply address names, if it
+/// names one.
+pub fn remote_node(broker: &Broker, name: &str) -> Option<String> {
+    let m = broker.cluster.as_ref()?;
+    let rest = name.strip_prefix(REPLY_TO_PREFIX)?;
+    let (hex, _) = rest.split_once('.')?;
+    let id = u64::from_str_radix(hex, 16).ok()?;
+    let node = m.node();
+    if id == node.id() {
+        return None;
+    }
+    node.status()
+        .members
+        .into_iter()
+        .find(|n| n.id() == id)
+        .map(|n| n.name)
+}
+
 impl ReplyTarget {
     /// Send a reply if the consumer has credit now: `None` if it has none.
     fn try_send(&self, msg: &MessageRef) -> Option<bool> {
@@ -108,7 +130,13 @@ impl Channel {
         if self.reply.is_some() {
             return Err(precondition("reply consumer already set"));
         }
-        let name = super::generated_name(REPLY_TO_PREFIX);
+        let name = match &cx.session.broker.cluster {
+            Some(m) => super::generated_name(&format!(
+                "{REPLY_TO_PREFIX}{:016x}.",
+                warren_cluster::node_id(&m.node().info().name)
+            )),
+            None => super::generated_name(REPLY_TO_PREFIX),
+        };
         let credit = Arc::new(Semaphore::new(REPLY_WINDOW));
         let target = ReplyTarget {
             events: cx.session.events.clone(),

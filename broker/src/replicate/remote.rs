@@ -367,6 +367,23 @@ async fn relay(
     }
 }
 
+/// Send a direct reply to its requester on node `node` (see
+/// `channel::reply_to`); whether it was delivered.
+pub(crate) async fn send_reply(b: &Broker, node: &str, msg: &crate::message::Message) -> bool {
+    let Some(sync) = b.cluster.as_ref().and_then(|m| m.sync()) else {
+        return false;
+    };
+    let req = json!({
+        "op": "reply",
+        "name": msg.routing_key.as_str(),
+        "message": crate::queue::remote::message_json(msg),
+    });
+    match sync.cluster.call_app(node, req, CALL_TIMEOUT).await {
+        Ok(Ok(v)) => v.get("taken").and_then(Value::as_bool) == Some(true),
+        _ => false,
+    }
+}
+
 async fn handle(
     b: &Arc<Broker>,
     chans: &Chans,
@@ -379,6 +396,16 @@ async fn handle(
     let flag = |k: &str| r.get(k).and_then(Value::as_bool) == Some(true);
     let num = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
     match op {
+        "reply" => {
+            let name = r.get("name").and_then(Value::as_str).unwrap_or_default();
+            let m = message_of(r.get("message").ok_or("a reply without a message")?)?;
+            let target = b.replies().get(name).cloned();
+            let taken = match target {
+                Some(t) => t.send_waiting(Arc::new(m)).await,
+                None => false,
+            };
+            Ok(json!({ "taken": taken }))
+        }
         "consume" => {
             let q = match q {
                 Ok(q) => q,
