@@ -711,6 +711,17 @@ async fn amqp(port: u16) -> (lapin::Connection, lapin::Channel) {
     (c, ch)
 }
 
+/// Wait until the node has queue `name` (its declare on another node
+/// reaches it a moment after that node answered).
+async fn queue_on(n: &Node, name: &str, what: &str) {
+    use warren_tests::lapin_util::passive_queue;
+    eventually_async(what, Duration::from_secs(10), || async {
+        let (_c, ch) = amqp(n.amqp).await;
+        passive_queue(&ch, name).await.is_ok()
+    })
+    .await;
+}
+
 /// Publish `n` persistent messages with confirms; how many were acked.
 async fn publish_confirmed(
     ch: &lapin::Channel,
@@ -820,11 +831,7 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
     // Node 1 sees them (its declare-ok came after node 0 applied it;
     // node 1 applies it a moment later).
     let (_c1, ch1) = amqp(nodes[1].amqp).await;
-    eventually_async("q0 on node 1", Duration::from_secs(10), || async {
-        let (_c, ch) = amqp(nodes[1].amqp).await;
-        passive_queue(&ch, "q0").await.is_ok()
-    })
-    .await;
+    queue_on(&nodes[1], "q0", "q0 on node 1").await;
     // Publishes through node 1 (by the exchange) and node 2 (by the
     // default exchange) are confirmed once q0's node has them.
     let (_c2, ch2) = amqp(nodes[2].amqp).await;
@@ -838,11 +845,7 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
         publish_confirmed(&ch1, "orders", "pay.card", "a", 100).await,
         100
     );
-    eventually_async("q0 on node 2", Duration::from_secs(10), || async {
-        let (_c, ch) = amqp(nodes[2].amqp).await;
-        passive_queue(&ch, "q0").await.is_ok()
-    })
-    .await;
+    queue_on(&nodes[2], "q0", "q0 on node 2").await;
     assert_eq!(publish_confirmed(&ch2, "", "q0", "b", 50).await, 50);
     // Every node answers with the home node's count.
     for n in &nodes {
@@ -958,11 +961,7 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
         .await
         .expect("q2 on node 2");
     let (_c0, ch0) = amqp(nodes[0].amqp).await;
-    eventually_async("q2 on node 0", Duration::from_secs(10), || async {
-        let (_c, ch) = amqp(nodes[0].amqp).await;
-        passive_queue(&ch, "q2").await.is_ok()
-    })
-    .await;
+    queue_on(&nodes[0], "q2", "q2 on node 0").await;
     ch0.queue_bind(
         "q2".into(),
         "orders".into(),
@@ -1004,18 +1003,10 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
         ch.queue_declare("log".into(), durable, args)
             .await
             .expect("a stream on node 0");
-        eventually_async("the stream on node 1", Duration::from_secs(10), || async {
-            let (_c, ch) = amqp(nodes[1].amqp).await;
-            passive_queue(&ch, "log").await.is_ok()
-        })
-        .await;
+        queue_on(&nodes[1], "log", "the stream on node 1").await;
         let (_c, ch) = amqp(nodes[1].amqp).await;
         assert_eq!(publish_confirmed(&ch, "", "log", "s", 5).await, 5);
-        eventually_async("the stream on node 2", Duration::from_secs(10), || async {
-            let (_c, ch) = amqp(nodes[2].amqp).await;
-            passive_queue(&ch, "log").await.is_ok()
-        })
-        .await;
+        queue_on(&nodes[2], "log", "the stream on node 2").await;
         let (_c, ch) = amqp(nodes[2].amqp).await;
         ch.basic_qos(10, Default::default()).await.expect("qos");
         let mut from = FieldTable::default();
@@ -1071,11 +1062,7 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
         .await
         .expect("rpc queue on node 1");
         for n in [&nodes[0], &nodes[2]] {
-            eventually_async("rpc everywhere", Duration::from_secs(10), || async {
-                let (_c, ch) = amqp(n.amqp).await;
-                passive_queue(&ch, "rpc").await.is_ok()
-            })
-            .await;
+            queue_on(n, "rpc", "rpc everywhere").await;
         }
         req.basic_publish(
             "".into(),
@@ -1149,11 +1136,7 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
     ch2.queue_declare("q3".into(), durable, FieldTable::default())
         .await
         .expect("q3 on node 2");
-    eventually_async("q3 on node 0", Duration::from_secs(10), || async {
-        let (_c, ch) = amqp(nodes[0].amqp).await;
-        passive_queue(&ch, "q3").await.is_ok()
-    })
-    .await;
+    queue_on(&nodes[0], "q3", "q3 on node 0").await;
     assert_eq!(publish_confirmed(&ch0, "", "q3", "d", 2).await, 2);
     // A consumer through node 0 of node 2's queue.
     let (_cc, chc) = amqp(nodes[0].amqp).await;

@@ -387,6 +387,19 @@ fn users(net: &Net, i: usize) -> Option<std::collections::BTreeSet<String>> {
 }
 
 /// xorshift64: the schedule's randomness, reproducible from the printed seed.
+/// The random schedule's seed: `WARREN_CHECKER_SEED`, else the clock.
+fn checker_seed() -> u64 {
+    std::env::var("WARREN_CHECKER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        })
+}
+
 struct Rng(u64);
 
 impl Rng {
@@ -407,15 +420,7 @@ fn acknowledged_changes_survive_random_kills_and_partitions() {
     let Some((mut net, _)) = formed(n) else {
         return;
     };
-    let seed = std::env::var("WARREN_CHECKER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-                | 1
-        });
+    let seed = checker_seed();
     eprintln!("checker seed {seed} (WARREN_CHECKER_SEED to repeat)");
     let mut rng = Rng(seed);
 
@@ -671,15 +676,7 @@ fn confirmed_messages_survive_kills_and_partitions_through_any_node() {
     let Some((mut net, _)) = formed(n) else {
         return;
     };
-    let seed = std::env::var("WARREN_CHECKER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-                | 1
-        });
+    let seed = checker_seed();
     eprintln!("queue checker seed {seed} (WARREN_CHECKER_SEED to repeat)");
     let mut rng = Rng(seed);
     let urls: Vec<String> = (0..n).map(|i| amqp_url(&net, i)).collect();

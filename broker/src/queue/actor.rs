@@ -568,21 +568,13 @@ impl Actor {
                 let _ = reply.send(
                     self.consumers
                         .iter()
-                        .map(|c| super::handle::ConsumerInfo {
-                            tag: c.tag.clone(),
-                            conn_id: c.conn_id,
-                            channel: c.channel,
-                            ack_required: !c.no_ack,
-                            exclusive: c.exclusive,
-                            prefetch: c.prefetch,
-                            priority: c.priority,
-                            active: !self.args.single_active
+                        .map(|c| {
+                            let active = !self.args.single_active
                                 || self
                                     .active
                                     .as_ref()
-                                    .is_some_and(|(k, t)| *k == c.chan_key && *t == c.tag),
-                            timeout: c.timeout.or(self.args.consumer_timeout),
-                            stream: None,
+                                    .is_some_and(|(k, t)| *k == c.chan_key && *t == c.tag);
+                            c.info(active, c.timeout.or(self.args.consumer_timeout))
                         })
                         .collect(),
                 );

@@ -370,6 +370,23 @@ pub enum QueueCmd {
 }
 
 impl Consumer {
+    /// What operators see of it: `active` (not waiting its turn on a
+    /// single-active-consumer queue), `timeout` the one in force.
+    pub fn info(&self, active: bool, timeout: Option<u64>) -> ConsumerInfo {
+        ConsumerInfo {
+            tag: self.tag.clone(),
+            conn_id: self.conn_id,
+            channel: self.channel,
+            ack_required: !self.no_ack,
+            exclusive: self.exclusive,
+            prefetch: self.prefetch,
+            priority: self.priority,
+            active,
+            timeout,
+            stream: None,
+        }
+    }
+
     /// The event handing this consumer `items` (message, redelivered,
     /// sequence or offset) from queue `queue`, in order: one `Deliver` for
     /// one message, else one `DeliverMany` for the run.

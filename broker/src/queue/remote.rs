@@ -548,18 +548,7 @@ async fn answer(
             subs().insert(
                 sub,
                 Arc::new(Sub {
-                    info: super::handle::ConsumerInfo {
-                        tag: c.tag.clone(),
-                        conn_id: c.conn_id,
-                        channel: c.channel,
-                        ack_required: !c.no_ack,
-                        exclusive: c.exclusive,
-                        prefetch: c.prefetch,
-                        priority: c.priority,
-                        active: true,
-                        timeout: c.timeout,
-                        stream: None,
-                    },
+                    info: c.info(true, c.timeout),
                     conn: c.conn.clone(),
                     chan_key: c.chan_key,
                     channel: c.channel,

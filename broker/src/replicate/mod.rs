@@ -442,20 +442,11 @@ async fn mirror_topology(
             .reader()
             .snapshot_of_prefix(&topology::vhost_prefix(&name));
         let r = topology::reconcile(&v, &map, &me, link, state).await?;
-        for (q, def) in r.lost_queues {
+        let d = topology::VhostDefs::of(&map);
+        for q in r.lost_queues {
             // Transient queues of this node did not survive its restart.
-            let d = topology::VhostDefs::of(&map);
-            let mut cmds = vec![MetaCommand::Delete {
-                key: topology::queue_key(&name, &q),
-            }];
-            cmds.extend(d.cascade(&name, BTreeSet::new(), vec![("queue".into(), q.clone())]));
-            cmds.push(MetaCommand::DeletePrefix {
-                prefix: topology::bindings_to(&name, "queue", &q),
-            });
-            let cmd = MetaCommand::IfEquals {
-                key: topology::queue_key(&name, &q),
-                value: serde_json::to_value(def).unwrap_or_default(),
-                then: Box::new(MetaCommand::Batch(cmds)),
+            let Some(cmd) = d.removal(&name, "queue", &q) else {
+                continue;
             };
             // Not awaited here: this loop is what applies it.
             let c = cluster.clone();

@@ -40,17 +40,29 @@ impl Link for ClusterLink {
     ) -> Pin<Box<dyn Future<Output = Result<Value, LinkError>> + Send>> {
         let sync = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
         let node = node.to_owned();
-        Box::pin(async move {
-            let sync =
-                sync.ok_or_else(|| LinkError::Down("this node is joining a cluster".into()))?;
-            match sync.cluster.call_app(&node, request, CALL_TIMEOUT).await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(why)) => Err(LinkError::Failed(why)),
-                Err(warren_cluster::CallError::Connect(e)) => Err(LinkError::Down(e.to_string())),
-                Err(warren_cluster::CallError::Rpc(e)) => Err(LinkError::Failed(e.to_string())),
-            }
-        })
+        Box::pin(async move { call_node(sync, &node, request).await })
     }
+}
+
+/// Send `request` to the member called `node` through `sync`'s cluster
+/// node (None: this node is between clusters).
+async fn call_node(
+    sync: Option<Arc<super::ClusterSync>>,
+    node: &str,
+    request: Value,
+) -> Result<Value, LinkError> {
+    let sync = sync.ok_or_else(|| LinkError::Down("this node is not in a cluster now".into()))?;
+    match sync.cluster.call_app(node, request, CALL_TIMEOUT).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(why)) => Err(LinkError::Failed(why)),
+        Err(warren_cluster::CallError::Connect(e)) => Err(LinkError::Down(e.to_string())),
+        Err(warren_cluster::CallError::Rpc(e)) => Err(LinkError::Failed(e.to_string())),
+    }
+}
+
+/// [`call_node`] through broker `b`'s current cluster node.
+async fn call_from(b: &Broker, node: &str, request: Value) -> Result<Value, LinkError> {
+    call_node(b.cluster.as_ref().and_then(|m| m.sync()), node, request).await
 }
 
 /// Answers other members' requests about this node's queues. Set up before
@@ -294,16 +306,10 @@ async fn relay(
     mut events: tokio::sync::mpsc::UnboundedReceiver<ConnEvent>,
 ) {
     let call = |req: Value| {
-        let b = b.upgrade();
-        let to = to.clone();
+        let (b, to) = (b.upgrade(), to.clone());
         async move {
-            let sync = b
-                .and_then(|b| b.cluster.as_ref().and_then(|m| m.sync()))
-                .ok_or("this node left its cluster")?;
-            match sync.cluster.call_app(&to, req, CALL_TIMEOUT).await {
-                Ok(r) => r,
-                Err(e) => Err(format!("{:?}", e.into_inner())),
-            }
+            let b = b.ok_or_else(|| LinkError::Down("this node is stopping".into()))?;
+            call_from(&b, &to, req).await
         }
     };
     while let Some(ev) = events.recv().await {
@@ -356,7 +362,7 @@ async fn relay(
             Ok(_) => {}
             Err(e) => {
                 // Its node is gone: its channel's messages come back.
-                tracing::warn!(node = %to, error = %e, "cannot deliver to a consumer on another node: its channel is closed here");
+                tracing::warn!(node = %to, error = ?e, "cannot deliver to a consumer on another node: its channel is closed here");
                 q.tell(QueueCmd::ChannelClosed { chan_key: chan });
                 return;
             }
@@ -370,17 +376,14 @@ async fn relay(
 /// Send a direct reply to its requester on node `node` (see
 /// `channel::reply_to`); whether it was delivered.
 pub(crate) async fn send_reply(b: &Broker, node: &str, msg: &crate::message::Message) -> bool {
-    let Some(sync) = b.cluster.as_ref().and_then(|m| m.sync()) else {
-        return false;
-    };
     let req = json!({
         "op": "reply",
         "name": msg.routing_key.as_str(),
         "message": crate::queue::remote::message_json(msg),
     });
-    match sync.cluster.call_app(node, req, CALL_TIMEOUT).await {
-        Ok(Ok(v)) => v.get("taken").and_then(Value::as_bool) == Some(true),
-        _ => false,
+    match call_from(b, node, req).await {
+        Ok(v) => v.get("taken").and_then(Value::as_bool) == Some(true),
+        Err(_) => false,
     }
 }
 

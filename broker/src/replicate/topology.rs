@@ -79,6 +79,14 @@ pub(crate) fn table_of(s: &str) -> Result<FieldTable, String> {
     crate::vhost::decode_table(&b)
 }
 
+/// Put `value` under `key` only if the key is absent (a first writer wins).
+pub(crate) fn put_if_absent(key: String, value: Value) -> MetaCommand {
+    MetaCommand::IfAbsent {
+        key: key.clone(),
+        then: Box::new(MetaCommand::Put { key, value }),
+    }
+}
+
 /// A new incarnation number.
 pub(crate) fn new_inc() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -210,6 +218,37 @@ impl VhostDefs {
             && self.inc_of(&b.destination_type, &b.destination) == Some(b.dest_inc)
     }
 
+    /// The map change that removes exchange or queue `name` (`kind`:
+    /// `exchange` or `queue`) as this map has it, with every binding to
+    /// it and what the removal empties ([`VhostDefs::cascade`]); applied
+    /// only if it is still that incarnation. None: the map has no such.
+    pub(crate) fn removal(&self, vhost: &str, kind: &str, name: &str) -> Option<MetaCommand> {
+        let (key, def) = match kind {
+            "queue" => (
+                queue_key(vhost, name),
+                serde_json::to_value(self.queues.get(name)?),
+            ),
+            _ => (
+                exchange_key(vhost, name),
+                serde_json::to_value(self.exchanges.get(name)?),
+            ),
+        };
+        let mut cmds = vec![MetaCommand::Delete { key: key.clone() }];
+        cmds.extend(self.cascade(
+            vhost,
+            BTreeSet::new(),
+            vec![(kind.to_owned(), name.to_owned())],
+        ));
+        cmds.push(MetaCommand::DeletePrefix {
+            prefix: bindings_to(vhost, kind, name),
+        });
+        Some(MetaCommand::IfEquals {
+            key,
+            value: def.unwrap_or_default(),
+            then: Box::new(MetaCommand::Batch(cmds)),
+        })
+    }
+
     /// What goes with removing the binding entries `removed` and the ends
     /// `gone` (type, name): every binding to or from a gone end, and every
     /// auto-delete exchange left without bindings, with what goes with it.
@@ -288,9 +327,9 @@ pub(crate) fn local_only(q: &QueueHandle) -> bool {
     q.info.exclusive_owner.is_some() && q.home().is_none()
 }
 
-/// Whether the binding of `source` → `b` is one the map shares (not to an
-/// exclusive queue of this node).
-fn shared_binding(v: &VHost, b: &Binding) -> bool {
+/// Whether a binding is one the map shares (not to an exclusive queue of
+/// this node, which stays here with its queue).
+pub(crate) fn shares_binding(v: &VHost, b: &Binding) -> bool {
     match &b.dest {
         Dest::Queue(n) => !v.find_queue(n).is_some_and(|q| local_only(&q)),
         Dest::Exchange(_) => true,
@@ -328,17 +367,13 @@ pub(crate) fn adoption(v: &VHost, me: &str) -> Vec<MetaCommand> {
     let mut cmds = Vec::new();
     // (type, name) -> (key, entry, inc) of what this node offers.
     let mut ends: HashMap<(String, String), (String, Value, u64)> = HashMap::new();
-    let put = |key: String, value: Value| MetaCommand::IfAbsent {
-        key: key.clone(),
-        then: Box::new(MetaCommand::Put { key, value }),
-    };
     for x in v.exchanges().iter().filter(|x| !builtin(&x.name)) {
         let inc = new_inc();
         let (key, def) = (
             exchange_key(vh, &x.name),
             serde_json::to_value(xdef_of(x, inc)).unwrap_or_default(),
         );
-        cmds.push(put(key.clone(), def.clone()));
+        cmds.push(put_if_absent(key.clone(), def.clone()));
         ends.insert(("exchange".into(), x.name.clone()), (key, def, inc));
     }
     for q in v
@@ -351,11 +386,11 @@ pub(crate) fn adoption(v: &VHost, me: &str) -> Vec<MetaCommand> {
             queue_key(vh, q.name()),
             serde_json::to_value(qdef_of(q, me, inc)).unwrap_or_default(),
         );
-        cmds.push(put(key.clone(), def.clone()));
+        cmds.push(put_if_absent(key.clone(), def.clone()));
         ends.insert(("queue".into(), q.name().to_owned()), (key, def, inc));
     }
     for x in v.exchanges() {
-        for b in x.bindings.iter().filter(|b| shared_binding(v, b)) {
+        for b in x.bindings.iter().filter(|b| shares_binding(v, b)) {
             let (dt, d) = dest_parts(&b.dest);
             let src = ends.get(&("exchange".to_owned(), x.name.clone()));
             let Some(dst) = ends.get(&(dt.to_owned(), d.to_owned())) else {
@@ -375,7 +410,7 @@ pub(crate) fn adoption(v: &VHost, me: &str) -> Vec<MetaCommand> {
                 routing_key: b.key.clone(),
                 arguments: table_text(&b.args),
             };
-            let mut cmd = put(
+            let mut cmd = put_if_absent(
                 binding_key(vh, &def),
                 serde_json::to_value(&def).unwrap_or_default(),
             );
@@ -397,7 +432,7 @@ pub(crate) fn adoption(v: &VHost, me: &str) -> Vec<MetaCommand> {
 /// (transient ones), to delete from the map.
 #[derive(Default)]
 pub(crate) struct Reconciled {
-    pub lost_queues: Vec<(String, QDef)>,
+    pub lost_queues: Vec<String>,
 }
 
 /// Make vhost `v`'s exchanges, queues and bindings match `map` (its
@@ -494,7 +529,7 @@ pub(crate) async fn reconcile(
             continue;
         }
         if def.node == me && first && !def.durable {
-            out.lost_queues.push((name.clone(), def.clone()));
+            out.lost_queues.push(name.clone());
             continue;
         }
         adds.push(new_queue(name, def, me, link)?);
@@ -531,7 +566,7 @@ pub(crate) async fn reconcile(
     let mut have: HashSet<BindingId> = HashSet::new();
     let mut ops = Vec::new();
     for x in v.exchanges() {
-        for b in x.bindings.iter().filter(|b| shared_binding(v, b)) {
+        for b in x.bindings.iter().filter(|b| shares_binding(v, b)) {
             let id = id_of(&x.name, b);
             if !want.contains_key(&id) {
                 ops.push(Mirror::Unbind(x.name.clone(), b.clone()));

@@ -595,6 +595,50 @@ impl VHost {
             .await
     }
 
+    /// Check binding or unbinding `source` → `b`: Some(whether the binding
+    /// is durable) if there is a change to make, None if it is made already
+    /// (bound, or not bound). Unbinding from or to something that is gone
+    /// is done already: unbind-ok, as RabbitMQ answers (an RPC client's
+    /// reply queue may auto-delete before it unbinds it). Binding needs
+    /// both.
+    pub(super) fn binding_change(
+        &self,
+        bind: bool,
+        source: &str,
+        b: &Binding,
+        conn: u64,
+    ) -> AmqpResult<Option<bool>> {
+        let vh = &self.name;
+        let t = self.read();
+        let dest_durable = match &b.dest {
+            Dest::Queue(n) => match t.queues.get(&**n) {
+                Some(q) => {
+                    check_owner(q, conn, vh)?;
+                    q.persisted()
+                }
+                None if bind => return Err(not_found("queue", n, vh)),
+                None => return Ok(None),
+            },
+            Dest::Exchange(n) => match t.exchanges.get(&**n) {
+                Some(x) => x.durable,
+                None if bind => return Err(not_found("exchange", n, vh)),
+                None => return Ok(None),
+            },
+        };
+        let src = match t.exchanges.get(source) {
+            Some(x) => x,
+            None if bind => return Err(not_found("exchange", source, vh)),
+            None => return Ok(None),
+        };
+        if bind {
+            src.check_binding(&b.key, &b.args)?;
+        }
+        if src.bindings.contains(b) == bind {
+            return Ok(None);
+        }
+        Ok(Some(src.durable && dest_durable))
+    }
+
     pub(super) fn apply_binding(
         &self,
         bind: bool,
@@ -603,38 +647,8 @@ impl VHost {
         conn: u64,
     ) -> AmqpResult<()> {
         let vh = &self.name;
-        let durable = {
-            let t = self.read();
-            // Unbinding from or to something that is gone is done already:
-            // unbind-ok, as RabbitMQ answers (an RPC client's reply queue
-            // may auto-delete before it unbinds it). Binding needs both.
-            let dest_durable = match &b.dest {
-                Dest::Queue(n) => match t.queues.get(&**n) {
-                    Some(q) => {
-                        check_owner(q, conn, vh)?;
-                        q.persisted()
-                    }
-                    None if bind => return Err(not_found("queue", n, vh)),
-                    None => return Ok(()),
-                },
-                Dest::Exchange(n) => match t.exchanges.get(&**n) {
-                    Some(x) => x.durable,
-                    None if bind => return Err(not_found("exchange", n, vh)),
-                    None => return Ok(()),
-                },
-            };
-            let src = match t.exchanges.get(source) {
-                Some(x) => x,
-                None if bind => return Err(not_found("exchange", source, vh)),
-                None => return Ok(()),
-            };
-            if bind {
-                src.check_binding(&b.key, &b.args)?;
-            }
-            if src.bindings.contains(&b) == bind {
-                return Ok(()); // already bound, or not bound
-            }
-            src.durable && dest_durable
+        let Some(durable) = self.binding_change(bind, source, &b, conn)? else {
+            return Ok(());
         };
         if durable {
             let def = BindingDef {

@@ -6,12 +6,12 @@
 //! this node has applied it: every node, this one included, changes its
 //! topology only by mirroring the group ([`VHost::mirror`]).
 
-use super::{locked, VHost};
-use crate::error::{internal_error, not_found, AmqpError, AmqpResult};
-use crate::exchange::{Binding, Dest, Exchange};
+use super::VHost;
+use crate::error::{internal_error, AmqpError, AmqpResult};
+use crate::exchange::{Binding, Exchange};
 use crate::queue::{QueueHandle, QueueInfo};
 use crate::replicate::topology::{
-    self, bindings_to, builtin, dest_parts, exchange_key, queue_key, table_text, BDef, QDef,
+    self, builtin, dest_parts, exchange_key, put_if_absent, queue_key, table_text, BDef, QDef,
     VhostDefs, XDef,
 };
 use crate::replicate::{ClusterSync, SyncSlot, UNAVAILABLE};
@@ -23,7 +23,7 @@ use warren_cluster::MetaCommand;
 use warren_protocol::reply;
 use warren_protocol::types::FieldTable;
 
-pub(crate) use crate::replicate::topology::local_only;
+pub(crate) use crate::replicate::topology::{local_only, shares_binding};
 
 /// A shared queue to add to this node's topology.
 pub(crate) struct NewShared {
@@ -43,15 +43,6 @@ pub(crate) enum Mirror {
     RemoveQueue(String, u64),
     Bind(String, Binding),
     Unbind(String, Binding),
-}
-
-/// Whether a binding is shared (not one to an exclusive queue of this
-/// node, which stays here with its queue).
-pub(crate) fn shares_binding(v: &VHost, b: &Binding) -> bool {
-    match &b.dest {
-        Dest::Queue(n) => !v.find_queue(n).is_some_and(|q| local_only(&q)),
-        Dest::Exchange(_) => true,
-    }
 }
 
 /// A cluster's refusal as a channel error: 541 when the cluster cannot
@@ -128,19 +119,9 @@ impl VHost {
             arguments: table_text(&x.arguments),
             inc: topology::new_inc(),
         };
-        let key = exchange_key(&self.name, &name);
-        let put = MetaCommand::Put {
-            key: key.clone(),
-            value: serde_json::to_value(def).unwrap_or_default(),
-        };
-        self.commit(
-            &sync,
-            MetaCommand::IfAbsent {
-                key,
-                then: Box::new(put),
-            },
-        )
-        .await?;
+        let value = serde_json::to_value(def).unwrap_or_default();
+        self.commit(&sync, put_if_absent(exchange_key(&self.name, &name), value))
+            .await?;
         // Ours, or another node's declared first: checked as a redeclaration.
         check(self).unwrap_or(Ok(()))
     }
@@ -162,27 +143,10 @@ impl VHost {
         }
         let sync = self.sync()?;
         sync.catch_up().await.map_err(refused)?;
-        let d = self.defs(&sync);
-        let Some(def) = d.exchanges.get(name) else {
-            return Ok(()); // deleted meanwhile
-        };
-        let mut cmds = vec![MetaCommand::Delete {
-            key: exchange_key(&self.name, name),
-        }];
-        cmds.extend(d.cascade(
-            &self.name,
-            BTreeSet::new(),
-            vec![("exchange".into(), name.to_owned())],
-        ));
-        cmds.push(MetaCommand::DeletePrefix {
-            prefix: bindings_to(&self.name, "exchange", name),
-        });
-        let cmd = MetaCommand::IfEquals {
-            key: exchange_key(&self.name, name),
-            value: serde_json::to_value(def).unwrap_or_default(),
-            then: Box::new(MetaCommand::Batch(cmds)),
-        };
-        self.commit(&sync, cmd).await?;
+        // None: deleted meanwhile.
+        if let Some(cmd) = self.defs(&sync).removal(&self.name, "exchange", name) {
+            self.commit(&sync, cmd).await?;
+        }
         Ok(())
     }
 
@@ -201,19 +165,9 @@ impl VHost {
             arguments: table_text(s.arguments),
             inc: topology::new_inc(),
         };
-        let key = queue_key(&self.name, s.name);
-        let put = MetaCommand::Put {
-            key: key.clone(),
-            value: serde_json::to_value(def).unwrap_or_default(),
-        };
-        self.commit(
-            &sync,
-            MetaCommand::IfAbsent {
-                key,
-                then: Box::new(put),
-            },
-        )
-        .await?;
+        let value = serde_json::to_value(def).unwrap_or_default();
+        self.commit(&sync, put_if_absent(queue_key(&self.name, s.name), value))
+            .await?;
         // Ours, or another node's declared first: checked as a redeclaration.
         let q = self.find_queue(s.name).ok_or_else(|| {
             internal_error(format!(
@@ -223,7 +177,6 @@ impl VHost {
         })?;
         self.check_equivalent(&q, s, conn)?;
         q.tell(crate::queue::QueueCmd::Touch);
-        crate::metrics::Churn::add(&self.churn.queues_created);
         Ok(q)
     }
 
@@ -232,32 +185,10 @@ impl VHost {
     pub(super) async fn delete_shared_queue(&self, q: &QueueHandle) -> AmqpResult<()> {
         let sync = self.sync()?;
         sync.catch_up().await.map_err(refused)?;
-        if let Some(cmd) = self.queue_removal(&sync, q.name()) {
+        if let Some(cmd) = self.defs(&sync).removal(&self.name, "queue", q.name()) {
             self.commit(&sync, cmd).await?;
         }
         Ok(())
-    }
-
-    /// The map change that removes queue `name` as this node knows it.
-    fn queue_removal(&self, sync: &ClusterSync, name: &str) -> Option<MetaCommand> {
-        let d = self.defs(sync);
-        let def = d.queues.get(name)?;
-        let mut cmds = vec![MetaCommand::Delete {
-            key: queue_key(&self.name, name),
-        }];
-        cmds.extend(d.cascade(
-            &self.name,
-            BTreeSet::new(),
-            vec![("queue".into(), name.to_owned())],
-        ));
-        cmds.push(MetaCommand::DeletePrefix {
-            prefix: bindings_to(&self.name, "queue", name),
-        });
-        Some(MetaCommand::IfEquals {
-            key: queue_key(&self.name, name),
-            value: serde_json::to_value(def).unwrap_or_default(),
-            then: Box::new(MetaCommand::Batch(cmds)),
-        })
     }
 
     /// A queue of this node deleted itself (auto-delete, `x-expires`):
@@ -274,7 +205,7 @@ impl VHost {
                 if me.find_queue(q.name()).is_none_or(|cur| cur != q) {
                     return;
                 }
-                let Some(cmd) = me.queue_removal(&sync, q.name()) else {
+                let Some(cmd) = me.defs(&sync).removal(&me.name, "queue", q.name()) else {
                     return;
                 };
                 match me.commit(&sync, cmd).await {
@@ -297,41 +228,8 @@ impl VHost {
         conn: u64,
     ) -> AmqpResult<()> {
         let vh = &self.name;
-        {
-            let t = self.read();
-            match &b.dest {
-                Dest::Queue(n) => match t.queues.get(&**n) {
-                    Some(q) => {
-                        if let Some(owner) = q.info.exclusive_owner {
-                            if owner != conn {
-                                return Err(locked(q, vh));
-                            }
-                        }
-                    }
-                    None if bind => return Err(not_found("queue", n, vh)),
-                    None => return Ok(()),
-                },
-                Dest::Exchange(n) => {
-                    if !t.exchanges.contains_key(&**n) {
-                        return match bind {
-                            true => Err(not_found("exchange", n, vh)),
-                            false => Ok(()),
-                        };
-                    }
-                }
-            }
-            let Some(src) = t.exchanges.get(source) else {
-                return match bind {
-                    true => Err(not_found("exchange", source, vh)),
-                    false => Ok(()),
-                };
-            };
-            if bind {
-                src.check_binding(&b.key, &b.args)?;
-            }
-            if src.bindings.contains(&b) == bind {
-                return Ok(()); // already bound, or not bound
-            }
+        if self.binding_change(bind, source, &b, conn)?.is_none() {
+            return Ok(());
         }
         let sync = self.sync()?;
         let d = self.defs(&sync);
@@ -470,6 +368,7 @@ impl VHost {
                                 arguments: super::encode_table(&s.arguments),
                             }))?;
                         }
+                        crate::metrics::Churn::add(&self.churn.queues_created);
                         q
                     }
                 };
