@@ -19,6 +19,7 @@
 mod bootstrap;
 pub mod config;
 pub mod error;
+pub mod group;
 mod leader;
 pub mod log;
 pub mod net;
@@ -28,7 +29,8 @@ pub mod types;
 
 pub use config::ClusterConfig;
 pub use error::ClusterError;
+pub use group::{Group, GroupMachine, GroupWatch, GroupWriteError};
 pub use net::{AppHandler, CallError, ClusterTls, HelloReply};
 pub use node::{ClusterNode, ClusterStatus, Role};
 pub use sm::MetaReader;
-pub use types::{node_id, Applied, MetaCommand, MetaResponse, NodeId, NodeInfo, TypeConfig};
+pub use types::{node_id, Applied, Blob, MetaCommand, MetaResponse, NodeId, NodeInfo, TypeConfig};

@@ -12,13 +12,15 @@ use tokio::task::JoinHandle;
 use crate::bootstrap::{bootstrap, HELLO_TIMEOUT};
 use crate::config::ClusterConfig;
 use crate::error::ClusterError;
+use crate::group::{Group, GroupMachine, GroupSm, Groups};
 use crate::leader::{LeaderReply, LeaderRequest, RemoteError};
 use crate::log::{LogStore, META_GROUP};
 use crate::net::{
-    serve, CallError, HelloReply, NetworkFactory, PeerPool, RequestBody, ResponseBody,
+    serve, CallError, HelloReply, NetworkFactory, PeerPool, RequestBody, ResponseBody, ServerCtx,
 };
-use crate::sm::{MetaReader, StateMachine};
+use crate::sm::{MetaReader, SnapshotSlot, StateMachine};
 use crate::types::{node_id, Applied, MetaCommand, MetaResponse, NodeId, NodeInfo, Raft};
+use warren_storage::RaftGroup;
 
 /// How long a request for the leader looks for one.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -68,7 +70,7 @@ pub struct ClusterStatus {
 }
 
 impl ClusterStatus {
-    fn from_metrics(
+    pub(crate) fn from_metrics(
         me: NodeInfo,
         m: &RaftMetrics<NodeId, NodeInfo>,
         bootstrap_error: Option<String>,
@@ -106,6 +108,11 @@ pub struct ClusterNode {
     /// Connections for application requests, apart from Raft's (a large request
     /// does not hold up heartbeats).
     app_pool: Arc<PeerPool>,
+    /// Connections for application groups' Raft messages.
+    group_pool: Arc<PeerPool>,
+    groups: Groups,
+    raft_config: Arc<openraft::Config>,
+    log_store: Arc<dyn warren_storage::RaftLogStore>,
     local_addr: SocketAddr,
     server: Mutex<Option<JoinHandle<()>>>,
     bootstrap: Mutex<Option<JoinHandle<()>>>,
@@ -143,6 +150,8 @@ impl ClusterNode {
 
         let pool = PeerPool::new(me.clone(), secret.clone(), cfg.tls.clone());
         let app_pool = PeerPool::new(me.clone(), secret.clone(), cfg.tls.clone());
+        let group_pool = PeerPool::new(me.clone(), secret.clone(), cfg.tls.clone());
+        let groups = Groups::default();
         let open = || async {
             StateMachine::open(cfg.log_store.clone(), META_GROUP)
                 .await
@@ -163,8 +172,8 @@ impl ClusterNode {
         let feed = sm.feed();
         let raft = Raft::new(
             id,
-            raft_config,
-            NetworkFactory::new(pool.clone(), id),
+            raft_config.clone(),
+            NetworkFactory::new(pool.clone(), id, META_GROUP),
             log,
             sm,
         )
@@ -173,11 +182,14 @@ impl ClusterNode {
 
         let server = tokio::spawn(serve(
             listener,
-            raft.clone(),
-            secret,
-            me.clone(),
-            cfg.tls.clone(),
-            cfg.app.clone(),
+            ServerCtx {
+                raft: raft.clone(),
+                secret,
+                me: me.clone(),
+                tls: cfg.tls.clone(),
+                app: cfg.app.clone(),
+                groups: groups.clone(),
+            },
         ));
         let bootstrap_error = Arc::new(Mutex::new(None));
         let bootstrap = tokio::spawn(bootstrap(
@@ -195,6 +207,10 @@ impl ClusterNode {
             feed,
             pool,
             app_pool,
+            group_pool,
+            groups,
+            raft_config,
+            log_store: cfg.log_store.clone(),
             local_addr,
             server: Mutex::new(Some(server)),
             bootstrap: Mutex::new(Some(bootstrap)),
@@ -420,6 +436,80 @@ impl ClusterNode {
         }
     }
 
+    /// Opens this node's member of the application group `group`, with `machine` as its
+    /// state machine: restores the group's last snapshot and starts its Raft, which
+    /// applies the log after the snapshot. A new group has no members until one member
+    /// calls [`Group::initialize`]. Fails if the group is open already.
+    pub async fn open_group(
+        &self,
+        group: RaftGroup,
+        machine: Arc<dyn GroupMachine>,
+    ) -> Result<Group, ClusterError> {
+        if group == META_GROUP {
+            return Err(ClusterError::Config("group 0 is the metadata group".into()));
+        }
+        if self.groups.get(group).is_some() {
+            return Err(ClusterError::Config(format!(
+                "raft group {group} is open already"
+            )));
+        }
+        let slot = SnapshotSlot {
+            store: self.log_store.clone(),
+            group,
+        };
+        let mut sm = GroupSm::open(machine.clone(), slot.clone()).await?;
+        let log = LogStore::new(self.log_store.clone(), group);
+        if log
+            .forget_unreplayable(sm.snapshot_index().await)
+            .await
+            .map_err(|e| ClusterError::Raft(format!("cannot read the raft log: {e}")))?
+        {
+            machine.restore(&[]).map_err(ClusterError::Raft)?;
+            sm = GroupSm::open(machine, slot).await?;
+        }
+        let raft = Raft::new(
+            self.id(),
+            self.raft_config.clone(),
+            NetworkFactory::new(self.group_pool.clone(), self.id(), group),
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| ClusterError::Raft(format!("cannot start raft group {group}: {e}")))?;
+        if !self.groups.insert(group, raft.clone()) {
+            let _ = raft.shutdown().await;
+            return Err(ClusterError::Config(format!(
+                "raft group {group} is open already"
+            )));
+        }
+        Ok(Group::new(group, raft, self.me.clone()))
+    }
+
+    /// This node's member of `group`, if open.
+    pub fn group(&self, group: RaftGroup) -> Option<Group> {
+        self.groups
+            .get(group)
+            .map(|raft| Group::new(group, raft, self.me.clone()))
+    }
+
+    /// Stops this node's member of `group` (its log stays).
+    pub async fn close_group(&self, group: RaftGroup) {
+        if let Some(raft) = self.groups.remove(group) {
+            let _ = raft.shutdown().await;
+        }
+    }
+
+    /// Stops this node's member of `group` and removes its log, vote and snapshot (the
+    /// group was deleted, or this node left it).
+    pub async fn destroy_group(&self, group: RaftGroup) -> Result<(), ClusterError> {
+        self.close_group(group).await;
+        let store = self.log_store.clone();
+        tokio::task::spawn_blocking(move || store.forget_group(group))
+            .await
+            .map_err(|e| ClusterError::Raft(format!("storage task: {e}")))?
+            .map_err(|e| ClusterError::Raft(format!("cannot remove raft group {group}: {e}")))
+    }
+
     /// Authenticates to the node at `addr` and asks who it is (diagnostics, discovery).
     pub async fn probe(&self, addr: &str) -> Result<HelloReply, ClusterError> {
         self.pool.hello(addr, HELLO_TIMEOUT).await
@@ -434,6 +524,9 @@ impl ClusterNode {
         if let Some(task) = take(&self.bootstrap) {
             task.abort();
         }
+        for raft in self.groups.drain() {
+            let _ = raft.shutdown().await;
+        }
         let raft_result = self.raft.shutdown().await;
         if let Some(task) = take(&self.server) {
             task.abort();
@@ -442,6 +535,7 @@ impl ClusterNode {
         }
         self.pool.close();
         self.app_pool.close();
+        self.group_pool.close();
         tracing::info!(node = %self.me, "cluster node stopped");
         raft_result.map_err(|e| ClusterError::Raft(format!("raft did not stop cleanly: {e}")))
     }
@@ -461,9 +555,14 @@ impl Drop for ClusterNode {
         }
         self.pool.close();
         self.app_pool.close();
+        self.group_pool.close();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let raft = self.raft.clone();
+            let groups = self.groups.drain();
             rt.spawn(async move {
+                for g in groups {
+                    let _ = g.shutdown().await;
+                }
                 let _ = raft.shutdown().await;
             });
         }

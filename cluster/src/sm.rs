@@ -46,6 +46,7 @@ impl SmData {
                 if let Some(v) = self.map.get(key) {
                     return MetaResponse {
                         previous: Some(v.clone()),
+                        reply: None,
                     };
                 }
                 self.apply(then);
@@ -69,14 +70,20 @@ impl SmData {
                     other => {
                         return MetaResponse {
                             previous: Some(other.cloned().unwrap_or(Value::Null)),
+                            reply: None,
                         }
                     }
                 }
                 self.apply(then);
                 None
             }
+            // Never sent to the metadata group.
+            MetaCommand::Group(_) => None,
         };
-        MetaResponse { previous }
+        MetaResponse {
+            previous,
+            reply: None,
+        }
     }
 }
 
@@ -86,9 +93,9 @@ const FEED_CAPACITY: usize = 4096;
 
 /// A built or received snapshot, kept so it can be served to lagging followers.
 #[derive(Debug, Clone)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, NodeInfo>,
-    data: Vec<u8>,
+pub(crate) struct StoredSnapshot {
+    pub(crate) meta: SnapshotMeta<NodeId, NodeInfo>,
+    pub(crate) data: Vec<u8>,
 }
 
 /// Shared state behind the read handle. A std lock: critical sections never await, and
@@ -140,9 +147,9 @@ impl MetaReader {
 
 /// Where a state machine's snapshots are saved: one Raft group's slot in a store.
 #[derive(Clone)]
-struct SnapshotSlot {
-    store: Arc<dyn RaftLogStore>,
-    group: RaftGroup,
+pub(crate) struct SnapshotSlot {
+    pub(crate) store: Arc<dyn RaftLogStore>,
+    pub(crate) group: RaftGroup,
 }
 
 impl std::fmt::Debug for SnapshotSlot {
@@ -154,7 +161,7 @@ impl std::fmt::Debug for SnapshotSlot {
 }
 
 /// A saved snapshot: the meta's JSON length (u32, big-endian), the meta's JSON, the data.
-fn encode_snapshot(s: &StoredSnapshot) -> serde_json::Result<Vec<u8>> {
+pub(crate) fn encode_snapshot(s: &StoredSnapshot) -> serde_json::Result<Vec<u8>> {
     let meta = serde_json::to_vec(&s.meta)?;
     let mut out = Vec::with_capacity(4 + meta.len() + s.data.len());
     out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
@@ -163,7 +170,7 @@ fn encode_snapshot(s: &StoredSnapshot) -> serde_json::Result<Vec<u8>> {
     Ok(out)
 }
 
-fn decode_snapshot(raw: &[u8]) -> Result<StoredSnapshot, String> {
+pub(crate) fn decode_snapshot(raw: &[u8]) -> Result<StoredSnapshot, String> {
     let len = raw
         .get(..4)
         .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)

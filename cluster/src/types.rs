@@ -66,6 +66,38 @@ pub enum MetaCommand {
         value: serde_json::Value,
         then: Box<MetaCommand>,
     },
+    /// A command of an application group (see [`crate::group`]), opaque to the cluster;
+    /// the metadata group never carries one.
+    Group(Blob),
+}
+
+/// Opaque bytes that travel and are logged as one base64 string (JSON would make each
+/// byte a number).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Blob(pub Vec<u8>);
+
+impl fmt::Debug for Blob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Blob({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Blob {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine;
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map(Blob)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Result of applying a [`MetaCommand`].
@@ -73,6 +105,9 @@ pub enum MetaCommand {
 pub struct MetaResponse {
     /// The value the key had before the command, if any (None for a batch).
     pub previous: Option<serde_json::Value>,
+    /// What an application group's state machine answered a [`MetaCommand::Group`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<Blob>,
 }
 
 /// What a node has applied, as its subscribers hear it ([`crate::ClusterNode::subscribe`]).

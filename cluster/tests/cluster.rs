@@ -781,3 +781,151 @@ async fn nodes_talk_over_tls_and_refuse_strangers() {
     plain.shutdown().await.expect("shutdown");
     shutdown_all(&nodes).await;
 }
+
+/// A group state machine that keeps every command it applied, in order.
+#[derive(Default)]
+struct Journal(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Journal {
+    fn items(&self) -> Vec<Vec<u8>> {
+        self.0.lock().expect("journal").clone()
+    }
+}
+
+impl warren_cluster::GroupMachine for Journal {
+    fn apply(&self, _index: u64, command: &[u8]) -> Vec<u8> {
+        let mut j = self.0.lock().expect("journal");
+        j.push(command.to_vec());
+        (j.len() as u64).to_be_bytes().to_vec()
+    }
+    fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&*self.0.lock().expect("journal")).expect("encode")
+    }
+    fn restore(&self, state: &[u8]) -> Result<(), String> {
+        *self.0.lock().expect("journal") = if state.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::from_slice(state).map_err(|e| e.to_string())?
+        };
+        Ok(())
+    }
+}
+
+/// Waits until the open members of a group agree on a leader among them; returns its
+/// index in `groups`.
+async fn group_leader(groups: &[Option<warren_cluster::Group>]) -> usize {
+    let mut found = None;
+    eventually("one group leader", Duration::from_secs(15), || {
+        let ids: Vec<_> = groups
+            .iter()
+            .flatten()
+            .map(|g| g.status().leader_id)
+            .collect();
+        found = ids[0].and_then(|l| {
+            groups
+                .iter()
+                .position(|g| g.as_ref().is_some_and(|g| g.status().id == l))
+        });
+        found.is_some() && ids.iter().all(|&l| l == ids[0])
+    })
+    .await;
+    found.expect("leader")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_group_replicates_fails_over_and_restores() {
+    let (_cfgs, nodes, _) = start_three("group", |cfg| {
+        cfg.snapshot_after_logs = 5;
+        cfg.logs_kept_after_snapshot = 0;
+    })
+    .await;
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    agreed_leader(&all, 3, Duration::from_secs(15)).await;
+    let members: Vec<_> = nodes.iter().map(|n| n.info().clone()).collect();
+    let journals: Vec<Arc<Journal>> = (0..3).map(|_| Arc::default()).collect();
+    let mut groups = Vec::new();
+    for (n, j) in nodes.iter().zip(&journals) {
+        groups.push(Some(n.open_group(7, j.clone()).await.expect("open")));
+    }
+    assert!(nodes[0]
+        .open_group(7, Arc::new(Journal::default()))
+        .await
+        .is_err());
+    assert!(nodes[0]
+        .open_group(0, Arc::new(Journal::default()))
+        .await
+        .is_err());
+    groups[1]
+        .as_ref()
+        .expect("g")
+        .initialize(&members)
+        .await
+        .expect("init");
+    let li = group_leader(&groups).await;
+    let leader = groups[li].clone().expect("leader");
+    for i in 0u8..8 {
+        let n = leader.write(vec![i]).await.expect("write");
+        assert_eq!(
+            u64::from_be_bytes(n.try_into().expect("8 bytes")),
+            i as u64 + 1
+        );
+    }
+    let fi = (li + 1) % 3;
+    let follower = groups[fi].clone().expect("follower");
+    assert!(matches!(
+        follower.write(vec![99]).await,
+        Err(warren_cluster::GroupWriteError::NotLeader(Some(_)))
+    ));
+    let want: Vec<Vec<u8>> = (0u8..8).map(|i| vec![i]).collect();
+    eventually("every member applied", Duration::from_secs(5), || {
+        journals.iter().all(|j| j.items() == want)
+    })
+    .await;
+    // The metadata group is untouched by the group's traffic.
+    assert!(nodes[0].get("anything").is_none());
+
+    // The leader's member stops: the others elect one and go on.
+    nodes[li].close_group(7).await;
+    groups[li] = None;
+    let ni = group_leader(&groups).await;
+    assert_ne!(ni, li);
+    let leader = groups[ni].clone().expect("new leader");
+    for i in 8u8..12 {
+        leader.write(vec![i]).await.expect("write after failover");
+    }
+    // It comes back, from its snapshot and log, and catches up.
+    warren_cluster::GroupMachine::restore(&*journals[li], &[]).expect("clear");
+    eventually("a snapshot", Duration::from_secs(5), || {
+        groups[ni]
+            .as_ref()
+            .expect("g")
+            .status()
+            .snapshot_index
+            .is_some()
+    })
+    .await;
+    groups[li] = Some(
+        nodes[li]
+            .open_group(7, journals[li].clone())
+            .await
+            .expect("reopen"),
+    );
+    let want: Vec<Vec<u8>> = (0u8..12).map(|i| vec![i]).collect();
+    eventually(
+        "the returned member caught up",
+        Duration::from_secs(10),
+        || journals.iter().all(|j| j.items() == want),
+    )
+    .await;
+    // Destroyed on one node, the group's data goes with it there.
+    nodes[li].destroy_group(7).await.expect("destroy");
+    assert!(nodes[li].group(7).is_none());
+    let fresh = Arc::new(Journal::default());
+    let g = nodes[li]
+        .open_group(7, fresh.clone())
+        .await
+        .expect("open again");
+    assert_eq!(g.status().last_applied, None);
+    assert!(fresh.items().is_empty());
+    shutdown_all(&nodes).await;
+}

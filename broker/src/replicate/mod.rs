@@ -104,6 +104,7 @@ fn touches(c: &MetaCommand) -> bool {
         MetaCommand::Batch(cs) => cs.iter().any(touches),
         MetaCommand::IfAbsent { key, then } => key == SEEDED || touches(then),
         MetaCommand::IfEquals { then, .. } => touches(then),
+        MetaCommand::Group(_) => false,
     }
 }
 
@@ -122,6 +123,7 @@ fn topology_touched(c: &MetaCommand, out: &mut BTreeSet<String>) {
         MetaCommand::IfAbsent { then, .. } | MetaCommand::IfEquals { then, .. } => {
             topology_touched(then, out)
         }
+        MetaCommand::Group(_) => {}
     }
 }
 

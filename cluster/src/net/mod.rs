@@ -43,10 +43,11 @@ pub(crate) trait Stream:
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 pub(crate) type BoxStream = Box<dyn Stream>;
 pub use raft_net::{NetworkFactory, PeerNetwork};
-pub use server::serve;
+pub use server::{serve, ServerCtx};
 
 use crate::leader::{LeaderReply, LeaderRequest, RemoteError};
 use crate::types::{NodeId, NodeInfo, TypeConfig};
+use warren_storage::RaftGroup;
 
 /// What a node's application (the broker) answers other members with: the
 /// requests they send with [`crate::ClusterNode::call_app`], each handled in its own
@@ -80,6 +81,11 @@ pub(crate) enum RequestBody {
     Leader(LeaderRequest),
     /// A request for the application running on the node (see [`AppHandler`]).
     App(serde_json::Value),
+    /// Raft messages of an application group (see [`crate::group`]); the metadata
+    /// group's go without a group id, as above.
+    GroupAppend(RaftGroup, AppendEntriesRequest<TypeConfig>),
+    GroupVote(RaftGroup, VoteRequest<NodeId>),
+    GroupSnapshot(RaftGroup, InstallSnapshotRequest<TypeConfig>),
 }
 
 /// A response frame, matched to its request by `id`.

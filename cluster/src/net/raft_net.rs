@@ -17,7 +17,9 @@ use openraft::{RPCTypes, RaftNetwork, RaftNetworkFactory};
 use super::client::{CallError, PeerPool};
 use super::{RequestBody, ResponseBody};
 use crate::error::ClusterError;
+use crate::log::META_GROUP;
 use crate::types::{NodeId, NodeInfo, TypeConfig};
+use warren_storage::RaftGroup;
 
 /// Used when openraft passes a zero ttl (it never should).
 const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(2);
@@ -28,12 +30,13 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, NodeInfo, RaftEr
 pub struct NetworkFactory {
     pool: Arc<PeerPool>,
     my_id: NodeId,
+    group: RaftGroup,
 }
 
 impl NetworkFactory {
-    /// A factory for the node `my_id`, sending through `pool`.
-    pub fn new(pool: Arc<PeerPool>, my_id: NodeId) -> Self {
-        Self { pool, my_id }
+    /// A factory for the node `my_id`'s member of `group`, sending through `pool`.
+    pub fn new(pool: Arc<PeerPool>, my_id: NodeId, group: RaftGroup) -> Self {
+        Self { pool, my_id, group }
     }
 }
 
@@ -47,6 +50,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             my_id: self.my_id,
             target,
             node: node.clone(),
+            group: self.group,
         }
     }
 }
@@ -57,6 +61,7 @@ pub struct PeerNetwork {
     my_id: NodeId,
     target: NodeId,
     node: NodeInfo,
+    group: RaftGroup,
 }
 
 impl PeerNetwork {
@@ -118,7 +123,10 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
         let entries = rpc.entries.len() as u64;
-        let body = RequestBody::AppendEntries(rpc);
+        let body = match self.group {
+            META_GROUP => RequestBody::AppendEntries(rpc),
+            g => RequestBody::GroupAppend(g, rpc),
+        };
         match self
             .send(RPCTypes::AppendEntries, body, entries, &option)
             .await?
@@ -133,7 +141,10 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        let body = RequestBody::InstallSnapshot(rpc);
+        let body = match self.group {
+            META_GROUP => RequestBody::InstallSnapshot(rpc),
+            g => RequestBody::GroupSnapshot(g, rpc),
+        };
         match self
             .send(RPCTypes::InstallSnapshot, body, 0, &option)
             .await?
@@ -148,10 +159,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
-        match self
-            .send(RPCTypes::Vote, RequestBody::Vote(rpc), 0, &option)
-            .await?
-        {
+        let body = match self.group {
+            META_GROUP => RequestBody::Vote(rpc),
+            g => RequestBody::GroupVote(g, rpc),
+        };
+        match self.send(RPCTypes::Vote, body, 0, &option).await? {
             ResponseBody::Vote(res) => res.map_err(|e| self.remote(e)),
             other => Err(self.unexpected(&other)),
         }

@@ -17,7 +17,9 @@ use super::{
     RpcResponse,
 };
 use crate::error::ClusterError;
+use crate::group::Groups;
 use crate::types::{NodeInfo, Raft};
+use warren_storage::RaftGroup;
 
 /// Responses queued for a connection's writer task before handlers wait.
 const RESPONSE_QUEUE: usize = 64;
@@ -26,20 +28,13 @@ const RESPONSE_QUEUE: usize = 64;
 ///
 /// Every connection runs in its own task, owned by this future: dropping (or aborting)
 /// it closes the listener and every accepted connection, which is how a node leaves.
-pub async fn serve(
-    listener: TcpListener,
-    raft: Raft,
-    secret: Arc<[u8]>,
-    self_info: NodeInfo,
-    tls: Option<ClusterTls>,
-    app: Option<Arc<dyn AppHandler>>,
-) {
+pub async fn serve(listener: TcpListener, ctx: ServerCtx) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    conns.spawn(handle_conn(stream, peer, raft.clone(), secret.clone(), self_info.clone(), tls.clone(), app.clone()));
+                    conns.spawn(handle_conn(stream, peer, ctx.clone()));
                 }
                 Err(e) => {
                     // Typically fd exhaustion: back off instead of spinning.
@@ -52,15 +47,26 @@ pub async fn serve(
     }
 }
 
-async fn handle_conn(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    raft: Raft,
-    secret: Arc<[u8]>,
-    me: NodeInfo,
-    tls: Option<ClusterTls>,
-    app: Option<Arc<dyn AppHandler>>,
-) {
+/// What the server answers with: the node's Raft groups and application.
+#[derive(Clone)]
+pub struct ServerCtx {
+    pub raft: Raft,
+    pub secret: Arc<[u8]>,
+    pub me: NodeInfo,
+    pub tls: Option<ClusterTls>,
+    pub app: Option<Arc<dyn AppHandler>>,
+    pub groups: Groups,
+}
+
+async fn handle_conn(tcp: TcpStream, peer: SocketAddr, ctx: ServerCtx) {
+    let ServerCtx {
+        raft,
+        secret,
+        me,
+        tls,
+        app,
+        groups,
+    } = ctx;
     let _ = tcp.set_nodelay(true);
     let mut stream: BoxStream = match tls {
         None => Box::new(tcp),
@@ -105,14 +111,14 @@ async fn handle_conn(
             }
         };
         let (raft, me, responses) = (raft.clone(), me.clone(), responses.clone());
-        let (app, from) = (app.clone(), remote.clone());
+        let (app, from, groups) = (app.clone(), remote.clone(), groups.clone());
         tasks.spawn(async move {
             let body = match req.body {
                 RequestBody::App(r) => ResponseBody::App(match app {
                     Some(app) => app.handle(from, r).await,
                     None => Err("this node takes no application requests".into()),
                 }),
-                body => dispatch(&raft, me, body).await,
+                body => dispatch(&raft, &groups, me, body).await,
             };
             let _ = responses.send(RpcResponse { id: req.id, body }).await;
         });
@@ -142,7 +148,12 @@ async fn write_loop(mut wr: WriteHalf<BoxStream>, mut queue: mpsc::Receiver<RpcR
     }
 }
 
-async fn dispatch(raft: &Raft, me: NodeInfo, body: RequestBody) -> ResponseBody {
+async fn dispatch(raft: &Raft, groups: &Groups, me: NodeInfo, body: RequestBody) -> ResponseBody {
+    let member = |g: RaftGroup| {
+        groups
+            .get(g)
+            .ok_or_else(|| format!("no member of raft group {g} here"))
+    };
     match body {
         RequestBody::Hello => {
             let initialized = raft
@@ -167,5 +178,17 @@ async fn dispatch(raft: &Raft, me: NodeInfo, body: RequestBody) -> ResponseBody 
         }
         RequestBody::Leader(req) => ResponseBody::Leader(crate::leader::handle(raft, req).await),
         RequestBody::App(_) => ResponseBody::Error("misrouted application request".into()),
+        RequestBody::GroupAppend(g, req) => match member(g) {
+            Ok(r) => ResponseBody::AppendEntries(r.append_entries(req).await),
+            Err(e) => ResponseBody::Error(e),
+        },
+        RequestBody::GroupVote(g, req) => match member(g) {
+            Ok(r) => ResponseBody::Vote(r.vote(req).await),
+            Err(e) => ResponseBody::Error(e),
+        },
+        RequestBody::GroupSnapshot(g, req) => match member(g) {
+            Ok(r) => ResponseBody::InstallSnapshot(r.install_snapshot(req).await),
+            Err(e) => ResponseBody::Error(e),
+        },
     }
 }
