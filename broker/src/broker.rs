@@ -318,19 +318,6 @@ impl Broker {
         Ok(())
     }
 
-    /// Why a new queue with these arguments cannot be declared on this
-    /// node, if it cannot: a quorum queue on a clustered node (it would not
-    /// be replicated, and Warren does not take an argument it would ignore).
-    pub fn refuses_new_queue(&self, args: &warren_protocol::types::FieldTable) -> Option<String> {
-        let quorum =
-            crate::channel::topology::string_arg(args, "x-queue-type").as_deref() == Some("quorum");
-        (quorum && self.cluster.is_some()).then(|| {
-            "quorum queues are not replicated across a Warren cluster yet: on a clustered node \
-             declare a classic queue or a stream"
-                .to_string()
-        })
-    }
-
     /// Join the cluster that the node at `peer` (its cluster address)
     /// belongs to, at run time (`warrenctl join_cluster`). This node must be
     /// in no cluster but its own: it leaves it (its Raft state is

@@ -533,41 +533,48 @@ async fn prometheus_shows_the_metadata_group() {
     }
 }
 
-/// On a clustered node a new quorum queue is refused (it would not be
-/// replicated), over AMQP (406) and the API (400); classic queues and
-/// streams are declared as usual.
+/// On a node clustered alone a quorum queue is a Raft group of one: it is
+/// declared over AMQP and the API, confirms publishes once its log has
+/// them, delivers them in order, and the API shows its leader and members.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clustered_node_refuses_quorum_queues_it_cannot_replicate() {
-    use lapin::options::QueueDeclareOptions;
+async fn a_quorum_queue_on_a_cluster_of_one() {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
     let b = warren_tests::TestBroker::start_with(|c| {
         c.management = Some("127.0.0.1:0".parse().unwrap());
         warren_tests::cluster_of_one(c);
     })
     .await;
-    let typed = |t: &str| {
-        let mut a = FieldTable::default();
-        a.insert("x-queue-type".into(), AMQPValue::LongString(t.into()));
-        a
-    };
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    let (_c, ch) = b.channel().await;
-    let e = ch
-        .queue_declare("qq".into(), durable, typed("quorum"))
-        .await
-        .expect_err("a quorum queue on a clustered node");
-    assert_eq!(warren_tests::lapin_util::code(&e), Some(406), "{e}");
-    assert!(e.to_string().contains("not replicated"), "{e}");
-    let (_c, ch) = b.channel().await;
-    ch.queue_declare("classic".into(), durable, FieldTable::default())
-        .await
-        .expect("a classic queue");
-    ch.queue_declare("log".into(), durable, typed("stream"))
-        .await
-        .expect("a stream");
+    // The cluster of one forms a moment after the start.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ch = loop {
+        let (c, ch) = b.channel().await;
+        match ch.queue_declare("qq".into(), durable, quorum.clone()).await {
+            Ok(_) => break (c, ch),
+            Err(e) => assert!(Instant::now() < deadline, "never declared: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let (_c, ch) = ch;
+    assert_eq!(publish_confirmed(&ch, "", "qq", "m", 20).await, 20);
+    for i in 0..20 {
+        let got = ch
+            .basic_get("qq".into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+            .expect("a message");
+        assert_eq!(got.delivery.data, format!("m{i}").as_bytes());
+        assert!(!got.delivery.redelivered);
+    }
     let api = b.broker().unwrap().listen_addrs.http.unwrap();
     let body = serde_json::json!({"durable": true, "arguments": {"x-queue-type": "quorum"}});
     let r = request(
@@ -577,8 +584,14 @@ async fn a_clustered_node_refuses_quorum_queues_it_cannot_replicate() {
         ("guest", "guest"),
         Some(&body),
     );
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("not replicated"), "{}", r.body);
+    assert!(r.status == 201 || r.status == 204, "{}", r.body);
+    let r = request(api, "GET", "/api/queues/%2F/qq", ("guest", "guest"), None);
+    let q = r.json();
+    assert_eq!(q["type"], "quorum", "{q}");
+    assert_eq!(q["messages"], 0, "{q}");
+    assert!(q["leader"].is_string(), "{q}");
+    assert_eq!(q["members"].as_array().map(Vec::len), Some(1), "{q}");
+    assert_eq!(q["node"], q["leader"], "{q}");
 }
 
 /// A node in a cluster of its own joins another at run time
@@ -1214,5 +1227,220 @@ async fn definitions_are_shared_and_publishes_reach_a_queue_on_another_node() {
             .is_ok_and(|q| q.message_count() == 3)
     })
     .await;
+    drop(daemons);
+}
+
+/// A quorum queue's leader, as a node's API shows it.
+fn qq_leader(n: &Node, name: &str) -> Option<String> {
+    let (status, body) = call(n, "GET", &format!("/api/queues/%2F/{name}"), None);
+    if status != 200 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body).ok()?;
+    v["leader"].as_str().map(str::to_owned)
+}
+
+/// A quorum queue declared through one node is a Raft group of all three:
+/// publishes through any node are confirmed once a majority has them, and
+/// consumed through any node in each publisher's order. When its leader is
+/// SIGKILLed, the others elect one within seconds: clients connected to
+/// them keep their connections, publishes go on being confirmed, the
+/// consumer keeps consuming and gets its unacked messages again, marked
+/// redelivered, and nothing confirmed is lost. The killed node comes back
+/// and agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_survives_the_loss_of_its_leader() {
+    use futures_lite::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+    use warren_tests::lapin_util::passive_queue;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "shared").expect("secret file");
+    let nodes = make_nodes("qq", 3);
+    let peers = peer_list(&nodes);
+    let dirs: Vec<_> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    let mut daemons: Vec<Option<Daemon>> = nodes
+        .iter()
+        .zip(&dirs)
+        .map(|(n, d)| Some(n.start(d, &peers, &secret)))
+        .collect();
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_c, ch) = amqp(nodes[0].amqp).await;
+        match ch.queue_declare("qq".into(), durable, quorum.clone()).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "never declared: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for n in &nodes[1..] {
+        queue_on(n, "qq", "the quorum queue on every node").await;
+    }
+    let mut leader = None;
+    eventually(
+        "a leader all nodes agree on",
+        Duration::from_secs(15),
+        || {
+            let ls: Vec<_> = nodes.iter().map(|n| qq_leader(n, "qq")).collect();
+            leader = ls[0].clone();
+            leader.is_some() && ls.iter().all(|l| *l == leader)
+        },
+    );
+    let leader = leader.expect("leader");
+    let li = nodes
+        .iter()
+        .position(|n| n.name == leader)
+        .expect("a node leads");
+    let (a, b) = ((li + 1) % 3, (li + 2) % 3);
+
+    // Publishes through both followers and the leader.
+    let (_ca, cha) = amqp(nodes[a].amqp).await;
+    let (_cb, chb) = amqp(nodes[b].amqp).await;
+    let (_cl, chl) = amqp(nodes[li].amqp).await;
+    assert_eq!(publish_confirmed(&cha, "", "qq", "a", 100).await, 100);
+    assert_eq!(publish_confirmed(&chb, "", "qq", "b", 50).await, 50);
+    assert_eq!(publish_confirmed(&chl, "", "qq", "l", 30).await, 30);
+    for n in &nodes {
+        eventually_async("every node counts 180", Duration::from_secs(10), || async {
+            let (_c, ch) = amqp(n.amqp).await;
+            passive_queue(&ch, "qq")
+                .await
+                .ok()
+                .map(|q| q.message_count())
+                == Some(180)
+        })
+        .await;
+    }
+
+    // A consumer through follower b holds 10 unacked.
+    let (_cc, chc) = amqp(nodes[b].amqp).await;
+    chc.basic_qos(10, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = chc
+        .basic_consume(
+            "qq".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a delivery")
+            .expect("open")
+            .expect("delivery");
+        assert!(!d.redelivered);
+        held.push(String::from_utf8(d.data.clone()).expect("utf-8"));
+    }
+    let mut want: Vec<String> = (0..100).map(|i| format!("a{i}")).collect();
+    want.extend((0..50).map(|i| format!("b{i}")));
+    want.extend((0..30).map(|i| format!("l{i}")));
+    assert_eq!(held, want[..10]);
+
+    // The leader dies.
+    let killed_at = Instant::now();
+    daemons[li].take().expect("leader").kill();
+    drop((_cl, chl));
+    // Publishes through follower a go on, one at a time: one sent while
+    // there is no leader is confirmed once a new one has it, or nacked
+    // (sent to the dead leader), and then sent again.
+    let mut failover = None;
+    for i in 0..40 {
+        let mut tries = 0;
+        loop {
+            let confirm = cha
+                .basic_publish(
+                    "".into(),
+                    "qq".into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    format!("c{i}").as_bytes(),
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("basic.publish")
+                .await
+                .expect("confirm");
+            if confirm.is_ack() {
+                break;
+            }
+            tries += 1;
+            assert!(tries < 50, "c{i} never confirmed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        failover.get_or_insert_with(|| killed_at.elapsed());
+    }
+    let mut new_leader = None;
+    eventually("a new leader", Duration::from_secs(15), || {
+        new_leader = qq_leader(&nodes[a], "qq").filter(|l| *l != leader);
+        new_leader.is_some()
+    });
+    want.extend((0..40).map(|i| format!("c{i}")));
+
+    // The consumer, on its same channel, gets everything: its 10 unacked
+    // again (redelivered), then the rest, each publisher's in order.
+    let mut got: Vec<(String, bool)> = Vec::new();
+    while got.len() < want.len() {
+        let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {} deliveries: {got:?}", got.len()))
+            .expect("open")
+            .expect("delivery");
+        let body = String::from_utf8(d.data.clone()).expect("utf-8");
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+        if !got.iter().any(|(b, _)| *b == body) {
+            got.push((body, d.redelivered));
+        }
+    }
+    let bodies: Vec<&str> = got.iter().map(|(b, _)| b.as_str()).collect();
+    for p in ["a", "b", "l", "c"] {
+        let mine: Vec<&str> = bodies
+            .iter()
+            .copied()
+            .filter(|b| b.starts_with(p))
+            .collect();
+        let expected: Vec<&str> = want
+            .iter()
+            .map(String::as_str)
+            .filter(|b| b.starts_with(p))
+            .collect();
+        assert_eq!(mine, expected, "publisher {p}'s messages, in order");
+    }
+    for h in &held {
+        assert!(
+            got.iter().any(|(b, r)| b == h && *r),
+            "{h} again, redelivered"
+        );
+    }
+    eprintln!("quorum queue failover: confirms went on {failover:?} after the leader's kill; new leader {new_leader:?}");
+
+    // The killed node returns and agrees: nothing left.
+    daemons[li] = Some(nodes[li].start(&dirs[li], &peers, &secret));
+    for n in &nodes {
+        eventually_async("every node counts 0", Duration::from_secs(30), || async {
+            let (_c, ch) = amqp(n.amqp).await;
+            passive_queue(&ch, "qq")
+                .await
+                .ok()
+                .map(|q| q.message_count())
+                == Some(0)
+        })
+        .await;
+    }
     drop(daemons);
 }

@@ -83,6 +83,11 @@ pub enum GroupWriteError {
     Failed(String),
 }
 
+/// The answer to a [`Group::submit`]ted command.
+pub type PendingWrite = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<u8>, GroupWriteError>> + Send + Sync + 'static>,
+>;
+
 /// A running member of an application group. Clones share it.
 #[derive(Clone)]
 pub struct Group {
@@ -131,6 +136,27 @@ impl Group {
             }
             Err(e) => Err(GroupWriteError::Failed(e.to_string())),
         }
+    }
+
+    /// [`Group::write`] in two steps: returns once the command is queued in
+    /// this member's Raft (so commands submitted one after the other are logged in that
+    /// order), with a future of its answer. Answers come in log order.
+    pub async fn submit(&self, command: Vec<u8>) -> Result<PendingWrite, GroupWriteError> {
+        let rx = self
+            .raft
+            .client_write_ff(MetaCommand::Group(Blob(command)))
+            .await
+            .map_err(|e| GroupWriteError::Failed(e.to_string()))?;
+        Ok(Box::pin(async move {
+            match rx.await {
+                Ok(Ok(r)) => Ok(r.data.reply.unwrap_or_default().0),
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(GroupWriteError::NotLeader(f.leader_node))
+                }
+                Ok(Err(e)) => Err(GroupWriteError::Failed(e.to_string())),
+                Err(_) => Err(GroupWriteError::Failed("the group stopped".into())),
+            }
+        }))
     }
 
     /// The group as this member sees it.

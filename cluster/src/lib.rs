@@ -29,7 +29,7 @@ pub mod types;
 
 pub use config::ClusterConfig;
 pub use error::ClusterError;
-pub use group::{Group, GroupMachine, GroupWatch, GroupWriteError};
+pub use group::{Group, GroupMachine, GroupWatch, GroupWriteError, PendingWrite};
 pub use net::{AppHandler, CallError, ClusterTls, HelloReply};
 pub use node::{ClusterNode, ClusterStatus, Role};
 pub use sm::MetaReader;

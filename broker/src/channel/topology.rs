@@ -166,11 +166,6 @@ impl Channel {
                 if !d.passive {
                     let se = cx.session;
                     se.check(Kind::Queue, &name, Perm::Configure)?;
-                    if v.queue(&name, conn).is_err() {
-                        if let Some(why) = se.broker.refuses_new_queue(&d.arguments) {
-                            return Err(precondition(why));
-                        }
-                    }
                     let limits = se.broker.access.vhost_limits(&v.name);
                     if limits.max_queues.is_some() && v.queue(&name, conn).is_err() {
                         if let Some(l) = queue_room(limits, v.queue_count()) {

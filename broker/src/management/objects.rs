@@ -278,14 +278,33 @@ pub(super) async fn stats(q: &QueueHandle) -> QueueStats {
         .unwrap_or_default()
 }
 
-async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> Value {
+/// A quorum queue's group as this node sees it: leader, members, term
+/// (None on a node outside the group).
+fn quorum_view(
+    b: &crate::broker::Broker,
+    q: &QueueHandle,
+) -> Option<warren_cluster::ClusterStatus> {
+    let group = q.info.quorum?;
+    b.cluster.as_ref()?.node().group(group).map(|g| g.status())
+}
+
+async fn queue_json(
+    b: &crate::broker::Broker,
+    rates: &super::rates::Rates,
+    v: &VHost,
+    q: &QueueHandle,
+) -> Value {
     let got = q.ask(|reply| QueueCmd::Info { reply }).await;
+    let group = quorum_view(b, q);
     // A queue on another node that cannot be asked is down, as RabbitMQ
     // shows a queue whose node is.
     let state = match (&got, q.home()) {
         (None, Some(_)) => "down",
         _ => "running",
     };
+    let leader = group
+        .as_ref()
+        .and_then(|g| g.leader.as_ref().map(|l| l.name.clone()));
     let s = got.unwrap_or_default();
     let policies = v.policies();
     let applied = policies.applied(Target::queue(&q.info.arguments), q.name());
@@ -297,7 +316,17 @@ async fn queue_json(rates: &super::rates::Rates, v: &VHost, q: &QueueHandle) -> 
         "auto_delete": i.auto_delete,
         "exclusive": i.exclusive_owner.is_some(),
         "arguments": table_json(&i.arguments),
-        "node": q.home().map_or_else(node_name, str::to_owned),
+        // A quorum queue's node is its leader's, as in RabbitMQ.
+        // (null while it has no leader, or on a node outside its group).
+        "node": match (&leader, q.info.quorum) {
+            (Some(l), _) => Some(l.clone()),
+            (None, Some(_)) => None,
+            (None, None) => Some(q.home().map_or_else(node_name, str::to_owned)),
+        },
+        // Quorum queues (RabbitMQ's fields; Warren adds the Raft term).
+        "leader": leader,
+        "members": group.as_ref().map(|g| g.members.iter().map(|m| m.name.clone()).collect::<Vec<_>>()),
+        "raft_term": group.as_ref().map(|g| g.term),
         "type": match Target::queue(&i.arguments) {
             Target::QuorumQueue => "quorum",
             Target::Stream => "stream",
@@ -327,7 +356,7 @@ async fn list_queues(auth: Auth, st: St, q: Query<Paging>, vhost: Option<String>
     let mut items = Vec::new();
     for v in vhosts_for(&auth, &st.broker, vhost.as_deref())? {
         for h in v.queues() {
-            items.push(queue_json(&st.rates, &v, &h).await);
+            items.push(queue_json(&st.broker, &st.rates, &v, &h).await);
         }
     }
     listing(items, &q)
@@ -340,7 +369,7 @@ pub(super) fn find_queue(v: &VHost, name: &str) -> ApiResult<QueueHandle> {
 async fn get_queue(auth: Auth, st: St, Path((vhost, name)): Path<(String, String)>) -> ApiResult {
     let v = vhost_of(&auth, &st.broker, &vhost)?;
     let q = find_queue(&v, &name)?;
-    Ok(Json(queue_json(&st.rates, &v, &q).await).into_response())
+    Ok(Json(queue_json(&st.broker, &st.rates, &v, &q).await).into_response())
 }
 
 pub(super) fn flag(body: &Map<String, Value>, key: &str, default: bool) -> ApiResult<bool> {
@@ -391,9 +420,6 @@ async fn put_queue(
     check(b, &auth, &vhost, Kind::Queue, &name, Perm::Configure)?;
     let new = find_queue(&v, &name).is_err();
     if new {
-        if let Some(why) = b.refuses_new_queue(&args) {
-            return Err(ApiError::bad_request(why));
-        }
         let limits = b.access.vhost_limits(&vhost);
         if let Some(l) = crate::access::limits::queue_room(limits, v.queue_count()) {
             return Err(ApiError::bad_request(

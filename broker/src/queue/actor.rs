@@ -83,6 +83,9 @@ pub(super) struct Actor {
     pub(super) persister: Option<Persister>,
     /// Store removals gathered during one wake-up, submitted together.
     pub(super) pending: Vec<MessageOp>,
+    /// A quorum queue's leader: this queue's own store writes go here (to
+    /// be replicated) instead of to the store; see [`spawn_replica`].
+    pub(super) sink: Option<mpsc::UnboundedSender<Vec<MessageOp>>>,
     /// Set when the queue is deleted (not merely stopped at shutdown): only
     /// then are its stored messages dropped.
     pub(super) deleted: bool,
@@ -136,6 +139,45 @@ pub fn spawn(
     QueueHandle::new(info, permits, tx)
 }
 
+/// A message a quorum queue's leader takes over: sequence, message, when
+/// it entered the queue (Unix ms), its delivery count.
+pub type Adopted = (u64, crate::message::Message, u64, u32);
+
+/// Start the queue actor of a quorum queue's leader, holding `adopted`
+/// (the replicated messages, in sequence order). It shares `info` with the
+/// queue's front (deliveries name the front's id). It never pages; its own
+/// store writes (removals, delivery counts) go to `sink` to be replicated,
+/// while dead letters it sends elsewhere are stored through `persister`.
+/// Every adopted message counts as redelivered: the previous leader may
+/// have delivered any of them.
+pub fn spawn_replica(
+    info: Arc<QueueInfo>,
+    args: QueueArgs,
+    router: Weak<dyn DeadLetterRouter>,
+    persister: Option<Persister>,
+    on_auto_delete: OnAutoDelete,
+    sink: mpsc::UnboundedSender<Vec<MessageOp>>,
+    adopted: Vec<Adopted>,
+) -> QueueHandle {
+    let permits = Arc::new(Semaphore::new(PUBLISH_PERMITS));
+    let (tx, mailbox) = mpsc::unbounded_channel();
+    let mut actor = Actor::new(info.clone(), args, router, persister, on_auto_delete, &tx);
+    actor.sink = Some(sink);
+    actor.pageable = false;
+    actor.tick();
+    for (seq, msg, enqueued_at, deliveries) in adopted {
+        actor.adopt(seq, Arc::new(msg), enqueued_at, deliveries);
+    }
+    let handle = QueueHandle::new(info.clone(), permits.clone(), tx);
+    handle.set_next_seq(actor.max_seen + 1);
+    let span = tracing::debug_span!("queue", name = %info.name);
+    tokio::spawn(tracing::Instrument::instrument(
+        actor.run(mailbox, permits),
+        span,
+    ));
+    handle
+}
+
 /// Whether a queue with these settings may page new messages to disk
 /// (queues with priorities, a message TTL or length limits keep theirs in
 /// memory).
@@ -187,6 +229,7 @@ impl Actor {
             last_used: 0,
             persister,
             pending: Vec::new(),
+            sink: None,
             deleted: false,
             freed: 0,
             held: 0,
@@ -264,7 +307,8 @@ impl Actor {
             }
         }
         self.flush_store();
-        if self.deleted {
+        // (A quorum queue's messages go with its Raft group.)
+        if self.deleted && self.sink.is_none() {
             if let Some(p) = &self.persister {
                 let mut ops = vec![MessageOp::DropQueue {
                     queue: self.info.id,
@@ -445,6 +489,44 @@ impl Actor {
             let start = self.max_seen + 1;
             self.tail = Some(Tail::new(start, start, 0, self.generations));
         }
+    }
+
+    /// A replicated message a new quorum queue leader holds (see
+    /// [`spawn_replica`]): ready, redelivered, with its delivery count.
+    fn adopt(
+        &mut self,
+        seq: u64,
+        mut msg: crate::message::MessageRef,
+        enqueued_at: u64,
+        deliveries: u32,
+    ) {
+        self.max_seen = self.max_seen.max(seq);
+        let entry = |msg| Entry {
+            seq,
+            msg,
+            redelivered: true,
+            expires: NEVER,
+            on_disk: true,
+            enqueued_at,
+            deliveries,
+        };
+        if self.dedup.is_some() && self.is_duplicate(&msg, seq, true) {
+            self.unstore(&entry(msg));
+            return;
+        }
+        if deliveries > 0 {
+            msg = self.counted(msg, deliveries);
+        }
+        let expires = self.expiry_for(&msg, enqueued_at);
+        let mut e = entry(msg);
+        e.expires = expires;
+        self.ready.push_back(e);
+    }
+
+    /// Whether this queue's own messages are kept somewhere (the store, or
+    /// a quorum queue's log) and must be removed from it when they leave.
+    pub(super) fn keeps(&self) -> bool {
+        self.persister.is_some() || self.sink.is_some()
     }
 
     /// Ready messages, in memory and on disk.
@@ -646,7 +728,7 @@ impl Actor {
         if self.dedup.is_some() {
             self.release_key(e);
         }
-        if let (true, Some(id), Some(_)) = (e.on_disk, e.msg.stored, &self.persister) {
+        if let (true, Some(id), true) = (e.on_disk, e.msg.stored, self.keeps()) {
             self.pending.push(MessageOp::Remove {
                 queue: self.info.id,
                 seq: e.seq,
@@ -656,6 +738,12 @@ impl Actor {
     }
 
     pub(super) fn flush_store(&mut self) {
+        if let Some(sink) = &self.sink {
+            if !self.pending.is_empty() {
+                let _ = sink.send(std::mem::take(&mut self.pending));
+            }
+            return;
+        }
         if let Some(p) = &self.persister {
             if !self.pending.is_empty() {
                 p.submit_nowait(std::mem::take(&mut self.pending));

@@ -178,7 +178,7 @@ impl QueueArgs {
 }
 
 /// An integer argument with RabbitMQ's name for its wire type.
-fn int_value(v: &AMQPValue) -> Option<(&'static str, i128)> {
+pub(crate) fn int_value(v: &AMQPValue) -> Option<(&'static str, i128)> {
     Some(match v {
         AMQPValue::ShortShortInt(x) => ("byte", *x as i128),
         AMQPValue::ShortShortUInt(x) => ("unsignedbyte", *x as i128),

@@ -164,7 +164,7 @@ impl Actor {
         if !self.args.counts_deliveries() {
             return;
         }
-        if let (true, Some(id), Some(_)) = (e.on_disk, e.msg.stored, &self.persister) {
+        if let (true, Some(id), true) = (e.on_disk, e.msg.stored, self.keeps()) {
             self.pending.push(MessageOp::SetMeta {
                 queue: self.info.id,
                 seq: e.seq,

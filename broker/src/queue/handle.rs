@@ -104,9 +104,14 @@ impl QueueHandle {
         self.info.id
     }
     /// Whether persistent messages in this queue are written to the store
-    /// (durable, not exclusive: exclusive queues do not survive a restart).
+    /// (durable, not exclusive: exclusive queues do not survive a restart;
+    /// not another node's, not a cluster's quorum queue, whose log keeps
+    /// them).
     pub fn persisted(&self) -> bool {
-        self.info.durable && self.info.exclusive_owner.is_none() && self.info.home.is_none()
+        self.info.durable
+            && self.info.exclusive_owner.is_none()
+            && self.info.home.is_none()
+            && self.info.quorum.is_none()
     }
     /// The node the queue lives on, if not this one (a cluster's queue
     /// reached through this node: see [`super::remote`]).

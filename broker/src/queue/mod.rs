@@ -60,6 +60,7 @@ mod deliver;
 pub mod handle;
 mod limits;
 mod paging;
+pub mod quorum;
 mod ready;
 pub mod remote;
 pub mod stream;
@@ -114,6 +115,9 @@ pub struct QueueInfo {
     /// The node a queue of a cluster lives on, if not this one: this node
     /// holds a [`remote`] handle that forwards to it.
     pub home: Option<Arc<str>>,
+    /// The Raft group of a quorum queue of a cluster: this node holds the
+    /// queue's front (see [`quorum`]), which reaches its leader.
+    pub quorum: Option<u64>,
 }
 
 /// Hand `msg` to `targets` without mailbox slots and without waiting: for

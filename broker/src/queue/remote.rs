@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
@@ -46,7 +46,18 @@ struct Pipeline {
     stream: u64,
     n: u64,
     slots: Arc<Semaphore>,
+    /// A quorum queue's forwarder: where batches the leader's node could
+    /// not be reached for go back (to be sent again, to the next leader),
+    /// numbered from the base given, instead of being nacked.
+    resend: Option<(Resend, u64)>,
 }
+
+/// Publishes a quorum queue's forwarder gives back to its front: never sent
+/// (the node could not be reached), numbered in the order they were sent.
+pub type Resend = mpsc::UnboundedSender<(u64, Publishes)>;
+
+/// Messages on their way, with their confirms.
+pub type Publishes = Vec<(MessageRef, Option<Arc<ConfirmTicket>>)>;
 
 impl Pipeline {
     fn new() -> Pipeline {
@@ -54,6 +65,7 @@ impl Pipeline {
             stream: NEXT_SUB.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u64) << 40,
             n: 0,
             slots: Arc::new(Semaphore::new(IN_FLIGHT as usize)),
+            resend: None,
         }
     }
 
@@ -184,8 +196,36 @@ pub fn spawn(info: QueueInfo, link: Arc<dyn Link>) -> QueueHandle {
     let permits = Arc::new(Semaphore::new(PERMITS));
     let (tx, mailbox) = mpsc::unbounded_channel();
     let info = Arc::new(info);
-    tokio::spawn(run(info.clone(), link, mailbox, permits.clone()));
+    tokio::spawn(run(info.clone(), link, mailbox, permits.clone(), None));
     QueueHandle::new(info, permits, tx)
+}
+
+/// A forwarding handle to the node that leads a quorum queue, for the
+/// queue's front (`super::quorum`), which follows the leader: it never
+/// cancels its consumers when that node cannot be reached (the front
+/// registers them with the next leader). Setting the flag it returns before
+/// dropping the handle retires it quietly (its consumers are not told);
+/// dropped without it (the queue was deleted), its consumers are cancelled.
+///
+/// Publishes the leader's node could not be reached for (never sent) go
+/// back to the front through `resend`, to go to the next leader.
+pub fn spawn_follower(
+    info: Arc<QueueInfo>,
+    link: Arc<dyn Link>,
+    resend: Resend,
+    base: u64,
+) -> (QueueHandle, Arc<AtomicBool>) {
+    let permits = Arc::new(Semaphore::new(PERMITS));
+    let (tx, mailbox) = mpsc::unbounded_channel();
+    let retired = Arc::new(AtomicBool::new(false));
+    tokio::spawn(run(
+        info.clone(),
+        link,
+        mailbox,
+        permits.clone(),
+        Some((retired.clone(), (resend, base))),
+    ));
+    (QueueHandle::new(info, permits, tx), retired)
 }
 
 /// "home node … is down or inaccessible", as RabbitMQ words it (404).
@@ -222,6 +262,16 @@ impl Consumers {
         });
     }
 
+    /// Forget every consumer here without telling them (a quorum queue's
+    /// front registered them elsewhere).
+    fn forget_all(&mut self) {
+        let mut all = subs();
+        for (_, sub) in self.subs.drain() {
+            all.remove(&sub);
+        }
+        self.chans.clear();
+    }
+
     /// End every consumer here (the queue's node is gone, or this handle).
     fn cancel_all(&mut self) {
         for (_, sub) in self.subs.drain() {
@@ -233,7 +283,7 @@ impl Consumers {
     /// Tell the home node which channels still use the queue; cancel the
     /// consumers it no longer knows (it restarted) or of all if it cannot
     /// be reached.
-    async fn renew(&mut self, info: &QueueInfo, home: &str, link: &dyn Link) {
+    async fn renew(&mut self, info: &QueueInfo, home: &str, link: &dyn Link, follower: bool) {
         if self.chans.is_empty() {
             return;
         }
@@ -250,7 +300,9 @@ impl Consumers {
                     .flatten()
                     .filter_map(Value::as_u64)
                     .collect();
-                if unknown.is_empty() {
+                // (A quorum queue's front moves its consumers to the next
+                // leader itself.)
+                if unknown.is_empty() || follower {
                     return;
                 }
                 self.subs.retain(|(c, _), sub| {
@@ -261,6 +313,7 @@ impl Consumers {
                 });
                 self.chans.retain(|c| !unknown.contains(c));
             }
+            Err(LinkError::Down(_)) if follower => {}
             Err(LinkError::Down(why)) => {
                 tracing::warn!(queue = %info.name, home, error = %why, "the queue's node is down: its consumers here are cancelled");
                 self.cancel_all();
@@ -317,10 +370,13 @@ async fn run(
     link: Arc<dyn Link>,
     mut mailbox: mpsc::UnboundedReceiver<QueueCmd>,
     permits: Arc<Semaphore>,
+    follower: Option<(Arc<AtomicBool>, (Resend, u64))>,
 ) {
     let home: Arc<str> = info.home.clone().unwrap_or_else(|| "".into());
     let mut batch: Vec<(MessageRef, Option<Arc<ConfirmTicket>>)> = Vec::new();
     let mut pipe = Pipeline::new();
+    let retired = follower.as_ref().map(|(r, _)| r.clone());
+    pipe.resend = follower.map(|(_, s)| s);
     let mut st = Consumers::default();
     let mut renew = tokio::time::interval(LEASE_RENEW);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -331,7 +387,7 @@ async fn run(
                 None => break,
             },
             _ = renew.tick() => {
-                st.renew(&info, &home, &*link).await;
+                st.renew(&info, &home, &*link, retired.is_some()).await;
                 continue;
             }
         };
@@ -401,7 +457,16 @@ async fn run(
     // The queue was dropped here: its consumers here end, and what is left
     // is not confirmed.
     pipe.drain().await;
-    st.cancel_all();
+    match retired {
+        Some(r) if r.load(Ordering::Acquire) => {
+            st.forget_all();
+            // Not sent yet: back to the front, for the next leader.
+            if let (Some((back, base)), false) = (&pipe.resend, batch.is_empty()) {
+                let _ = back.send((base + pipe.n, std::mem::take(&mut batch)));
+            }
+        }
+        _ => st.cancel_all(),
+    }
     for (_, t) in batch.drain(..) {
         if let Some(t) = t {
             t.nack();
@@ -427,17 +492,36 @@ async fn forward(
         return;
     };
     let msgs: Vec<Value> = batch.iter().map(|(m, _)| message_json(m)).collect();
+    let n = pipe.n;
     let req = request(
         info,
         "publish",
-        json!({"messages": msgs, "stream": pipe.stream, "n": pipe.n}),
+        json!({"messages": msgs, "stream": pipe.stream, "n": n}),
     );
     pipe.n += 1;
     let call = link.call(home, req);
-    let tickets: Vec<Option<Arc<ConfirmTicket>>> = batch.drain(..).map(|(_, t)| t).collect();
+    let resend = pipe.resend.clone().map(|(tx, base)| (tx, base + n));
+    let sent: Vec<(MessageRef, Option<Arc<ConfirmTicket>>)> = match resend {
+        Some(_) => std::mem::take(batch),
+        None => Vec::new(),
+    };
+    let tickets: Vec<Option<Arc<ConfirmTicket>>> = match resend {
+        Some(_) => Vec::new(),
+        None => batch.drain(..).map(|(_, t)| t).collect(),
+    };
     let (name, home) = (info.name.clone(), home.to_owned());
     tokio::spawn(async move {
         let r = call.await;
+        let tickets = match (resend, &r) {
+            (Some((back, order)), Err(LinkError::Down(_))) => {
+                // Never sent: the front sends them to the next leader.
+                let _ = back.send((order, sent));
+                drop(slot);
+                return;
+            }
+            (Some(_), _) => sent.into_iter().map(|(_, t)| t).collect(),
+            (None, _) => tickets,
+        };
         let nacked: Vec<bool> = match &r {
             Ok(v) => {
                 let mut n = vec![false; tickets.len()];

@@ -48,6 +48,7 @@ fn fixture(args: FieldTable, persister: Option<crate::persist::Persister>) -> Fi
         auto_delete: false,
         arguments: args,
         home: None,
+        quorum: None,
     });
     let (tx, mailbox) = mpsc::unbounded_channel();
     let router: Weak<dyn DeadLetterRouter> = Weak::<NoRouter>::new();

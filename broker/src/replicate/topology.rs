@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use warren_cluster::node_id;
 use warren_cluster::MetaCommand;
 use warren_protocol::types::FieldTable;
 
@@ -119,6 +120,18 @@ pub(crate) struct QDef {
     pub auto_delete: bool,
     pub arguments: String,
     pub inc: u64,
+    /// A quorum queue: its Raft group and first members (`node` is the
+    /// node that declared it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<QuorumDef>,
+}
+
+/// A quorum queue's group, as the map holds it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub(crate) struct QuorumDef {
+    pub group: u64,
+    /// Node names; the first makes the group.
+    pub members: Vec<String>,
 }
 
 /// A binding as the map holds it.
@@ -312,13 +325,17 @@ pub(crate) fn xdef_of(x: &ExchangeView, inc: u64) -> XDef {
 }
 
 /// The map entry of a local queue, homed on `node`.
-pub(crate) fn qdef_of(q: &QueueHandle, node: &str, inc: u64) -> QDef {
+pub(crate) fn qdef_of(q: &QueueHandle, node: &str, inc: u64, members: &[String]) -> QDef {
     QDef {
         node: node.to_owned(),
         durable: q.info.durable,
         auto_delete: q.info.auto_delete,
         arguments: table_text(&q.info.arguments),
         inc,
+        quorum: q.info.quorum.map(|group| QuorumDef {
+            group,
+            members: members.to_vec(),
+        }),
     }
 }
 
@@ -379,12 +396,12 @@ pub(crate) fn adoption(v: &VHost, me: &str) -> Vec<MetaCommand> {
     for q in v
         .queues()
         .iter()
-        .filter(|q| !local_only(q) && q.home().is_none())
+        .filter(|q| !local_only(q) && q.home().is_none() && q.info.quorum.is_none())
     {
         let inc = new_inc();
         let (key, def) = (
             queue_key(vh, q.name()),
-            serde_json::to_value(qdef_of(q, me, inc)).unwrap_or_default(),
+            serde_json::to_value(qdef_of(q, me, inc, &[])).unwrap_or_default(),
         );
         cmds.push(put_if_absent(key.clone(), def.clone()));
         ends.insert(("queue".into(), q.name().to_owned()), (key, def, inc));
@@ -504,11 +521,20 @@ pub(crate) async fn reconcile(
             }
             Some(def) => {
                 let known = *state.incs.entry(key).or_insert(def.inc);
+                if let Some(qd) = &def.quorum {
+                    // A quorum queue's front is the same on every node.
+                    if known == def.inc && q.info.quorum == Some(qd.group) {
+                        continue;
+                    }
+                    removed.push(q.clone());
+                    adds.push(new_queue(name, def, me, link)?);
+                    continue;
+                }
                 let home_here = def.node == me;
                 let same = known == def.inc
                     && home_here == q.home().is_none()
                     && q.home().is_none_or(|h| h == def.node)
-                    && qdef_of(q, &def.node, def.inc) == *def;
+                    && qdef_of(q, &def.node, def.inc, &[]) == *def;
                 if same {
                     continue;
                 }
@@ -528,7 +554,7 @@ pub(crate) async fn reconcile(
         if local_q.contains_key(name) {
             continue;
         }
-        if def.node == me && first && !def.durable {
+        if def.node == me && first && !def.durable && def.quorum.is_none() {
             out.lost_queues.push(name.clone());
             continue;
         }
@@ -537,7 +563,10 @@ pub(crate) async fn reconcile(
     // A queue of this node goes with its messages (its actor deletes
     // them); a forwarding handle just goes.
     for q in removed {
-        if q.home().is_none() {
+        if let Some(group) = q.info.quorum {
+            // Its log goes with the group, on every member.
+            crate::queue::quorum::deleted(node_id(me), group);
+        } else if q.home().is_none() {
             let _ = q
                 .ask(|reply| crate::queue::QueueCmd::Delete {
                     if_unused: false,
@@ -596,7 +625,12 @@ fn new_queue(
         durable: def.durable,
         auto_delete: def.auto_delete,
         arguments: table_of(&def.arguments)?,
-        home: (def.node != me).then(|| (Arc::from(def.node.as_str()), link.clone())),
+        home: (def.node != me && def.quorum.is_none())
+            .then(|| (Arc::from(def.node.as_str()), link.clone())),
+        quorum: def
+            .quorum
+            .as_ref()
+            .map(|q| (q.group, q.members.clone(), link.clone())),
     }))
 }
 

@@ -387,6 +387,7 @@ impl VHost {
                 auto_delete: s.auto_delete,
                 arguments: s.arguments.clone(),
                 home: None,
+                quorum: None,
             })
             .map_err(|why| AmqpError::new(reply::INTERNAL_ERROR, why))?;
         if s.durable && !s.exclusive {

@@ -421,6 +421,7 @@ impl VHost {
                     auto_delete: q.auto_delete,
                     arguments,
                     home: None,
+                    quorum: None,
                 })
                 .map_err(|why| format!("queue '{}': {why}", q.name))?;
             t.queues.insert(q.name.clone(), handle);

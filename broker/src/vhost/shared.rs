@@ -33,6 +33,8 @@ pub(crate) struct NewShared {
     pub arguments: FieldTable,
     /// Its home node and the way to it, if it is not this node.
     pub home: Option<(Arc<str>, Arc<dyn crate::queue::remote::Link>)>,
+    /// A quorum queue: its group, first members, and the way to the others.
+    pub quorum: Option<(u64, Vec<String>, Arc<dyn crate::queue::remote::Link>)>,
 }
 
 /// One change the mirror makes to this node's topology.
@@ -158,12 +160,17 @@ impl VHost {
         conn: u64,
     ) -> AmqpResult<QueueHandle> {
         let sync = self.sync()?;
+        let inc = topology::new_inc();
+        let quorum = (crate::channel::topology::string_arg(s.arguments, "x-queue-type").as_deref()
+            == Some("quorum"))
+        .then(|| self.quorum_members(&sync, s, inc));
         let def = QDef {
             node: sync.me().to_owned(),
             durable: s.durable,
             auto_delete: s.auto_delete,
             arguments: table_text(s.arguments),
-            inc: topology::new_inc(),
+            inc,
+            quorum,
         };
         let value = serde_json::to_value(def).unwrap_or_default();
         self.commit(&sync, put_if_absent(queue_key(&self.name, s.name), value))
@@ -178,6 +185,68 @@ impl VHost {
         self.check_equivalent(&q, s, conn)?;
         q.tell(crate::queue::QueueCmd::Touch);
         Ok(q)
+    }
+
+    /// A new quorum queue's group: its id (the queue's incarnation, unique in
+    /// the cluster) and `x-quorum-initial-group-size` members (3 by default,
+    /// or every node if there are fewer), the first of which leads first:
+    /// this node (`x-queue-leader-locator: client-local`, the default), or
+    /// (`balanced`) the member that leads the fewest quorum queues so far.
+    fn quorum_members(
+        &self,
+        sync: &ClusterSync,
+        s: &super::QueueSpec<'_>,
+        inc: u64,
+    ) -> topology::QuorumDef {
+        let me = sync.me().to_owned();
+        let size = match s.arguments.inner().get("x-quorum-initial-group-size") {
+            Some(v) => {
+                crate::queue::args::int_value(v).map_or(3, |(_, n)| n.clamp(1, 1 << 16) as usize)
+            }
+            None => 3,
+        };
+        let mut others: Vec<String> = sync
+            .cluster
+            .status()
+            .members
+            .into_iter()
+            .map(|m| m.name)
+            .filter(|n| *n != me)
+            .collect();
+        // Spread groups over the nodes: each queue starts at its own place.
+        others.sort_by_key(|n| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
+            h.write(s.name.as_bytes());
+            h.write(n.as_bytes());
+            h.finish()
+        });
+        let mut members = vec![me];
+        members.extend(others.into_iter().take(size.saturating_sub(1)));
+        if crate::channel::topology::string_arg(s.arguments, "x-queue-leader-locator").as_deref()
+            == Some("balanced")
+        {
+            let all = sync.cluster.reader().snapshot_of_prefix(topology::PREFIX);
+            let mut led: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+            for v in all.values() {
+                if let Some(first) = v
+                    .get("quorum")
+                    .and_then(|q| q.get("members"))
+                    .and_then(|m| m.get(0))
+                    .and_then(Value::as_str)
+                {
+                    *led.entry(first).or_default() += 1;
+                }
+            }
+            let fewest = (0..members.len())
+                .min_by_key(|&i| led.get(members[i].as_str()).copied().unwrap_or(0))
+                .unwrap_or(0);
+            members.swap(0, fewest);
+        }
+        topology::QuorumDef {
+            group: inc,
+            members,
+        }
     }
 
     /// Remove a deleted queue (its actor stopped already) from the map,
@@ -308,6 +377,35 @@ impl VHost {
 
     // --------------------------------------------------------------- mirror
 
+    /// The front of a quorum queue on this node (see `crate::queue::quorum`).
+    fn spawn_front(
+        &self,
+        info: QueueInfo,
+        members: Vec<String>,
+        link: Arc<dyn crate::queue::remote::Link>,
+    ) -> AmqpResult<QueueHandle> {
+        let sync = self.sync()?;
+        let args = self.queue_args(&self.policies(), &info);
+        let me = self.me.clone();
+        let router: std::sync::Weak<dyn crate::queue::DeadLetterRouter> = self.me.clone();
+        let env = crate::queue::quorum::Env {
+            cluster: sync.cluster.clone(),
+            link,
+            persister: self.persister.clone(),
+            router,
+            on_auto_delete: Arc::new(move || {
+                let me = me.clone();
+                Box::new(move |info: &QueueInfo| {
+                    if let Some(v) = me.upgrade() {
+                        v.forget_queue(&info.name, info.id);
+                    }
+                })
+            }),
+        };
+        crate::metrics::Churn::add(&self.churn.queues_created);
+        Ok(crate::queue::quorum::spawn(info, args, members, env))
+    }
+
     /// Apply changes mirrored from the map, on the definitions thread. A
     /// change that cannot be made is logged (the topology then differs
     /// from the map's until the next change).
@@ -352,10 +450,12 @@ impl VHost {
                     auto_delete: s.auto_delete,
                     arguments: s.arguments.clone(),
                     home: s.home.as_ref().map(|(h, _)| h.clone()),
+                    quorum: s.quorum.as_ref().map(|(g, _, _)| *g),
                 };
-                let q = match s.home {
-                    Some((_, link)) => crate::queue::remote::spawn(info, link),
-                    None => {
+                let q = match (s.home, s.quorum) {
+                    (_, Some((_, members, link))) => self.spawn_front(info, members, link)?,
+                    (Some((_, link)), None) => crate::queue::remote::spawn(info, link),
+                    (None, None) => {
                         let q = self
                             .spawn_queue(info)
                             .map_err(|why| AmqpError::new(reply::INTERNAL_ERROR, why))?;
