@@ -1444,3 +1444,146 @@ async fn a_quorum_queue_survives_the_loss_of_its_leader() {
     }
     drop(daemons);
 }
+
+/// A quorum queue's members change at run time through any node's API
+/// (`rabbitmq-queues add_member` / `delete_member`'s endpoints): a new
+/// member catches up and can take over, a removed one hands over; and
+/// `POST /api/rebalance/queues` moves leaders off a node that leads more
+/// than its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queue_members_change_and_leaders_rebalance() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    use warren_tests::lapin_util::{drain, passive_queue};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "shared").expect("secret file");
+    let nodes = make_nodes("qm", 3);
+    let peers = peer_list(&nodes);
+    let _daemons: Vec<Daemon> = (0..3)
+        .map(|i| nodes[i].start(&tmp.path().join(format!("n{i}")), &peers, &secret))
+        .collect();
+    let quorum = |size: i64| {
+        let mut a = FieldTable::default();
+        a.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        a.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongLongInt(size),
+        );
+        a
+    };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_c, ch) = amqp(nodes[0].amqp).await;
+        match ch.queue_declare("m1".into(), durable, quorum(1)).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "never declared: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_c0, ch0) = amqp(nodes[0].amqp).await;
+    for q in ["m2", "m3", "m4"] {
+        ch0.queue_declare(q.into(), durable, quorum(3))
+            .await
+            .expect("declare");
+    }
+    ch0.queue_declare("classic".into(), durable, FieldTable::default())
+        .await
+        .expect("declare");
+    let members = |n: &Node, q: &str| -> Vec<String> {
+        let (_, body) = call(n, "GET", &format!("/api/queues/%2F/{q}"), None);
+        let v: Value = serde_json::from_str(&body).unwrap_or_default();
+        let mut m: Vec<String> = serde_json::from_value(v["members"].clone()).unwrap_or_default();
+        m.sort();
+        m
+    };
+    eventually("m1 led by node 0 alone", Duration::from_secs(15), || {
+        members(&nodes[0], "m1") == vec![nodes[0].name.clone()]
+            && qq_leader(&nodes[0], "m1").as_deref() == Some(nodes[0].name.as_str())
+    });
+    let replicas = |n: &Node, q: &str, op: &str, node: &str| {
+        call(
+            n,
+            "POST",
+            &format!("/api/queues/quorum/%2F/{q}/replicas/{op}"),
+            Some(serde_json::json!({ "node": node })),
+        )
+    };
+    // Refusals: not a cluster member, already a member, not a quorum queue,
+    // the last member.
+    let (s, b) = replicas(&nodes[1], "m1", "add", "warren@nowhere");
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("not a member of the cluster"), "{b}");
+    let (s, b) = replicas(&nodes[1], "m1", "add", &nodes[0].name);
+    assert!(s == 400 && b.contains("already a member"), "{s} {b}");
+    let (s, b) = replicas(&nodes[1], "classic", "add", &nodes[1].name);
+    assert!(s == 400 && b.contains("not a quorum queue"), "{s} {b}");
+    let (s, b) = replicas(&nodes[2], "m1", "delete", &nodes[0].name);
+    assert!(s == 400 && b.contains("last member"), "{s} {b}");
+
+    // Node 1 joins m1 (asked through node 2, outside the group).
+    let (s, b) = replicas(&nodes[2], "m1", "add", &nodes[1].name);
+    assert_eq!(s, 204, "{b}");
+    let both = {
+        let mut v = vec![nodes[0].name.clone(), nodes[1].name.clone()];
+        v.sort();
+        v
+    };
+    eventually("m1 on nodes 0 and 1", Duration::from_secs(15), || {
+        members(&nodes[1], "m1") == both
+    });
+    let (_c2, ch2) = amqp(nodes[2].amqp).await;
+    assert_eq!(publish_confirmed(&ch2, "", "m1", "x", 10).await, 10);
+    // Node 0 leaves: node 1, caught up, leads and has every message.
+    let (s, b) = replicas(&nodes[1], "m1", "delete", &nodes[0].name);
+    assert_eq!(s, 204, "{b}");
+    eventually("m1 led by node 1 alone", Duration::from_secs(15), || {
+        members(&nodes[1], "m1") == vec![nodes[1].name.clone()]
+            && qq_leader(&nodes[1], "m1").as_deref() == Some(nodes[1].name.as_str())
+    });
+    eventually_async("m1's messages", Duration::from_secs(10), || async {
+        let (_c, ch) = amqp(nodes[2].amqp).await;
+        passive_queue(&ch, "m1")
+            .await
+            .ok()
+            .map(|q| q.message_count())
+            == Some(10)
+    })
+    .await;
+    let got = drain(&ch2, "m1").await;
+    assert_eq!(got, (0..10).map(|i| format!("x{i}")).collect::<Vec<_>>());
+
+    // m2..m4 are led by node 0 (their declaring node): a rebalance moves
+    // leaders to the others.
+    eventually("m2..m4 led by node 0", Duration::from_secs(15), || {
+        ["m2", "m3", "m4"]
+            .iter()
+            .all(|q| qq_leader(&nodes[0], q).as_deref() == Some(nodes[0].name.as_str()))
+    });
+    let (s, b) = call(
+        &nodes[2],
+        "POST",
+        "/api/rebalance/queues",
+        Some(serde_json::json!({})),
+    );
+    assert_eq!(s, 200, "{b}");
+    let moves: Vec<Value> = serde_json::from_str(&b).expect("moves");
+    assert!(!moves.is_empty(), "{b}");
+    eventually("leaders spread", Duration::from_secs(15), || {
+        let mut led = std::collections::HashMap::new();
+        for q in ["m1", "m2", "m3", "m4"] {
+            match qq_leader(&nodes[if q == "m1" { 1 } else { 0 }], q) {
+                Some(l) => *led.entry(l).or_insert(0) += 1,
+                None => return false,
+            }
+        }
+        led.values().all(|n| *n <= 2) && led.len() >= 2
+    });
+}

@@ -174,6 +174,16 @@ impl Group {
         }
     }
 
+    /// Stands for election now (moving the leadership here: it wins if its log is up to
+    /// date with a majority's).
+    pub async fn elect(&self) -> Result<(), ClusterError> {
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| ClusterError::Raft(format!("cannot stand for election: {e}")))
+    }
+
     /// Makes `members` the group's voters (from the leader): new ones are replicated to
     /// until they have caught up, then the membership changes in one joint step.
     pub async fn change_members(&self, members: &[NodeInfo]) -> Result<(), ClusterError> {

@@ -81,6 +81,24 @@ enum Cmd {
     JoinCluster {
         peer: String,
     },
+    /// Add NODE as a member of quorum queue QUEUE (-p its vhost), as
+    /// `rabbitmq-queues add_member`: it catches up, then votes.
+    AddMember {
+        queue: String,
+        node: String,
+    },
+    /// Remove NODE from quorum queue QUEUE's members, as
+    /// `rabbitmq-queues delete_member`.
+    DeleteMember {
+        queue: String,
+        node: String,
+    },
+    /// Move quorum queue leaders so every node leads its share, as
+    /// `rabbitmq-queues rebalance quorum` (TYPE: quorum or all).
+    Rebalance {
+        #[arg(value_name = "TYPE")]
+        kind: String,
+    },
     /// Queues of the vhost: columns among name, messages, messages_ready,
     /// messages_unacknowledged, consumers, durable, auto_delete, exclusive,
     /// arguments, policy, vhost.
@@ -636,6 +654,47 @@ fn run(cli: Cli) -> Res {
                 Some(&json!({"password": password, "tags": tags})),
             )?;
             say(json_out, &format!("Added user '{name}'"))
+        }
+        Cmd::AddMember { queue, node } => {
+            let path = format!("queues/quorum/{v}/{}/replicas/add", seg(&queue));
+            c.call("POST", &path, Some(&json!({ "node": node })))
+                .map_err(|e| not_found_as(e, format!("queue '{queue}' does not exist")))?;
+            say(json_out, &format!("Added {node} to quorum queue '{queue}'"))
+        }
+        Cmd::DeleteMember { queue, node } => {
+            let path = format!("queues/quorum/{v}/{}/replicas/delete", seg(&queue));
+            c.call("POST", &path, Some(&json!({ "node": node })))
+                .map_err(|e| not_found_as(e, format!("queue '{queue}' does not exist")))?;
+            say(
+                json_out,
+                &format!("Removed {node} from quorum queue '{queue}'"),
+            )
+        }
+        Cmd::Rebalance { kind } => {
+            if kind != "quorum" && kind != "all" {
+                return Err(Failure::Refused(format!(
+                    "cannot rebalance '{kind}' queues: only quorum queues have leaders to move (quorum or all)"
+                )));
+            }
+            let moves = c.call("POST", "rebalance/queues", Some(&json!({})))?;
+            if json_out {
+                println!("{moves}");
+                return Ok(());
+            }
+            let list = moves.as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("Every node leads its share of quorum queues already");
+            }
+            for m in list {
+                println!(
+                    "{} in vhost {}: leader {} -> {}",
+                    m["name"].as_str().unwrap_or(""),
+                    m["vhost"].as_str().unwrap_or(""),
+                    m["from"].as_str().unwrap_or(""),
+                    m["to"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
         }
         Cmd::JoinCluster { peer } => {
             c.call("POST", "join-cluster", Some(&json!({ "peer": peer })))?;

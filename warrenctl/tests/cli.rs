@@ -438,3 +438,62 @@ async fn cluster_status_of_a_lone_node_and_of_a_one_node_cluster() {
         "warren@elsewhere is not a member of the cluster",
     );
 }
+
+/// `add_member`, `delete_member` and `rebalance` (rabbitmq-queues' verbs)
+/// reach the API and report its refusals; the successful changes are
+/// checked on three nodes in `broker/tests/cluster.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queue_member_commands() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let b = TestBroker::start_with(|c| {
+        c.management = Some("127.0.0.1:0".parse().unwrap());
+        warren_tests::cluster_of_one(c);
+    })
+    .await;
+    let broker = b.broker().unwrap();
+    let ctl = Ctl {
+        api: broker.listen_addrs.http.unwrap(),
+    };
+    let name = broker.cluster.as_ref().unwrap().node().info().name.clone();
+    ctl.fails(
+        &["add_member", "nosuch", &name],
+        3,
+        "queue 'nosuch' does not exist",
+    );
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_c, ch) = b.channel().await;
+        match ch.queue_declare("qq".into(), durable, args.clone()).await {
+            Ok(_) => break,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    // Its group elects its one member a moment after the declare.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let o = ctl.run(&["add_member", "qq", "warren@elsewhere"]);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        if err.contains("not a member of the cluster") {
+            assert_eq!(o.status.code(), Some(1), "{err}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{err}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    ctl.fails(&["delete_member", "qq", &name], 1, "last member");
+    ctl.fails(&["add_member", "qq", &name], 1, "already a member");
+    let out = ctl.ok(&["rebalance", "quorum"]);
+    assert!(out.contains("leads its share"), "{out}");
+    ctl.fails(&["rebalance", "stream"], 1, "only quorum queues");
+}

@@ -22,6 +22,7 @@ pub mod listener;
 mod messages;
 pub mod objects;
 mod policies;
+mod quorum;
 pub mod rates;
 mod ui;
 
@@ -105,6 +106,7 @@ fn router(api: Api) -> Router {
         .route("/ui/style.css", get(ui::style_css))
         .merge(admin::routes())
         .merge(policies::routes())
+        .merge(quorum::routes())
         .merge(objects::routes())
         .merge(bindings::routes())
         .merge(connections::routes())

@@ -61,7 +61,7 @@ async fn call_node(
 }
 
 /// [`call_node`] through broker `b`'s current cluster node.
-async fn call_from(b: &Broker, node: &str, request: Value) -> Result<Value, LinkError> {
+pub(crate) async fn call_from(b: &Broker, node: &str, request: Value) -> Result<Value, LinkError> {
     call_node(b.cluster.as_ref().and_then(|m| m.sync()), node, request).await
 }
 
@@ -398,7 +398,34 @@ async fn handle(
     let q = local_queue(b, &r);
     let flag = |k: &str| r.get(k).and_then(Value::as_bool) == Some(true);
     let num = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let me = || b.cluster.as_ref().map_or(0, |m| m.node().id());
+    let group = |q: &Result<QueueHandle, String>| -> Result<u64, String> {
+        let q = q.as_ref().map_err(Clone::clone)?;
+        q.info
+            .quorum
+            .ok_or_else(|| format!("queue '{}' is not a quorum queue", q.name()))
+    };
     match op {
+        "quorum_member" => {
+            let g = group(&q)?;
+            let node = r.get("node").and_then(Value::as_str).unwrap_or_default();
+            match crate::queue::quorum::change_members(me(), g, flag("add"), node.to_owned()).await
+            {
+                Ok(()) => Ok(json!({})),
+                Err(e) => Ok(json!({"error": {"code": 400, "text": e}})),
+            }
+        }
+        "quorum_status" => {
+            let st = crate::queue::quorum::status(me(), group(&q)?).await;
+            Ok(json!({
+                "leader": st.as_ref().and_then(|s| s.leader.as_ref().map(|l| l.name.clone())),
+                "members": st.map(|s| s.members.into_iter().map(|m| m.name).collect::<Vec<_>>()),
+            }))
+        }
+        "quorum_elect" => {
+            crate::queue::quorum::control(me(), group(&q)?, crate::queue::quorum::Control::Elect);
+            Ok(json!({}))
+        }
         "reply" => {
             let name = r.get("name").and_then(Value::as_str).unwrap_or_default();
             let m = message_of(r.get("message").ok_or("a reply without a message")?)?;

@@ -524,6 +524,9 @@ pub(crate) async fn reconcile(
                 if let Some(qd) = &def.quorum {
                     // A quorum queue's front is the same on every node.
                     if known == def.inc && q.info.quorum == Some(qd.group) {
+                        // (Its members may have changed.)
+                        let members = crate::queue::quorum::Control::Members(qd.members.clone());
+                        crate::queue::quorum::control(node_id(me), qd.group, members);
                         continue;
                     }
                     removed.push(q.clone());

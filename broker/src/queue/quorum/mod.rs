@@ -38,7 +38,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use warren_cluster::{ClusterNode, ClusterStatus, Group, GroupWriteError, PendingWrite};
 use warren_storage::MessageOp;
 
@@ -64,11 +64,37 @@ pub struct Env {
     pub on_auto_delete: Arc<dyn Fn() -> OnAutoDelete + Send + Sync>,
 }
 
-/// A front's link to the rest of the node: told when its queue is deleted.
-#[derive(Default)]
+/// A front's link to the rest of the node: told when its queue is deleted,
+/// and asked to change the group.
 struct Ctl {
     deleted: AtomicBool,
     wake: Notify,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+/// What operators ask of a quorum queue's front.
+pub enum Control {
+    /// Add (`add`) or remove `node` as a member of the queue's group: done
+    /// by the leader (the front forwards it there).
+    Member {
+        add: bool,
+        node: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The group's members as the cluster's map now lists them.
+    Members(Vec<String>),
+    /// Stand for election (leaders are being rebalanced).
+    Elect,
+    /// The leader and members this node knows of (members only).
+    Status(oneshot::Sender<Option<ClusterStatus>>),
+}
+
+/// Ask the front of quorum queue `group` on node `node` (this process).
+/// False: no such front here.
+pub fn control(node: u64, group: u64, c: Control) -> bool {
+    fronts()
+        .get(&(node, group))
+        .is_some_and(|ctl| ctl.control.send(c).is_ok())
 }
 
 /// Every front of this process by (node id, group).
@@ -86,6 +112,38 @@ pub fn deleted(node: u64, group: u64) {
         c.deleted.store(true, Ordering::Release);
         c.wake.notify_one();
     }
+}
+
+/// Add or remove a member of quorum queue `group` through this node's
+/// front (node id `node`).
+pub async fn change_members(
+    node: u64,
+    group: u64,
+    add: bool,
+    member: String,
+) -> Result<(), String> {
+    let (reply, answer) = oneshot::channel();
+    let c = Control::Member {
+        add,
+        node: member,
+        reply,
+    };
+    if !control(node, group, c) {
+        return Err("the queue is not on this node".into());
+    }
+    answer
+        .await
+        .unwrap_or_else(|_| Err("the queue went away".into()))
+}
+
+/// The group of quorum queue `group` as this node's front sees it (None
+/// outside the group).
+pub async fn status(node: u64, group: u64) -> Option<ClusterStatus> {
+    let (reply, answer) = oneshot::channel();
+    if !control(node, group, Control::Status(reply)) {
+        return None;
+    }
+    answer.await.ok().flatten()
 }
 
 /// Where a front sends what it is told.
@@ -121,7 +179,12 @@ pub fn spawn(info: QueueInfo, args: QueueArgs, members: Vec<String>, env: Env) -
     let (tx, mailbox) = mpsc::unbounded_channel();
     let info = Arc::new(info);
     let group = info.quorum.unwrap_or_default();
-    let ctl = Arc::new(Ctl::default());
+    let (control, controls) = mpsc::unbounded_channel();
+    let ctl = Arc::new(Ctl {
+        deleted: AtomicBool::new(false),
+        wake: Notify::new(),
+        control,
+    });
     fronts().insert((env.cluster.id(), group), ctl.clone());
     let (sink, ops) = mpsc::unbounded_channel();
     let (resend, resent) = mpsc::unbounded_channel();
@@ -147,7 +210,7 @@ pub fn spawn(info: QueueInfo, args: QueueArgs, members: Vec<String>, env: Env) -
     };
     let span = tracing::debug_span!("quorum_queue", name = %info.name);
     tokio::spawn(tracing::Instrument::instrument(
-        front.run(mailbox, ops, resent, ctl),
+        front.run(mailbox, ops, resent, controls, ctl),
         span,
     ));
     QueueHandle::new(info, permits, tx)
@@ -228,6 +291,7 @@ impl Front {
         mut mailbox: mpsc::UnboundedReceiver<QueueCmd>,
         mut ops: mpsc::UnboundedReceiver<Vec<MessageOp>>,
         mut resent: mpsc::UnboundedReceiver<(u64, Publishes)>,
+        mut controls: mpsc::UnboundedReceiver<Control>,
         ctl: Arc<Ctl>,
     ) {
         let mut watch = self.open_group().await;
@@ -253,6 +317,13 @@ impl Front {
                 o = ops.recv() => {
                     if let Some(o) = o {
                         self.replicate_ops(o).await;
+                    }
+                }
+                c = controls.recv() => {
+                    if let Some(c) = c {
+                        if let Some(w) = self.control(c).await {
+                            watch = w;
+                        }
                     }
                 }
                 r = resent.recv() => {
@@ -344,6 +415,98 @@ impl Front {
         let watch = g.watch();
         self.group = Some(g);
         Some(watch)
+    }
+
+    /// An operator's request. Returns a new watch when this node joined or
+    /// left the group (None inside: left).
+    async fn control(&mut self, c: Control) -> Option<Option<warren_cluster::GroupWatch>> {
+        match c {
+            Control::Status(reply) => {
+                let _ = reply.send(self.group.as_ref().map(Group::status));
+            }
+            Control::Elect => {
+                if let Some(g) = &self.group {
+                    if let Err(e) = g.elect().await {
+                        tracing::warn!(error = %e, "cannot stand for a quorum queue's leadership");
+                    }
+                }
+            }
+            Control::Members(members) => {
+                let was = self.members.contains(&self.me);
+                let is = members.contains(&self.me);
+                self.members = members;
+                if is && !was && self.group.is_none() {
+                    self.retire();
+                    return Some(self.open_group().await);
+                }
+                if was && !is {
+                    if let Some(g) = self.group.take() {
+                        let _ = g;
+                        self.retire();
+                        if let Err(e) = self.env.cluster.destroy_group(self.group_id).await {
+                            tracing::warn!(error = %e, "cannot remove a quorum queue's log after leaving its group");
+                        }
+                        self.follow_from_outside();
+                        return Some(None);
+                    }
+                }
+            }
+            Control::Member { add, node, reply } => self.change_member(add, node, reply),
+        }
+        None
+    }
+
+    /// Add or remove a member, on the leader (forwarded there from
+    /// elsewhere). The leader lists the new member in the map first (so it
+    /// opens its member of the group), then changes the group's
+    /// membership (a new member is caught up before it votes); a member
+    /// leaves the group first, then the map.
+    fn change_member(
+        &mut self,
+        add: bool,
+        node: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    ) {
+        let (vhost, name) = (self.info.vhost.clone(), self.info.name.to_string());
+        match &self.target {
+            Target::Local(..) => {
+                let Some(group) = self.group.clone() else {
+                    let _ = reply.send(Err("this node is not a member".into()));
+                    return;
+                };
+                let cluster = self.env.cluster.clone();
+                tokio::spawn(async move {
+                    let r = change_member(&cluster, &group, &vhost, &name, add, &node).await;
+                    let _ = reply.send(r);
+                });
+            }
+            Target::Remote { node: to, .. } => {
+                let (link, to) = (self.env.link.clone(), to.to_string());
+                tokio::spawn(async move {
+                    let req = serde_json::json!({"op": "quorum_member", "vhost": vhost,
+                        "queue": name, "add": add, "node": node});
+                    let r = match link.call(&to, req).await {
+                        Ok(v) => match v.get("error") {
+                            Some(e) => Err(e
+                                .get("text")
+                                .and_then(serde_json::Value::as_str)
+                                .unwrap_or("refused")
+                                .to_owned()),
+                            None => Ok(()),
+                        },
+                        Err(remote::LinkError::Down(why) | remote::LinkError::Failed(why)) => {
+                            Err(format!("the queue's leader {to} could not do it: {why}"))
+                        }
+                    };
+                    let _ = reply.send(r);
+                });
+            }
+            Target::None | Target::Taking(_) => {
+                let _ = reply.send(Err(format!(
+                    "quorum queue '{name}' in vhost '{vhost}' has no leader now: try again"
+                )));
+            }
+        }
     }
 
     /// Outside the group: forward to a member's front (it follows the
@@ -757,6 +920,103 @@ impl Front {
                 c.close_group(self.group_id).await;
             }
         }
+    }
+}
+
+/// How long a new member may take to catch up before it votes.
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+/// The membership change itself, on the leader: see
+/// [`Front::change_member`].
+async fn change_member(
+    cluster: &ClusterNode,
+    group: &Group,
+    vhost: &str,
+    queue: &str,
+    add: bool,
+    node: &str,
+) -> Result<(), String> {
+    let known = cluster.status().members;
+    let Some(info) = known.iter().find(|m| m.name == node).cloned() else {
+        return Err(format!("{node} is not a member of the cluster"));
+    };
+    let st = group.status();
+    let mut voters: Vec<warren_cluster::NodeInfo> = st.members.clone();
+    let listed = voters.iter().any(|m| m.name == node);
+    match (add, listed) {
+        (true, true) => {
+            return Err(format!(
+                "{node} is already a member of quorum queue '{queue}' in vhost '{vhost}'"
+            ))
+        }
+        (false, false) => {
+            return Err(format!(
+                "{node} is not a member of quorum queue '{queue}' in vhost '{vhost}'"
+            ))
+        }
+        (false, true) if voters.len() == 1 => {
+            return Err(format!(
+                "{node} is the last member of quorum queue '{queue}' in vhost '{vhost}'"
+            ))
+        }
+        _ => {}
+    }
+    if add {
+        voters.push(info);
+        set_listed(cluster, vhost, queue, |m| {
+            if !m.iter().any(|x| x == node) {
+                m.push(node.to_owned());
+            }
+        })
+        .await?;
+        tokio::time::timeout(CATCH_UP, group.change_members(&voters))
+            .await
+            .map_err(|_| format!("{node} did not catch up within {CATCH_UP:?}"))?
+            .map_err(|e| e.to_string())?;
+    } else {
+        voters.retain(|m| m.name != node);
+        tokio::time::timeout(CATCH_UP, group.change_members(&voters))
+            .await
+            .map_err(|_| "the membership change did not commit".to_string())?
+            .map_err(|e| e.to_string())?;
+        set_listed(cluster, vhost, queue, |m| m.retain(|x| x != node)).await?;
+    }
+    Ok(())
+}
+
+/// Change the members the map lists for a quorum queue (only while its
+/// definition is still the one read).
+async fn set_listed(
+    cluster: &ClusterNode,
+    vhost: &str,
+    queue: &str,
+    change: impl FnOnce(&mut Vec<String>),
+) -> Result<(), String> {
+    let key = crate::replicate::topology::queue_key(vhost, queue);
+    let Some(old) = cluster.get(&key) else {
+        return Err(format!("no queue '{queue}' in vhost '{vhost}'"));
+    };
+    let mut new = old.clone();
+    let mut members: Vec<String> = new
+        .get("quorum")
+        .and_then(|q| q.get("members"))
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    change(&mut members);
+    if let Some(q) = new.get_mut("quorum") {
+        q["members"] = serde_json::json!(members);
+    }
+    let cmd = warren_cluster::MetaCommand::IfEquals {
+        key: key.clone(),
+        value: old,
+        then: Box::new(warren_cluster::MetaCommand::Put { key, value: new }),
+    };
+    match cluster.write(cmd).await {
+        Ok(r) if r.previous.is_none() => Ok(()),
+        Ok(_) => Err(format!(
+            "queue '{queue}' in vhost '{vhost}' changed meanwhile: try again"
+        )),
+        Err(e) => Err(format!("{}{e}", crate::replicate::UNAVAILABLE)),
     }
 }
 
