@@ -34,6 +34,14 @@ pub struct ClusterConfig {
     /// Election timeout range, in milliseconds (randomized within it).
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    /// The same timings for application groups (quorum queues), shorter than the
+    /// metadata group's: a queue's failover is what clients wait for. openraft lets no
+    /// member vote for another until it has not heard from the leader for the
+    /// longest election timeout, and a follower stands only after that plus its own
+    /// timeout: failover takes one to two times `group_election_timeout_max_ms`.
+    pub group_heartbeat_ms: u64,
+    pub group_election_timeout_min_ms: u64,
+    pub group_election_timeout_max_ms: u64,
     /// Build a snapshot after this many new log entries.
     pub snapshot_after_logs: u64,
     /// Log entries kept after a snapshot, so slightly lagging followers catch up from the
@@ -62,6 +70,9 @@ impl ClusterConfig {
             heartbeat_ms: 250,
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
+            group_heartbeat_ms: 150,
+            group_election_timeout_min_ms: 500,
+            group_election_timeout_max_ms: 1000,
             snapshot_after_logs: 5000,
             logs_kept_after_snapshot: 1000,
             log_store: Arc::new(MemStore::new()),
@@ -95,11 +106,33 @@ impl ClusterConfig {
     }
 
     pub(crate) fn raft_config(&self) -> Result<Arc<Config>, ClusterError> {
+        self.raft_config_with(
+            self.heartbeat_ms,
+            self.election_timeout_min_ms,
+            self.election_timeout_max_ms,
+        )
+    }
+
+    /// openraft's configuration for application groups.
+    pub(crate) fn group_raft_config(&self) -> Result<Arc<Config>, ClusterError> {
+        self.raft_config_with(
+            self.group_heartbeat_ms,
+            self.group_election_timeout_min_ms,
+            self.group_election_timeout_max_ms,
+        )
+    }
+
+    fn raft_config_with(
+        &self,
+        heartbeat: u64,
+        election_min: u64,
+        election_max: u64,
+    ) -> Result<Arc<Config>, ClusterError> {
         let cfg = Config {
             cluster_name: "warren".to_string(),
-            heartbeat_interval: self.heartbeat_ms,
-            election_timeout_min: self.election_timeout_min_ms,
-            election_timeout_max: self.election_timeout_max_ms,
+            heartbeat_interval: heartbeat,
+            election_timeout_min: election_min,
+            election_timeout_max: election_max,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_logs),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
             // Chunks travel as JSON (bytes become number arrays, ~3.5x larger): keep them
@@ -126,6 +159,15 @@ impl fmt::Debug for ClusterConfig {
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("election_timeout_min_ms", &self.election_timeout_min_ms)
             .field("election_timeout_max_ms", &self.election_timeout_max_ms)
+            .field("group_heartbeat_ms", &self.group_heartbeat_ms)
+            .field(
+                "group_election_timeout_min_ms",
+                &self.group_election_timeout_min_ms,
+            )
+            .field(
+                "group_election_timeout_max_ms",
+                &self.group_election_timeout_max_ms,
+            )
             .field("snapshot_after_logs", &self.snapshot_after_logs)
             .field("logs_kept_after_snapshot", &self.logs_kept_after_snapshot)
             .field("tls", &self.tls.is_some())

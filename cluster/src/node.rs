@@ -111,6 +111,7 @@ pub struct ClusterNode {
     /// Connections for application groups' Raft messages.
     group_pool: Arc<PeerPool>,
     groups: Groups,
+    /// openraft's configuration for application groups.
     raft_config: Arc<openraft::Config>,
     log_store: Arc<dyn warren_storage::RaftLogStore>,
     local_addr: SocketAddr,
@@ -142,6 +143,7 @@ impl ClusterNode {
     ) -> Result<ClusterNode, ClusterError> {
         cfg.check()?;
         let raft_config = cfg.raft_config()?;
+        let group_config = cfg.group_raft_config()?;
         let local_addr = listener.local_addr()?;
         let advertise = cfg.advertise_for(local_addr)?;
         let me = NodeInfo::new(cfg.name.clone(), advertise);
@@ -209,7 +211,7 @@ impl ClusterNode {
             app_pool,
             group_pool,
             groups,
-            raft_config,
+            raft_config: group_config,
             log_store: cfg.log_store.clone(),
             local_addr,
             server: Mutex::new(Some(server)),

@@ -71,6 +71,10 @@ pub struct Counters {
     pub confirmed: AtomicU64,
     pub nacked: AtomicU64,
     pub consumed: AtomicU64,
+    /// When a confirm last arrived (any producer; `now_ns`), and the
+    /// longest time between two (a failover shows as one long gap).
+    pub last_confirm_ns: AtomicU64,
+    pub confirm_gap_ns: AtomicU64,
 }
 
 struct Shared {
@@ -109,6 +113,10 @@ pub struct Summary {
     pub latency_us: Option<[u64; 6]>,
     /// The same for publish to confirm (with --confirm).
     pub confirm_latency_us: Option<[u64; 6]>,
+    /// The longest time without any confirm between the first and the
+    /// last of the run, warm-up included (ms; with --confirm): a leader's
+    /// failover, measured from the last confirm before to the first after.
+    pub confirm_gap_max_ms: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -151,6 +159,9 @@ impl Summary {
                 l[0], l[1], l[2], l[3], l[4], l[5]
             );
         }
+        if let Some(g) = self.confirm_gap_max_ms {
+            s += &format!("  longest time without a confirm: {g} ms\n");
+        }
         if let Some(e) = &self.error {
             s += &format!("  error: {e}\n");
         }
@@ -182,7 +193,7 @@ impl Summary {
             None => "null".into(),
         };
         format!(
-            "{{\"seconds\":{:.3},\"producers\":{},\"consumers\":{},\"queues\":{},\"size\":{},\"persistent\":{},\"confirm\":{},\"published\":{},\"confirmed\":{},\"nacked\":{},\"consumed\":{},\"publish_rate\":{:.0},\"confirm_rate\":{:.0},\"consume_rate\":{:.0},\"consume_per_second\":[{}],\"consume_per_second_min\":{},\"latency_us\":{},\"confirm_latency_us\":{},\"error\":{}}}",
+            "{{\"seconds\":{:.3},\"producers\":{},\"consumers\":{},\"queues\":{},\"size\":{},\"persistent\":{},\"confirm\":{},\"published\":{},\"confirmed\":{},\"nacked\":{},\"consumed\":{},\"publish_rate\":{:.0},\"confirm_rate\":{:.0},\"consume_rate\":{:.0},\"consume_per_second\":[{}],\"consume_per_second_min\":{},\"latency_us\":{},\"confirm_latency_us\":{},\"confirm_gap_max_ms\":{},\"error\":{}}}",
             self.seconds,
             cfg.producers,
             cfg.consumers,
@@ -201,6 +212,8 @@ impl Summary {
             per_sec_min,
             lat,
             clat,
+            self.confirm_gap_max_ms
+                .map_or_else(|| "null".to_string(), |g| g.to_string()),
             err
         )
     }
@@ -405,6 +418,14 @@ async fn producer(sh: Arc<Shared>, i: usize) -> Res<()> {
                             let us = (now.saturating_sub(stamp) / 1000).max(1);
                             h.saturating_record_n(us, last - timed_upto);
                             timed_upto = last;
+                        }
+                    }
+                    if acked > 0 {
+                        let now = now_ns();
+                        let before = sh.c.last_confirm_ns.swap(now, Relaxed);
+                        if before > 0 {
+                            sh.c.confirm_gap_ns
+                                .fetch_max(now.saturating_sub(before), Relaxed);
                         }
                     }
                     if acked + nacked > 0 {
@@ -747,6 +768,8 @@ pub async fn run(cfg: Config) -> Res<Summary> {
         consume_per_second,
         latency_us: percentiles(&total),
         confirm_latency_us: percentiles(&ctotal),
+        confirm_gap_max_ms: (cfg.confirm > 0 && sh.c.last_confirm_ns.load(Relaxed) > 0)
+            .then(|| sh.c.confirm_gap_ns.load(Relaxed) / 1_000_000),
         error,
     })
 }
