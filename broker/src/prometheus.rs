@@ -54,6 +54,97 @@ async fn scrape(State(b): State<Arc<Broker>>, per_object: bool) -> impl IntoResp
 }
 
 /// The exposition text.
+/// The quorum queues whose Raft groups this node is a member of: how many,
+/// how many it leads (Warren's names), and per queue (per-object only,
+/// RabbitMQ's names and labels) the Raft term, log indexes and, Warren's,
+/// whether this node leads it and how many written entries it has yet to
+/// apply.
+fn quorum_groups(b: &Broker, c: &warren_cluster::ClusterNode, per_object: bool, out: &mut Text) {
+    let mut groups = Vec::new();
+    for v in b.vhosts() {
+        for q in v.queues() {
+            if let Some(st) = q.info.quorum.and_then(|g| c.group(g)).map(|g| g.status()) {
+                groups.push((v.name.clone(), q.name().to_owned(), st));
+            }
+        }
+    }
+    let led = groups
+        .iter()
+        .filter(|(_, _, s)| s.leader_id == Some(s.id))
+        .count();
+    for (name, help, v) in [
+        (
+            "warren_quorum_queue_members",
+            "Quorum queues whose Raft group this node is a member of",
+            groups.len(),
+        ),
+        (
+            "warren_quorum_queue_leaders",
+            "Quorum queues this node leads",
+            led,
+        ),
+    ] {
+        out.family(name, "gauge", help);
+        out.sample(name, &[], v as u64);
+    }
+    if !per_object {
+        return;
+    }
+    type Pick = fn(&warren_cluster::ClusterStatus) -> Option<u64>;
+    let per: [(&str, &str, &str, Pick); 6] = [
+        (
+            "rabbitmq_raft_term_total",
+            "counter",
+            "Current Raft term number",
+            |s| Some(s.term),
+        ),
+        (
+            "rabbitmq_raft_log_last_written_index",
+            "gauge",
+            "Raft log last written index",
+            |s| s.last_log_index,
+        ),
+        (
+            "rabbitmq_raft_log_last_applied_index",
+            "gauge",
+            "Raft log last applied index",
+            |s| s.last_applied,
+        ),
+        (
+            "rabbitmq_raft_log_snapshot_index",
+            "gauge",
+            "Raft log snapshot index",
+            |s| s.snapshot_index,
+        ),
+        (
+            "warren_quorum_queue_leader",
+            "gauge",
+            "Whether this node leads the quorum queue (1) or not (0)",
+            |s| Some(u64::from(s.leader_id == Some(s.id))),
+        ),
+        (
+            "warren_quorum_queue_apply_lag",
+            "gauge",
+            "Entries in this member's log it has not applied yet",
+            |s| {
+                Some(
+                    s.last_log_index
+                        .unwrap_or(0)
+                        .saturating_sub(s.last_applied.unwrap_or(0)),
+                )
+            },
+        ),
+    ];
+    for (name, kind, help, f) in per {
+        out.family(name, kind, help);
+        for (vhost, queue, st) in &groups {
+            if let Some(v) = f(st) {
+                out.sample(name, &[("vhost", vhost), ("queue", queue)], v);
+            }
+        }
+    }
+}
+
 pub async fn render(b: &Broker, per_object: bool) -> String {
     let mut out = Text::default();
     let node = node_name();
@@ -413,6 +504,7 @@ pub async fn render(b: &Broker, per_object: bool) -> String {
                 out.sample(name, &[], v);
             }
         }
+        quorum_groups(b, &c, per_object, &mut out);
     }
     let st = &b.persister.store_stats;
     out.histogram(
