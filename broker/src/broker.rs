@@ -104,8 +104,7 @@ impl Membership {
         for v in broker.vhosts() {
             v.set_cluster(self.sync.clone());
         }
-        let sync = crate::replicate::ClusterSync::start(broker, self.node(), self.sync.clone());
-        *self.sync.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(sync));
+        crate::replicate::ClusterSync::start(broker, self.node(), self.sync.clone());
     }
 }
 

@@ -435,6 +435,15 @@ impl Server {
                 broker.shutdown.clone(),
             ))
         });
+        // A clustered node takes AMQP connections once it knows the
+        // cluster's queues (its first mirror pass), or after 30 s without a
+        // majority: before, a publish to a queue it does not know yet would
+        // be confirmed as unroutable.
+        if let Some(sync) = broker.cluster.as_ref().and_then(|m| m.sync()) {
+            if !sync.wait_mirrored(Duration::from_secs(30)).await {
+                tracing::warn!("accepting AMQP connections before this node knows the cluster's queues (no metadata majority yet)");
+            }
+        }
         let admission = Admission::new(&broker.config);
         let mut tasks = tokio::task::JoinSet::new();
         tokio::pin!(stop);

@@ -819,6 +819,15 @@ fn queue_checker(quorum: bool) {
         acked.len() > 20,
         "too few confirmed messages to mean anything"
     );
+    if !lost.is_empty() {
+        // What each node says of the queue: where the missing ones may be.
+        for i in 0..n {
+            eprintln!(
+                "node {i}: {}",
+                call(&net, i, "GET", "/api/queues/%2F/jq", None).1
+            );
+        }
+    }
     assert!(lost.is_empty(), "lost: {lost:?}");
     assert_eq!(unexpected, 0);
     if quorum {

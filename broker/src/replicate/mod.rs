@@ -190,6 +190,9 @@ pub(crate) fn diff(local: Vec<Record>, map: &BTreeMap<String, Value>) -> Diff {
 pub struct ClusterSync {
     pub(crate) cluster: Arc<ClusterNode>,
     applied: watch::Receiver<u64>,
+    /// True once the first mirror pass is done: this node knows the
+    /// cluster's queues (as applied here).
+    mirrored: watch::Receiver<bool>,
     /// Dropping the sync stops its tasks (a node leaving its cluster).
     stop: watch::Sender<bool>,
 }
@@ -202,30 +205,44 @@ impl Drop for ClusterSync {
 
 impl ClusterSync {
     /// Start mirroring the cluster's map into `broker` (call once, right
-    /// after the broker is made).
-    pub(crate) fn start(
-        broker: &Arc<Broker>,
-        cluster: Arc<ClusterNode>,
-        slot: SyncSlot,
-    ) -> ClusterSync {
+    /// after the broker is made), and put the sync in `slot`: before the
+    /// first mirror pass, which needs it (a quorum queue's front reaches its
+    /// group through it; before, a node's first pass after a restart could
+    /// run without it and leave the node without its quorum queues).
+    pub(crate) fn start(broker: &Arc<Broker>, cluster: Arc<ClusterNode>, slot: SyncSlot) {
         // Subscribed before the map is first read: nothing falls between.
         let feed = cluster.subscribe();
         let (tx, applied) = watch::channel(0);
         let (stop, stopped) = watch::channel(false);
+        let (first, mirrored) = watch::channel(false);
+        let sync = Arc::new(ClusterSync {
+            cluster: cluster.clone(),
+            applied,
+            mirrored,
+            stop,
+        });
+        *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(sync);
         tokio::spawn(run(
             Arc::downgrade(broker),
             cluster.clone(),
             slot,
             feed,
-            tx,
+            (tx, first),
             stopped.clone(),
         ));
-        tokio::spawn(seed(Arc::downgrade(broker), cluster.clone(), stopped));
-        ClusterSync {
-            cluster,
-            applied,
-            stop,
-        }
+        tokio::spawn(seed(Arc::downgrade(broker), cluster, stopped));
+    }
+
+    /// Wait (up to `limit`) for the first mirror pass: until then this node
+    /// does not know the cluster's queues, and a publish to one of them
+    /// would be dropped as unroutable (and confirmed). A restarted node
+    /// takes AMQP connections only after it.
+    pub(crate) async fn wait_mirrored(&self, limit: Duration) -> bool {
+        let mut m = self.mirrored.clone();
+        let done =
+            tokio::time::timeout(limit, async move { m.wait_for(|done| *done).await.is_ok() })
+                .await;
+        done.unwrap_or(false)
     }
 
     /// Wait until this node has applied every change the cluster committed
@@ -343,7 +360,7 @@ async fn run(
     cluster: Arc<ClusterNode>,
     slot: SyncSlot,
     mut feed: broadcast::Receiver<Applied>,
-    applied: watch::Sender<u64>,
+    (applied, first): (watch::Sender<u64>, watch::Sender<bool>),
     mut stopped: watch::Receiver<bool>,
 ) {
     let advance = |index: u64| {
@@ -375,6 +392,11 @@ async fn run(
             }
             drop(b);
             advance(upto);
+            // (Only once the topology was mirrored: before the group is
+            // seeded or this node adopted, there is nothing to wait for yet.)
+            if !*first.borrow() && cluster.get(SEEDED).is_some() {
+                let _ = first.send(true);
+            }
             (access, all) = (false, false);
             vhosts.clear();
         }
