@@ -23,7 +23,7 @@ use warren_storage::RaftGroup;
 
 use crate::error::ClusterError;
 use crate::node::ClusterStatus;
-use crate::sm::{decode_snapshot, encode_snapshot, SnapshotSlot, StoredSnapshot};
+use crate::sm::{decode_snapshot, snapshot_meta, SnapshotSlot, StoredSnapshot};
 use crate::types::{
     Blob, LogId, MetaCommand, MetaResponse, NodeId, NodeInfo, Raft, StoredMembership, TypeConfig,
 };
@@ -280,17 +280,7 @@ impl GroupSm {
     }
 
     async fn save(&self, snap: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
-        let slot = self.slot.clone();
-        let sig = snap.meta.signature();
-        let raw = encode_snapshot(snap)
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
-        tokio::task::spawn_blocking(move || slot.store.save_snapshot(slot.group, &raw))
-            .await
-            .map_err(|e| {
-                StorageIOError::write_snapshot(Some(sig.clone()), openraft::AnyError::error(e))
-            })?
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig), &e))?;
-        Ok(())
+        self.slot.save(snap).await
     }
 }
 
@@ -305,15 +295,7 @@ impl RaftSnapshotBuilder<TypeConfig> for GroupSm {
             )
         };
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let snapshot_id = match last_applied {
-            Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
-            None => format!("none-{seq}"),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
+        let meta = snapshot_meta(last_applied, membership, seq);
         let built = StoredSnapshot {
             meta: meta.clone(),
             data: data.clone(),

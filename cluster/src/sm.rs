@@ -160,6 +160,40 @@ impl std::fmt::Debug for SnapshotSlot {
     }
 }
 
+impl SnapshotSlot {
+    /// Save `snap` here, synced.
+    pub(crate) async fn save(&self, snap: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
+        let slot = self.clone();
+        let sig = snap.meta.signature();
+        let raw = encode_snapshot(snap)
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
+        tokio::task::spawn_blocking(move || slot.store.save_snapshot(slot.group, &raw))
+            .await
+            .map_err(|e| {
+                StorageIOError::write_snapshot(Some(sig.clone()), openraft::AnyError::error(e))
+            })?
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig), &e))?;
+        Ok(())
+    }
+}
+
+/// The meta of a snapshot built at `last_applied` (the `seq`-th this run).
+pub(crate) fn snapshot_meta(
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    seq: u64,
+) -> SnapshotMeta<NodeId, NodeInfo> {
+    let snapshot_id = match last_applied {
+        Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+        None => format!("none-{seq}"),
+    };
+    SnapshotMeta {
+        last_log_id: last_applied,
+        last_membership: membership,
+        snapshot_id,
+    }
+}
+
 /// A saved snapshot: the meta's JSON length (u32, big-endian), the meta's JSON, the data.
 pub(crate) fn encode_snapshot(s: &StoredSnapshot) -> serde_json::Result<Vec<u8>> {
     let meta = serde_json::to_vec(&s.meta)?;
@@ -257,19 +291,10 @@ impl StateMachine {
 
     /// Save `snap` (synced) where this state machine's snapshots live, if anywhere.
     async fn save(&self, snap: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
-        let Some(slot) = self.slot.clone() else {
-            return Ok(());
-        };
-        let sig = snap.meta.signature();
-        let raw = encode_snapshot(snap)
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
-        tokio::task::spawn_blocking(move || slot.store.save_snapshot(slot.group, &raw))
-            .await
-            .map_err(|e| {
-                StorageIOError::write_snapshot(Some(sig.clone()), openraft::AnyError::error(e))
-            })?
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig), &e))?;
-        Ok(())
+        match &self.slot {
+            Some(slot) => slot.save(snap).await,
+            None => Ok(()),
+        }
     }
 
     /// Hear of every change applied from now on. Read the map (with a
@@ -303,15 +328,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             (data, sm.last_applied, sm.membership.clone())
         };
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let snapshot_id = match last_applied {
-            Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
-            None => format!("none-{seq}"),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
+        let meta = snapshot_meta(last_applied, membership, seq);
         let built = StoredSnapshot {
             meta: meta.clone(),
             data: data.clone(),
