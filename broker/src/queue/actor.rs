@@ -619,6 +619,15 @@ impl Actor {
                     }
                 }
             }
+            QueueCmd::Undelivered { chan_key, seqs } => {
+                let entries: Vec<Entry> = seqs
+                    .into_iter()
+                    .filter_map(|s| self.settle(chan_key, s))
+                    .collect();
+                self.put_back(entries);
+                self.drop_gone_consumers();
+                return self.maybe_auto_delete();
+            }
             QueueCmd::Get {
                 chan_key,
                 no_ack,

@@ -54,7 +54,9 @@ impl Actor {
                 .map(|e| (e.msg.clone(), e.redelivered, e.seq)),
         );
         if c.conn.send(ev).is_err() {
-            // The connection is gone; its ChannelClosed is on the way.
+            // The connection is gone (its ChannelClosed is on the way), or
+            // a consumer of another node ended there: it leaves now, so
+            // that nothing more is handed to it.
             c.in_flight.fetch_sub(n as u32, Ordering::AcqRel);
             if !c.no_ack {
                 c.unacked -= n as u32;
@@ -62,6 +64,7 @@ impl Actor {
             for e in entries.into_iter().rev() {
                 self.ready.push_front(e);
             }
+            self.drop_gone_consumers();
             return false;
         }
         let (no_ack, chan_key, tag) = (c.no_ack, c.chan_key, c.tag.clone());
@@ -116,7 +119,13 @@ impl Actor {
                 let c = &self.consumers[i];
                 let window_ok = c.in_flight.load(Ordering::Acquire) < FLOW_WINDOW;
                 let prefetch_ok = c.no_ack || c.prefetch == 0 || c.unacked < c.prefetch;
-                if window_ok && prefetch_ok && (c.no_ack || c.channel_credit.try_acquire()) {
+                // (A consumer whose events channel closed is gone: see
+                // `drop_gone_consumers`.)
+                if window_ok
+                    && prefetch_ok
+                    && !c.conn.is_closed()
+                    && (c.no_ack || c.channel_credit.try_acquire())
+                {
                     self.next_consumer = self.next_consumer.wrapping_add(k + 1);
                     return Some(i);
                 }
@@ -145,6 +154,11 @@ impl Actor {
                     .delivery_limit
                     .is_some_and(|limit| u64::from(e.deliveries) > limit)
                 {
+                    tracing::debug!(
+                        seq = e.seq,
+                        deliveries = e.deliveries,
+                        "a message came back more often than its delivery limit: dead-lettered"
+                    );
                     self.dead_letter(&e.msg, Reason::DeliveryLimit);
                     self.unstore(&e);
                     continue;
@@ -205,6 +219,48 @@ impl Actor {
             }
         }
         Some(u.entry)
+    }
+
+    /// Deliveries that never reached a client (`QueueCmd::Undelivered`):
+    /// back in sequence order, as they were before they went out. A queue
+    /// that counts deliveries takes back the count stored when they went
+    /// out (see `note_out`).
+    pub(super) fn put_back(&mut self, mut entries: Vec<Entry>) {
+        entries.sort_by_key(|e| e.seq);
+        let counting = self.args.counts_deliveries();
+        for e in entries.into_iter().rev() {
+            if counting {
+                if let (true, Some(id), true) = (e.on_disk, e.msg.stored, self.keeps()) {
+                    self.pending.push(MessageOp::SetMeta {
+                        queue: self.info.id,
+                        seq: e.seq,
+                        id,
+                        meta: EntryMeta {
+                            enqueued_at: e.enqueued_at,
+                            deliveries: e.deliveries,
+                        },
+                    });
+                }
+            }
+            self.ready.insert(e);
+        }
+    }
+
+    /// Remove the consumers whose events channel closed: a connection that
+    /// is gone (its ChannelClosed follows), or the relay of a consumer of
+    /// another node that no longer has it. Without this, the queue would
+    /// keep handing such a consumer messages that only come back.
+    pub(super) fn drop_gone_consumers(&mut self) {
+        let before = self.consumers.len();
+        self.consumers.retain(|c| !c.conn.is_closed());
+        if self.consumers.len() != before {
+            tracing::debug!(
+                gone = before - self.consumers.len(),
+                "consumers whose connection or relay ended left the queue"
+            );
+            self.ensure_active();
+            self.consumer_left();
+        }
     }
 
     pub(super) fn take_channel_unacked(&mut self, chan_key: u64) -> Vec<Entry> {

@@ -331,6 +331,14 @@ pub enum QueueCmd {
         seqs: Seqs,
         requeue: bool,
     },
+    /// Deliveries that never reached their consumer's client (its node no
+    /// longer had the consumer): back to the queue as they were, not
+    /// counted as deliveries. The consumer they were for is gone (its
+    /// event channel closed) and leaves the queue.
+    Undelivered {
+        chan_key: u64,
+        seqs: Seqs,
+    },
     Get {
         chan_key: u64,
         no_ack: bool,

@@ -755,8 +755,10 @@ async fn answer(
                 .collect();
             let _ = reply.send(mine);
         }
-        // Nothing here to wake, reconfigure or recover.
+        // Nothing here to wake, reconfigure or recover; deliveries that
+        // came back undelivered belong to the queue's node (its relays).
         QueueCmd::Wake
+        | QueueCmd::Undelivered { .. }
         | QueueCmd::Reconfigure(_)
         | QueueCmd::Recovered { .. }
         | QueueCmd::StreamCommitted { .. }

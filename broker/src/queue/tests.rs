@@ -477,3 +477,53 @@ fn mailbox_messages_stay_small() {
     assert!(std::mem::size_of::<QueueCmd>() <= 64, "QueueCmd grew");
     assert!(std::mem::size_of::<ConnEvent>() <= 64, "ConnEvent grew");
 }
+
+/// A consumer of another node that its node no longer has (it restarted,
+/// or a quorum queue's front registered the consumer again elsewhere): its
+/// relay hands back what it was given (`Undelivered`) and closes. The
+/// queue must drop that consumer, and the messages must come back as they
+/// were. Before, the queue went on handing such a consumer messages, each
+/// bounce counted as a return, until the delivery limit killed them:
+/// confirmed messages of a quorum queue were lost so.
+#[test]
+fn a_consumer_gone_on_its_node_leaves_and_what_it_was_given_comes_back_uncounted() {
+    let mut args = FieldTable::default();
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(2));
+    let mut f = fixture(args, None);
+    let a = &mut f.actor;
+    let (_, mut ghost) = consume(a, 1, "c", 0, 0);
+    let (_, mut live) = consume(a, 2, "c", 0, 0);
+    for seq in 1..=4 {
+        publish(a, seq);
+    }
+    a.end_wakeup();
+    // Round robin: the ghost was given every other message.
+    let given: Vec<u64> = deliveries(&mut ghost).iter().map(|d| d.0).collect();
+    assert_eq!(given.len(), 2);
+    assert_eq!(deliveries(&mut live).len(), 2);
+    ghost.close();
+    let cmd = QueueCmd::Undelivered {
+        chan_key: 1,
+        seqs: given.iter().copied().collect(),
+    };
+    assert!(!a.on_cmd(cmd));
+    a.end_wakeup();
+    assert_eq!(a.consumers.len(), 1, "the gone consumer left");
+    // The live consumer gets them, first-hand (never seen by a client) and
+    // uncounted, however often that happens.
+    let back = deliveries(&mut live);
+    assert_eq!(
+        back,
+        given.iter().map(|s| (*s, false, None)).collect::<Vec<_>>()
+    );
+    // A consumer whose events channel closed is never picked, even before
+    // anything comes back from it.
+    let (_, mut other) = consume(a, 3, "d", 0, 0);
+    other.close();
+    for seq in 5..=8 {
+        publish(a, seq);
+    }
+    a.end_wakeup();
+    assert_eq!(deliveries(&mut live).len(), 4);
+    assert_eq!(a.ready_count(), 0);
+}

@@ -352,12 +352,29 @@ async fn relay(
         let reopened = crate::channel::consume::took_in_flight_n(&in_flight, n);
         match r {
             Ok(v) if v.get("taken").and_then(Value::as_bool) == Some(false) => {
-                // Cancelled there meanwhile: back to the queue.
-                q.tell(QueueCmd::Reject {
+                // That node no longer has the consumer (cancelled meanwhile,
+                // or it restarted, or its quorum queue front registered it
+                // again elsewhere): the deliveries come back untouched, and
+                // this relay ends, so the queue drops the consumer instead
+                // of handing it more that would only come back (each time
+                // counted against a delivery limit: messages were lost so).
+                tracing::debug!(node = %to, sub, n, "a consumer on another node is gone there: it leaves the queue");
+                events.close();
+                let mut seqs = seqs;
+                while let Ok(ev) = events.try_recv() {
+                    match ev {
+                        ConnEvent::Deliver { seq, .. } => seqs.push(seq),
+                        ConnEvent::DeliverMany { items, .. } => {
+                            seqs.extend(items.into_iter().map(|i| i.2))
+                        }
+                        _ => {}
+                    }
+                }
+                q.tell(QueueCmd::Undelivered {
                     chan_key: chan,
                     seqs,
-                    requeue: true,
                 });
+                return;
             }
             Ok(_) => {}
             Err(e) => {

@@ -421,6 +421,20 @@ impl Stream {
                     self.acked(chan_key, offset);
                 }
             }
+            // A consumer of another node that its node no longer has: its
+            // credit comes back and it leaves (at its offset).
+            QueueCmd::Undelivered { chan_key, seqs } => {
+                for offset in seqs {
+                    self.acked(chan_key, offset);
+                }
+                let (gone, kept): (Vec<Reader>, Vec<Reader>) = std::mem::take(&mut self.readers)
+                    .into_iter()
+                    .partition(|r| r.c.conn.is_closed());
+                self.readers = kept;
+                for r in &gone {
+                    self.save_offset(r);
+                }
+            }
             QueueCmd::Get { reply, .. } => {
                 // The channel refuses basic.get on a stream (540).
                 let _ = reply.send(None);
