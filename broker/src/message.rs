@@ -28,6 +28,15 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Where a counter of ids that other nodes hold on to (channel keys,
+/// forwarded consumers) starts: past every id the previous run of this
+/// node handed out (it would have needed over 1,000 ids a millisecond to
+/// get there), so a node that restarted is never taken for its previous
+/// run. Below 2^53, so the ids stay exact as JSON numbers anywhere.
+pub fn fresh_ids_from() -> u64 {
+    unix_ms() << 10
+}
+
 impl Message {
     /// delivery-mode 2.
     pub fn persistent(&self) -> bool {

@@ -324,7 +324,7 @@ impl Server {
             meta: store.clone(),
             queue_ids,
             next_conn: AtomicU64::new(1),
-            next_chan: AtomicU64::new(1),
+            next_chan: AtomicU64::new(crate::message::fresh_ids_from()),
             persister,
             shutdown,
             reply_to: Mutex::new(HashMap::new()),

@@ -100,7 +100,8 @@ pub struct Sub {
 /// Every forwarded consumer of this process, by id (ids are unique per
 /// process, so brokers sharing one, as in tests, cannot mix them up).
 static SUBS: LazyLock<Mutex<HashMap<u64, Arc<Sub>>>> = LazyLock::new(Default::default);
-static NEXT_SUB: AtomicU64 = AtomicU64::new(1);
+static NEXT_SUB: LazyLock<AtomicU64> =
+    LazyLock::new(|| AtomicU64::new(crate::message::fresh_ids_from()));
 
 fn subs() -> std::sync::MutexGuard<'static, HashMap<u64, Arc<Sub>>> {
     SUBS.lock().unwrap_or_else(|e| e.into_inner())
