@@ -147,10 +147,20 @@ impl Net {
             .join(",");
         let g = self.gens[i];
         let dir = self._dir.path().join(format!("n{i}g{g}"));
-        let log = std::fs::File::create(self._dir.path().join(format!("n{i}g{g}.log"))).unwrap();
+        // Appended to: a node restarted goes on in the same log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self._dir.path().join(format!("n{i}g{g}.log")))
+            .unwrap();
         Command::new("ip")
             .args(["netns", "exec", &self.ns(i), WARREN])
-            .args(["--bind", &self.addr(i).to_string(), "--log-level", "warn"])
+            .args([
+                "--bind",
+                &self.addr(i).to_string(),
+                "--log-level",
+                &log_level(),
+            ])
             .args([
                 "--management-port",
                 &API.to_string(),
@@ -190,8 +200,18 @@ impl Net {
     }
 }
 
+/// The nodes' log level: `WARREN_TEST_LOG`, else warn.
+fn log_level() -> String {
+    std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
+        if std::env::var_os("WARREN_TEST_KEEP").is_some() {
+            // The nodes' logs and data, to read after a failure.
+            let kept = std::mem::replace(&mut self._dir, tempfile::tempdir().expect("a temp dir"));
+            eprintln!("kept the nodes' logs and data in {}", kept.keep().display());
+        }
         for c in &mut self.daemons {
             let _ = c.kill();
             let _ = c.wait();
@@ -556,20 +576,42 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 /// One publisher: persistent messages `p{c}-{k}` with confirms, one at a
 /// time, each through the connection it has (a random node, again after a
 /// failure). Returns (confirmed, unknown: nacked or no answer).
+/// The time of day (UTC, as the nodes' logs print it), to set what a
+/// checker saw beside what the nodes logged.
+fn stamp() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let s = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600 % 24,
+        s / 60 % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
+/// Where (the node's index) and when (see [`stamp`]) each message was
+/// confirmed or consumed.
+type Trail = std::collections::HashMap<String, (usize, String)>;
+
 async fn publisher(
     c: u64,
     urls: Vec<String>,
     seed: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> (Vec<String>, Vec<String>) {
+) -> (Vec<String>, Vec<String>, Trail) {
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
     let mut rng = Rng(seed | 1);
-    let (mut acked, mut unknown) = (Vec::new(), Vec::new());
+    let (mut acked, mut unknown, mut trail) = (Vec::new(), Vec::new(), Trail::new());
     let mut k = 0;
     let mut conn: Option<(lapin::Connection, lapin::Channel)> = None;
+    let mut node = 0;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         if conn.is_none() {
-            let url = &urls[rng.below(urls.len())];
+            node = rng.below(urls.len());
+            let url = &urls[node];
             let opened = tokio::time::timeout(Duration::from_secs(3), async {
                 let c = lapin::Connection::connect(url, Default::default()).await?;
                 let ch = c.create_channel().await?;
@@ -601,7 +643,10 @@ async fn publisher(
         })
         .await;
         match confirmed {
-            Ok(Ok(c)) if c.is_ack() => acked.push(body),
+            Ok(Ok(c)) if c.is_ack() => {
+                trail.insert(body.clone(), (node, stamp()));
+                acked.push(body)
+            }
             Ok(Ok(_)) => unknown.push(body),
             _ => {
                 unknown.push(body);
@@ -609,7 +654,7 @@ async fn publisher(
             }
         }
     }
-    (acked, unknown)
+    (acked, unknown, trail)
 }
 
 /// One consumer: takes `jq`'s messages through a random node, acking
@@ -621,14 +666,16 @@ async fn consumer(
     urls: Vec<String>,
     seed: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> (Vec<String>, usize) {
+) -> (Vec<String>, usize, Trail) {
     let mut out_of_order = 0;
+    let mut trail = Trail::new();
     use futures_lite::StreamExt;
     use lapin::options::BasicConsumeOptions;
     let mut rng = Rng(seed | 1);
     let mut got = Vec::new();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let url = &urls[rng.below(urls.len())];
+        let node = rng.below(urls.len());
+        let url = &urls[node];
         let opened = tokio::time::timeout(Duration::from_secs(3), async {
             let c = lapin::Connection::connect(url, Default::default()).await?;
             let ch = c.create_channel().await?;
@@ -663,6 +710,7 @@ async fn consumer(
                         }
                     }
                     if d.ack(Default::default()).await.is_ok() {
+                        trail.insert(body.clone(), (node, stamp()));
                         got.push(body);
                     }
                 }
@@ -671,7 +719,31 @@ async fn consumer(
             }
         }
     }
-    (got, out_of_order)
+    (got, out_of_order, trail)
+}
+
+/// Runs of consecutive lost messages of one publisher ("pC-K" bodies):
+/// (first, last, how many), in order.
+fn lost_runs<'a>(lost: &[&'a String]) -> Vec<(&'a String, &'a String, usize)> {
+    let key = |m: &String| {
+        let (p, k) = m.split_once('-').unwrap_or((m, "0"));
+        (p.to_owned(), k.parse::<u64>().unwrap_or(0))
+    };
+    let mut sorted: Vec<&String> = lost.to_vec();
+    sorted.sort_by_key(|m| key(m));
+    let mut runs: Vec<(&String, &String, usize)> = Vec::new();
+    for m in sorted {
+        let (p, k) = key(m);
+        match runs.last_mut() {
+            // (Gaps of one, every other message, count as one run.)
+            Some((_, last, n)) if key(last).0 == p && k <= key(last).1 + 2 => {
+                *last = m;
+                *n += 1;
+            }
+            _ => runs.push((m, m, 1)),
+        }
+    }
+    runs
 }
 
 /// The queue checker: publishers and a consumer use a durable queue of
@@ -692,7 +764,6 @@ fn confirmed_messages_survive_kills_and_partitions_through_any_node() {
 /// messages that are not redeliveries also come in the order they were
 /// published.
 #[test]
-#[ignore = "still loses confirmed messages in some runs with restarts (issue 16): run it with --ignored"]
 fn a_quorum_queue_loses_nothing_confirmed_through_kills_and_partitions() {
     queue_checker(true);
 }
@@ -738,31 +809,36 @@ fn queue_checker(quorum: bool) {
         std::thread::spawn(move || block_on(consumer(urls, s, stop)))
     };
 
-    let mut events = Vec::new();
+    let (mut events, mut times) = (Vec::new(), Vec::new());
     std::thread::sleep(Duration::from_secs(2));
     for _ in 0..5 {
         let i = rng.below(n);
         if rng.below(2) == 0 {
+            let at = stamp();
             net.kill(i);
             std::thread::sleep(Duration::from_millis(500 + rng.below(2000) as u64));
             net.start(i, n);
             events.push(format!("kill+restart p{i}"));
+            times.push(format!("killed p{i} at {at}, restarted at {}", stamp()));
         } else {
+            let at = stamp();
             net.isolate(i, n, true);
             std::thread::sleep(Duration::from_millis(1000 + rng.below(3000) as u64));
             net.isolate(i, n, false);
             events.push(format!("cut+heal p{i}"));
+            times.push(format!("cut p{i} off at {at}, healed at {}", stamp()));
         }
         std::thread::sleep(Duration::from_millis(1500 + rng.below(1500) as u64));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut acked, mut unknown) = (Vec::new(), Vec::new());
+    let (mut acked, mut unknown, mut confirmed_at) = (Vec::new(), Vec::new(), Trail::new());
     for p in pubs {
-        let (a, u) = p.join().expect("a publisher");
+        let (a, u, t) = p.join().expect("a publisher");
         acked.extend(a);
         unknown.extend(u);
+        confirmed_at.extend(t);
     }
-    let (consumed, out_of_order) = cons.join().expect("the consumer");
+    let (consumed, out_of_order, consumed_at) = cons.join().expect("the consumer");
 
     // Healed: whatever is left (unacked deliveries come back once their
     // channels are closed or their leases run out), drained on node 0.
@@ -821,6 +897,31 @@ fn queue_checker(quorum: bool) {
         "too few confirmed messages to mean anything"
     );
     if !lost.is_empty() {
+        eprintln!("{}", times.join("; "));
+        // Each run of lost messages of a publisher: where and when its
+        // first and last were confirmed, and what was consumed last before.
+        let runs = lost_runs(&lost);
+        for (first, last, count) in runs {
+            let at = |m: &String| {
+                confirmed_at
+                    .get(m)
+                    .map_or("?".into(), |(n, t)| format!("through p{n} at {t}"))
+            };
+            eprintln!(
+                "lost {count}: {first} (confirmed {}) .. {last} (confirmed {})",
+                at(first),
+                at(last)
+            );
+        }
+        let mut eaten: Vec<(&String, &(usize, String))> = consumed_at.iter().collect();
+        eaten.sort_by(|a, b| a.1 .1.cmp(&b.1 .1));
+        let tail: Vec<String> = eaten
+            .iter()
+            .rev()
+            .take(5)
+            .map(|(m, (n, t))| format!("{m} through p{n} at {t}"))
+            .collect();
+        eprintln!("consumed last: {tail:?}");
         // What each node says of the queue: where the missing ones may be.
         for i in 0..n {
             eprintln!(
