@@ -67,7 +67,7 @@ impl Actor {
             self.drop_gone_consumers();
             return false;
         }
-        let (no_ack, chan_key, tag) = (c.no_ack, c.chan_key, c.tag.clone());
+        let (no_ack, chan_key, tag, order) = (c.no_ack, c.chan_key, c.tag.clone(), c.order);
         self.last_delivery = self.now;
         for entry in entries {
             self.counts.delivered += 1;
@@ -79,6 +79,7 @@ impl Actor {
                     entry,
                     chan_key,
                     tag: Some(tag.clone()),
+                    consumer: order,
                     delivered_at: self.now,
                     get_conn: None,
                 };
@@ -209,12 +210,8 @@ impl Actor {
             _ => return None,
         }
         let u = self.unacked.remove(&seq)?;
-        if let Some(tag) = &u.tag {
-            if let Some(c) = self
-                .consumers
-                .iter_mut()
-                .find(|c| c.chan_key == chan_key && &c.tag == tag)
-            {
+        if u.consumer != 0 {
+            if let Some(c) = self.consumers.iter_mut().find(|c| c.order == u.consumer) {
                 c.unacked = c.unacked.saturating_sub(1);
             }
         }
@@ -323,6 +320,7 @@ impl Actor {
                     entry: e,
                     chan_key,
                     tag: None,
+                    consumer: 0,
                     delivered_at: self.now,
                     get_conn: conn,
                 },

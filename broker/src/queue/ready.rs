@@ -30,6 +30,12 @@ pub(super) struct Unacked {
     pub chan_key: u64,
     /// None for `basic.get` deliveries.
     pub tag: Option<Arc<str>>,
+    /// The registration it went to (`Consumer::order`; 0 for `basic.get`):
+    /// a channel may hold two registrations with one tag for a moment (a
+    /// consumer of another node registered again before its old
+    /// registration is known gone), and an ack must free the prefetch slot
+    /// of the one that has the message.
+    pub consumer: u64,
     /// When it was delivered (the actor's clock), for consumer timeouts.
     pub delivered_at: u64,
     /// The connection that took it with `basic.get` (told if it times out).
