@@ -22,7 +22,11 @@ impl Actor {
             let Some(i) = self.pick() else { break };
             if let Some((j, entries)) = run.take_if(|(j, _)| *j != i) {
                 if !self.hand_out(j, entries) {
-                    return;
+                    // j is gone (see `hand_out`): the credit `pick` took
+                    // for i goes back, and the others are picked again.
+                    self.unpick(i);
+                    self.drop_gone_consumers();
+                    continue;
                 }
             }
             let Some(entry) = self.ready.pop_front() else {
@@ -37,7 +41,18 @@ impl Actor {
             run.get_or_insert_with(|| (i, Vec::new())).1.push(entry);
         }
         if let Some((i, entries)) = run {
-            self.hand_out(i, entries);
+            if !self.hand_out(i, entries) {
+                self.drop_gone_consumers();
+                self.dispatch();
+            }
+        }
+    }
+
+    /// Give back the channel credit [`Actor::pick`] took for consumer `i`.
+    fn unpick(&mut self, i: usize) {
+        let c = &self.consumers[i];
+        if !c.no_ack {
+            c.channel_credit.release(1);
         }
     }
 
@@ -55,8 +70,8 @@ impl Actor {
         );
         if c.conn.send(ev).is_err() {
             // The connection is gone (its ChannelClosed is on the way), or
-            // a consumer of another node ended there: it leaves now, so
-            // that nothing more is handed to it.
+            // a consumer of another node ended there: the caller drops it
+            // (`drop_gone_consumers`), so that nothing more is handed to it.
             c.in_flight.fetch_sub(n as u32, Ordering::AcqRel);
             if !c.no_ack {
                 c.unacked -= n as u32;
@@ -64,7 +79,6 @@ impl Actor {
             for e in entries.into_iter().rev() {
                 self.ready.push_front(e);
             }
-            self.drop_gone_consumers();
             return false;
         }
         let (no_ack, chan_key, tag, order) = (c.no_ack, c.chan_key, c.tag.clone(), c.order);
@@ -120,13 +134,7 @@ impl Actor {
                 let c = &self.consumers[i];
                 let window_ok = c.in_flight.load(Ordering::Acquire) < FLOW_WINDOW;
                 let prefetch_ok = c.no_ack || c.prefetch == 0 || c.unacked < c.prefetch;
-                // (A consumer whose events channel closed is gone: see
-                // `drop_gone_consumers`.)
-                if window_ok
-                    && prefetch_ok
-                    && !c.conn.is_closed()
-                    && (c.no_ack || c.channel_credit.try_acquire())
-                {
+                if window_ok && prefetch_ok && (c.no_ack || c.channel_credit.try_acquire()) {
                     self.next_consumer = self.next_consumer.wrapping_add(k + 1);
                     return Some(i);
                 }

@@ -531,8 +531,8 @@ fn a_consumer_gone_on_its_node_leaves_and_what_it_was_given_comes_back_uncounted
         back,
         given.iter().map(|s| (*s, false, None)).collect::<Vec<_>>()
     );
-    // A consumer whose events channel closed is never picked, even before
-    // anything comes back from it.
+    // A consumer whose events channel closed leaves at the first delivery
+    // that fails, and the others get the messages in the same wake-up.
     let acks = QueueCmd::Ack {
         chan_key: 1,
         seqs: given.iter().copied().collect(),
