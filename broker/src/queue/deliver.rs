@@ -227,13 +227,16 @@ impl Actor {
     }
 
     /// Deliveries that never reached a client (`QueueCmd::Undelivered`):
-    /// back in sequence order, as they were before they went out. A queue
-    /// that counts deliveries takes back the count stored when they went
-    /// out (see `note_out`).
+    /// back in sequence order, not counted: a queue that counts deliveries
+    /// takes back the count stored when they went out (see `note_out`).
+    /// They are marked redelivered, as RabbitMQ marks every message that
+    /// went out to a consumer: later messages may have gone out meanwhile,
+    /// and a first-hand delivery never comes after a later one.
     pub(super) fn put_back(&mut self, mut entries: Vec<Entry>) {
         entries.sort_by_key(|e| e.seq);
         let counting = self.args.counts_deliveries();
-        for e in entries.into_iter().rev() {
+        for mut e in entries.into_iter().rev() {
+            e.redelivered = true;
             if counting {
                 if let (true, Some(id), true) = (e.on_disk, e.msg.stored, self.keeps()) {
                     self.pending.push(MessageOp::SetMeta {

@@ -332,8 +332,8 @@ pub enum QueueCmd {
         requeue: bool,
     },
     /// Deliveries that never reached their consumer's client (its node no
-    /// longer had the consumer): back to the queue as they were, not
-    /// counted as deliveries. The consumer they were for is gone (its
+    /// longer had the consumer): back to the queue, not counted as
+    /// deliveries. The consumer they were for is gone (its
     /// event channel closed) and leaves the queue.
     Undelivered {
         chan_key: u64,

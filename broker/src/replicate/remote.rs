@@ -354,7 +354,7 @@ async fn relay(
             Ok(v) if v.get("taken").and_then(Value::as_bool) == Some(false) => {
                 // That node no longer has the consumer (cancelled meanwhile,
                 // or it restarted, or its quorum queue front registered it
-                // again elsewhere): the deliveries come back untouched, and
+                // again elsewhere): the deliveries come back uncounted, and
                 // this relay ends, so the queue drops the consumer instead
                 // of handing it more that would only come back (each time
                 // counted against a delivery limit: messages were lost so).
