@@ -647,20 +647,8 @@ impl Front {
 
     /// A command from the mailbox.
     async fn take(&mut self, c: QueueCmd) {
-        match &c {
-            // (Consumers of other nodes, conn_id 0, are registered again by
-            // their own node's front.)
-            QueueCmd::Consume { consumer, .. } if consumer.conn_id != 0 => {
-                self.consumers.push(copy_consumer(consumer))
-            }
-            QueueCmd::Cancel { chan_key, tag } => self
-                .consumers
-                .retain(|c| !(c.chan_key == *chan_key && c.tag == *tag)),
-            QueueCmd::ChannelClosed { chan_key } => {
-                self.consumers.retain(|c| c.chan_key != *chan_key)
-            }
-            QueueCmd::Reconfigure(a) => self.args = (**a).clone(),
-            _ => {}
+        if let QueueCmd::Reconfigure(a) = &c {
+            self.args = (**a).clone();
         }
         if !self.held.is_empty() || !self.resends.is_empty() {
             self.held.push_back(c);
@@ -682,6 +670,27 @@ impl Front {
 
     /// Hand a command to the target, or hold it while there is none.
     fn dispatch(&mut self, c: QueueCmd) {
+        if matches!(self.target, Target::None | Target::Taking(_)) {
+            self.held.push_back(c);
+            return;
+        }
+        // The consumers registered through this front, as the target has
+        // them (kept here, when they reach it, to register them again with
+        // the next one: one held meanwhile is registered when it goes, not
+        // twice). Consumers of other nodes (conn_id 0) are registered again
+        // by their own node's front.
+        match &c {
+            QueueCmd::Consume { consumer, .. } if consumer.conn_id != 0 => {
+                self.consumers.push(copy_consumer(consumer))
+            }
+            QueueCmd::Cancel { chan_key, tag } => self
+                .consumers
+                .retain(|c| !(c.chan_key == *chan_key && c.tag == *tag)),
+            QueueCmd::ChannelClosed { chan_key } => {
+                self.consumers.retain(|c| c.chan_key != *chan_key)
+            }
+            _ => {}
+        }
         let handle = match &self.target {
             Target::Local(h, _) => h,
             Target::Remote { handle, .. } => handle,
