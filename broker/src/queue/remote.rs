@@ -95,6 +95,11 @@ pub struct Sub {
     /// The forwarding handle's queue id (the channel's unacked deliveries
     /// name it).
     pub queue: u64,
+    /// A quorum queue front's forwarder: set when the front retires it.
+    /// From then on the consumer takes nothing more through it (the front
+    /// registered it again with its next target, and two registrations
+    /// delivering to one channel would interleave their deliveries).
+    pub retired: Option<Arc<AtomicBool>>,
 }
 
 /// Every forwarded consumer of this process, by id (ids are unique per
@@ -115,6 +120,12 @@ pub async fn deliver(sub: u64, items: Vec<(MessageRef, bool, u64)>) -> bool {
     let Some(s) = subs().get(&sub).cloned() else {
         return false;
     };
+    if s.retired
+        .as_ref()
+        .is_some_and(|r| r.load(Ordering::Acquire))
+    {
+        return false;
+    }
     let n = items.len() as u32;
     if !s.no_ack {
         s.credit.unacked.fetch_add(n, Ordering::AcqRel);
@@ -143,7 +154,14 @@ pub async fn deliver(sub: u64, items: Vec<(MessageRef, bool, u64)>) -> bool {
 /// The queue's node ended consumer `sub`: `ok` at the client's request
 /// (cancel-ok), else because the queue went away.
 pub fn ended(sub: u64, ok: bool) {
-    if let Some(s) = subs().remove(&sub) {
+    let s = subs().remove(&sub);
+    // (Through a retired forwarder: the front registered the consumer
+    // again elsewhere, and it goes on there.)
+    if let Some(s) = s.filter(|s| {
+        !s.retired
+            .as_ref()
+            .is_some_and(|r| r.load(Ordering::Acquire))
+    }) {
         let (chan_key, tag) = (s.chan_key, s.tag.clone());
         let _ = s.conn.send(match ok {
             true => ConnEvent::CancelOk { chan_key, tag },
@@ -250,6 +268,8 @@ struct Consumers {
     subs: HashMap<(u64, Arc<str>), u64>,
     /// Channels the home node keeps state for (consumers, unacked gets).
     chans: HashSet<u64>,
+    /// A quorum queue front's forwarder: its retired flag.
+    retired: Option<Arc<AtomicBool>>,
 }
 
 impl Consumers {
@@ -378,7 +398,10 @@ async fn run(
     let mut pipe = Pipeline::new();
     let retired = follower.as_ref().map(|(r, _)| r.clone());
     pipe.resend = follower.map(|(_, s)| s);
-    let mut st = Consumers::default();
+    let mut st = Consumers {
+        retired: retired.clone(),
+        ..Default::default()
+    };
     let mut renew = tokio::time::interval(LEASE_RENEW);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -642,6 +665,7 @@ async fn answer(
                     credit: c.channel_credit.clone(),
                     no_ack: c.no_ack,
                     queue: info.id,
+                    retired: st.retired.clone(),
                 }),
             );
             let r = ask(
