@@ -705,8 +705,12 @@ async fn consumer(
                     if let (false, Some((p, k))) = (d.redelivered, body.split_once('-')) {
                         let k: u64 = k.parse().unwrap_or(0);
                         let prev = last.insert(p.to_owned(), k);
-                        if prev.is_some_and(|prev| k < prev) {
+                        if let Some(prev) = prev.filter(|prev| k < *prev) {
                             out_of_order += 1;
+                            eprintln!(
+                                "out of order through p{node} at {}: {body} after {p}-{prev}",
+                                stamp()
+                            );
                         }
                     }
                     if d.ack(Default::default()).await.is_ok() {
