@@ -184,9 +184,14 @@ impl Actor {
     /// comes back, so that a delivery still unacked when the broker stops
     /// (crash or not) counts as one, as RabbitMQ's quorum queues count it.
     fn note_out(&mut self, e: &Entry) {
-        if !self.args.counts_deliveries() {
-            return;
+        if self.args.counts_deliveries() {
+            self.store_count(e, e.deliveries.saturating_add(1));
         }
+    }
+
+    /// Write `deliveries` as the delivery count of `e`'s stored entry (in
+    /// this wake-up's batch), if it has one.
+    fn store_count(&mut self, e: &Entry, deliveries: u32) {
         if let (true, Some(id), true) = (e.on_disk, e.msg.stored, self.keeps()) {
             self.pending.push(MessageOp::SetMeta {
                 queue: self.info.id,
@@ -194,7 +199,7 @@ impl Actor {
                 id,
                 meta: EntryMeta {
                     enqueued_at: e.enqueued_at,
-                    deliveries: e.deliveries.saturating_add(1),
+                    deliveries,
                 },
             });
         }
@@ -238,17 +243,7 @@ impl Actor {
         for mut e in entries.into_iter().rev() {
             e.redelivered = true;
             if counting {
-                if let (true, Some(id), true) = (e.on_disk, e.msg.stored, self.keeps()) {
-                    self.pending.push(MessageOp::SetMeta {
-                        queue: self.info.id,
-                        seq: e.seq,
-                        id,
-                        meta: EntryMeta {
-                            enqueued_at: e.enqueued_at,
-                            deliveries: e.deliveries,
-                        },
-                    });
-                }
+                self.store_count(&e, e.deliveries);
             }
             self.ready.insert(e);
         }

@@ -370,6 +370,17 @@ impl Stream {
         self.wall_epoch + self.now
     }
 
+    /// Remove the readers `gone` picks, keeping their offsets.
+    fn end_readers(&mut self, gone: impl Fn(&Reader) -> bool) {
+        let (gone, kept): (Vec<Reader>, Vec<Reader>) = std::mem::take(&mut self.readers)
+            .into_iter()
+            .partition(|r| gone(r));
+        self.readers = kept;
+        for r in &gone {
+            self.save_offset(r);
+        }
+    }
+
     /// Serve one command; true when the stream is deleted.
     fn on_cmd(&mut self, c: QueueCmd) -> bool {
         match c {
@@ -427,26 +438,14 @@ impl Stream {
                 for offset in seqs {
                     self.acked(chan_key, offset);
                 }
-                let (gone, kept): (Vec<Reader>, Vec<Reader>) = std::mem::take(&mut self.readers)
-                    .into_iter()
-                    .partition(|r| r.c.conn.is_closed());
-                self.readers = kept;
-                for r in &gone {
-                    self.save_offset(r);
-                }
+                self.end_readers(|r| r.c.conn.is_closed());
             }
             QueueCmd::Get { reply, .. } => {
                 // The channel refuses basic.get on a stream (540).
                 let _ = reply.send(None);
             }
             QueueCmd::ChannelClosed { chan_key } => {
-                let (gone, kept): (Vec<Reader>, Vec<Reader>) = std::mem::take(&mut self.readers)
-                    .into_iter()
-                    .partition(|r| r.c.chan_key == chan_key);
-                self.readers = kept;
-                for r in &gone {
-                    self.save_offset(r);
-                }
+                self.end_readers(|r| r.c.chan_key == chan_key);
             }
             QueueCmd::Recover { chan_key } => {
                 for r in self.readers.iter_mut().filter(|r| r.c.chan_key == chan_key) {
