@@ -377,10 +377,10 @@ impl Persister {
                     unchecked += ops
                         .iter()
                         .map(|op| match op {
-                            MessageOp::PutMessage { message, .. }
-                            | MessageOp::StreamAppend { message, .. } => {
+                            MessageOp::PutMessage { message, .. } => {
                                 (message.body.len() + message.header.len() + 64) as u64
                             }
+                            MessageOp::StreamChunk { records, .. } => records.len() as u64,
                             _ => 32,
                         })
                         .sum::<u64>();

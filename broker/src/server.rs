@@ -669,13 +669,14 @@ mod tests {
             header: bytes::Bytes::new(),
             body: bytes::Bytes::from_static(b"left behind"),
         };
+        let mut chunk = warren_storage::chunk::ChunkWriter::new(0, 0);
+        chunk.push(1, &message);
         store
-            .apply(&[MessageOp::StreamAppend {
+            .apply(&[MessageOp::StreamChunk {
                 stream: 4242,
-                offset: 0,
-                timestamp: 1,
-                message,
-                index_time: true,
+                first: 0,
+                records: bytes::Bytes::from(chunk.finish()),
+                times: vec![(1, 0)],
             }])
             .unwrap();
         assert_eq!(store.stream_ids().unwrap(), vec![4242]);

@@ -287,9 +287,114 @@ impl ContentHeader {
         ContentHeader::parse(Bytes::copy_from_slice(&f[7..f.len() - 1]))
     }
 
+    /// Write this header into `out` with `entry` (one encoded field-table
+    /// entry: name, type tag, value) added at the end of its headers table,
+    /// or as a new table if it has none. Every other byte stays as the
+    /// publisher sent it. The layout returned locates the properties in
+    /// what was written, so no parse is needed to use it (the stream's
+    /// append writes each message's header straight into its chunk).
+    /// The entry's name must not be in the table already.
+    pub fn write_with_entry(&self, entry: &[u8], out: &mut Vec<u8>) -> HeaderLayout {
+        let start = out.len();
+        // Where the bytes after the change start (in `self.raw`), how far
+        // they move, and the new table's range.
+        let (at, by, headers) = match self.headers {
+            Some((a, b)) => {
+                let (a, b) = (a as usize, b as usize);
+                let n = (b - a - 4 + entry.len()) as u32;
+                out.extend_from_slice(&self.raw[..a]);
+                out.extend_from_slice(&n.to_be_bytes());
+                out.extend_from_slice(&self.raw[a + 4..b]);
+                out.extend_from_slice(entry);
+                out.extend_from_slice(&self.raw[b..]);
+                (b, entry.len(), (a, b + entry.len()))
+            }
+            None => {
+                // The table's place: after content-type and
+                // content-encoding, the only properties before it.
+                let mut pos = PROPS_AT;
+                for flag in [1u16 << 15, 1 << 14] {
+                    if self.flags & flag != 0 {
+                        pos += 1 + self.raw[pos] as usize;
+                    }
+                }
+                out.extend_from_slice(&self.raw[..12]);
+                out.extend_from_slice(&(self.flags | HEADERS).to_be_bytes());
+                out.extend_from_slice(&self.raw[PROPS_AT..pos]);
+                out.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+                out.extend_from_slice(entry);
+                out.extend_from_slice(&self.raw[pos..]);
+                (pos, 4 + entry.len(), (pos, pos + 4 + entry.len()))
+            }
+        };
+        let moved = |r: Option<(u32, u32)>| {
+            r.map(|(a, b)| match a as usize >= at {
+                true => (a + by as u32, b + by as u32),
+                false => (a, b),
+            })
+        };
+        HeaderLayout {
+            len: out.len() - start,
+            header: ContentHeader {
+                raw: Bytes::new(),
+                body_size: self.body_size,
+                flags: self.flags | HEADERS,
+                delivery_mode: self.delivery_mode,
+                priority: self.priority,
+                headers: Some((headers.0 as u32, headers.1 as u32)),
+                expiration: moved(self.expiration),
+                reply_to: moved(self.reply_to),
+                user_id: moved(self.user_id),
+            },
+        }
+    }
+
+    /// Write this header into `out` unchanged, with its layout.
+    pub fn write_to(&self, out: &mut Vec<u8>) -> HeaderLayout {
+        out.extend_from_slice(&self.raw);
+        HeaderLayout {
+            len: self.raw.len(),
+            header: ContentHeader {
+                raw: Bytes::new(),
+                ..self.clone()
+            },
+        }
+    }
+
     /// All properties decoded (for tests and diagnostics, not the hot path).
     pub fn properties(&self) -> Option<AMQPProperties> {
         parse_properties(&self.raw[12..]).ok().map(|(_, p)| p)
+    }
+}
+
+/// Where a header's properties are, without its bytes: what
+/// [`ContentHeader::write_with_entry`] wrote, joined with those bytes once
+/// they are in their final buffer.
+#[derive(Clone, Debug)]
+pub struct HeaderLayout {
+    header: ContentHeader,
+    len: usize,
+}
+
+impl HeaderLayout {
+    /// The length of the header bytes written.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The header over `raw`: the bytes that were written, wherever they
+    /// are now.
+    pub fn with_raw(self, raw: Bytes) -> ContentHeader {
+        assert_eq!(
+            raw.len(),
+            self.len,
+            "a header layout joined with other bytes"
+        );
+        let h = ContentHeader { raw, ..self.header };
+        debug_assert_eq!(Ok(&h), ContentHeader::parse(h.raw.clone()).as_ref());
+        h
     }
 }
 
@@ -411,5 +516,70 @@ mod tests {
             ContentHeader::parse(Bytes::from(raw)),
             Err(ContentError::BadProperty(TableError::TooDeep))
         );
+    }
+
+    #[test]
+    fn a_header_written_with_an_entry_is_what_a_parse_of_its_bytes_finds() {
+        let entry = {
+            let mut e = vec![15u8];
+            e.extend_from_slice(b"x-stream-offset");
+            e.push(b'l');
+            e.extend_from_slice(&42i64.to_be_bytes());
+            e
+        };
+        let mut with_headers = FieldTable::default();
+        with_headers.insert("app".into(), AMQPValue::LongString("v".into()));
+        let cases = [
+            AMQPProperties::default(),
+            AMQPProperties::default().with_delivery_mode(2),
+            AMQPProperties::default()
+                .with_content_type("text/plain".into())
+                .with_content_encoding("gzip".into())
+                .with_expiration("6000".into())
+                .with_reply_to("r".into())
+                .with_user_id("guest".into())
+                .with_priority(3),
+            AMQPProperties::default()
+                .with_content_type("a".into())
+                .with_headers(with_headers.clone())
+                .with_expiration("5".into())
+                .with_user_id("u".into()),
+            AMQPProperties::default().with_headers(FieldTable::default()),
+        ];
+        for props in cases {
+            let h = ContentHeader::parse(encode(props.clone(), 9)).unwrap();
+            let mut out = b"before".to_vec();
+            let layout = h.write_with_entry(&entry, &mut out);
+            assert_eq!(layout.len(), out.len() - 6);
+            let raw = Bytes::from(out).slice(6..);
+            let parsed = ContentHeader::parse(raw.clone()).unwrap();
+            let joined = layout.with_raw(raw);
+            assert_eq!(joined, parsed);
+            assert_eq!(joined.expiration(), h.expiration());
+            assert_eq!(joined.reply_to(), h.reply_to());
+            assert_eq!(joined.user_id(), h.user_id());
+            assert_eq!(joined.priority(), h.priority());
+            assert_eq!(joined.delivery_mode(), h.delivery_mode());
+            let got = joined.headers().unwrap();
+            assert_eq!(
+                got.inner().get("x-stream-offset"),
+                Some(&AMQPValue::LongLongInt(42))
+            );
+            let mut others = got.inner().clone();
+            others.remove("x-stream-offset");
+            let before = h.headers().unwrap_or_default();
+            assert_eq!(&others, before.inner());
+            // Every other property is as it was.
+            let mut a = joined.properties().unwrap();
+            a = a.with_headers(FieldTable::default());
+            assert_eq!(
+                a,
+                h.properties().unwrap().with_headers(FieldTable::default())
+            );
+            // Unchanged, with its layout.
+            let mut out = Vec::new();
+            let same = h.write_to(&mut out).with_raw(Bytes::from(out));
+            assert_eq!(same, h);
+        }
     }
 }

@@ -14,6 +14,7 @@
 //! - [`contract`] (feature `contract`) — the behaviour every engine must
 //!   show, as functions each engine's tests call.
 
+pub mod chunk;
 pub mod codec;
 pub mod elide;
 pub mod keys;
@@ -205,17 +206,18 @@ pub enum MessageOp {
     /// The delayed message went out (or was dropped): its entry goes, and
     /// its body with its last reference.
     RemoveDelayed { due: u64, id: MessageId },
-    /// Append a record to a stream (an append-only log keyed by offset),
-    /// appended at `timestamp` (Unix ms, never less than the previous
-    /// record's). `index_time`: also note in the stream's time index that
-    /// records from `timestamp` on start at `offset` (the broker does it
-    /// for the first record of each second, so the index stays sparse).
-    StreamAppend {
+    /// Append records to a stream (an append-only log keyed by offset):
+    /// `records` is a chunk value ([`chunk`]) of records from offset
+    /// `first` on, their timestamps (Unix ms) never less than the previous
+    /// record's. `times`: time index entries `(timestamp, offset)`, each
+    /// noting that records from that timestamp on start at that offset (the
+    /// broker notes the first record of each second, so the index stays
+    /// sparse).
+    StreamChunk {
         stream: QueueId,
-        offset: u64,
-        timestamp: u64,
-        message: StoredMessage,
-        index_time: bool,
+        first: u64,
+        records: Bytes,
+        times: Vec<(u64, u64)>,
     },
     /// Retention: remove a stream's records with offsets below `before`
     /// (and their time index entries). The record at `before` is stored
@@ -738,24 +740,39 @@ pub mod contract {
     /// sparse time index gives a start at or before a timestamp; retention
     /// removes a prefix (and its index entries); streams are apart.
     pub fn streams(s: &dyn MessageStore) {
-        let append = |stream, offset, timestamp, index_time| MessageOp::StreamAppend {
-            stream,
-            offset,
-            timestamp,
-            message: msg("s"),
-            index_time,
+        // A chunk of records from `first` on, at these timestamps; an
+        // index entry for each record whose flag is set.
+        let append = |stream, first: u64, recs: &[(u64, bool)]| {
+            let mut c = chunk::ChunkWriter::new(first, 0);
+            let mut times = Vec::new();
+            for (i, &(ts, index_time)) in recs.iter().enumerate() {
+                c.push(ts, &msg("s"));
+                if index_time {
+                    times.push((ts, first + i as u64));
+                }
+            }
+            MessageOp::StreamChunk {
+                stream,
+                first,
+                records: Bytes::from(c.finish()),
+                times,
+            }
         };
         assert_eq!(s.stream_bounds(7).unwrap(), None);
         assert_eq!(s.stream_seek_time(7, 0).unwrap(), None);
         // Offsets 0..10 at 1000, 1000, 1000, 2000, 2000, ... (index entry at
         // the first record of each second).
-        let mut ops = Vec::new();
-        for o in 0..10u64 {
-            let ts = 1000 * (1 + o / 3);
-            ops.push(append(7, o, ts, o % 3 == 0));
-        }
-        ops.push(append(8, 0, 5000, true));
-        s.apply(&ops).unwrap();
+        // Two chunks of stream 7 in one batch (an engine may join them),
+        // then one of stream 8.
+        let recs: Vec<(u64, bool)> = (0..10u64)
+            .map(|o| (1000 * (1 + o / 3), o % 3 == 0))
+            .collect();
+        s.apply(&[
+            append(7, 0, &recs[..4]),
+            append(7, 4, &recs[4..]),
+            append(8, 0, &[(5000, true)]),
+        ])
+        .unwrap();
         assert_eq!(s.stream_bounds(7).unwrap(), Some((0, 9)));
         let r = s.read_stream(7, 4, 3).unwrap();
         assert_eq!(
@@ -790,10 +807,8 @@ pub mod contract {
         // Appends in several batches (an engine may keep each batch's run
         // together): reads cross them, a cut inside one keeps the rest.
         for batch in 0..4u64 {
-            let ops: Vec<MessageOp> = (0..5u64)
-                .map(|i| append(7, 10 + batch * 5 + i, 9000 + batch, i == 0))
-                .collect();
-            s.apply(&ops).unwrap();
+            let recs: Vec<(u64, bool)> = (0..5u64).map(|i| (9000 + batch, i == 0)).collect();
+            s.apply(&[append(7, 10 + batch * 5, &recs)]).unwrap();
         }
         assert_eq!(s.stream_bounds(7).unwrap(), Some((5, 29)));
         let offsets = |from, limit| -> Vec<u64> {
@@ -817,7 +832,7 @@ pub mod contract {
         assert_eq!(s.stream_seek_time(7, 9002).unwrap(), Some(20));
         assert_eq!(s.stream_seek_time(7, 0).unwrap(), Some(17));
         // A later append continues after a cut.
-        s.apply(&[append(7, 30, 9999, false)]).unwrap();
+        s.apply(&[append(7, 30, &[(9999, false)])]).unwrap();
         assert_eq!(s.stream_bounds(7).unwrap(), Some((17, 30)));
         assert_eq!(s.stream_ids().unwrap(), vec![7, 8]);
         s.apply(&[MessageOp::StreamDrop { stream: 7 }]).unwrap();

@@ -199,17 +199,18 @@ impl MessageStore for MemStore {
                         )));
                     }
                 }
-                MessageOp::StreamAppend {
+                MessageOp::StreamChunk {
                     stream,
-                    offset,
-                    timestamp,
-                    message,
-                    index_time,
+                    first,
+                    records,
+                    times,
                 } => {
-                    m.streams
-                        .insert((*stream, *offset), (*timestamp, message.clone()));
-                    if *index_time {
-                        m.stream_times.insert((*stream, *timestamp, *offset), ());
+                    for r in crate::chunk::decode_range(*first, records, 0, usize::MAX)? {
+                        m.streams
+                            .insert((*stream, r.offset), (r.timestamp, r.message));
+                    }
+                    for &(ts, offset) in times {
+                        m.stream_times.insert((*stream, ts, offset), ());
                     }
                 }
                 MessageOp::StreamTruncate { stream, before } => {

@@ -45,6 +45,7 @@ use rocksdb::{
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
+use warren_storage::chunk::{self, ChunkWriter};
 use warren_storage::codec::{Reader, Writer};
 use warren_storage::*;
 
@@ -161,126 +162,60 @@ fn encode_message(m: &StoredMessage) -> Vec<u8> {
     w.0
 }
 
-/// The size of [`encode_message`]'s encoding.
-fn encoded_len(m: &StoredMessage) -> usize {
-    let w = Writer::default();
-    w.len_of(&m.exchange) + w.len_of(&m.routing_key) + w.len_of(&m.header) + w.len_of(&m.body)
-}
-
 /// Decode a stored message; its parts are slices of the one value buffer.
 fn decode_message(v: Vec<u8>) -> Result<StoredMessage> {
-    decode_message_bytes(Bytes::from(v))
+    chunk::decode_message(Bytes::from(v))
 }
 
-fn decode_message_bytes(v: Bytes) -> Result<StoredMessage> {
-    let mut r = Reader(&v);
-    let mut part = || -> Result<Bytes> { Ok(v.slice_ref(r.bytes()?)) };
-    Ok(StoredMessage {
-        exchange: part()?,
-        routing_key: part()?,
-        header: part()?,
-        body: part()?,
-    })
-}
-
-/// Records a stream chunk holds at most, and its size: a larger batch of
-/// appends is split.
-const CHUNK_RECORDS: u32 = 4096;
-const CHUNK_BYTES: usize = 4 << 20;
-
-/// A stream chunk being built from a batch's appends.
-struct ChunkBuilder {
+/// Stream chunks of one stream with consecutive offsets, joined into one
+/// value while they stay within the chunk limits.
+#[derive(Default)]
+struct ChunkRun {
     stream: QueueId,
     first: u64,
-    /// The offset the next record must have to join it.
     next: u64,
-    count: u32,
-    buf: Vec<u8>,
+    records: u64,
+    bytes: usize,
+    parts: Vec<Bytes>,
 }
 
-impl ChunkBuilder {
-    /// A chunk starting at `first`, with room for `bytes` of records.
-    fn new(stream: QueueId, first: u64, bytes: usize) -> ChunkBuilder {
-        let mut buf = Vec::with_capacity(4 + bytes.min(CHUNK_BYTES + (64 << 10)));
-        buf.extend_from_slice(&0u32.to_be_bytes());
-        ChunkBuilder {
-            stream,
-            first,
-            next: first,
-            count: 0,
-            buf,
+impl ChunkRun {
+    /// Add a chunk; returns the run it ends, if it cannot join it.
+    fn add(&mut self, stream: QueueId, first: u64, v: &Bytes) -> Option<([u8; 16], Bytes)> {
+        let n = chunk::count(v);
+        let joins = !self.parts.is_empty()
+            && self.stream == stream
+            && self.next == first
+            && self.records + n <= chunk::CHUNK_RECORDS as u64
+            && self.bytes + v.len() <= chunk::CHUNK_BYTES;
+        let ended = match joins {
+            true => None,
+            false => self.take(),
+        };
+        if self.parts.is_empty() {
+            (self.stream, self.first, self.records, self.bytes) = (stream, first, 0, 0);
         }
+        self.next = first + n;
+        self.records += n;
+        self.bytes += v.len();
+        self.parts.push(v.clone());
+        ended
     }
-    /// Add a record, encoding the message straight into the chunk.
-    fn push(&mut self, timestamp: u64, message: &StoredMessage) {
-        self.buf.extend_from_slice(&timestamp.to_be_bytes());
-        self.buf
-            .extend_from_slice(&(encoded_len(message) as u32).to_be_bytes());
-        let mut w = Writer(std::mem::take(&mut self.buf));
-        w.bytes(&message.exchange)
-            .bytes(&message.routing_key)
-            .bytes(&message.header)
-            .bytes(&message.body);
-        self.buf = w.0;
-        self.count += 1;
-        self.next += 1;
-    }
-    fn full(&self) -> bool {
-        self.count >= CHUNK_RECORDS || self.buf.len() >= CHUNK_BYTES
-    }
-    fn finish(mut self) -> ([u8; 16], Vec<u8>) {
-        self.buf[..4].copy_from_slice(&self.count.to_be_bytes());
-        (keys::queue_entry(self.stream, self.first), self.buf)
-    }
-}
 
-/// The records of the chunk value `v` stored under first offset `first`
-/// from offset `from` on, `room` at most: only their bytes are copied out
-/// of `v` (a page of a large chunk copies and decodes that page, not the
-/// chunk).
-fn decode_chunk_range(first: u64, v: &[u8], from: u64, room: usize) -> Result<Vec<StreamRecord>> {
-    let bad = || StoreError::Corrupt("stream chunk".into());
-    let count = chunk_count(v);
-    // (offset, timestamp, start, end) of each wanted record in `v`.
-    let mut spans = Vec::with_capacity(room.min(count as usize));
-    let mut at = 4usize;
-    for i in 0..count {
-        if spans.len() >= room {
-            break;
-        }
-        let head = v.get(at..at + 12).ok_or_else(bad)?;
-        let timestamp = u64::from_be_bytes(head[..8].try_into().map_err(|_| bad())?);
-        let len = u32::from_be_bytes(head[8..].try_into().map_err(|_| bad())?) as usize;
-        let end = (at + 12)
-            .checked_add(len)
-            .filter(|&e| e <= v.len())
-            .ok_or_else(bad)?;
-        if first + i >= from {
-            spans.push((first + i, timestamp, at + 12, end));
-        }
-        at = end;
+    /// The run's key and value, if it has any records (a chunk alone is
+    /// written as it is, without a copy).
+    fn take(&mut self) -> Option<([u8; 16], Bytes)> {
+        let v = match self.parts.len() {
+            0 => return None,
+            1 => self.parts[0].clone(),
+            _ => {
+                let parts: Vec<&[u8]> = self.parts.iter().map(|p| &p[..]).collect();
+                Bytes::from(chunk::join(&parts))
+            }
+        };
+        self.parts.clear();
+        Some((keys::queue_entry(self.stream, self.first), v))
     }
-    let (Some(&(_, _, start, _)), Some(&(_, _, _, stop))) = (spans.first(), spans.last()) else {
-        return Ok(Vec::new());
-    };
-    let copy = Bytes::copy_from_slice(&v[start..stop]);
-    spans
-        .into_iter()
-        .map(|(offset, timestamp, a, b)| {
-            Ok(StreamRecord {
-                offset,
-                timestamp,
-                message: decode_message_bytes(copy.slice(a - start..b - start))?,
-            })
-        })
-        .collect()
-}
-
-/// How many records a chunk value holds (its first four bytes).
-fn chunk_count(v: &[u8]) -> u64 {
-    v.get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, |b| u32::from_be_bytes(b) as u64)
 }
 
 /// A stream's time index key: `stream ‖ timestamp ‖ offset`.
@@ -451,7 +386,7 @@ impl RocksStore {
         let mut it = self.db.raw_iterator_cf_opt(self.cf(STREAM), ro);
         it.seek_for_prev(keys::queue_entry(stream, offset));
         let found = match (it.key().and_then(keys::parse_queue_entry), it.value()) {
-            (Some((s, first)), Some(v)) if s == stream && offset < first + chunk_count(v) => {
+            (Some((s, first)), Some(v)) if s == stream && offset < first + chunk::count(v) => {
                 Some((first, Bytes::copy_from_slice(v)))
             }
             _ => None,
@@ -751,54 +686,32 @@ impl RocksStore {
             }),
             ..BatchIndex::default()
         };
-        // Appends with consecutive offsets to one stream, gathered into a
-        // chunk that is written when anything else comes between.
-        let mut chunk: Option<ChunkBuilder> = None;
+        // Chunks of one stream with consecutive offsets are joined into one
+        // value (up to the chunk limits), written when anything else comes
+        // between: the broker writes a chunk per wake-up of a stream.
+        let mut run = ChunkRun::default();
         let stream_cf = self.cf(STREAM);
-        for (i, op) in ops.iter().enumerate() {
-            if let MessageOp::StreamAppend {
+        for op in ops {
+            if let MessageOp::StreamChunk {
                 stream,
-                offset,
-                timestamp,
-                message,
-                index_time,
+                first,
+                records,
+                times,
             } = op
             {
-                let joins = chunk
-                    .as_ref()
-                    .is_some_and(|c| c.stream == *stream && c.next == *offset && !c.full());
-                if !joins {
-                    if let Some(c) = chunk.take() {
-                        let (k, v) = c.finish();
-                        b.put_cf(stream_cf, k, v);
-                    }
-                    // Room for the run of appends that starts here.
-                    let room: usize = ops[i..]
-                        .iter()
-                        .take(CHUNK_RECORDS as usize)
-                        .map_while(|op| match op {
-                            MessageOp::StreamAppend {
-                                stream: s, message, ..
-                            } if s == stream => Some(12 + encoded_len(message)),
-                            _ => None,
-                        })
-                        .sum();
-                    chunk = Some(ChunkBuilder::new(*stream, *offset, room));
+                if let Some((k, v)) = run.add(*stream, *first, records) {
+                    b.put_cf(stream_cf, k, v);
                 }
-                if let Some(c) = chunk.as_mut() {
-                    c.push(*timestamp, message);
-                }
-                if *index_time {
+                for &(ts, offset) in times {
                     b.put_cf(
                         self.cf(STREAM_TIME),
-                        stream_time_key(*stream, *timestamp, *offset),
+                        stream_time_key(*stream, ts, offset),
                         [],
                     );
                 }
                 continue;
             }
-            if let Some(c) = chunk.take() {
-                let (k, v) = c.finish();
+            if let Some((k, v)) = run.take() {
                 b.put_cf(stream_cf, k, v);
             }
             match op {
@@ -869,7 +782,7 @@ impl RocksStore {
                 MessageOp::PutDelayed { due, id, target } => {
                     b.put_cf(self.cf(DELAYED), delayed_key(*due, *id), target);
                 }
-                MessageOp::StreamAppend { .. } => unreachable!("handled above"),
+                MessageOp::StreamChunk { .. } => unreachable!("handled above"),
                 MessageOp::StreamTruncate { stream, before } => {
                     // The chunk holding `before`: if it starts earlier, its
                     // kept part is written again under `before`.
@@ -877,17 +790,17 @@ impl RocksStore {
                     let mut rewrite = None;
                     if let Some((first, v)) = self.stream_chunk_at(*stream, *before)? {
                         let v_len = v.len();
-                        let recs = decode_chunk_range(first, &v, first, usize::MAX)?;
+                        let recs = chunk::decode_range(first, &v, first, usize::MAX)?;
                         kept_ts = recs
                             .iter()
                             .find(|r| r.offset == *before)
                             .map(|r| r.timestamp);
                         if first < *before {
-                            let mut c = ChunkBuilder::new(*stream, *before, v_len);
+                            let mut c = ChunkWriter::new(*before, v_len);
                             for r in recs.iter().filter(|r| r.offset >= *before) {
                                 c.push(r.timestamp, &r.message);
                             }
-                            rewrite = Some(c.finish());
+                            rewrite = Some((keys::queue_entry(*stream, *before), c.finish()));
                         }
                     }
                     // The records' timestamps grow with their offsets: the
@@ -988,8 +901,7 @@ impl RocksStore {
                 }
             }
         }
-        if let Some(c) = chunk.take() {
-            let (k, v) = c.finish();
+        if let Some((k, v)) = run.take() {
             b.put_cf(stream_cf, k, v);
         }
         // Shared counts are written down with the batch, so opening the
@@ -1125,7 +1037,7 @@ impl MessageStore for RocksStore {
             if s != stream {
                 break;
             }
-            out.extend(decode_chunk_range(first, v, from, limit - out.len())?);
+            out.extend(chunk::decode_range(first, v, from, limit - out.len())?);
             it.next();
         }
         it.status().map_err(io)?;
@@ -1165,7 +1077,7 @@ impl MessageStore for RocksStore {
         let last = it
             .key()
             .and_then(keys::parse_queue_entry)
-            .map(|(_, f)| f + it.value().map_or(1, chunk_count).max(1) - 1);
+            .map(|(_, f)| f + it.value().map_or(1, chunk::count).max(1) - 1);
         it.status().map_err(io)?;
         Ok(match (first, last) {
             (Some((_, a)), Some(b)) => Some((a, b)),
@@ -1398,42 +1310,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_chunk_range_copies_and_decodes_only_its_records() {
-        let mut c = ChunkBuilder::new(7, 100, 1024);
-        for i in 0..10u64 {
-            c.push(
-                1000 + i,
-                &StoredMessage {
-                    exchange: Bytes::new(),
-                    routing_key: Bytes::from(format!("rk{i}")),
-                    header: Bytes::from_static(b"h"),
-                    body: Bytes::from(format!("body {i}")),
-                },
-            );
-        }
-        let (_, v) = c.finish();
-        let offsets = |from, room| -> Vec<(u64, u64, Bytes)> {
-            decode_chunk_range(100, &v, from, room)
-                .unwrap()
-                .into_iter()
-                .map(|r| (r.offset, r.timestamp, r.message.body))
-                .collect()
+    fn chunks_join_while_consecutive_and_within_the_limits() {
+        let chunk = |first: u64, n: u64| {
+            let mut c = ChunkWriter::new(first, 0);
+            for i in 0..n {
+                c.push(
+                    i,
+                    &StoredMessage {
+                        exchange: Bytes::new(),
+                        routing_key: Bytes::from(format!("k{}", first + i)),
+                        header: Bytes::new(),
+                        body: Bytes::new(),
+                    },
+                );
+            }
+            Bytes::from(c.finish())
         };
-        let all = offsets(0, usize::MAX);
-        assert_eq!(all.len(), 10);
-        assert_eq!(all[9], (109, 1009, Bytes::from("body 9")));
-        let mid = offsets(104, 3);
-        assert_eq!(mid.iter().map(|r| r.0).collect::<Vec<_>>(), [104, 105, 106]);
-        assert_eq!(mid[0].2, "body 4");
-        assert_eq!(mid[2].2, "body 6");
-        assert!(offsets(110, 5).is_empty());
-        assert!(offsets(100, 0).is_empty());
-        // One record from late in the chunk.
-        let r = decode_chunk_range(100, &v, 108, 1).unwrap();
-        assert_eq!(r.len(), 1);
-        assert_eq!(r[0].message.routing_key, "rk8");
-        // A truncated chunk is an error, not a panic.
-        assert!(decode_chunk_range(100, &v[..v.len() - 3], 0, usize::MAX).is_err());
+        let mut run = ChunkRun::default();
+        assert!(run.add(1, 0, &chunk(0, 3)).is_none());
+        assert!(run.add(1, 3, &chunk(3, 2)).is_none());
+        // Another stream ends the run: one value of 5 records.
+        let (k, v) = run.add(2, 0, &chunk(0, 1)).expect("ended");
+        assert_eq!(k, keys::queue_entry(1, 0));
+        let recs = chunk::decode_range(0, &v, 0, usize::MAX).unwrap();
+        let keys: Vec<_> = recs.iter().map(|r| r.message.routing_key.clone()).collect();
+        assert_eq!(keys, ["k0", "k1", "k2", "k3", "k4"]);
+        // A gap ends it too; a chunk alone is written as it is.
+        let alone = chunk(5, 1);
+        let (k, v) = run.add(2, 5, &alone).expect("ended");
+        assert_eq!((k, chunk::count(&v)), (keys::queue_entry(2, 0), 1));
+        // Up to the record limit they join; past it, the next chunk starts
+        // a value of its own.
+        let limit = chunk::CHUNK_RECORDS as u64;
+        assert!(
+            run.add(2, 6, &chunk(6, limit - 1)).is_none(),
+            "5..=4100 join"
+        );
+        let (k, v) = run
+            .add(2, 5 + limit, &chunk(5 + limit, 2))
+            .expect("over the limit");
+        assert_eq!((k, chunk::count(&v)), (keys::queue_entry(2, 5), limit));
+        let (k, v) = run.take().expect("the last run");
+        assert_eq!((k, chunk::count(&v)), (keys::queue_entry(2, 5 + limit), 2));
+        assert!(run.take().is_none());
     }
 
     #[test]

@@ -10,63 +10,77 @@ use crate::message::Message;
 use crate::queue::handle::{Publish, QueueCmd};
 use bytes::Bytes;
 use std::sync::Arc;
+use warren_protocol::content::HeaderLayout;
+use warren_protocol::method::ShortStr;
 use warren_protocol::types::AMQPValue;
+use warren_storage::chunk::{ChunkWriter, RecordSpans};
 use warren_storage::MessageOp;
 
-/// `msg` with `x-stream-offset` set in its headers, and its filter value.
-fn with_offset(msg: &Message, offset: u64) -> (Message, Option<Arc<[u8]>>) {
+/// The appends of this wake-up, written straight into the chunk the store
+/// writes as it is; the in-memory tail gets them once the chunk is sealed,
+/// as messages over the chunk's own bytes (no copy of their own, and
+/// nothing of the publisher's read buffer kept).
+pub(super) struct Building {
+    chunk: ChunkWriter,
+    recs: Vec<Pending>,
+    /// Time index entries `(timestamp, offset)`.
+    times: Vec<(u64, u64)>,
+}
+
+/// A record of the chunk being built, as the tail will need it.
+struct Pending {
+    ts: u64,
+    spans: RecordSpans,
+    header: HeaderLayout,
+    filter: Option<Arc<[u8]>>,
+}
+
+/// Write `msg`'s header into `out` with `x-stream-offset` set; returns its
+/// layout and the message's filter value.
+fn write_header(
+    msg: &Message,
+    offset: u64,
+    out: &mut Vec<u8>,
+) -> (HeaderLayout, Option<Arc<[u8]>>) {
     const KEY: &[u8] = b"x-stream-offset";
     const FILTER: &[u8] = b"x-stream-filter-value";
     let contains = |t: &[u8], k: &[u8]| t.windows(k.len()).any(|w| w == k);
-    // The common case, without decoding the table: the entry is appended
-    // to the publisher's table bytes (no offset or filter value there).
-    let raw = msg.header.headers_raw().unwrap_or(&[0, 0, 0, 0]);
-    let (table, filter) = if raw.len() >= 4 && !contains(raw, KEY) && !contains(raw, FILTER) {
-        let mut t = Vec::with_capacity(raw.len() + 1 + KEY.len() + 9);
-        t.extend_from_slice(&[0; 4]);
-        t.extend_from_slice(&raw[4..]);
-        t.push(KEY.len() as u8);
-        t.extend_from_slice(KEY);
-        t.push(b'l');
-        t.extend_from_slice(&(offset as i64).to_be_bytes());
-        let n = (t.len() - 4) as u32;
-        t[..4].copy_from_slice(&n.to_be_bytes());
-        (Some(t), None)
-    } else {
-        let mut headers = msg.header.headers().unwrap_or_default();
-        let filter = match headers.inner().get("x-stream-filter-value") {
-            Some(AMQPValue::LongString(s)) => Some(Arc::from(s.as_bytes())),
-            Some(AMQPValue::ShortString(s)) => Some(Arc::from(s.as_str().as_bytes())),
-            _ => None,
-        };
-        headers.insert(
-            "x-stream-offset".into(),
-            AMQPValue::LongLongInt(offset as i64),
-        );
-        let table = cookie_factory::gen_simple(
-            warren_protocol::types::generation::gen_field_table(&headers),
-            Vec::new(),
-        )
-        .ok();
-        (table, filter)
+    // The common case, without decoding the table: the entry is added to
+    // the publisher's table bytes (no offset or filter value there).
+    if msg
+        .header
+        .headers_raw()
+        .is_none_or(|t| !contains(t, KEY) && !contains(t, FILTER))
+    {
+        let mut entry = [0u8; 1 + KEY.len() + 1 + 8];
+        entry[0] = KEY.len() as u8;
+        entry[1..1 + KEY.len()].copy_from_slice(KEY);
+        entry[1 + KEY.len()] = b'l';
+        entry[2 + KEY.len()..].copy_from_slice(&(offset as i64).to_be_bytes());
+        return (msg.header.write_with_entry(&entry, out), None);
+    }
+    let mut headers = msg.header.headers().unwrap_or_default();
+    let filter = match headers.inner().get("x-stream-filter-value") {
+        Some(AMQPValue::LongString(s)) => Some(Arc::from(s.as_bytes())),
+        Some(AMQPValue::ShortString(s)) => Some(Arc::from(s.as_str().as_bytes())),
+        _ => None,
     };
-    let header = table
-        .and_then(|t| msg.header.rebuilt(Some(&t), false).ok())
-        .unwrap_or_else(|| msg.header.clone());
-    (
-        Message {
-            exchange: msg.exchange.clone(),
-            routing_key: msg.routing_key.clone(),
-            header,
-            body: msg.body.clone(),
-            stored: None,
-        },
-        filter,
+    headers.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongLongInt(offset as i64),
+    );
+    let header = cookie_factory::gen_simple(
+        warren_protocol::types::generation::gen_field_table(&headers),
+        Vec::new(),
     )
+    .ok()
+    .and_then(|t| msg.header.rebuilt(Some(&t), false).ok())
+    .unwrap_or_else(|| msg.header.clone());
+    (header.write_to(out), filter)
 }
 
 impl Stream {
-    /// Give a message the next offset and write it in this wake-up's job.
+    /// Give a message the next offset and write it in this wake-up's chunk.
     pub(super) fn append(&mut self, p: Publish) {
         self.counts.published += 1;
         self.permits += p.permit as u32;
@@ -74,18 +88,35 @@ impl Stream {
         self.next += 1;
         let ts = self.wall_now().max(self.last_ts);
         self.last_ts = ts;
-        let (msg, filter) = with_offset(&p.msg, offset);
-        let size = (msg.body.len() + msg.header.raw().len()) as u64;
+        if self.building.as_ref().is_some_and(|b| b.chunk.full()) {
+            self.seal();
+        }
+        let b = self.building.get_or_insert_with(|| Building {
+            chunk: ChunkWriter::new(offset, 16 << 10),
+            recs: Vec::new(),
+            times: Vec::new(),
+        });
+        debug_assert_eq!(b.chunk.next(), offset);
+        let m = &p.msg;
+        let (spans, (header, filter)) = b.chunk.push_parts(
+            ts,
+            m.exchange.as_bytes(),
+            m.routing_key.as_bytes(),
+            &m.body,
+            |out| write_header(m, offset, out),
+        );
+        let size = (m.body.len() + header.len()) as u64;
         let sec = ts / 1000;
         // The time index: the first message of each second.
-        let index_time = sec != self.indexed_sec;
+        if sec != self.indexed_sec {
+            b.times.push((ts, offset));
+        }
         self.indexed_sec = sec;
-        self.ops.push(MessageOp::StreamAppend {
-            stream: self.info.id,
-            offset,
-            timestamp: ts,
-            message: msg.to_stored(),
-            index_time,
+        b.recs.push(Pending {
+            ts,
+            spans,
+            header,
+            filter,
         });
         self.batch_from.get_or_insert(offset);
         if let Some(t) = p.confirm {
@@ -110,12 +141,47 @@ impl Stream {
                 last_ts: ts,
             });
         }
-        self.tail_bytes += size;
-        self.tail.push_back(Rec {
-            offset,
-            ts,
-            msg: Arc::new(msg),
-            filter,
+    }
+
+    /// The chunk being built goes to this wake-up's store job, and its
+    /// messages to the tail (readers see them once the job is synced).
+    fn seal(&mut self) {
+        let Some(b) = self.building.take() else {
+            return;
+        };
+        let first = b.chunk.first();
+        let v = Bytes::from(b.chunk.finish());
+        // Copies of the publishers' short strings, valid as those were;
+        // a run of messages to one exchange and key shares the first's.
+        let short = |r: std::ops::Range<usize>, prev: &mut ShortStr| {
+            if prev.as_bytes() != &v[r.clone()] {
+                *prev = ShortStr::from_bytes(v.slice(r)).expect("a copy of a short string");
+            }
+            prev.clone()
+        };
+        let (mut exchange, mut routing_key) = (ShortStr::default(), ShortStr::default());
+        for (i, p) in b.recs.into_iter().enumerate() {
+            let header = p.header.with_raw(v.slice(p.spans.header));
+            let body = v.slice(p.spans.body);
+            self.tail_bytes += (body.len() + header.raw().len()) as u64;
+            self.tail.push_back(Rec {
+                offset: first + i as u64,
+                ts: p.ts,
+                msg: Arc::new(Message {
+                    exchange: short(p.spans.exchange, &mut exchange),
+                    routing_key: short(p.spans.routing_key, &mut routing_key),
+                    header,
+                    body,
+                    stored: None,
+                }),
+                filter: p.filter,
+            });
+        }
+        self.ops.push(MessageOp::StreamChunk {
+            stream: self.info.id,
+            first,
+            records: v,
+            times: b.times,
         });
     }
 
@@ -130,6 +196,7 @@ impl Stream {
     /// Submit this wake-up's writes: the appends (with the current
     /// segment's size) are confirmed, and become readable, after the sync.
     pub(super) fn flush(&mut self) {
+        self.seal();
         self.save_dirty_offsets();
         if self.batch_from.take().is_none() {
             if !self.ops.is_empty() {
@@ -258,6 +325,23 @@ mod tests {
             body: bytes::Bytes::from_static(b"abc"),
             stored: None,
         }
+    }
+
+    /// `m` as a stream stores it at `offset`, and its filter value.
+    fn with_offset(m: &Message, offset: u64) -> (Message, Option<Arc<[u8]>>) {
+        let mut out = b"x".to_vec();
+        let (layout, filter) = write_header(m, offset, &mut out);
+        let header = layout.with_raw(Bytes::from(out).slice(1..));
+        (
+            Message {
+                exchange: m.exchange.clone(),
+                routing_key: m.routing_key.clone(),
+                header,
+                body: m.body.clone(),
+                stored: None,
+            },
+            filter,
+        )
     }
 
     fn offset(m: &Message) -> Option<AMQPValue> {

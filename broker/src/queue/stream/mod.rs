@@ -6,8 +6,10 @@
 //!
 //! Appends: the actor gives each message the next offset in arrival order,
 //! adds the `x-stream-offset` header once (so every read of it, from memory
-//! or disk, is ready to send), and writes the wake-up's messages as one
-//! store job (`StreamAppend`), persistent or not. Their confirms go out,
+//! or disk, is ready to send), and writes the wake-up's messages straight
+//! into one chunk, which the store writes as it is (`StreamChunk`), and
+//! the in-memory tail keeps as messages over the same bytes; persistent or
+//! not. Their confirms go out,
 //! and consumers see them, once the group-commit sync has them: a message
 //! a consumer saw is never lost, and an offset never names two messages.
 //! Publishers' mailbox slots come back at that sync too, which bounds what
@@ -163,6 +165,7 @@ pub(super) struct Stream {
     tail_bytes: u64,
     /// This wake-up's appends and other store writes, and the confirms
     /// and mailbox slots that wait for them.
+    building: Option<append::Building>,
     ops: Vec<MessageOp>,
     tickets: Vec<Arc<ConfirmTicket>>,
     permits: u32,
@@ -281,6 +284,7 @@ pub fn spawn(
         tail: VecDeque::new(),
         tail_start: next,
         tail_bytes: 0,
+        building: None,
         ops: Vec::new(),
         tickets: Vec::new(),
         permits: 0,
