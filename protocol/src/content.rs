@@ -287,6 +287,24 @@ impl ContentHeader {
         ContentHeader::parse(Bytes::copy_from_slice(&f[7..f.len() - 1]))
     }
 
+    /// The same header with its headers table replaced by `headers`
+    /// (encoded here) and, if `drop_expiration`, without the expiration
+    /// property: [`ContentHeader::rebuilt`] for callers holding a decoded
+    /// table. None only if the table cannot be encoded or the result is
+    /// refused, which a header valid on arrival cannot be.
+    pub fn with_headers(
+        &self,
+        headers: &FieldTable,
+        drop_expiration: bool,
+    ) -> Option<ContentHeader> {
+        let table = cookie_factory::gen_simple(
+            amq_protocol::types::generation::gen_field_table(headers),
+            Vec::new(),
+        )
+        .ok()?;
+        self.rebuilt(Some(&table), drop_expiration).ok()
+    }
+
     /// Write this header into `out` with `entry` (one encoded field-table
     /// entry: name, type tag, value) added at the end of its headers table,
     /// or as a new table if it has none. Every other byte stays as the

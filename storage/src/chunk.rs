@@ -17,10 +17,6 @@ use std::ops::Range;
 pub const CHUNK_RECORDS: u32 = 4096;
 pub const CHUNK_BYTES: usize = 4 << 20;
 
-/// Bytes a record takes besides its message's parts: timestamp, record
-/// length, and the four parts' lengths.
-pub const RECORD_OVERHEAD: usize = 8 + 4 + 4 * 4;
-
 /// A chunk being written, from offset `first` on.
 #[derive(Debug)]
 pub struct ChunkWriter {
@@ -58,13 +54,6 @@ impl ChunkWriter {
     }
     pub fn count(&self) -> u32 {
         self.count
-    }
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-    /// Bytes written so far.
-    pub fn len(&self) -> usize {
-        self.buf.len()
     }
     /// No more records should join it.
     pub fn full(&self) -> bool {

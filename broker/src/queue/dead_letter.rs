@@ -158,12 +158,7 @@ pub fn make(
         }
         headers.insert(format!("x-last-death-{key}").into(), long_str(value));
     }
-    let table = cookie_factory::gen_simple(
-        warren_protocol::types::generation::gen_field_table(&headers),
-        Vec::new(),
-    )
-    .ok()?;
-    let header = msg.header.rebuilt(Some(&table), true).ok()?;
+    let header = msg.header.with_headers(&headers, true)?;
     Some(Message {
         exchange: ShortStr::truncating(exchange),
         routing_key: match routing_key {
@@ -188,15 +183,10 @@ pub fn with_delivery_count(msg: &Message, count: u32) -> Option<Message> {
         "x-delivery-count".into(),
         AMQPValue::LongLongInt(count as i64),
     );
-    let table = cookie_factory::gen_simple(
-        warren_protocol::types::generation::gen_field_table(&headers),
-        Vec::new(),
-    )
-    .ok()?;
     Some(Message {
         exchange: msg.exchange.clone(),
         routing_key: msg.routing_key.clone(),
-        header: msg.header.rebuilt(Some(&table), false).ok()?,
+        header: msg.header.with_headers(&headers, false)?,
         body: msg.body.clone(),
         stored: msg.stored,
     })

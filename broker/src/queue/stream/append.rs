@@ -69,13 +69,10 @@ fn write_header(
         "x-stream-offset".into(),
         AMQPValue::LongLongInt(offset as i64),
     );
-    let header = cookie_factory::gen_simple(
-        warren_protocol::types::generation::gen_field_table(&headers),
-        Vec::new(),
-    )
-    .ok()
-    .and_then(|t| msg.header.rebuilt(Some(&t), false).ok())
-    .unwrap_or_else(|| msg.header.clone());
+    let header = msg
+        .header
+        .with_headers(&headers, false)
+        .unwrap_or_else(|| msg.header.clone());
     (header.write_to(out), filter)
 }
 
